@@ -1,0 +1,44 @@
+# The two entry points of the README: `make demo` and `make test`.
+# Both install what they need: Debian packages (as root) and a virtual environment.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEBS := fuse3 libfuse3-dev pkg-config gcc runsc busybox-static casync rclone
+
+.PHONY: demo test check lint typecheck unit system-deps install bench clean
+
+demo: install
+	$(BIN)/python -m snapstore.demo
+
+test: install lint typecheck unit
+
+unit:
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check .
+
+typecheck:
+	$(BIN)/mypy
+
+install: system-deps $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py native/uffd_loader.c
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+system-deps:
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+bench: install
+	$(BIN)/python -m benchmarks.ingest
+
+clean:
+	rm -rf $(VENV) build *.egg-info snapstore/_native/uffd_loader

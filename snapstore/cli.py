@@ -1,0 +1,253 @@
+"""The `snapstore` command line: parses arguments and hands each command to the engine.
+
+Exit status: 0 ok, 1 failure, 2 usage. Results go to stdout (text, or JSON with --json);
+progress and errors go to stderr, errors as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.filesize import decimal as human
+
+from snapstore import catalog
+from snapstore.errors import SnapstoreError, UsageError
+from snapstore.export import export
+from snapstore.gc import gc
+from snapstore.ingest import ingest
+from snapstore.store.local import LocalStore, check_tag, default_store_dir
+from snapstore.verify import verify
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+
+def open_store(args: argparse.Namespace, create: bool = False) -> LocalStore:
+    root = Path(args.store) if args.store else default_store_dir()
+    return LocalStore.open(root, create=create)
+
+
+def print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def parse_labels(items: Sequence[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"a label is KEY=VALUE, got {item!r}")
+        labels[key] = value
+    return labels
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    store = open_store(args, create=True)
+    r = ingest(store, Path(args.dir), args.tag, parse_labels(args.label))
+    if args.json:
+        print_json({
+            "snapshot": r.snapshot.hex, "tag": args.tag, "files": r.files,
+            "logical_bytes": r.logical_bytes, "hole_bytes": r.hole_bytes, "chunks": r.chunks,
+            "new_chunks": r.new_chunks, "new_stored_bytes": r.new_stored_bytes,
+            "seconds": round(r.seconds, 3),
+        })
+        return 0
+    rate = r.logical_bytes / r.seconds if r.seconds else 0.0
+    print(
+        f"ingested {r.files} files, {human(r.logical_bytes)} ({human(r.hole_bytes)} holes) "
+        f"in {r.seconds:.2f}s ({human(int(rate))}/s): {r.chunks} chunks, {r.new_chunks} new, "
+        f"{human(r.new_stored_bytes)} added",
+        file=sys.stderr,
+    )
+    print(r.snapshot.hex)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    snaps = catalog.list_snapshots(open_store(args))
+    if args.json:
+        print_json(snaps)
+        return 0
+    print(f"{'ID':12}  {'CREATED':25}  {'LOGICAL':>10}  {'STORED':>10}  TAGS")
+    for s in snaps:
+        if "error" in s:
+            print(f"{s['id'][:12]}  unreadable: {s['error']}")
+            continue
+        print(f"{s['id'][:12]}  {s['created']:25}  {human(s['logical_bytes']):>10}  "
+              f"{human(s['stored_bytes']):>10}  {','.join(s['tags'])}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    doc = catalog.show_snapshot(store, store.resolve(args.ref))
+    if args.json:
+        print_json(doc)
+        return 0
+    print(f"snapshot {doc['id']}")
+    print(f"tags     {', '.join(doc['tags']) or '-'}")
+    print(f"created  {doc['created']}")
+    for k, v in sorted(doc["labels"].items()):
+        print(f"label    {k}={v}")
+    print(f"files    {doc['files']}, {human(doc['logical_bytes'])} logical, "
+          f"{human(doc['hole_bytes'])} holes, {doc['chunks']} chunks, "
+          f"{human(doc['stored_bytes'])} stored")
+    for e in doc["entries"]:
+        if e["type"] == "file":
+            print(f"  {e['mode']} {human(e['size']):>10} {e['chunks']:>6} chunks "
+                  f"{human(e['hole_bytes']):>10} holes  {e['form']:10} {e['path']}")
+        elif e["type"] == "symlink":
+            print(f"  {e['mode']} {'':>10} {'':>6}        {'':>10}        {'link':10} "
+                  f"{e['path']} -> {e['target']}")
+        else:
+            print(f"  {e['mode']} {'':>10} {'':>6}        {'':>10}        {'dir':10} "
+                  f"{e['path']}/")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    m = store.get_manifest(store.resolve(args.ref))
+    n = export(store, m, Path(args.dest))
+    print(f"exported {human(m.logical_bytes)} ({human(n)} written, the rest holes) "
+          f"to {args.dest}", file=sys.stderr)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    if args.ref:
+        mid = store.resolve(args.ref)
+        snaps = {args.ref: mid}
+    else:
+        snaps = store.tags()
+    report = verify(store, snaps)
+    if args.json:
+        print_json({
+            "snapshots": report.snapshots, "chunks": report.chunks,
+            "bytes_checked": report.bytes_checked,
+            "problems": [{"kind": p.what, "id": p.object_id.hex, "reason": p.reason,
+                          "affects": list(p.affects)} for p in report.problems],
+        })
+    else:
+        for p in report.problems:
+            print(f"BAD {p.what} {p.object_id}: {p.reason}")
+            for where in p.affects:
+                print(f"    affects {where}")
+        state = f"{len(report.problems)} problems" if report.problems else "all good"
+        print(f"checked {report.snapshots} snapshots, {report.chunks} chunks, "
+              f"{human(report.bytes_checked)}: {state}", file=sys.stderr)
+    return 1 if report.problems else 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    check_tag(args.name)
+    with store.writer_lock():
+        mid = store.resolve(args.ref)
+        store.set_tag(args.name, mid)
+    print(f"{args.name} -> {mid}", file=sys.stderr)
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    if not store.delete_tag(check_tag(args.ref)):
+        raise SnapstoreError(f"no tag {args.ref!r}; `snapstore list` shows the tags")
+    print(f"removed tag {args.ref}; `snapstore gc` frees what no tag reaches", file=sys.stderr)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    r = gc(open_store(args), dry_run=args.dry_run)
+    if args.json:
+        print_json({k: getattr(r, k) for k in r.__slots__})
+        return 0
+    verb = "would delete" if r.dry_run else "deleted"
+    print(f"{verb} {r.deleted_snapshots} snapshots, {r.deleted_chunks} chunks "
+          f"({human(r.deleted_bytes)}), {r.deleted_tmp_files} temporary files; kept "
+          f"{r.kept_snapshots} snapshots, {r.kept_chunks} chunks")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    s = catalog.store_stats(open_store(args))
+    if args.json:
+        print_json(s)
+        return 0
+    print(f"tags / snapshots   {s['tags']} / {s['snapshots']}")
+    print(f"logical            {human(s['logical_bytes'])}")
+    print(f"holes              {human(s['hole_bytes'])}")
+    print(f"unique chunks      {s['unique_chunks']} ({human(s['unique_bytes'])})")
+    print(f"stored             {human(s['stored_bytes'])}")
+    print(f"dedup ratio        {s['dedup_ratio']}")
+    print(f"logical / stored   {s['reduction_ratio']}")
+    print(f"on disk            {s['store_chunks']} chunks, {human(s['store_bytes'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="snapstore", description=__doc__.splitlines()[0])
+    p.add_argument("--store", metavar="DIR",
+                   help="store directory (default: $SNAPSTORE_DIR, else ~/.local/share/snapstore)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, func: Handler, help: str, json_flag: bool = False
+    ) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    sp = add("ingest", cmd_ingest, "store an image directory as a snapshot", json_flag=True)
+    sp.add_argument("dir")
+    sp.add_argument("--tag", required=True, help="tag naming the new snapshot")
+    sp.add_argument("--label", action="append", default=[], metavar="K=V")
+    add("list", cmd_list, "list snapshots", json_flag=True)
+    add("show", cmd_show, "show a snapshot's files and sizes", json_flag=True).add_argument("ref")
+    sp = add("export", cmd_export, "write a snapshot's files to a new directory")
+    sp.add_argument("ref")
+    sp.add_argument("dest")
+    add("verify", cmd_verify, "re-hash every chunk referenced by a snapshot (all tags if none)",
+        json_flag=True).add_argument("ref", nargs="?")
+    sp = add("tag", cmd_tag, "point a new or existing tag at a snapshot")
+    sp.add_argument("ref")
+    sp.add_argument("name")
+    add("rm", cmd_rm, "remove a tag (gc frees the data)").add_argument("ref")
+    add("gc", cmd_gc, "delete chunks and snapshots no tag reaches",
+        json_flag=True).add_argument("--dry-run", action="store_true")
+    add("stats", cmd_stats, "store totals and dedup ratio", json_flag=True)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except UsageError as e:
+        print(f"snapstore: error: {e}", file=sys.stderr)
+        return 2
+    except SnapstoreError as e:
+        print(f"snapstore: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"snapstore: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("snapstore: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Ingest: turn an image directory into chunks, a manifest and a tag, in that order."""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from snapstore import codec
+from snapstore.chunking import ChunkerParams, Data, split
+from snapstore.errors import SnapstoreError
+from snapstore.ids import ChunkId
+from snapstore.manifest import Entry, Extent, Manifest
+from snapstore.progress import Advance, byte_progress
+from snapstore.store.local import LocalStore, check_tag
+
+# Chunks in flight per worker: enough to keep both cores busy while the reader cuts,
+# few enough that memory stays a handful of max-size chunks per worker.
+_INFLIGHT_PER_WORKER = 3
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    snapshot: ChunkId
+    files: int
+    logical_bytes: int
+    hole_bytes: int
+    chunks: int
+    new_chunks: int
+    new_stored_bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    cid: ChunkId
+    size: int
+    written: int
+
+
+def scan(src: Path) -> list[tuple[str, os.stat_result]]:
+    """List the tree under `src` (parents first, sorted); refuse what cannot be stored."""
+    try:
+        top = src.stat()
+    except OSError as err:
+        raise SnapstoreError(f"cannot read {src}: {err.strerror}") from None
+    if not stat.S_ISDIR(top.st_mode):
+        raise SnapstoreError(f"{src} is not a directory")
+    out: list[tuple[str, os.stat_result]] = []
+
+    def walk(d: Path, prefix: str) -> None:
+        try:
+            with os.scandir(d) as it:
+                items = sorted(it, key=lambda e: e.name)
+        except OSError as err:
+            raise SnapstoreError(f"cannot list {d}: {err.strerror}") from None
+        for item in items:
+            rel = prefix + item.name
+            st = item.stat(follow_symlinks=False)
+            if stat.S_ISDIR(st.st_mode):
+                out.append((rel, st))
+                walk(Path(item.path), rel + "/")
+            elif stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                out.append((rel, st))
+            else:
+                raise SnapstoreError(
+                    f"{Path(item.path)} is a device, socket or fifo; only regular files, "
+                    "directories and symlinks can be stored"
+                )
+
+    walk(src, "")
+    return out
+
+
+def ingest(
+    store: LocalStore,
+    src: Path,
+    tag: str,
+    labels: dict[str, str] | None = None,
+    params: ChunkerParams | None = None,
+    workers: int | None = None,
+) -> IngestResult:
+    """Store the directory `src` as a snapshot and point `tag` at it."""
+    check_tag(tag)
+    params = params or ChunkerParams()
+    workers = workers or os.cpu_count() or 2
+    start = time.monotonic()
+    plan = scan(src)
+    total = sum(st.st_size for _, st in plan if stat.S_ISREG(st.st_mode))
+    entries: list[Entry] = []
+    stored: list[_Stored] = []
+    with (
+        store.writer_lock(),
+        ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool,
+        byte_progress("ingest", total) as advance,
+    ):
+        for rel, st in plan:
+            mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+            if stat.S_ISDIR(st.st_mode):
+                entries.append(Entry(rel, "dir", mode, mtime))
+            elif stat.S_ISLNK(st.st_mode):
+                target = os.readlink(src / rel)
+                entries.append(Entry(rel, "symlink", mode, mtime, target=target))
+            else:
+                extents = _ingest_file(store, src / rel, params, pool, workers, stored, advance)
+                size = sum(x.size for x in extents)
+                entries.append(Entry(rel, "file", mode, mtime, size, tuple(extents)))
+        m = Manifest(
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            chunker=params,
+            entries=tuple(entries),
+            labels=dict(labels or {}),
+        )
+        # Write order: chunks durable, then the manifest, then the tag.
+        store.sync()
+        mid = store.put_manifest(m)
+        store.set_tag(tag, mid)
+    return IngestResult(
+        snapshot=mid,
+        files=sum(1 for e in entries if e.kind == "file"),
+        logical_bytes=m.logical_bytes,
+        hole_bytes=m.hole_bytes,
+        chunks=len(stored),
+        new_chunks=sum(1 for s in stored if s.written),
+        new_stored_bytes=sum(s.written for s in stored),
+        seconds=time.monotonic() - start,
+    )
+
+
+def _ingest_file(
+    store: LocalStore,
+    path: Path,
+    params: ChunkerParams,
+    pool: ThreadPoolExecutor,
+    workers: int,
+    stored: list[_Stored],
+    advance: Advance,
+) -> list[Extent]:
+    extents: list[Extent] = []
+    # Holes wait in line behind the chunks in flight, so extents stay in file order.
+    inflight: deque[Future[_Stored] | Extent] = deque()
+
+    def settle(limit: int) -> None:
+        while len(inflight) > limit:
+            item = inflight.popleft()
+            if isinstance(item, Extent):
+                extents.append(item)
+                advance(item.size)
+            else:
+                s = item.result()
+                stored.append(s)
+                extents.append(Extent(s.cid, s.size))
+                advance(s.size, 1)
+
+    try:
+        f = path.open("rb", buffering=0)
+    except OSError as e:
+        raise SnapstoreError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        try:
+            for piece in split(f, params):
+                if isinstance(piece, Data):
+                    inflight.append(pool.submit(_store_chunk, store, piece.data))
+                else:
+                    inflight.append(Extent(None, piece.size))
+                settle(workers * _INFLIGHT_PER_WORKER)
+            settle(0)
+        except OSError as e:
+            for item in inflight:
+                if isinstance(item, Future):
+                    item.cancel()
+            raise _io_error(e, path, store) from None
+    return extents
+
+
+def _io_error(e: OSError, path: Path, store: LocalStore) -> SnapstoreError:
+    where = e.filename or path
+    if e.errno == 28:
+        return SnapstoreError(
+            f"no space left on the device of {store.root}: nothing was tagged; "
+            "free space, then run `snapstore gc` to remove the partial data"
+        )
+    return SnapstoreError(f"I/O error on {where}: {e.strerror}")
+
+
+def _store_chunk(store: LocalStore, data: bytes) -> _Stored:
+    cid = ChunkId.of(data)
+    written = 0 if store.has_chunk(cid) else store.put_chunk(cid, codec.encode(data))
+    return _Stored(cid, len(data), written)
+

@@ -1,0 +1,1 @@
+"""Stores of chunks, manifests and tags."""

@@ -1,0 +1,296 @@
+"""The local content-addressed store: chunks, manifests and tags in one directory.
+
+Layout, write order and the safety argument are in docs/format.md. In short: every object
+is written to tmp/ and renamed into place after an fsync, so a reader never sees a partial
+object; a snapshot's chunks are durable before its manifest, and its manifest before its
+tag, so a tag always reaches complete data. Ingests hold a shared lock and gc an
+exclusive one, so gc never deletes a chunk that an unfinished ingest relies on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapstore import codec, manifest
+from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
+from snapstore.ids import ChunkId, is_valid_hex_id
+
+STORE_FORMAT = "snapstore-store"
+STORE_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 30
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,127}")
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def check_tag(name: str) -> str:
+    """Tag names are one path component, so a tag can never escape refs/tags/."""
+    if not _TAG_RE.fullmatch(name) or ".." in name:
+        raise UsageError(
+            f"invalid tag name {name!r:.80}: use letters, digits and . _ : @ + - "
+            "(at most 128, not starting with . or -)"
+        )
+    return name
+
+
+def default_store_dir() -> Path:
+    env = os.environ.get("SNAPSTORE_DIR")
+    if env:
+        return Path(env)
+    return Path.home() / ".local" / "share" / "snapstore"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredChunk:
+    cid: ChunkId
+    stored_size: int
+
+
+class LocalStore:
+    """A store directory. Methods are safe to call from several threads and processes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.chunks_dir = root / "chunks"
+        self.snapshots_dir = root / "snapshots"
+        self.tags_dir = root / "refs" / "tags"
+        self.tmp_dir = root / "tmp"
+        self._lock_path = root / "lock"
+
+    @classmethod
+    def open(cls, root: Path, create: bool = True) -> LocalStore:
+        store = cls(root)
+        config = root / "config.json"
+        if not config.exists():
+            if not create:
+                raise NotFoundError(f"no snapstore store at {root}")
+            store._create()
+        store._check_config(config)
+        return store
+
+    def _create(self) -> None:
+        for d in (self.chunks_dir, self.snapshots_dir, self.tags_dir, self.tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        doc = {"format": STORE_FORMAT, "version": STORE_VERSION}
+        self._write_atomic(self.root / "config.json", json.dumps(doc).encode() + b"\n")
+
+    def _check_config(self, config: Path) -> None:
+        try:
+            doc = json.loads(config.read_bytes())
+        except (OSError, ValueError) as e:
+            raise CorruptError(f"cannot read store config {config}: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != STORE_FORMAT:
+            raise CorruptError(f"{self.root} is not a snapstore store")
+        if doc.get("version") != STORE_VERSION:
+            raise CorruptError(
+                f"store {self.root} has format version {doc.get('version')!r}; "
+                f"this snapstore reads version {STORE_VERSION}"
+            )
+
+    # -- atomic writes -------------------------------------------------------------
+
+    def _write_atomic(self, dest: Path, data: bytes, sync_dir: bool = True) -> None:
+        tmp = self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        if sync_dir:
+            _fsync_dir(dest.parent)
+
+    def sync(self) -> None:
+        """Make every rename so far durable (directory entries included): one syncfs."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc.syncfs(fd) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e), str(self.root))
+        finally:
+            os.close(fd)
+
+    # -- chunks --------------------------------------------------------------------
+
+    def chunk_path(self, cid: ChunkId) -> Path:
+        h = cid.hex
+        return self.chunks_dir / h[:2] / h[2:]
+
+    def has_chunk(self, cid: ChunkId) -> bool:
+        return self.chunk_path(cid).exists()
+
+    def put_chunk(self, cid: ChunkId, obj: bytes) -> int:
+        """Store an encoded chunk; returns the bytes written (0 if it was already there).
+
+        The directory fsync is left to `sync()`, done once before the manifest is written.
+        """
+        path = self.chunk_path(cid)
+        if path.exists():
+            return 0
+        path.parent.mkdir(exist_ok=True)
+        self._write_atomic(path, obj, sync_dir=False)
+        return len(obj)
+
+    def get_chunk_object(self, cid: ChunkId) -> bytes:
+        try:
+            return self.chunk_path(cid).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"chunk {cid} is missing from the store") from None
+
+    def get_chunk(self, cid: ChunkId, size: int) -> bytes:
+        """The chunk's raw bytes, hash-checked; CorruptError or NotFoundError otherwise."""
+        return codec.decode(self.get_chunk_object(cid), cid, size)
+
+    def iter_chunks(self) -> Iterator[StoredChunk]:
+        for sub in _scandir(self.chunks_dir):
+            for f in _scandir(Path(sub.path)):
+                name = sub.name + f.name
+                if is_valid_hex_id(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        yield StoredChunk(ChunkId.parse(name), f.stat().st_size)
+
+    def delete_chunk(self, cid: ChunkId) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.chunk_path(cid).unlink()
+
+    # -- manifests -----------------------------------------------------------------
+
+    def put_manifest(self, m: manifest.Manifest) -> ChunkId:
+        raw = m.encode()
+        mid = ChunkId.of(raw)
+        path = self.snapshots_dir / mid.hex
+        if not path.exists():
+            self._write_atomic(path, codec.encode(raw))
+        return mid
+
+    def put_manifest_object(self, mid: ChunkId, obj: bytes) -> None:
+        """Store an encoded manifest received from elsewhere, after checking it."""
+        manifest.decode(codec.decode_bounded(obj, mid, MAX_MANIFEST_BYTES))
+        self._write_atomic(self.snapshots_dir / mid.hex, obj)
+
+    def get_manifest_object(self, mid: ChunkId) -> bytes:
+        try:
+            return (self.snapshots_dir / mid.hex).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"snapshot {mid} is missing from the store") from None
+
+    def get_manifest(self, mid: ChunkId) -> manifest.Manifest:
+        raw = codec.decode_bounded(self.get_manifest_object(mid), mid, MAX_MANIFEST_BYTES)
+        return manifest.decode(raw)
+
+    def manifest_ids(self) -> list[ChunkId]:
+        return [ChunkId.parse(e.name) for e in _scandir(self.snapshots_dir)
+                if is_valid_hex_id(e.name)]
+
+    def delete_manifest(self, mid: ChunkId) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.snapshots_dir / mid.hex).unlink()
+
+    # -- tags ----------------------------------------------------------------------
+
+    def set_tag(self, name: str, mid: ChunkId) -> None:
+        self._write_atomic(self.tags_dir / check_tag(name), (mid.hex + "\n").encode())
+
+    def get_tag(self, name: str) -> ChunkId | None:
+        try:
+            text = (self.tags_dir / check_tag(name)).read_text().strip()
+        except FileNotFoundError:
+            return None
+        return ChunkId.parse(text)
+
+    def delete_tag(self, name: str) -> bool:
+        try:
+            (self.tags_dir / check_tag(name)).unlink()
+        except FileNotFoundError:
+            return False
+        _fsync_dir(self.tags_dir)
+        return True
+
+    def tags(self) -> dict[str, ChunkId]:
+        out: dict[str, ChunkId] = {}
+        for e in _scandir(self.tags_dir):
+            if _TAG_RE.fullmatch(e.name):
+                mid = self.get_tag(e.name)
+                if mid is not None:
+                    out[e.name] = mid
+        return dict(sorted(out.items()))
+
+    def resolve(self, ref: str) -> ChunkId:
+        """A tag name, or a unique prefix (at least 4 hex digits) of a snapshot id."""
+        if _TAG_RE.fullmatch(ref) and ".." not in ref:
+            mid = self.get_tag(ref)
+            if mid is not None:
+                return mid
+        if re.fullmatch(r"[0-9a-f]{4,64}", ref):
+            hits = [m for m in self.manifest_ids() if m.hex.startswith(ref)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise UsageError(f"snapshot id prefix {ref!r} is ambiguous ({len(hits)} match)")
+        raise NotFoundError(f"no tag or snapshot {ref!r:.80} in {self.root}")
+
+    # -- locking -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Held (shared) by every writer from its first chunk to its tag."""
+        with self._flock(fcntl.LOCK_SH):
+            yield
+
+    @contextlib.contextmanager
+    def gc_lock(self, wait: bool = True) -> Iterator[None]:
+        """Held (exclusive) by gc: no writer runs while gc marks and sweeps."""
+        with self._flock(fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB):
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, how: int) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, how)
+            except BlockingIOError:
+                raise SnapstoreError("the store is busy (an ingest or gc is running)") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def tmp_files(self) -> Iterator[Path]:
+        for e in _scandir(self.tmp_dir):
+            yield Path(e.path)
+
+
+def _scandir(d: Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(d) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    finally:
+        os.close(fd)
