@@ -149,7 +149,7 @@ def _classify(splitter: _Splitter, window: memoryview) -> Iterator[Piece]:
     """Hand one window to the splitter as alternating runs of zero and non-zero pages."""
     full = len(window) // PAGE * PAGE
     pages = np.frombuffer(window[:full], dtype=np.uint64).reshape(-1, PAGE // 8)
-    flags = [bool(x) for x in pages.any(axis=1)]
+    flags = [bool(x) for x in np.any(pages, axis=1).tolist()]
     if full < len(window):
         flags.append(any(window[full:]))
     nonzero = np.array(flags, dtype=np.int8)

@@ -225,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("gc", cmd_gc, "delete chunks and snapshots no tag reaches",
         json_flag=True).add_argument("--dry-run", action="store_true")
     add("stats", cmd_stats, "store totals and dedup ratio", json_flag=True)
+    # Commands of the other subsystems register themselves here, one line each.
     return p
 
 
