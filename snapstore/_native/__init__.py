@@ -1,0 +1,1 @@
+"""Home of native executables built at install time (the uffd page loader)."""

@@ -1,0 +1,65 @@
+"""Locates the native uffd loader and runs it with options built from Python values."""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class LoaderNotBuiltError(RuntimeError):
+    """The native loader binary is absent (the package was not installed with pip)."""
+
+
+BINARY = Path(__file__).resolve().parent.parent / "_native" / "uffd_loader"
+
+
+def binary_path() -> Path:
+    if not BINARY.is_file():
+        raise LoaderNotBuiltError(
+            f"uffd loader binary not found at {BINARY}; build it with `pip install -e .` "
+            "or `make -C native`"
+        )
+    return BINARY
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    image: Path
+    socket: Path
+    hot: Path | None = None
+    record: Path | None = None
+    memfd: bool = False
+    fault_around_kib: int | None = None
+    queue_depth: int | None = None
+    buffered: bool = False
+    stats_json: Path | None = None
+
+
+def build_argv(opts: LoaderOptions) -> list[str]:
+    argv = [str(binary_path()), "--image", str(opts.image), "--socket", str(opts.socket)]
+    for flag, path in (("--hot", opts.hot), ("--record", opts.record)):
+        if path is not None:
+            argv += [flag, str(path)]
+    if opts.stats_json is not None:
+        argv += ["--stats-json", str(opts.stats_json)]
+    if opts.fault_around_kib is not None:
+        argv += ["--fault-around-kib", str(opts.fault_around_kib)]
+    if opts.queue_depth is not None:
+        argv += ["--queue-depth", str(opts.queue_depth)]
+    if opts.memfd:
+        argv.append("--memfd")
+    if opts.buffered:
+        argv.append("--buffered")
+    return argv
+
+
+def start(opts: LoaderOptions, **popen: Any) -> subprocess.Popen[bytes]:
+    """Starts the loader in the background; it exits once its client goes away."""
+    return subprocess.Popen(build_argv(opts), **popen)
+
+
+def run(opts: LoaderOptions) -> int:
+    """Runs the loader in the foreground and returns its exit status."""
+    return subprocess.run(build_argv(opts), check=False).returncode

@@ -1,0 +1,52 @@
+"""Fixtures shared by every test layer: stores and generated image directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snapstore.store.local import LocalStore
+
+PAGE = 4096
+
+
+def memory_like(size: int, seed: int) -> bytes:
+    """Clustered runs of zero, random and one repeated page, like a process's memory."""
+    rng = np.random.default_rng(seed)
+    repeated = rng.bytes(PAGE)
+    out = bytearray()
+    while len(out) < size:
+        kind = rng.integers(0, 10)
+        n = int(rng.integers(1, 48)) * PAGE
+        if kind < 4:
+            out += bytes(n)
+        elif kind < 7:
+            out += rng.bytes(n)
+        else:
+            out += repeated * (n // PAGE)
+    return bytes(out[:size])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> LocalStore:
+    return LocalStore.open(tmp_path / "store")
+
+
+@pytest.fixture
+def image_dir(tmp_path: Path) -> Path:
+    """A small image directory with every kind of entry snapstore stores."""
+    d = tmp_path / "image"
+    (d / "sub" / "deeper").mkdir(parents=True)
+    (d / "checkpoint.img").write_bytes(memory_like(6 << 20, seed=1))
+    (d / "sub" / "pages.img").write_bytes(memory_like(3 << 20, seed=2) + b"tail")
+    (d / "empty").write_bytes(b"")
+    (d / "sub" / "deeper" / "note.txt").write_text("hello\n")
+    with (d / "sparse.img").open("wb") as f:
+        f.truncate(5 << 20)
+    os.symlink("sub/pages.img", d / "link")
+    os.symlink("/nonexistent/target", d / "dangling")
+    (d / "sub" / "pages.img").chmod(0o600)
+    return d
