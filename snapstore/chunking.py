@@ -68,7 +68,11 @@ class _Splitter:
         self._cdc = FastCDC(params.avg_size, min_size=params.min_size, max_size=params.max_size)
         self._flush_at = WINDOW + params.max_size
         self._hole_min = params.hole_min
-        self._pending = bytearray()
+        self.hole_pages = params.hole_min // PAGE
+        # One buffer for the whole stream: growing a bytearray would fault in fresh
+        # pages on every resize, and first-touch page faults cost more than the copy.
+        self._buf = bytearray(self._flush_at + WINDOW + PAGE)
+        self._len = 0
         self._zeros = 0
 
     def zeros(self, n: int) -> None:
@@ -78,32 +82,47 @@ class _Splitter:
         if self._zeros >= self._hole_min:
             # Holes end at the exact first and last non-zero bytes, not at page edges,
             # so the data between two holes is the same bytes whatever its alignment.
-            self._zeros += _strip_trailing_zeros(self._pending)
+            self._zeros += self._strip_trailing_zeros()
             yield from self._cut(final=True)
             lead = _leading_zeros(view)
             yield Hole(self._zeros + lead)
             view = view[lead:]
         elif self._zeros:
-            self._pending += bytes(self._zeros)
+            self._append_zeros(self._zeros)
         self._zeros = 0
-        self._pending += view
-        if len(self._pending) >= self._flush_at:
+        self._buf[self._len : self._len + len(view)] = view
+        self._len += len(view)
+        if self._len >= self._flush_at:
             yield from self._cut(final=False)
 
     def end(self) -> Iterator[Piece]:
         if self._zeros >= self._hole_min:
-            self._zeros += _strip_trailing_zeros(self._pending)
+            self._zeros += self._strip_trailing_zeros()
             yield from self._cut(final=True)
             yield Hole(self._zeros)
         else:
-            self._pending += bytes(self._zeros)
+            self._append_zeros(self._zeros)
             yield from self._cut(final=True)
         self._zeros = 0
 
+    def _append_zeros(self, n: int) -> None:
+        """Short zero runs are data. They are shorter than hole_min, so they fit."""
+        self._buf[self._len : self._len + n] = bytes(n)
+        self._len += n
+
+    def _strip_trailing_zeros(self) -> int:
+        """Drop the zero bytes ending the buffered data (fewer than a page)."""
+        tail = np.frombuffer(self._buf, dtype=np.uint8, count=min(self._len, PAGE),
+                             offset=max(self._len - PAGE, 0))
+        n = int(np.argmax(tail[::-1] != 0)) if self._len else 0
+        self._len -= n
+        return n
+
     def _cut(self, final: bool) -> Iterator[Piece]:
-        if not self._pending:
+        if not self._len:
             return
-        with memoryview(self._pending) as buf:
+        with memoryview(self._buf) as whole:
+            buf = whole[: self._len]
             lengths = [c.length for c in self._cdc.cut_buf(buf)]
             if not final:
                 # The last cut of a buffer may be forced by its end: redo it with more data.
@@ -113,7 +132,10 @@ class _Splitter:
             for n in lengths:
                 pieces.append(Data(bytes(buf[offset : offset + n])))
                 offset += n
-        del self._pending[:offset]
+            rest = self._len - offset
+            whole[:rest] = bytes(buf[offset:])
+            buf.release()
+        self._len = rest
         yield from pieces
 
 
@@ -121,18 +143,6 @@ def _leading_zeros(view: memoryview) -> int:
     """Zero bytes at the start of a data run (fewer than a page: its first page is not zero)."""
     head = np.frombuffer(view[:PAGE], dtype=np.uint8)
     return int(np.argmax(head != 0))
-
-
-def _strip_trailing_zeros(buf: bytearray) -> int:
-    """Drop the zero bytes at the end of `buf` (fewer than a page) and return their count."""
-    if not buf:
-        return 0
-    tail = np.frombuffer(memoryview(buf)[-PAGE:], dtype=np.uint8)
-    n = int(np.argmax(tail[::-1] != 0))
-    del tail
-    if n:
-        del buf[-n:]
-    return n
 
 
 def split(f: BinaryIO, params: ChunkerParams) -> Iterator[Piece]:
@@ -146,20 +156,29 @@ def split(f: BinaryIO, params: ChunkerParams) -> Iterator[Piece]:
 
 
 def _classify(splitter: _Splitter, window: memoryview) -> Iterator[Piece]:
-    """Hand one window to the splitter as alternating runs of zero and non-zero pages."""
+    """Hand one window to the splitter as data runs and zero runs.
+
+    Only zero runs that could become holes are handed over as such: long ones, and
+    those touching the window's edges (they may continue in the next window). Shorter
+    zero runs stay inside the data run around them, so the Python loop below runs once
+    per candidate hole, not once per zero page.
+    """
     full = len(window) // PAGE * PAGE
     pages = np.frombuffer(window[:full], dtype=np.uint64).reshape(-1, PAGE // 8)
-    flags = [bool(x) for x in np.any(pages, axis=1).tolist()]
+    nonzero = np.any(pages, axis=1)
     if full < len(window):
-        flags.append(any(window[full:]))
-    nonzero = np.array(flags, dtype=np.int8)
-    # Indices where the page kind flips give the run boundaries.
-    edges: list[int] = (np.flatnonzero(np.diff(nonzero)) + 1).tolist()
-    starts = [0, *edges]
-    ends = [*edges, len(flags)]
-    for s, e in zip(starts, ends, strict=True):
-        lo, hi = s * PAGE, min(e * PAGE, len(window))
-        if flags[s]:
-            yield from splitter.data(window[lo:hi])
-        else:
-            splitter.zeros(hi - lo)
+        nonzero = np.append(nonzero, any(window[full:]))
+    count = len(nonzero)
+    # Boundaries of the zero runs: +1 where a run starts, -1 just after it ends.
+    step = np.diff(np.concatenate(([0], (~nonzero).view(np.int8), [0])))
+    starts = np.flatnonzero(step == 1)
+    ends = np.flatnonzero(step == -1)
+    keep = (ends - starts >= splitter.hole_pages) | (starts == 0) | (ends == count)
+    pos = 0
+    for s, e in zip(starts[keep].tolist(), ends[keep].tolist(), strict=True):
+        if s > pos:
+            yield from splitter.data(window[pos * PAGE : s * PAGE])
+        splitter.zeros(min(e * PAGE, len(window)) - s * PAGE)
+        pos = e
+    if pos < count:
+        yield from splitter.data(window[pos * PAGE :])

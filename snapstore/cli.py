@@ -15,11 +15,14 @@ from typing import Any
 
 from rich.filesize import decimal as human
 
+from fusefs.cli import add_commands as add_mount_commands
 from snapstore import catalog
 from snapstore.errors import SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.gc import gc
 from snapstore.ingest import ingest
+from snapstore.remote.cli import add_commands as add_remote_commands
+from snapstore.remote.cli import add_gc_options, cmd_remote_gc
 from snapstore.store.local import LocalStore, check_tag, default_store_dir
 from snapstore.verify import verify
 
@@ -165,6 +168,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    if args.remote:
+        return cmd_remote_gc(args)
     r = gc(open_store(args), dry_run=args.dry_run)
     if args.json:
         print_json({k: getattr(r, k) for k in r.__slots__})
@@ -222,10 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("ref")
     sp.add_argument("name")
     add("rm", cmd_rm, "remove a tag (gc frees the data)").add_argument("ref")
-    add("gc", cmd_gc, "delete chunks and snapshots no tag reaches",
-        json_flag=True).add_argument("--dry-run", action="store_true")
+    sp = add("gc", cmd_gc, "delete chunks and snapshots no tag reaches", json_flag=True)
+    sp.add_argument("--dry-run", action="store_true")
+    add_gc_options(sp)
     add("stats", cmd_stats, "store totals and dedup ratio", json_flag=True)
     # Commands of the other subsystems register themselves here, one line each.
+    add_mount_commands(sub)
+    add_remote_commands(sub)
     return p
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import time
@@ -17,7 +18,7 @@ from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest
 from snapstore.progress import Advance, byte_progress
-from snapstore.store.local import LocalStore, check_tag
+from snapstore.store.local import ChunkWriter, LocalStore, check_tag
 
 # Chunks in flight per worker: enough to keep both cores busy while the reader cuts,
 # few enough that memory stays a handful of max-size chunks per worker.
@@ -92,24 +93,22 @@ def ingest(
     start = time.monotonic()
     plan = scan(src)
     total = sum(st.st_size for _, st in plan if stat.S_ISREG(st.st_mode))
-    entries: list[Entry] = []
     stored: list[_Stored] = []
-    with (
-        store.writer_lock(),
-        ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool,
-        byte_progress("ingest", total) as advance,
-    ):
-        for rel, st in plan:
-            mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
-            if stat.S_ISDIR(st.st_mode):
-                entries.append(Entry(rel, "dir", mode, mtime))
-            elif stat.S_ISLNK(st.st_mode):
-                target = os.readlink(src / rel)
-                entries.append(Entry(rel, "symlink", mode, mtime, target=target))
-            else:
-                extents = _ingest_file(store, src / rel, params, pool, workers, stored, advance)
-                size = sum(x.size for x in extents)
-                entries.append(Entry(rel, "file", mode, mtime, size, tuple(extents)))
+    writer = store.chunk_writer()
+    with store.writer_lock():
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="ingest")
+        try:
+            with byte_progress("ingest", total) as advance:
+                entries = [
+                    _entry(src, rel, st, writer, params, pool, workers, stored, advance)
+                    for rel, st in plan
+                ]
+        except BaseException:
+            # Stop the workers before dropping their files, or late ones would leave some.
+            pool.shutdown(wait=True, cancel_futures=True)
+            writer.abort()
+            raise
+        pool.shutdown()
         m = Manifest(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             chunker=params,
@@ -117,7 +116,7 @@ def ingest(
             labels=dict(labels or {}),
         )
         # Write order: chunks durable, then the manifest, then the tag.
-        store.sync()
+        writer.close()
         mid = store.put_manifest(m)
         store.set_tag(tag, mid)
     return IngestResult(
@@ -132,8 +131,28 @@ def ingest(
     )
 
 
+def _entry(
+    src: Path,
+    rel: str,
+    st: os.stat_result,
+    writer: ChunkWriter,
+    params: ChunkerParams,
+    pool: ThreadPoolExecutor,
+    workers: int,
+    stored: list[_Stored],
+    advance: Advance,
+) -> Entry:
+    mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
+    if stat.S_ISDIR(st.st_mode):
+        return Entry(rel, "dir", mode, mtime)
+    if stat.S_ISLNK(st.st_mode):
+        return Entry(rel, "symlink", mode, mtime, target=os.readlink(src / rel))
+    extents = _ingest_file(writer, src / rel, params, pool, workers, stored, advance)
+    return Entry(rel, "file", mode, mtime, sum(x.size for x in extents), tuple(extents))
+
+
 def _ingest_file(
-    store: LocalStore,
+    writer: ChunkWriter,
     path: Path,
     params: ChunkerParams,
     pool: ThreadPoolExecutor,
@@ -165,31 +184,28 @@ def _ingest_file(
         try:
             for piece in split(f, params):
                 if isinstance(piece, Data):
-                    inflight.append(pool.submit(_store_chunk, store, piece.data))
+                    inflight.append(pool.submit(_store_chunk, writer, piece.data))
                 else:
                     inflight.append(Extent(None, piece.size))
                 settle(workers * _INFLIGHT_PER_WORKER)
             settle(0)
         except OSError as e:
-            for item in inflight:
-                if isinstance(item, Future):
-                    item.cancel()
-            raise _io_error(e, path, store) from None
+            raise _io_error(e, path) from None
     return extents
 
 
-def _io_error(e: OSError, path: Path, store: LocalStore) -> SnapstoreError:
+def _io_error(e: OSError, path: Path) -> SnapstoreError:
     where = e.filename or path
-    if e.errno == 28:
+    if e.errno == errno.ENOSPC:
         return SnapstoreError(
-            f"no space left on the device of {store.root}: nothing was tagged; "
+            "no space left on the store's device: nothing was tagged; "
             "free space, then run `snapstore gc` to remove the partial data"
         )
     return SnapstoreError(f"I/O error on {where}: {e.strerror}")
 
 
-def _store_chunk(store: LocalStore, data: bytes) -> _Stored:
+def _store_chunk(writer: ChunkWriter, data: bytes) -> _Stored:
     cid = ChunkId.of(data)
-    written = 0 if store.has_chunk(cid) else store.put_chunk(cid, codec.encode(data))
+    written = writer.put(cid, codec.encode(data)) if writer.claim(cid) else 0
     return _Stored(cid, len(data), written)
 

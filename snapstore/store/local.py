@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -137,16 +138,16 @@ class LocalStore:
         return self.chunk_path(cid).exists()
 
     def put_chunk(self, cid: ChunkId, obj: bytes) -> int:
-        """Store an encoded chunk; returns the bytes written (0 if it was already there).
-
-        The directory fsync is left to `sync()`, done once before the manifest is written.
-        """
+        """Store one encoded chunk durably; returns the bytes written (0 if already there)."""
         path = self.chunk_path(cid)
         if path.exists():
             return 0
         path.parent.mkdir(exist_ok=True)
-        self._write_atomic(path, obj, sync_dir=False)
+        self._write_atomic(path, obj)
         return len(obj)
+
+    def chunk_writer(self, batch_bytes: int = 64 << 20) -> ChunkWriter:
+        return ChunkWriter(self, batch_bytes)
 
     def get_chunk_object(self, cid: ChunkId) -> bytes:
         try:
@@ -169,6 +170,44 @@ class LocalStore:
     def delete_chunk(self, cid: ChunkId) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.chunk_path(cid).unlink()
+
+    # -- cache of chunks fetched by remote mounts ------------------------------------
+
+    def cache_path(self, cid: ChunkId) -> Path:
+        """cache/ holds fetched-only chunk objects; gc and verify of chunks/ never see them."""
+        h = cid.hex
+        return self.root / "cache" / h[:2] / h[2:]
+
+    def put_cache_object(self, cid: ChunkId, obj: bytes) -> None:
+        path = self.cache_path(cid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # No directory fsync: a cache entry lost in a crash is fetched again.
+        self._write_atomic(path, obj, sync_dir=False)
+
+    def get_cache_object(self, cid: ChunkId) -> bytes:
+        try:
+            return self.cache_path(cid).read_bytes()
+        except FileNotFoundError:
+            raise NotFoundError(f"chunk {cid} is not in the cache") from None
+
+    def touch_cache_object(self, cid: ChunkId) -> None:
+        """Mark a cache entry used now; its mtime orders the LRU across mounts."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(self.cache_path(cid))
+
+    def iter_cache(self) -> Iterator[tuple[StoredChunk, float]]:
+        """Every cache entry with its last use (mtime)."""
+        for sub in _scandir(self.root / "cache"):
+            for f in _scandir(Path(sub.path)):
+                name = sub.name + f.name
+                if is_valid_hex_id(name):
+                    with contextlib.suppress(FileNotFoundError):
+                        st = f.stat()
+                        yield StoredChunk(ChunkId.parse(name), st.st_size), st.st_mtime
+
+    def delete_cache_object(self, cid: ChunkId) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.cache_path(cid).unlink()
 
     # -- manifests -----------------------------------------------------------------
 
@@ -275,6 +314,75 @@ class LocalStore:
     def tmp_files(self) -> Iterator[Path]:
         for e in _scandir(self.tmp_dir):
             yield Path(e.path)
+
+
+class ChunkWriter:
+    """Writes many chunks with one syncfs per batch instead of one fsync per chunk.
+
+    A chunk is written to tmp/ and renamed into chunks/ only after a syncfs that
+    followed its write, so a chunk visible in chunks/ always has durable content, and
+    `close()` makes every rename durable before the caller writes a manifest.
+    Safe to call from several threads.
+    """
+
+    def __init__(self, store: LocalStore, batch_bytes: int) -> None:
+        self._store = store
+        self._batch_bytes = batch_bytes
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Path, Path]] = []
+        self._pending_bytes = 0
+        self._claimed: set[ChunkId] = set()
+
+    def claim(self, cid: ChunkId) -> bool:
+        """True if the caller should `put` this chunk: neither the store nor this writer
+        has it yet. Claiming first lets callers skip compressing what dedups."""
+        with self._lock:
+            if cid in self._claimed:
+                return False
+            self._claimed.add(cid)
+        return not self._store.chunk_path(cid).exists()
+
+    def put(self, cid: ChunkId, obj: bytes) -> int:
+        """Write a claimed, encoded chunk; returns the bytes written."""
+        dest = self._store.chunk_path(cid)
+        tmp = self._store.tmp_dir / f"{cid.hex}.{uuid.uuid4().hex}.tmp"
+        try:
+            with tmp.open("wb") as f:
+                f.write(obj)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+        with self._lock:
+            self._pending.append((tmp, dest))
+            self._pending_bytes += len(obj)
+            full = self._pending_bytes >= self._batch_bytes
+        if full:
+            self._commit()
+        return len(obj)
+
+    def _commit(self) -> None:
+        with self._lock:
+            batch, self._pending, self._pending_bytes = self._pending, [], 0
+        if not batch:
+            return
+        self._store.sync()
+        for tmp, dest in batch:
+            dest.parent.mkdir(exist_ok=True)
+            os.rename(tmp, dest)
+
+    def close(self) -> None:
+        """Publish the last batch and make all renames durable."""
+        self._commit()
+        self._store.sync()
+
+    def abort(self) -> None:
+        """Drop the chunks not yet published (after a failure)."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for tmp, _ in batch:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def _scandir(d: Path) -> list[os.DirEntry[str]]:

@@ -55,7 +55,7 @@ def build_argv(opts: LoaderOptions) -> list[str]:
     return argv
 
 
-def start(opts: LoaderOptions, **popen: Any) -> subprocess.Popen[bytes]:
+def start(opts: LoaderOptions, **popen: Any) -> subprocess.Popen[Any]:
     """Starts the loader in the background; it exits once its client goes away."""
     return subprocess.Popen(build_argv(opts), **popen)
 

@@ -1,0 +1,208 @@
+"""The remote commands of the `snapstore` CLI: push, pull, remote ls, and gc --remote."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.filesize import decimal as human
+
+from snapstore.errors import CorruptError, NotFoundError, UsageError
+from snapstore.ids import ChunkId
+from snapstore.remote.gc import DEFAULT_GRACE_S, remote_gc
+from snapstore.remote.transfer import (
+    DEFAULT_JOBS,
+    TransferReport,
+    fetch_manifest,
+    get_remote_tag,
+    list_chunk_objects,
+    pull,
+    push,
+)
+from snapstore.remote.url import RemoteURL
+from snapstore.store.local import LocalStore, default_store_dir
+from snapstore.store.s3 import S3Store, endpoint_url, open_s3
+
+
+def _store(args: argparse.Namespace, create: bool = False) -> LocalStore:
+    root = Path(args.store) if args.store else default_store_dir()
+    return LocalStore.open(root, create=create)
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+    sys.stdout.write("\n")
+
+
+def _with_remote(args: argparse.Namespace, remote: str,
+                 fn: Callable[[S3Store], Awaitable[int]]) -> int:
+    url = RemoteURL.parse(remote)
+    jobs = getattr(args, "jobs", DEFAULT_JOBS)
+    if jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+
+    async def main() -> int:
+        # A connection per job, plus a few so HEADs of the manifest and tag never queue.
+        async with open_s3(url, endpoint_url(args.endpoint_url), connections=jobs + 4) as s3:
+            return await fn(s3)
+
+    return trio.run(main)
+
+
+def _report(args: argparse.Namespace, verb: str, r: TransferReport) -> int:
+    if args.json:
+        _print_json({
+            "snapshot": r.snapshot.hex, "tag": r.tag, "tag_status": r.tag_status,
+            "chunks": r.chunks, "chunks_sent": r.chunks_sent, "bytes_sent": r.bytes_sent,
+            "seconds": round(r.seconds, 3),
+        })
+        return 0
+    rate = r.bytes_sent / r.seconds if r.seconds else 0.0
+    tag = f", tag {r.tag} {r.tag_status}" if r.tag else ""
+    print(f"{verb} {r.chunks_sent} of {r.chunks} chunks, {human(r.bytes_sent)} in "
+          f"{r.seconds:.2f}s ({human(int(rate))}/s){tag}", file=sys.stderr)
+    print(r.snapshot.hex)
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    store = _store(args)
+
+    async def run(s3: S3Store) -> int:
+        r = await push(store, args.ref, s3, force=args.force, jobs=args.jobs)
+        return _report(args, "pushed", r)
+
+    return _with_remote(args, args.remote, run)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    store = _store(args, create=True)
+
+    async def run(s3: S3Store) -> int:
+        r = await pull(store, args.ref, s3, force=args.force, jobs=args.jobs)
+        return _report(args, "pulled", r)
+
+    return _with_remote(args, args.remote, run)
+
+
+async def remote_listing(s3: S3Store) -> dict[str, Any]:
+    """Tags and snapshots of a remote with their sizes (what `remote ls --json` prints)."""
+    stored = {cid: size async for cid, size in list_chunk_objects(s3)}
+    tags: dict[str, str] = {}
+    async for o in s3.list("refs/tags/"):
+        name = o.key.removeprefix("refs/tags/")
+        try:
+            tags[name] = (await get_remote_tag(s3, name)).hex
+        except (CorruptError, NotFoundError) as e:
+            tags[name] = f"unreadable: {e}"
+    snaps: list[dict[str, Any]] = []
+    async for o in s3.list("snapshots/"):
+        name = o.key.removeprefix("snapshots/")
+        doc: dict[str, Any] = {"id": name, "tags": sorted(t for t, m in tags.items()
+                                                         if m == name)}
+        try:
+            mid = ChunkId.parse(name)
+            _, m = await fetch_manifest(s3, mid)
+        except (CorruptError, NotFoundError) as e:
+            doc["error"] = str(e)
+            snaps.append(doc)
+            continue
+        cids = m.chunk_ids()
+        doc.update(created=m.created, logical_bytes=m.logical_bytes, chunks=len(cids),
+                   stored_bytes=sum(stored.get(c, 0) for c in cids),
+                   missing_chunks=sum(1 for c in cids if c not in stored))
+        snaps.append(doc)
+    return {"remote": str(s3.url), "tags": tags, "snapshots": snaps,
+            "chunks": len(stored), "stored_bytes": sum(stored.values())}
+
+
+def cmd_remote_ls(args: argparse.Namespace) -> int:
+    async def run(s3: S3Store) -> int:
+        doc = await remote_listing(s3)
+        if args.json:
+            _print_json(doc)
+            return 0
+        print(f"{'ID':12}  {'CREATED':25}  {'LOGICAL':>10}  {'STORED':>10}  TAGS")
+        for s in doc["snapshots"]:
+            if "error" in s:
+                print(f"{s['id'][:12]}  unreadable: {s['error']}")
+                continue
+            missing = f"  ({s['missing_chunks']} chunks missing)" if s["missing_chunks"] else ""
+            print(f"{s['id'][:12]}  {s['created']:25}  {human(s['logical_bytes']):>10}  "
+                  f"{human(s['stored_bytes']):>10}  {','.join(s['tags'])}{missing}")
+        print(f"{len(doc['tags'])} tags, {len(doc['snapshots'])} snapshots, {doc['chunks']} "
+              f"chunks, {human(doc['stored_bytes'])} in {doc['remote']}", file=sys.stderr)
+        return 0
+
+    return _with_remote(args, args.remote, run)
+
+
+def cmd_remote_gc(args: argparse.Namespace) -> int:
+    """`snapstore gc --remote REMOTE`: collect the remote's garbage instead of the store's."""
+    if args.grace < 0:
+        raise UsageError("--grace must not be negative")
+
+    async def run(s3: S3Store) -> int:
+        r = await remote_gc(s3, grace_s=args.grace, dry_run=args.dry_run)
+        if args.json:
+            _print_json(r.as_dict())
+            return 0
+        verb = "would delete" if r.dry_run else "deleted"
+        print(f"{verb} {r.deleted_snapshots} snapshots, {r.deleted_chunks} chunks "
+              f"({human(r.deleted_bytes)}); kept {r.kept_snapshots} snapshots, "
+              f"{r.kept_chunks} chunks ({r.young_unreferenced} unreferenced but younger "
+              f"than the grace)")
+        return 0
+
+    return _with_remote(args, args.remote, run)
+
+
+def _remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
+    sp.add_argument("--endpoint-url", metavar="URL",
+                    help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    if jobs:
+        sp.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
+                        help=f"parallel requests (default {DEFAULT_JOBS})")
+
+
+def add_gc_options(sp: argparse.ArgumentParser) -> None:
+    """The options `gc` takes to work on a remote (dispatched to cmd_remote_gc)."""
+    sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
+                    help="collect this remote's garbage instead of the local store's")
+    sp.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
+                    help="with --remote: never delete objects younger than this "
+                    f"(default {DEFAULT_GRACE_S}, a day)")
+    _remote_options(sp)
+
+
+def add_commands(sub: Any) -> None:
+    """Register push, pull and `remote ls` on the main parser's subcommands."""
+    def add(name: str, func: Callable[[argparse.Namespace], int],
+            help: str, parent: Any = sub) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
+
+    for name, func, what in (("push", cmd_push, "send a snapshot's missing chunks, its "
+                              "manifest and its tag to an S3 remote"),
+                             ("pull", cmd_pull, "fetch a snapshot's missing chunks, its "
+                              "manifest and its tag from an S3 remote")):
+        sp = add(name, func, what)
+        sp.add_argument("ref", help="tag (set on the other side too) or snapshot id")
+        sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
+        sp.add_argument("--force", action="store_true",
+                        help="move the other side's tag if it names another snapshot")
+        _remote_options(sp, jobs=True)
+    remote = sub.add_parser("remote", help="inspect an S3 remote",
+                            description="inspect an S3 remote")
+    remote_sub = remote.add_subparsers(dest="remote_command", required=True,
+                                       metavar="COMMAND")
+    sp = add("ls", cmd_remote_ls, "list a remote's tags and snapshots with sizes", remote_sub)
+    sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
+    _remote_options(sp)
