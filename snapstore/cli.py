@@ -99,7 +99,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for k, v in sorted(doc["labels"].items()):
         print(f"label    {k}={v}")
     print(f"files    {doc['files']}, {human(doc['logical_bytes'])} logical, "
-          f"{human(doc['hole_bytes'])} holes, {doc['chunks']} chunks, "
+          f"{human(doc['hole_bytes'])} holes, {doc['chunks']} unique chunks, "
           f"{human(doc['stored_bytes'])} stored")
     for e in doc["entries"]:
         if e["type"] == "file":
