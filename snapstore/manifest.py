@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from snapstore.chunking import ChunkerParams
-from snapstore.errors import CorruptError, ManifestError
-from snapstore.ids import ChunkId
+from snapstore.errors import ManifestError
+from snapstore.ids import ChunkId, is_valid_hex_id
 
 FORMAT = "snapstore-manifest"
 VERSION = 1
@@ -21,6 +21,8 @@ MAX_ENTRIES = 1_000_000
 MAX_EXTENTS = 50_000_000
 MAX_LABELS = 256
 MAX_TEXT = 4096
+MAX_CHUNK = 16 << 20
+MAX_EXTENT = 1 << 62
 
 Kind = Literal["file", "dir", "symlink"]
 Form = Literal["exact", "transcoded"]
@@ -204,14 +206,24 @@ def _entries(items: Any) -> Iterable[Entry]:
 
 
 def _extent(x: Any, path: str) -> Extent:
-    _require(isinstance(x, list) and len(x) == 2, f"bad extent in {path!r:.80}")
+    # The hot path of loading a manifest (once per chunk): plain checks, and messages
+    # only built when something is wrong.
+    if type(x) is list and len(x) == 2:
+        cid, size = x
+        if type(size) is int and 0 < size <= MAX_EXTENT:
+            if cid is None:
+                return Extent(None, size)
+            if size <= MAX_CHUNK and type(cid) is str and is_valid_hex_id(cid):
+                return Extent(ChunkId(bytes.fromhex(cid)), size)
+    raise ManifestError(f"bad extent {_extent_problem(x)} in {path!r:.80}")
+
+
+def _extent_problem(x: Any) -> str:
+    if not (isinstance(x, list) and len(x) == 2):
+        return f"{x!r:.60} (not an [id, size] pair)"
     cid, size = x
-    size = _int(size, f"extent size in {path!r:.80}")
-    _require(size > 0, f"empty extent in {path!r:.80}")
-    if cid is None:
-        return Extent(None, size)
-    _require(size <= 16 << 20, f"chunk extent over 16 MiB in {path!r:.80}")
-    try:
-        return Extent(ChunkId.parse(cid), size)
-    except CorruptError as e:
-        raise ManifestError(f"{e} in extents of {path!r:.80}") from None
+    if not (type(size) is int and 0 < size <= MAX_EXTENT):
+        return f"size {size!r:.30}"
+    if size > MAX_CHUNK:
+        return f"chunk of {size} bytes (over {MAX_CHUNK})"
+    return f"{cid!r:.80}: not a valid id"
