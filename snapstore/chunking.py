@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 from pyfastcdc import FastCDC
@@ -145,12 +145,16 @@ def _leading_zeros(view: memoryview) -> int:
     return int(np.argmax(head != 0))
 
 
-def split(f: BinaryIO, params: ChunkerParams) -> Iterator[Piece]:
+class Readable(Protocol):
+    def readinto(self, b: memoryview, /) -> int | None: ...
+
+
+def split(f: Readable, params: ChunkerParams) -> Iterator[Piece]:
     """Split the rest of `f` into pieces whose sizes add up to its length."""
     splitter = _Splitter(params)
     buf = bytearray(WINDOW)
     view = memoryview(buf)
-    while n := f.readinto(view):  # type: ignore[attr-defined]
+    while n := f.readinto(view):
         yield from _classify(splitter, view[:n])
     yield from splitter.end()
 

@@ -52,7 +52,8 @@ def parse_labels(items: Sequence[str]) -> dict[str, str]:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     store = open_store(args, create=True)
-    r = ingest(store, Path(args.dir), args.tag, parse_labels(args.label))
+    r = ingest(store, Path(args.dir), args.tag, parse_labels(args.label),
+               transcode=not args.exact)
     if args.json:
         print_json({
             "snapshot": r.snapshot.hex, "tag": args.tag, "files": r.files,
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("dir")
     sp.add_argument("--tag", required=True, help="tag naming the new snapshot")
     sp.add_argument("--label", action="append", default=[], metavar="K=V")
+    sp.add_argument("--exact", action="store_true",
+                    help="store gVisor statefiles byte-exact instead of transcoded")
     add("list", cmd_list, "list snapshots", json_flag=True)
     add("show", cmd_show, "show a snapshot's files and sizes", json_flag=True).add_argument("ref")
     sp = add("export", cmd_export, "write a snapshot's files to a new directory")

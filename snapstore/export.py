@@ -12,6 +12,7 @@ from pathlib import Path
 
 from snapstore.errors import SnapstoreError
 from snapstore.manifest import Entry, Extent, Manifest
+from snapstore.statefile import present
 from snapstore.store.local import LocalStore
 
 _READ_AHEAD_PER_WORKER = 3
@@ -87,15 +88,18 @@ def _write_file(
 ) -> int:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     written = 0
+    extents = iter_file_bytes(store, e, pool, workers * _READ_AHEAD_PER_WORKER)
     try:
-        for x, data in iter_file_bytes(store, e, pool, workers * _READ_AHEAD_PER_WORKER):
+        if e.layout is not None:
+            # A transcoded statefile is written in its restorable (presented) form.
+            stored = (bytes(x.size) if data is None else data for x, data in extents)
+            for block in present(e.layout, stored):
+                written += _write_all(fd, block)
+        for x, data in extents:
             if data is None:
                 os.lseek(fd, x.size, os.SEEK_CUR)
             else:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                written += len(data)
+                written += _write_all(fd, data)
         # A trailing hole only moved the offset: the size must be set explicitly.
         os.ftruncate(fd, e.size)
         os.fchmod(fd, e.mode)
@@ -104,3 +108,10 @@ def _write_file(
         with contextlib.suppress(OSError):
             os.close(fd)
     return written
+
+
+def _write_all(fd: int, data: bytes) -> int:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)

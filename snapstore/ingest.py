@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,8 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from snapstore import codec
-from snapstore.chunking import ChunkerParams, Data, split
+from snapstore import codec, statefile
+from snapstore.chunking import ChunkerParams, Data, Readable, split
 from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest
@@ -85,8 +87,13 @@ def ingest(
     labels: dict[str, str] | None = None,
     params: ChunkerParams | None = None,
     workers: int | None = None,
+    transcode: bool = True,
 ) -> IngestResult:
-    """Store the directory `src` as a snapshot and point `tag` at it."""
+    """Store the directory `src` as a snapshot and point `tag` at it.
+
+    gVisor statefiles are stored transcoded (snapstore/statefile.py) unless `transcode`
+    is false; anything else, or a statefile that does not parse, is stored byte-exact.
+    """
     check_tag(tag)
     params = params or ChunkerParams()
     workers = workers or os.cpu_count() or 2
@@ -100,7 +107,8 @@ def ingest(
         try:
             with byte_progress("ingest", total) as advance:
                 entries = [
-                    _entry(src, rel, st, writer, params, pool, workers, stored, advance)
+                    _entry(src, rel, st, writer, params, pool, workers, stored, advance,
+                           transcode)
                     for rel, st in plan
                 ]
         except BaseException:
@@ -141,18 +149,46 @@ def _entry(
     workers: int,
     stored: list[_Stored],
     advance: Advance,
+    transcode: bool,
 ) -> Entry:
     mode, mtime = stat.S_IMODE(st.st_mode), st.st_mtime_ns
     if stat.S_ISDIR(st.st_mode):
         return Entry(rel, "dir", mode, mtime)
     if stat.S_ISLNK(st.st_mode):
         return Entry(rel, "symlink", mode, mtime, target=os.readlink(src / rel))
-    extents = _ingest_file(writer, src / rel, params, pool, workers, stored, advance)
+    path = src / rel
+    if transcode and _is_statefile(path):
+        try:
+            with _open(path) as f:
+                form = statefile.StoredForm(f)
+                extents = _ingest_stream(writer, form, path, params, pool, workers, stored,
+                                         advance)
+            layout = form.layout()
+            return Entry(rel, "file", mode, mtime, layout.presented_size(), tuple(extents),
+                         form="transcoded", layout=layout)
+        except statefile.NotAStatefile as e:
+            # Chunks stored before the problem showed are left to gc.
+            print(f"snapstore: warning: {path}: {e}; storing it byte-exact", file=sys.stderr)
+    with _open(path) as f:
+        extents = _ingest_stream(writer, f, path, params, pool, workers, stored, advance)
     return Entry(rel, "file", mode, mtime, sum(x.size for x in extents), tuple(extents))
 
 
-def _ingest_file(
+def _open(path: Path) -> io.FileIO:
+    try:
+        return path.open("rb", buffering=0)
+    except OSError as e:
+        raise SnapstoreError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _is_statefile(path: Path) -> bool:
+    with _open(path) as f:
+        return f.read(len(statefile.MAGIC)) == statefile.MAGIC
+
+
+def _ingest_stream(
     writer: ChunkWriter,
+    f: Readable,
     path: Path,
     params: ChunkerParams,
     pool: ThreadPoolExecutor,
@@ -177,20 +213,15 @@ def _ingest_file(
                 advance(s.size, 1)
 
     try:
-        f = path.open("rb", buffering=0)
+        for piece in split(f, params):
+            if isinstance(piece, Data):
+                inflight.append(pool.submit(_store_chunk, writer, piece.data))
+            else:
+                inflight.append(Extent(None, piece.size))
+            settle(workers * _INFLIGHT_PER_WORKER)
+        settle(0)
     except OSError as e:
-        raise SnapstoreError(f"cannot read {path}: {e.strerror}") from None
-    with f:
-        try:
-            for piece in split(f, params):
-                if isinstance(piece, Data):
-                    inflight.append(pool.submit(_store_chunk, writer, piece.data))
-                else:
-                    inflight.append(Extent(None, piece.size))
-                settle(workers * _INFLIGHT_PER_WORKER)
-            settle(0)
-        except OSError as e:
-            raise _io_error(e, path) from None
+        raise _io_error(e, path) from None
     return extents
 
 

@@ -11,9 +11,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from snapstore import statefile
 from snapstore.chunking import ChunkerParams
 from snapstore.errors import ManifestError
 from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.statefile import Layout
 
 FORMAT = "snapstore-manifest"
 VERSION = 1
@@ -46,6 +48,9 @@ class Entry:
     extents: tuple[Extent, ...] = ()
     target: str = ""
     form: Form = "exact"
+    # For a transcoded file: how its presented bytes derive from the stored ones, which
+    # the extents hold (docs/format.md, snapstore/statefile.py).
+    layout: Layout | None = None
 
     @property
     def hole_bytes(self) -> int:
@@ -104,6 +109,8 @@ def _entry_json(e: Entry) -> dict[str, Any]:
         d["size"] = e.size
         d["extents"] = [[x.chunk.hex if x.chunk else None, x.size] for x in e.extents]
         d["form"] = e.form
+        if e.layout is not None:
+            d["transcode"] = e.layout.to_json()
     elif e.kind == "symlink":
         d["target"] = e.target
     return d
@@ -196,13 +203,30 @@ def _entries(items: Any) -> Iterable[Entry]:
             total_extents += len(raw)
             _require(total_extents <= MAX_EXTENTS, "manifest has too many extents")
             extents = tuple(_extent(x, path) for x in raw)
-            _require(sum(x.size for x in extents) == size,
-                     f"extents of {path!r:.80} do not add up to its size {size}")
+            stored = sum(x.size for x in extents)
             form = d.get("form", "exact")
-            _require(form in ("exact", "transcoded"), f"bad form of {path!r:.80}")
-            yield Entry(path, "file", mode, mtime, size, extents, form=form)
+            layout = None
+            if form == "transcoded":
+                layout = _layout(d.get("transcode"), path)
+                _require(stored == layout.raw_size and size == layout.presented_size(),
+                         f"transcoded sizes of {path!r:.80} do not add up")
+            else:
+                _require(form == "exact", f"bad form of {path!r:.80}")
+                _require(stored == size,
+                         f"extents of {path!r:.80} do not add up to its size {size}")
+            yield Entry(path, "file", mode, mtime, size, extents, form=form, layout=layout)
         else:
             raise ManifestError(f"unknown entry type {kind!r:.20} for {path!r:.80}")
+
+
+def _layout(d: Any, path: str) -> Layout:
+    _require(isinstance(d, dict) and d.get("kind") == statefile.KIND,
+             f"unknown transcoding of {path!r:.80}")
+    head = _int(d.get("header_size"), f"header size of {path!r:.80}")
+    block = _int(d.get("block_size"), f"block size of {path!r:.80}", 64 << 20)
+    raw = _int(d.get("raw_size"), f"stored size of {path!r:.80}")
+    _require(block > 0 and head <= raw, f"bad transcoding of {path!r:.80}")
+    return Layout(head, block, raw)
 
 
 def _extent(x: Any, path: str) -> Extent:

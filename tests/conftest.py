@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from snapstore import examples
+from snapstore.runsc import Runsc
 from snapstore.store.local import LocalStore
 
 PAGE = 4096
@@ -50,3 +54,39 @@ def image_dir(tmp_path: Path) -> Path:
     os.symlink("/nonexistent/target", d / "dangling")
     (d / "sub" / "pages.img").chmod(0o600)
     return d
+
+
+def runsc_unavailable() -> str | None:
+    if shutil.which("runsc") is None and not Path("/usr/bin/runsc").exists():
+        return "runsc is not installed"
+    if os.geteuid() != 0:
+        return "runsc checkpoint/restore needs root"
+    if not examples.BUSYBOX.exists():
+        return f"{examples.BUSYBOX} (busybox-static) is not installed"
+    return None
+
+
+@pytest.fixture
+def rs(tmp_path: Path) -> Iterator[Runsc]:
+    reason = runsc_unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    with Runsc.private(parent=tmp_path) as runsc:
+        yield runsc
+    # Nothing of this root may outlive the test: no state dir, no runsc processes.
+    assert not runsc.root.exists()
+    assert processes_using(runsc.root) == []
+
+
+def processes_using(root: Path) -> list[int]:
+    needle = f"--root={root}".encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if needle in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids

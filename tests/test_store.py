@@ -191,8 +191,13 @@ def test_concurrent_ingests_of_the_same_content(store: LocalStore, image_dir: Pa
 def test_gc_waits_for_a_running_ingest(store: LocalStore, image_dir: Path) -> None:
     """gc takes the exclusive lock: chunks of an unfinished ingest are never swept."""
     order: list[str] = []
+
+    def collect() -> None:
+        gc(store)
+        order.append("gc")
+
     with store.writer_lock():
-        t = threading.Thread(target=lambda: (gc(store), order.append("gc")))
+        t = threading.Thread(target=collect)
         t.start()
         t.join(timeout=0.5)
         order.append("writer done")

@@ -1,0 +1,147 @@
+"""gVisor statefile transcoding: parsing hostile files, the presented form, real restores."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from snapstore import statefile
+from snapstore.errors import SnapstoreError
+from snapstore.export import export
+from snapstore.ingest import ingest
+from snapstore.statefile import Layout, NotAStatefile, StoredForm, memory_of, present
+from snapstore.store.local import LocalStore
+from tests.conftest import memory_like
+
+BLOCK = 1 << 16
+
+
+def make_statefile(memory: bytes, block: int = BLOCK, level: int = 6) -> bytes:
+    meta = json.dumps({"timestamp": "now"}).encode()
+    out = bytearray(statefile.MAGIC + struct.pack(">Q", len(meta)) + meta + bytes(32))
+    out += struct.pack(">I", block)
+    for i in range(0, len(memory), block):
+        c = zlib.compressobj(level, zlib.DEFLATED, -15)
+        data = c.compress(memory[i : i + block]) + c.flush()
+        out += struct.pack(">I", len(data)) + data
+    return bytes(out)
+
+
+def stored_and_layout(data: bytes) -> tuple[bytes, Layout]:
+    form = StoredForm(io.BytesIO(data))
+    stored = form.read()
+    return stored, form.layout()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 5 * BLOCK + 17), st.integers(0, 2**16))
+def test_presented_form_round_trips(size: int, seed: int) -> None:
+    memory = memory_like(size + 4096, seed)[:size]
+    stored, layout = stored_and_layout(make_statefile(memory))
+    presented = b"".join(present(layout, iter([stored[i : i + 9999]
+                                                for i in range(0, len(stored), 9999)])))
+    assert len(presented) == layout.presented_size()
+    again, layout2 = stored_and_layout(presented)
+    assert again == stored and layout2 == layout
+    assert stored[layout.header_size :] == memory
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_segments_match_the_presented_form(data: st.DataObject) -> None:
+    memory = memory_like(3 * BLOCK + 100, 5)
+    stored, layout = stored_and_layout(make_statefile(memory))
+    presented = b"".join(present(layout, iter([stored])))
+    offset = data.draw(st.integers(0, len(presented)))
+    size = data.draw(st.integers(0, len(presented) + 10))
+    parts = [s if isinstance(s, bytes) else stored[s[0] : s[0] + s[1]]
+             for s in layout.segments(offset, size)]
+    assert b"".join(parts) == presented[offset : offset + size]
+
+
+def lying_statefiles() -> list[tuple[str, bytes]]:
+    good = make_statefile(memory_like(3 * BLOCK, 7))
+    meta_end = 16 + struct.unpack(">Q", good[8:16])[0] + 36
+    first_len = struct.unpack(">I", good[meta_end : meta_end + 4])[0]
+    bad_inflate = bytearray(good)
+    bad_inflate[meta_end + 4 : meta_end + 12] = b"\xff" * 8
+    bigger = zlib.compressobj(6, zlib.DEFLATED, -15)
+    too_big = bigger.compress(bytes(BLOCK + 1)) + bigger.flush()
+    return [
+        ("truncated", good[:-100]),
+        ("length past end", good[:meta_end] + struct.pack(">I", 1 << 20) + b"x" * 10),
+        ("does not inflate", bytes(bad_inflate)),
+        ("inflates past block",
+         good[:meta_end] + struct.pack(">I", len(too_big)) + too_big),
+        ("short block not last", good[:meta_end] + make_statefile(b"ab")[meta_end:]
+         + good[meta_end : meta_end + 4 + first_len]),
+        ("metadata not json", statefile.MAGIC + struct.pack(">Q", 3) + b"{{{" + bytes(36)),
+        ("huge metadata", statefile.MAGIC + struct.pack(">Q", 1 << 40)),
+        ("zero block size", good[: meta_end - 4] + bytes(4) + good[meta_end:]),
+    ]
+
+
+@pytest.mark.parametrize(("name", "data"), lying_statefiles())
+def test_lying_statefiles_are_refused(name: str, data: bytes) -> None:
+    with pytest.raises(NotAStatefile):
+        StoredForm(io.BytesIO(data)).read()
+
+
+@pytest.mark.parametrize(("name", "data"), lying_statefiles())
+def test_lying_statefile_is_stored_exact(name: str, data: bytes, store: LocalStore,
+                                         tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "img"
+    src.mkdir()
+    (src / "checkpoint.img").write_bytes(data)
+    m = store.get_manifest(ingest(store, src, "x").snapshot)
+    assert m.entries[0].form == "exact"
+    assert "storing it byte-exact" in capsys.readouterr().err
+    export(store, m, tmp_path / "out")
+    assert (tmp_path / "out" / "checkpoint.img").read_bytes() == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parser_survives_garbage(tail: bytes) -> None:
+    with contextlib.suppress(NotAStatefile):
+        StoredForm(io.BytesIO(statefile.MAGIC + tail)).read()
+
+
+def test_successive_statefiles_dedup(store: LocalStore, tmp_path: Path) -> None:
+    memory = memory_like(4 << 20, 11)
+    changed = memory[: 1 << 20] + b"\x01" * 4096 + memory[(1 << 20) + 4096 :]
+    for name, mem in (("one", memory), ("two", changed)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "checkpoint.img").write_bytes(make_statefile(mem, block=1 << 20))
+    first = ingest(store, tmp_path / "one", "one")
+    second = ingest(store, tmp_path / "two", "two")
+    assert second.new_stored_bytes < first.new_stored_bytes * 0.5
+    m = store.get_manifest(second.snapshot)
+    assert m.entries[0].form == "transcoded"
+    export(store, m, tmp_path / "out")
+    assert memory_of(tmp_path / "out" / "checkpoint.img")[-len(changed) :] == changed
+
+
+def test_exact_keeps_the_original_bytes(store: LocalStore, tmp_path: Path) -> None:
+    src = tmp_path / "img"
+    src.mkdir()
+    data = make_statefile(memory_like(BLOCK * 2, 3))
+    (src / "checkpoint.img").write_bytes(data)
+    m = store.get_manifest(ingest(store, src, "x", transcode=False).snapshot)
+    assert m.entries[0].form == "exact"
+    export(store, m, tmp_path / "out")
+    assert (tmp_path / "out" / "checkpoint.img").read_bytes() == data
+
+
+def test_not_a_statefile_error_is_a_snapstore_error() -> None:
+    assert issubclass(NotAStatefile, SnapstoreError)
