@@ -7,47 +7,27 @@ progress and errors go to stderr, errors as one line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.filesize import decimal as human
 
 from fusefs.cli import add_commands as add_mount_commands
 from snapstore import catalog
+from snapstore.cli_common import open_store, parse_labels, print_json
 from snapstore.errors import SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.gc import gc
+from snapstore.gvisor_cli import add_commands as add_gvisor_commands
 from snapstore.ingest import ingest
 from snapstore.remote.cli import add_commands as add_remote_commands
 from snapstore.remote.cli import add_gc_options, cmd_remote_gc
-from snapstore.store.local import LocalStore, check_tag, default_store_dir
+from snapstore.store.local import check_tag
 from snapstore.verify import verify
 
 Handler = Callable[[argparse.Namespace], int]
 
-
-
-def open_store(args: argparse.Namespace, create: bool = False) -> LocalStore:
-    root = Path(args.store) if args.store else default_store_dir()
-    return LocalStore.open(root, create=create)
-
-
-def print_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
-
-
-def parse_labels(items: Sequence[str]) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"a label is KEY=VALUE, got {item!r}")
-        labels[key] = value
-    return labels
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -237,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands of the other subsystems register themselves here, one line each.
     add_mount_commands(sub)
     add_remote_commands(sub)
+    add_gvisor_commands(sub)
     return p
 
 

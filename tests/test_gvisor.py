@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import pytest
 
 from snapstore import examples
+from snapstore.cli import main
 from snapstore.export import export
 from snapstore.ingest import ingest
 from snapstore.runsc import Runsc, new_container_id
@@ -49,3 +51,52 @@ def test_transcoded_checkpoint_restores(rs: Runsc, store: LocalStore, tmp_path: 
         wait_counter_above(ckpt.bundle, ckpt.counter)
     finally:
         rs.destroy(cid)
+
+
+def restore_mounts() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if "snapstore-restore-" in line.split()[1]]
+
+
+def test_checkpoint_restore_cycle_and_fallback(
+    rs: Runsc, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "store"
+    runsc_arg = f"--runsc-arg=--root={rs.root}"
+    bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+    cid = new_container_id()
+    rs.run(cid, bundle)
+    try:
+        wait_counter_above(bundle, 20)
+        assert main(["--store", str(store), "checkpoint", cid, "--tag", "counter",
+                     "--label", "app=counter", runsc_arg]) == 0
+        at_checkpoint = examples.read_counter(bundle)
+        rs.delete(cid)
+        capsys.readouterr()
+        assert main(["--store", str(store), "find", "--label", "app=counter", "--json"]) == 0
+        [hit] = json.loads(capsys.readouterr().out)
+        assert hit["labels"]["arch"] and hit["labels"]["runsc.version"]
+
+        assert main(["--store", str(store), "restore", cid, "--match", "app=counter",
+                     "--bundle", str(bundle), runsc_arg, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["path"] == "restore", report["reason"]
+        assert report["snapshot"] == hit["id"]
+        assert wait_counter_above(bundle, at_checkpoint) > at_checkpoint
+        assert report["mount_left"] is None and restore_mounts() == []
+        rs.destroy(cid)
+
+        assert main(["--store", str(store), "restore", cid, "--match", "app=other",
+                     "--bundle", str(bundle), runsc_arg, "--no-fallback"]) == 1
+        assert "no snapshot matches app=other" in capsys.readouterr().err
+        assert rs.containers() == []
+
+        (bundle / "out" / "counter").unlink()
+        assert main(["--store", str(store), "restore", cid, "--match", "app=other",
+                     "--bundle", str(bundle), runsc_arg, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["path"] == "cold" and "no snapshot matches" in report["reason"]
+        assert 0 < wait_counter_above(bundle, 0) < at_checkpoint
+    finally:
+        rs.destroy(cid)
+    assert restore_mounts() == []
