@@ -1,0 +1,41 @@
+"""Finding snapshots in a remote by their labels, for restores on a host that has none."""
+
+from __future__ import annotations
+
+import contextlib
+
+import trio
+
+from snapstore.errors import CorruptError, NotFoundError
+from snapstore.ids import ChunkId
+from snapstore.remote.transfer import fetch_manifest, get_remote_tag
+from snapstore.remote.url import RemoteURL
+from snapstore.store.s3 import S3Store, endpoint_url, open_s3
+
+
+async def find_in(s3: S3Store, labels: dict[str, str]) -> ChunkId | None:
+    """The newest tagged snapshot of the remote whose labels include `labels`."""
+    best: tuple[str, str, ChunkId] | None = None
+    seen: set[ChunkId] = set()
+    async for o in s3.list("refs/tags/"):
+        with contextlib.suppress(CorruptError, NotFoundError):
+            mid = await get_remote_tag(s3, o.key.removeprefix("refs/tags/"))
+            if mid in seen:
+                continue
+            seen.add(mid)
+            _, m = await fetch_manifest(s3, mid)
+            if all(m.labels.get(k) == v for k, v in labels.items()):
+                key = (m.created, mid.hex, mid)
+                if best is None or key[:2] > best[:2]:
+                    best = key
+    return best[2] if best else None
+
+
+def find_remote(remote: str, labels: dict[str, str], endpoint: str | None = None) -> str | None:
+    """Hex id of the newest matching snapshot in `remote`, or None."""
+    async def main() -> ChunkId | None:
+        async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint)) as s3:
+            return await find_in(s3, labels)
+
+    found = trio.run(main)
+    return found.hex if found else None
