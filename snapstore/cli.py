@@ -7,6 +7,7 @@ progress and errors go to stderr, errors as one line.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -240,6 +241,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("snapstore: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        # A bug, not bad input: still one line, with the traceback only on request.
+        if os.environ.get("SNAPSTORE_DEBUG"):
+            raise
+        print(f"snapstore: internal error: {type(e).__name__}: {e} "
+              "(run with SNAPSTORE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
