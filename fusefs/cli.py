@@ -1,0 +1,188 @@
+"""The mount, umount and mount-stats commands, registered into the snapstore CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from rich.filesize import decimal as human
+
+from fusefs.mount import (
+    MountOptions,
+    MountPaths,
+    access_path,
+    check_mountpoint,
+    daemonize,
+    is_mounted,
+    read_state,
+    serve,
+    unmount,
+    write_state,
+)
+from snapstore.errors import SnapstoreError
+from snapstore.ids import ChunkId
+from snapstore.manifest import Manifest
+from snapstore.remote.cli import add_remote_mount_options, remote_mount
+from snapstore.remote.reader import serve_remote
+from snapstore.store.base import LocalChunkReader
+from snapstore.store.local import LocalStore, default_store_dir
+
+LOAD_THREADS = 8
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """BYTES, or a number with a binary suffix: 512M, 2G, 64KiB."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"not HOST:PORT: {text!r}")
+    return host, int(port)
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help = "mount a snapshot read-only with FUSE, loading chunks on demand"
+    sp = sub.add_parser("mount", help=help, description=help)
+    sp.add_argument("ref", help="tag or snapshot id")
+    sp.add_argument("mountpoint")
+    sp.add_argument("--allow-other", action="store_true",
+                    help="let other users read the files, within their modes (runsc restore "
+                         "needs it; see docs/mount.md)")
+    sp.add_argument("--foreground", action="store_true",
+                    help="serve in this process until unmounted or interrupted")
+    sp.add_argument("--cache-mem", type=parse_bytes, default=512 << 20, metavar="BYTES",
+                    help="memory for decompressed chunks (default 512M)")
+    sp.add_argument("--metrics", type=parse_address, metavar="HOST:PORT",
+                    help="serve Prometheus text metrics on this address")
+    add_remote_mount_options(sp)
+    sp.set_defaults(func=cmd_mount)
+
+    help = "unmount a snapshot, also after its daemon died"
+    sp = sub.add_parser("umount", help=help, description=help)
+    sp.add_argument("mountpoint")
+    sp.set_defaults(func=cmd_umount)
+
+    help = "show a mount's reads, cache hits and chunk load latency"
+    sp = sub.add_parser("mount-stats", help=help, description=help)
+    sp.add_argument("mountpoint")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_mount_stats)
+
+
+def _store_root(args: argparse.Namespace) -> Path:
+    return Path(args.store) if args.store else default_store_dir()
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    store = LocalStore.open(_store_root(args), create=args.remote is not None)
+    remote = remote_mount(args)
+    if remote is not None:
+        mid, m = remote.snapshot.snapshot, remote.snapshot.manifest
+    else:
+        mid = store.resolve(args.ref)
+        m = store.get_manifest(mid)
+    mountpoint = Path(args.mountpoint)
+    check_mountpoint(mountpoint)
+    paths = MountPaths.of(store.root, mountpoint)
+    options = MountOptions(
+        allow_other=args.allow_other,
+        cache_bytes=args.cache_mem,
+        fsname=f"snapstore:{args.ref}",
+        stats_path=paths.stats,
+        access_path=access_path(store.root, mid),
+        metrics=args.metrics,
+    )
+
+    def run(ready: Callable[[], None]) -> None:
+        def on_ready() -> None:
+            write_state(paths, mountpoint, mid)
+            ready()
+
+        try:
+            if remote is not None:
+                trio.run(serve_remote, store, remote, mountpoint, options, on_ready)
+            else:
+                trio.run(_serve_local, store, m, mountpoint, options, on_ready)
+        finally:
+            state = read_state(paths)
+            if state and state.get("pid") == os.getpid():
+                paths.state.unlink(missing_ok=True)
+
+    if args.foreground:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+        run(lambda: print(f"mounted {args.ref} at {mountpoint}", file=sys.stderr))
+        return 0
+    daemonize(run, paths.log)
+    print(f"mounted {args.ref} ({mid.short()}) at {mountpoint}; log: {paths.log}",
+          file=sys.stderr)
+    return 0
+
+
+async def _serve_local(
+    store: LocalStore, m: Manifest, mountpoint: Path, options: MountOptions,
+    ready: Callable[[], None],
+) -> None:
+    # A load is a file read, then decompression and hashing, all with the GIL released.
+    # Cold, the file read dominates (profiled: docs/mount.md), and the disk wants a queue
+    # depth of 8 or more, so threads outnumber cores.
+    reader = LocalChunkReader(store, trio.CapacityLimiter(LOAD_THREADS))
+    await serve(m, mountpoint, reader, options, ready)
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint)
+    paths = MountPaths.of(_store_root(args), mountpoint)
+    if not is_mounted(mountpoint) and read_state(paths) is None:
+        raise SnapstoreError(f"nothing is mounted at {mountpoint}")
+    how = unmount(mountpoint, paths)
+    print(f"unmounted {mountpoint} ({how})", file=sys.stderr)
+    return 0
+
+
+def cmd_mount_stats(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.mountpoint)
+    paths = MountPaths.of(_store_root(args), mountpoint)
+    try:
+        doc = json.loads(paths.stats.read_text())
+    except FileNotFoundError:
+        raise SnapstoreError(f"no mount stats for {mountpoint}: not mounted by snapstore "
+                             "with this store") from None
+    except ValueError as e:
+        raise SnapstoreError(f"unreadable stats file {paths.stats}: {e}") from None
+    state = read_state(paths)
+    doc["mountpoint"] = str(mountpoint)
+    doc["snapshot"] = state.get("snapshot") if state else None
+    doc["mounted"] = is_mounted(mountpoint)
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
+        sys.stdout.write("\n")
+        return 0
+    hits, misses = doc["cache_hits"], doc["cache_misses"]
+    ratio = hits / (hits + misses) if hits + misses else 0.0
+    snap = ChunkId.parse(doc["snapshot"]).short() if doc["snapshot"] else "-"
+    print(f"mount        {mountpoint} ({'mounted' if doc['mounted'] else 'not mounted'}), "
+          f"snapshot {snap}, pid {doc['pid']}, {time.time() - doc['updated']:.0f}s ago")
+    print(f"reads        {doc['reads']}, {human(doc['bytes_served'])} served, "
+          f"{doc['read_errors']} failed")
+    print(f"cache        {hits} hits, {misses} misses ({ratio:.1%} hits), {doc['coalesced']} "
+          f"joined a load; {doc['cache_chunks']} chunks, {human(doc['cache_bytes'])}")
+    print(f"chunk loads  {doc['chunk_loads']} ({human(doc['bytes_loaded'])}), "
+          f"{doc['prefetches']} prefetched, {doc['load_errors']} failed")
+    print(f"load latency p50 {doc['load_latency_p50_ms']} ms, "
+          f"p99 {doc['load_latency_p99_ms']} ms")
+    return 0

@@ -1,0 +1,289 @@
+"""Byte ranges of snapshot files, served from a single-flight LRU of checked chunks.
+
+The invariants (docs/concurrency.md): everything here runs on the one trio thread, so
+the cache, the loads in flight and the stats need no locks; the only awaits are on the
+ChunkReader (which decompresses and hashes in worker threads) and on a load's Event.
+A chunk is loaded by at most one task at a time; a failed load is not remembered, so a
+chunk that turns up later (a remote store catching up) is served on the next read.
+`access_order` lists chunks in the order they were first asked for, by a read or by
+read-ahead.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from fusefs.inodes import Node
+from snapstore.errors import CorruptError, SnapstoreError
+from snapstore.ids import ChunkId
+from snapstore.store.base import ChunkReader
+
+log = logging.getLogger(__name__)
+
+_LATENCY_SAMPLES = 1 << 16
+# Holes are served as views of one immutable run of zeros instead of a fresh allocation
+# per read; no request is larger than the kernel's 1 MiB max_pages.
+_ZEROS = memoryview(bytes(1 << 20))
+
+
+class ChunkError(SnapstoreError):
+    """A chunk could not be loaded: missing, corrupt, or its source failed."""
+
+    def __init__(self, cid: ChunkId, cause: BaseException) -> None:
+        super().__init__(f"chunk {cid}: {cause}")
+        self.cid = cid
+
+
+@dataclass(slots=True)
+class MountStats:
+    """Counters of one mount; `as_dict` is what mount-stats and the metrics endpoint show."""
+
+    reads: int = 0
+    bytes_served: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    coalesced: int = 0
+    chunk_loads: int = 0
+    bytes_loaded: int = 0
+    load_errors: int = 0
+    prefetches: int = 0
+    read_errors: int = 0
+    cache_bytes: int = 0
+    cache_chunks: int = 0
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENCY_SAMPLES))
+
+    def as_dict(self) -> dict[str, Any]:
+        samples = sorted(self.load_seconds)
+        doc: dict[str, Any] = {
+            k: getattr(self, k) for k in self.__slots__ if k != "load_seconds"
+        }
+        doc["load_latency_p50_ms"] = round(_quantile(samples, 0.50) * 1e3, 3)
+        doc["load_latency_p99_ms"] = round(_quantile(samples, 0.99) * 1e3, 3)
+        return doc
+
+
+def _quantile(sorted_samples: list[float], q: float) -> float:
+    if not sorted_samples:
+        return 0.0
+    return sorted_samples[min(len(sorted_samples) - 1, int(q * len(sorted_samples)))]
+
+
+class _Load:
+    """One chunk load in flight; waiters read `data` or `error` once `done` is set."""
+
+    __slots__ = ("data", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: ChunkError | None = None
+
+
+class ChunkCache:
+    """Decompressed, hash-checked chunks, at most `capacity` bytes, least recently used out.
+
+    Any number of tasks may ask for the same chunk at once: one loads it, the others wait
+    for that load's Event and share its bytes or its error.
+    """
+
+    def __init__(self, reader: ChunkReader, capacity: int, stats: MountStats) -> None:
+        self._reader = reader
+        self._capacity = capacity
+        self._stats = stats
+        self._lru: OrderedDict[ChunkId, bytes] = OrderedDict()
+        self._bytes = 0
+        self._loading: dict[ChunkId, _Load] = {}
+        self._seen: set[ChunkId] = set()
+        self.access_order: list[ChunkId] = []
+
+    def record(self, cid: ChunkId) -> None:
+        """Note that `cid` is wanted, if it is the first time. Callers record before any
+        await (loads finish, and tasks start, in no fixed order)."""
+        if cid not in self._seen:
+            self._seen.add(cid)
+            self.access_order.append(cid)
+
+    def present(self, cid: ChunkId) -> bool:
+        """Cached or being loaded: asking for it now would start no new load."""
+        return cid in self._lru or cid in self._loading
+
+    async def get(self, cid: ChunkId, size: int, counted: bool = True) -> bytes:
+        data = self._lru.get(cid)
+        if data is not None:
+            self._lru.move_to_end(cid)
+            if counted:
+                self._stats.cache_hits += 1
+            return data
+        if counted:
+            self._stats.cache_misses += 1
+        while True:
+            load = self._loading.get(cid)
+            if load is None:
+                return await self._load(cid, size)
+            if counted:
+                self._stats.coalesced += 1
+            await load.done.wait()
+            if load.error is not None:
+                raise load.error
+            if load.data is not None:
+                return load.data
+            # The loading task was cancelled before it finished: load it ourselves.
+
+    async def _load(self, cid: ChunkId, size: int) -> bytes:
+        load = _Load()
+        self._loading[cid] = load
+        self.record(cid)
+        started = time.perf_counter()
+        try:
+            data = await self._reader.read_chunk(cid, size)
+            if len(data) != size:
+                raise CorruptError(f"source returned {len(data)} bytes, expected {size}")
+        except Exception as e:
+            self._stats.load_errors += 1
+            load.error = ChunkError(cid, e)
+            raise load.error from e
+        finally:
+            # Synchronous, so it also runs when the load is cancelled: waiters never hang.
+            del self._loading[cid]
+            load.done.set()
+        self._stats.load_seconds.append(time.perf_counter() - started)
+        self._stats.chunk_loads += 1
+        self._stats.bytes_loaded += size
+        load.data = data
+        self._insert(cid, data)
+        return data
+
+    def _insert(self, cid: ChunkId, data: bytes) -> None:
+        if len(data) > self._capacity:
+            return
+        self._lru[cid] = data
+        self._bytes += len(data)
+        while self._bytes > self._capacity:
+            _, old = self._lru.popitem(last=False)
+            self._bytes -= len(old)
+        self._stats.cache_bytes = self._bytes
+        self._stats.cache_chunks = len(self._lru)
+
+
+@dataclass(slots=True)
+class Stream:
+    """Per open file: the furthest a sequential run has read, and how far read-ahead has
+    been issued (an extent index)."""
+
+    next_offset: int = 0
+    ahead_until: int = 0
+
+
+class SnapshotReader:
+    """Reads byte ranges of files; sequential streams get the next chunks prefetched.
+
+    "Sequential" allows for the kernel's own read-ahead, which sends several requests of
+    one stream at once, so they arrive a little out of order: a read within
+    `read_ahead_bytes` of where the stream got to continues it. Prefetch covers the next
+    `read_ahead_bytes` after the read; its tasks run in `nursery` (the mount's), at most
+    `max_prefetch` at once. A prefetch that fails is dropped quietly, since the read that
+    needs the chunk reports it.
+    """
+
+    def __init__(
+        self,
+        cache: ChunkCache,
+        stats: MountStats,
+        nursery: trio.Nursery | None,
+        read_ahead_bytes: int = 32 << 20,
+        max_prefetch: int = 16,
+    ) -> None:
+        self.cache = cache
+        self._stats = stats
+        self._nursery = nursery
+        self._read_ahead = read_ahead_bytes
+        self._max_prefetch = max_prefetch
+        self._prefetching = 0
+
+    async def read(
+        self, node: Node, offset: int, size: int, stream: Stream
+    ) -> bytes | memoryview:
+        """Up to `size` bytes at `offset` (fewer at the end of the file), holes as zeros.
+
+        Offsets are those of the file as presented; for a transcoded file the layout maps
+        them to literal bytes and ranges of the stored form, which the extents hold.
+        """
+        self._stats.reads += 1
+        end = min(offset + size, node.size)
+        if offset >= end:
+            return b""
+        if node.layout is None:
+            segments: list[bytes | tuple[int, int]] = [(offset, end - offset)]
+        else:
+            segments = list(node.layout.segments(offset, end - offset))
+        ranges = [s for s in segments if isinstance(s, tuple)]
+        sequential = False
+        if ranges:
+            lo, hi = ranges[0][0], ranges[-1][0] + ranges[-1][1]
+            sequential = abs(lo - stream.next_offset) <= self._read_ahead
+            stream.next_offset = max(stream.next_offset, hi) if sequential else hi
+            if not sequential:
+                stream.ahead_until = node.extent_at(lo)
+        pieces: list[bytes | memoryview] = []
+        for seg in segments:
+            if isinstance(seg, tuple):
+                await self._stored(node, seg[0], seg[0] + seg[1], pieces)
+            else:
+                pieces.append(seg)
+        if sequential and self._nursery is not None:
+            self._prefetch_until(node, stream)
+        self._stats.bytes_served += end - offset
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+    async def _stored(
+        self, node: Node, offset: int, end: int, pieces: list[bytes | memoryview]
+    ) -> None:
+        """Append the stored bytes [offset, end) to `pieces`."""
+        i = node.extent_at(offset)
+        pos = offset
+        while pos < end:
+            x = node.extents[i]
+            start = node.starts[i]
+            lo, hi = pos - start, min(end, start + x.size) - start
+            if x.chunk is None:
+                n = hi - lo
+                pieces.append(_ZEROS[:n] if n <= len(_ZEROS) else bytes(n))
+            else:
+                try:
+                    data = await self.cache.get(x.chunk, x.size)
+                except ChunkError as e:
+                    self._stats.read_errors += 1
+                    raise SnapstoreError(f"read of {node.path} at {pos}: {e}") from e
+                pieces.append(memoryview(data)[lo:hi])
+            pos = start + hi
+            i += 1
+
+    def _prefetch_until(self, node: Node, stream: Stream) -> None:
+        assert self._nursery is not None
+        limit = stream.next_offset + self._read_ahead
+        i = max(node.extent_at(min(stream.next_offset, node.stored_size - 1)),
+                stream.ahead_until)
+        while (i < len(node.extents) and node.starts[i] < limit
+               and self._prefetching < self._max_prefetch):
+            x = node.extents[i]
+            if x.chunk is not None and not self.cache.present(x.chunk):
+                self._prefetching += 1
+                self._stats.prefetches += 1
+                self.cache.record(x.chunk)
+                self._nursery.start_soon(self._prefetch, x.chunk, x.size)
+            i += 1
+        stream.ahead_until = i
+
+    async def _prefetch(self, cid: ChunkId, size: int) -> None:
+        try:
+            await self.cache.get(cid, size, counted=False)
+        except ChunkError as e:
+            log.debug("prefetch failed: %s", e)
+        finally:
+            self._prefetching -= 1
