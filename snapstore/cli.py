@@ -20,6 +20,7 @@ from snapstore.cli_common import open_store, parse_labels, print_json
 from snapstore.errors import SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.gc import gc
+from snapstore.gpu.cli import add_commands as add_gpu_commands
 from snapstore.gvisor_cli import add_commands as add_gvisor_commands
 from snapstore.ingest import ingest
 from snapstore.remote.cli import add_commands as add_remote_commands
@@ -219,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mount_commands(sub)
     add_remote_commands(sub)
     add_gvisor_commands(sub)
+    add_gpu_commands(sub)
     return p
 
 

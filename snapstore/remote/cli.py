@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.filesize import decimal as human
 from snapstore.errors import CorruptError, NotFoundError, UsageError
 from snapstore.ids import ChunkId
 from snapstore.remote.gc import DEFAULT_GRACE_S, remote_gc
+from snapstore.remote.reader import DEFAULT_CACHE_BYTES, RemoteMount, load_remote_snapshot
 from snapstore.remote.transfer import (
     DEFAULT_JOBS,
     TransferReport,
@@ -206,3 +208,37 @@ def add_commands(sub: Any) -> None:
     sp = add("ls", cmd_remote_ls, "list a remote's tags and snapshots with sizes", remote_sub)
     sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
     _remote_options(sp)
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
+    """The options that make `mount` read a snapshot of a remote, chunk by chunk."""
+    sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
+                    help="read the snapshot from this remote, fetching chunks on demand "
+                    "(the local store may be empty)")
+    sp.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_BYTES, metavar="BYTES",
+                    help="with --remote: disk for fetched chunks in STORE/cache, least "
+                    "recently used evicted first (default 4G)")
+    sp.add_argument("--prefetch", action="store_true",
+                    help="with --remote: fetch the whole snapshot in the background, in the "
+                    "order it was read last time, behind demand reads")
+    _remote_options(sp)
+
+
+def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
+    """The remote side of a `mount` command line, resolved; None for a local mount."""
+    if args.remote is None:
+        if args.prefetch:
+            raise UsageError("--prefetch needs --remote")
+        return None
+    snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url)
+    return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch)

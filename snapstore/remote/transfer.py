@@ -32,12 +32,15 @@ from snapstore.store.s3 import (
 
 T = TypeVar("T")
 
-# Parallel requests of one transfer. Measured against moto (benchmarks/RESULTS_remote.md):
-# 16 saturates it; real S3 wants more per host, so it is an option.
+# Parallel requests of one transfer. Against moto (benchmarks/RESULTS_remote.md) 4 to 32 made
+# no clear difference: its one Python process is the limit. Real S3 scales per request, so
+# more pay off there (--jobs); 16 keeps memory at a few dozen MiB of chunks in flight.
 DEFAULT_JOBS = 16
 # A GET whose body fails its hash is fetched this often in all before it is reported.
 HASH_ATTEMPTS = 3
-# Above this many chunks, one LIST per id prefix (at most 256) is cheaper than a HEAD each.
+# Above this many chunks, one LIST per id prefix (at most 256, in parallel) is cheaper than
+# a HEAD each: each costs one request, and a prefix's listing is one page until the remote
+# holds 256,000 chunks.
 LIST_ABOVE_CHUNKS = 512
 
 
@@ -78,13 +81,22 @@ async def fetch_chunk(s3: S3Store, cid: ChunkId, size: int,
 
 
 async def run_pool(items: Iterable[T], fn: Callable[[T], Awaitable[None]], jobs: int) -> None:
-    """Run `fn` on every item, `jobs` at a time; the first failure cancels the rest."""
+    """Run `fn` on every item, `jobs` at a time. After the first failure no new item
+    starts; those in flight finish (cancelling a request mid-body leaves the HTTP
+    client's streams half-consumed), then the failure is raised as itself, not in an
+    exception group, so the CLI shows it as one line."""
     send, recv = trio.open_memory_channel[T](0)
+    failures: list[Exception] = []
 
     async def worker(items_in: trio.MemoryReceiveChannel[T]) -> None:
         async with items_in:
             async for item in items_in:
-                await fn(item)
+                if failures:
+                    continue
+                try:
+                    await fn(item)
+                except Exception as e:
+                    failures.append(e)
 
     async with trio.open_nursery() as nursery:
         for _ in range(max(1, jobs)):
@@ -92,13 +104,22 @@ async def run_pool(items: Iterable[T], fn: Callable[[T], Awaitable[None]], jobs:
         recv.close()
         async with send:
             for item in items:
+                if failures:
+                    break
                 await send.send(item)
+    if failures:
+        raise failures[0]
 
 
 async def remote_missing(s3: S3Store, cids: list[ChunkId], jobs: int,
                          method: str = "auto") -> set[ChunkId]:
-    """The chunks of `cids` that the remote lacks, by HEAD per chunk or LIST per prefix."""
+    """The chunks of `cids` that the remote lacks: by one LIST page when the remote holds
+    few chunks, else by HEAD per chunk (small snapshots) or LIST per id prefix (large)."""
     if method == "auto":
+        page = await s3.list_page("chunks/")
+        if page is not None:
+            listed = {c for c in map(chunk_id_of_key, page) if c is not None}
+            return {c for c in cids if c not in listed}
         method = "list" if len(cids) > LIST_ABOVE_CHUNKS else "head"
     missing: set[ChunkId] = set()
     if method == "head":

@@ -179,10 +179,18 @@ class LocalStore:
         return self.root / "cache" / h[:2] / h[2:]
 
     def put_cache_object(self, cid: ChunkId, obj: bytes) -> None:
+        """Atomic but not durable: no fsync on the read path of a mount. An entry torn by a
+        crash fails its hash check when read, and is then deleted and fetched again."""
         path = self.cache_path(cid)
         path.parent.mkdir(parents=True, exist_ok=True)
-        # No directory fsync: a cache entry lost in a crash is fetched again.
-        self._write_atomic(path, obj, sync_dir=False)
+        tmp = self.tmp_dir / f"cache.{uuid.uuid4().hex}.tmp"
+        try:
+            tmp.write_bytes(obj)
+            os.rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
 
     def get_cache_object(self, cid: ChunkId) -> bytes:
         try:

@@ -4,13 +4,15 @@ Keys are paths of the local store's layout relative to the remote's prefix (`chu
 `manifest_key`, `tag_key`, `access_key`); docs/remote.md lists them. Contracts:
 
 - `get(key)` returns the object's complete bytes or raises NotFoundError; it never returns
-  a truncated body (a body cut off mid-way is fetched again). It does not check content:
-  callers hash-check chunks and manifests themselves.
+  a truncated body (a body cut off mid-way, or failing the checksum S3 stored with the
+  object, is fetched again; CorruptError if it keeps failing). Callers still hash-check
+  chunks and manifests themselves: an object without a stored checksum is not checked.
 - `put(key, data)` replaces the object atomically: readers see the old or the new bytes.
 - `put_if_absent(key, data)` writes only if no object has the key and says whether it did;
   of two hosts racing, exactly one gets True.
 - `head(key)` returns the object's size and age, or None.
-- `list(prefix)` yields every object under `prefix` once, in key order.
+- `list(prefix)` yields every object under `prefix` once, in key order; `list_page`
+  returns all keys in one request when they fit in one page, else None.
 - `delete_many(keys)` is idempotent: deleting a missing key is not an error.
 
 Every method may be called concurrently from many trio tasks. Transient failures (5xx,
@@ -32,9 +34,9 @@ import aiobotocore.httpxsession
 import trio
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
 
-from snapstore.errors import NotFoundError, SnapstoreError
+from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.remote.url import RemoteURL
 
@@ -122,10 +124,14 @@ class S3Store:
                     data: bytes = await body.read()
                 return data
             except (BotoCoreError, OSError) as e:
-                if attempt == BODY_ATTEMPTS:
-                    raise RemoteError(f"GET {self._where(key)}: the body was cut off "
-                                      f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
-                await trio.sleep(0.05 * 2**attempt)
+                if attempt < BODY_ATTEMPTS:
+                    await trio.sleep(0.05 * 2**attempt)
+                    continue
+                if isinstance(e, FlexibleChecksumError):
+                    raise CorruptError(f"GET {self._where(key)}: the body failed the object's "
+                                       f"checksum {BODY_ATTEMPTS} times") from None
+                raise RemoteError(f"GET {self._where(key)}: the body was cut off "
+                                  f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
         raise AssertionError("unreachable")
 
     async def put(self, key: str, data: bytes) -> None:
@@ -164,6 +170,14 @@ class S3Store:
                     yield ObjectInfo(self.url.rel(o["Key"]), int(o["Size"]), o["LastModified"])
         except (ClientError, BotoCoreError) as e:
             raise self._error("LIST", prefix, e) from None
+
+    async def list_page(self, prefix: str) -> Sequence[str] | None:
+        """All keys under `prefix` if one LIST page (1000 keys) holds them, else None."""
+        r = await self._call("LIST", prefix, self._client.list_objects_v2,
+                             Bucket=self.url.bucket, Prefix=self.url.key(prefix))
+        if r.get("IsTruncated"):
+            return None
+        return [self.url.rel(o["Key"]) for o in r.get("Contents", ())]
 
     async def delete_many(self, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), _DELETE_BATCH):
@@ -204,7 +218,8 @@ class S3Store:
         if code in ("NoSuchKey", "404") and key:
             return NotFoundError(f"{self._where(key)} does not exist")
         if code in ("NoSuchBucket", "404"):
-            return RemoteAccessError(f"bucket {self.url.bucket!r} does not exist at {self.endpoint}")
+            return RemoteAccessError(
+                f"bucket {self.url.bucket!r} does not exist at {self.endpoint}")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch",
                     "ExpiredToken", "InvalidToken"):
             return RemoteAccessError(f"access to {self.url} denied ({code}); check the AWS "

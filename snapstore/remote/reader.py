@@ -1,0 +1,325 @@
+"""RemoteChunkReader: chunks for a mount from the local store, a disk cache, else S3.
+
+Concurrency invariants (all state lives on the one trio thread, so no locks):
+- a chunk is fetched by at most one task at a time (`_flights`); a demand read that finds
+  a prefetch of the same chunk in flight waits for it instead of fetching again;
+- requests to S3 hold a slot of one PriorityLimiter: a demand read takes the next free
+  slot, a prefetch only a slot no demand read waits for, and never the last `reserved`;
+- the cache index (`_cache`, LRU order) changes only on the trio thread; files change
+  in worker threads, always after the index says so, so a file the index does not list
+  may exist (swept at the next start) but the index never names a missing file for long
+  (a read that finds it missing drops it and fetches again).
+Cache entries live in STORE/cache/, apart from chunks/, so eviction can never delete a
+chunk that was ingested or pulled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import trio
+from trio.lowlevel import ParkingLot
+
+from fusefs.mount import MountOptions, serve
+from snapstore import codec
+from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
+from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.manifest import Manifest
+from snapstore.remote.transfer import cpu_limiter, fetch_chunk, fetch_manifest, resolve_remote
+from snapstore.remote.url import RemoteURL
+from snapstore.store.local import LocalStore
+from snapstore.store.s3 import S3Store, access_key, endpoint_url, open_s3
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_BYTES = 4 << 30
+# Parallel GETs of one mount. The FUSE layer's read-ahead asks for several chunks at once.
+DEFAULT_CONNECTIONS = 16
+# Slots a prefetch never takes, so a demand read finds one free without waiting.
+RESERVED_FOR_DEMAND = 2
+
+Slot = Callable[[], AbstractAsyncContextManager[None]]
+
+
+class PriorityLimiter:
+    """`tokens` slots; demand callers are served before background callers."""
+
+    def __init__(self, tokens: int, reserved: int = RESERVED_FOR_DEMAND) -> None:
+        self.tokens = tokens
+        self._free = tokens
+        self._reserved = min(reserved, tokens - 1)
+        self._demand = ParkingLot()
+        self._background = ParkingLot()
+
+    @asynccontextmanager
+    async def demand_slot(self) -> AsyncIterator[None]:
+        if self._free > 0 and not self._demand:
+            self._free -= 1
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._demand.park()  # woken by _release, which hands its slot over
+        try:
+            yield
+        finally:
+            self._release()
+
+    @asynccontextmanager
+    async def background_slot(self) -> AsyncIterator[None]:
+        if self._free > self._reserved and not self._demand and not self._background:
+            self._free -= 1
+            await trio.lowlevel.checkpoint()
+        else:
+            await self._background.park()
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if self._demand:
+            self._demand.unpark()
+        elif self._background and self._free >= self._reserved:
+            self._background.unpark()
+        else:
+            self._free += 1
+
+
+@dataclass(slots=True)
+class ReaderStats:
+    local_hits: int = 0
+    cache_hits: int = 0
+    fetches: int = 0
+    fetched_bytes: int = 0
+    prefetched: int = 0
+    prefetch_errors: int = 0
+    cache_bytes: int = 0
+    evictions: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    raw: bytes | None = None
+    error: str | None = None
+
+
+class RemoteChunkReader:
+    """A ChunkReader over a local store and a remote; see the module's invariants."""
+
+    def __init__(self, store: LocalStore, s3: S3Store, cache_bytes: int = DEFAULT_CACHE_BYTES,
+                 connections: int = DEFAULT_CONNECTIONS) -> None:
+        self.store = store
+        self.s3 = s3
+        self.cache_limit = cache_bytes
+        self.limiter = PriorityLimiter(connections)
+        self.stats = ReaderStats()
+        self._cpu = cpu_limiter()
+        self._flights: dict[ChunkId, _Flight] = {}
+        self._cache: OrderedDict[ChunkId, int] = OrderedDict()
+        entries = sorted(store.iter_cache(), key=lambda e: e[1])
+        for entry, _ in entries:
+            self._cache[entry.cid] = entry.stored_size
+        self.stats.cache_bytes = sum(self._cache.values())
+        self._evict_now()
+
+    async def read_chunk(self, cid: ChunkId, size: int) -> bytes:
+        return await self._load(cid, size, self.limiter.demand_slot)
+
+    async def _load(self, cid: ChunkId, size: int, slot: Slot) -> bytes:
+        while (flight := self._flights.get(cid)) is not None:
+            await flight.done.wait()
+            if flight.raw is not None:
+                return flight.raw
+            if flight.error is not None:
+                raise SnapstoreError(flight.error)
+            # The loading task was cancelled (a prefetch at unmount): load it here.
+        flight = _Flight()
+        self._flights[cid] = flight
+        try:
+            flight.raw = await self._fetch(cid, size, slot)
+            return flight.raw
+        except SnapstoreError as e:
+            flight.error = str(e)
+            raise
+        finally:
+            del self._flights[cid]
+            flight.done.set()
+
+    async def _fetch(self, cid: ChunkId, size: int, slot: Slot) -> bytes:
+        if self.store.has_chunk(cid):
+            self.stats.local_hits += 1
+            return await trio.to_thread.run_sync(self.store.get_chunk, cid, size,
+                                                 limiter=self._cpu)
+        if cid in self._cache:
+            raw = await trio.to_thread.run_sync(self._read_cached, cid, size, limiter=self._cpu)
+            if raw is not None:
+                self.stats.cache_hits += 1
+                if cid in self._cache:
+                    self._cache.move_to_end(cid)
+                return raw
+            self._forget(cid)
+        async with slot():
+            obj, raw = await fetch_chunk(self.s3, cid, size, self._cpu)
+        self.stats.fetches += 1
+        self.stats.fetched_bytes += len(obj)
+        await self._keep(cid, obj)
+        return raw
+
+    def _read_cached(self, cid: ChunkId, size: int) -> bytes | None:
+        try:
+            raw = codec.decode(self.store.get_cache_object(cid), cid, size)
+        except (NotFoundError, CorruptError):
+            self.store.delete_cache_object(cid)
+            return None
+        self.store.touch_cache_object(cid)
+        return raw
+
+    async def _keep(self, cid: ChunkId, obj: bytes) -> None:
+        if len(obj) > self.cache_limit:
+            return
+        try:
+            await trio.to_thread.run_sync(self.store.put_cache_object, cid, obj)
+        except OSError as e:
+            # The cache is an optimisation: a full disk must not fail the read.
+            log.warning("cannot cache chunk %s: %s", cid.short(), e)
+            return
+        self._cache[cid] = len(obj)
+        self.stats.cache_bytes += len(obj)
+        self._evict_now()
+
+    def _evict_now(self) -> None:
+        victims: list[ChunkId] = []
+        while self.stats.cache_bytes > self.cache_limit and self._cache:
+            cid, n = self._cache.popitem(last=False)
+            self.stats.cache_bytes -= n
+            self.stats.evictions += 1
+            victims.append(cid)
+        # Small unlinks; doing them inline keeps the index and the files in step.
+        for cid in victims:
+            self.store.delete_cache_object(cid)
+
+    def _forget(self, cid: ChunkId) -> None:
+        n = self._cache.pop(cid, None)
+        if n is not None:
+            self.stats.cache_bytes -= n
+
+    async def prefetch(self, order: Sequence[tuple[ChunkId, int]]) -> None:
+        """Load `order`'s chunks into the cache, behind demand reads, until the cache is
+        full. Failures are counted and logged: a demand read of that chunk reports them."""
+        budget = [self.cache_limit]
+
+        async def one(item: tuple[ChunkId, int]) -> None:
+            cid, size = item
+            if budget[0] <= 0 or cid in self._cache or self.store.has_chunk(cid):
+                return
+            before = self.stats.fetched_bytes
+            try:
+                await self._load(cid, size, self.limiter.background_slot)
+            except SnapstoreError as e:
+                self.stats.prefetch_errors += 1
+                log.warning("prefetch of chunk %s failed: %s", cid.short(), e)
+                return
+            self.stats.prefetched += 1
+            budget[0] -= self.stats.fetched_bytes - before
+
+        async with trio.open_nursery() as nursery:
+            send, recv = trio.open_memory_channel[tuple[ChunkId, int]](0)
+
+            async def worker(items: trio.MemoryReceiveChannel[tuple[ChunkId, int]]) -> None:
+                async with items:
+                    async for item in items:
+                        await one(item)
+
+            for _ in range(self.limiter.tokens):
+                nursery.start_soon(worker, recv.clone())
+            recv.close()
+            async with send:
+                for item in order:
+                    if budget[0] <= 0:
+                        break
+                    await send.send(item)
+        log.info("prefetch done: %s", self.stats.as_dict())
+
+
+def prefetch_order(m: Manifest, recorded: Iterable[str]) -> list[tuple[ChunkId, int]]:
+    """The recorded first-read order (chunk hex per line) first, then the rest in file
+    order. Lines that are not chunks of `m` are skipped: the list comes from the remote."""
+    sizes = m.chunk_sizes()
+    out: list[tuple[ChunkId, int]] = []
+    seen: set[ChunkId] = set()
+
+    def add(cid: ChunkId) -> None:
+        if cid in sizes and cid not in seen:
+            seen.add(cid)
+            out.append((cid, sizes[cid]))
+
+    for line in recorded:
+        if is_valid_hex_id(line.strip()):
+            add(ChunkId.parse(line.strip()))
+    for entry in m.files():
+        for x in entry.extents:
+            if x.chunk is not None:
+                add(x.chunk)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteSnapshot:
+    """What a remote mount needs before it mounts: the snapshot and its prefetch order."""
+
+    snapshot: ChunkId
+    manifest: Manifest
+    order: list[tuple[ChunkId, int]]
+
+
+async def open_remote_snapshot(s3: S3Store, ref: str) -> RemoteSnapshot:
+    mid, _ = await resolve_remote(s3, ref)
+    _, m = await fetch_manifest(s3, mid)
+    try:
+        recorded = (await s3.get(access_key(mid))).decode("ascii", "replace").splitlines()
+    except NotFoundError:
+        recorded = []
+    return RemoteSnapshot(mid, m, prefetch_order(m, recorded))
+
+
+def load_remote_snapshot(ref: str, remote: str, endpoint: str | None) -> RemoteSnapshot:
+    """Resolve `ref` in `remote` before mounting, so a bad ref or remote fails in the
+    foreground with one line."""
+    async def main() -> RemoteSnapshot:
+        async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint)) as s3:
+            return await open_remote_snapshot(s3, ref)
+
+    return trio.run(main)
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteMount:
+    """A remote mount's settings: where from, disk cache bound, and whether to prefetch."""
+
+    snapshot: RemoteSnapshot
+    remote: str
+    endpoint: str | None
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    prefetch: bool = False
+
+
+async def serve_remote(store: LocalStore, how: RemoteMount, mountpoint: Path,
+                       options: MountOptions, ready: Callable[[], None]) -> None:
+    """Serve a snapshot of a remote with fusefs until unmounted, prefetching behind it."""
+    async with open_s3(RemoteURL.parse(how.remote), endpoint_url(how.endpoint),
+                       connections=DEFAULT_CONNECTIONS + 4) as s3:
+        reader = RemoteChunkReader(store, s3, how.cache_bytes)
+        async with trio.open_nursery() as nursery:
+            if how.prefetch:
+                nursery.start_soon(reader.prefetch, how.snapshot.order)
+            await serve(how.snapshot.manifest, mountpoint, reader, options, ready)
+            nursery.cancel_scope.cancel()
+        log.info("remote reads: %s", reader.stats.as_dict())
