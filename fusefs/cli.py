@@ -6,45 +6,27 @@ import argparse
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
 from rich.filesize import decimal as human
 
-from fusefs.mount import (
-    MountOptions,
-    MountPaths,
-    access_path,
-    check_mountpoint,
-    daemonize,
-    is_mounted,
-    read_state,
-    serve,
-    unmount,
-    write_state,
-)
+from snapstore.cli_common import parse_size
 from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.manifest import Manifest
 from snapstore.remote.cli import add_remote_mount_options, remote_mount
-from snapstore.remote.reader import serve_remote
-from snapstore.store.base import LocalChunkReader
 from snapstore.store.local import LocalStore, default_store_dir
 
+# pyfuse3, trio and the S3 stack are imported by the handlers that use them, so that
+# every other snapstore command starts without them.
+if TYPE_CHECKING:
+    from fusefs.mount import MountOptions
+    from snapstore.manifest import Manifest
+
 LOAD_THREADS = 8
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """BYTES, or a number with a binary suffix: 512M, 2G, 64KiB."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -64,7 +46,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "needs it; see docs/mount.md)")
     sp.add_argument("--foreground", action="store_true",
                     help="serve in this process until unmounted or interrupted")
-    sp.add_argument("--cache-mem", type=parse_bytes, default=512 << 20, metavar="BYTES",
+    sp.add_argument("--cache-mem", type=parse_size, default=512 << 20, metavar="BYTES",
                     help="memory for decompressed chunks (default 512M)")
     sp.add_argument("--metrics", type=parse_address, metavar="HOST:PORT",
                     help="serve Prometheus text metrics on this address")
@@ -88,6 +70,19 @@ def _store_root(args: argparse.Namespace) -> Path:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    import trio
+
+    from fusefs.mount import (
+        MountOptions,
+        MountPaths,
+        access_path,
+        check_mountpoint,
+        daemonize,
+        read_state,
+        write_state,
+    )
+    from snapstore.remote.reader import serve_remote
+
     store = LocalStore.open(_store_root(args), create=args.remote is not None)
     remote = remote_mount(args)
     if remote is not None:
@@ -137,6 +132,11 @@ async def _serve_local(
     store: LocalStore, m: Manifest, mountpoint: Path, options: MountOptions,
     ready: Callable[[], None],
 ) -> None:
+    import trio
+
+    from fusefs.mount import serve
+    from snapstore.store.base import LocalChunkReader
+
     # A load is a file read, then decompression and hashing, all with the GIL released.
     # Cold, the file read dominates (profiled: docs/mount.md), and the disk wants a queue
     # depth of 8 or more, so threads outnumber cores.
@@ -145,6 +145,8 @@ async def _serve_local(
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from fusefs.mount import MountPaths, is_mounted, read_state, unmount
+
     mountpoint = Path(args.mountpoint)
     paths = MountPaths.of(_store_root(args), mountpoint)
     if not is_mounted(mountpoint) and read_state(paths) is None:
@@ -155,6 +157,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
 
 
 def cmd_mount_stats(args: argparse.Namespace) -> int:
+    from fusefs.mount import MountPaths, is_mounted, read_state
+
     mountpoint = Path(args.mountpoint)
     paths = MountPaths.of(_store_root(args), mountpoint)
     try:

@@ -26,6 +26,7 @@ from snapstore.ingest import ingest
 from snapstore.remote.cli import add_commands as add_remote_commands
 from snapstore.remote.cli import add_gc_options, cmd_remote_gc
 from snapstore.store.local import check_tag
+from snapstore.uffd.cli import add_commands as add_uffd_commands
 from snapstore.verify import verify
 
 Handler = Callable[[argparse.Namespace], int]
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_mount_commands(sub)
     add_remote_commands(sub)
     add_gvisor_commands(sub)
+    add_uffd_commands(sub)
     add_gpu_commands(sub)
     return p
 

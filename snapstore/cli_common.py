@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,3 +32,14 @@ def parse_labels(items: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"a label is KEY=VALUE, got {item!r}")
         labels[key] = value
     return labels
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """BYTES, or a number with a binary suffix: 512M, 2G, 64KiB."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]

@@ -58,6 +58,13 @@ def export(store: LocalStore, m: Manifest, dest: Path, workers: int | None = Non
     return written
 
 
+def export_file(store: LocalStore, entry: Entry, dest: Path) -> int:
+    """Write one file of a snapshot (its presented form if transcoded) to a new `dest`."""
+    workers = os.cpu_count() or 2
+    with ThreadPoolExecutor(workers, thread_name_prefix="export") as pool:
+        return _write_file(store, entry, dest, pool, workers)
+
+
 def iter_file_bytes(
     store: LocalStore, entry: Entry, pool: ThreadPoolExecutor, depth: int
 ) -> Iterator[tuple[Extent, bytes | None]]:

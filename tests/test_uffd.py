@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,13 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 # A client in its own process: the loader kills its client on fatal errors, and some tests
 # kill the client; neither may hit the test runner.
 CLIENT_SCRIPT = """
-import socket, sys, time
+import os, socket, sys, time
 from pathlib import Path
 from snapstore.uffd.client import Client, connect, open_userfaultfd
 mode, path = sys.argv[1], Path(sys.argv[2])
 if mode == "raw":
     sock = connect(path)
-    fds = [open_userfaultfd(0)] if sys.argv[4] == "fd" else []
+    fds = {"fd": [open_userfaultfd(0)], "pipe": [os.pipe()[0]], "nofd": []}[sys.argv[4]]
     socket.send_fds(sock, [sys.argv[3].encode()], fds)
     time.sleep(60)
 size = int(sys.argv[3])
@@ -300,6 +301,7 @@ BAD_HANDSHAKES = {
     "bad-json": ("[{not json", "fd", "malformed handshake"),
     "not-an-array": ('{"size": 4096}', "fd", "malformed handshake"),
     "missing-fd": (region_json([(1 << 30, 4096, 0)]).decode(), "nofd", "file descriptor"),
+    "not-a-uffd": (region_json([(1 << 30, 4096, 0)]).decode(), "pipe", "not a userfaultfd"),
     "outside-image": (region_json([(1 << 30, 8192, IMAGE_SIZE - 4096)]).decode(), "fd", "outside"),
     "offset-overflow": (region_json([(1 << 30, 8192, 2**64 - 4096)]).decode(), "fd", "outside"),
     "base-overflow": (region_json([(2**64 - 4096, 8192, 0)]).decode(), "fd", "overflows"),
@@ -390,3 +392,32 @@ def test_cli_reports_failure(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
     )
     assert args.func(args) == 1
     assert "missing" in capfd.readouterr().err
+
+
+def test_uffd_serve_from_the_store(tmp_path: Path, image: Image) -> None:
+    from snapstore.cli import main
+    from snapstore.ingest import ingest
+    from snapstore.store.local import LocalStore
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "mem.img").symlink_to(image.path)
+    (src / "copy.img").write_bytes(image.data)
+    store = LocalStore.open(tmp_path / "store")
+    ingest(store, src, "mem")
+    sock = tmp_path / "serve.sock"
+    status: list[int] = []
+    argv = ["--store", str(store.root), "uffd-serve", "mem", "copy.img", "--socket", str(sock)]
+    runner = threading.Thread(target=lambda: status.append(main(argv)))
+    runner.start()
+    deadline = time.monotonic() + 60
+    while not sock.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with Client(sock, [(0, IMAGE_SIZE)]) as client:
+        client.touch(shuffled_pages(seed=5, fraction=0.1))
+        assert_all_pages(client, image)
+    runner.join(timeout=60)
+    assert status == [0]
+    assert list(store.tmp_files()) == []
+    assert main(["--store", str(store.root), "uffd-serve", "mem", "nope.img", "--socket",
+                 str(sock)]) == 1

@@ -3,46 +3,31 @@
 from __future__ import annotations
 
 import argparse
-import json
-import re
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import trio
 from rich.filesize import decimal as human
 
+from snapstore.cli_common import open_store, parse_size, print_json
 from snapstore.errors import CorruptError, NotFoundError, UsageError
-from snapstore.ids import ChunkId
-from snapstore.remote.gc import DEFAULT_GRACE_S, remote_gc
-from snapstore.remote.reader import DEFAULT_CACHE_BYTES, RemoteMount, load_remote_snapshot
-from snapstore.remote.transfer import (
-    DEFAULT_JOBS,
-    TransferReport,
-    fetch_manifest,
-    get_remote_tag,
-    list_chunk_objects,
-    pull,
-    push,
-)
-from snapstore.remote.url import RemoteURL
-from snapstore.store.local import LocalStore, default_store_dir
-from snapstore.store.s3 import S3Store, endpoint_url, open_s3
+from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_GRACE_S, DEFAULT_JOBS
 
-
-def _store(args: argparse.Namespace, create: bool = False) -> LocalStore:
-    root = Path(args.store) if args.store else default_store_dir()
-    return LocalStore.open(root, create=create)
-
-
-def _print_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-    sys.stdout.write("\n")
+# The S3 client stack takes a large part of a second to import: handlers import it
+# when they run, so that commands without a remote start fast.
+if TYPE_CHECKING:
+    from snapstore.remote.reader import RemoteMount
+    from snapstore.remote.transfer import TransferReport
+    from snapstore.store.s3 import S3Store
 
 
 def _with_remote(args: argparse.Namespace, remote: str,
                  fn: Callable[[S3Store], Awaitable[int]]) -> int:
+    import trio
+
+    from snapstore.remote.url import RemoteURL
+    from snapstore.store.s3 import endpoint_url, open_s3
+
     url = RemoteURL.parse(remote)
     jobs = getattr(args, "jobs", DEFAULT_JOBS)
     if jobs < 1:
@@ -58,7 +43,7 @@ def _with_remote(args: argparse.Namespace, remote: str,
 
 def _report(args: argparse.Namespace, verb: str, r: TransferReport) -> int:
     if args.json:
-        _print_json({
+        print_json({
             "snapshot": r.snapshot.hex, "tag": r.tag, "tag_status": r.tag_status,
             "chunks": r.chunks, "chunks_sent": r.chunks_sent, "bytes_sent": r.bytes_sent,
             "seconds": round(r.seconds, 3),
@@ -73,7 +58,9 @@ def _report(args: argparse.Namespace, verb: str, r: TransferReport) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    store = _store(args)
+    from snapstore.remote.transfer import push
+
+    store = open_store(args)
 
     async def run(s3: S3Store) -> int:
         r = await push(store, args.ref, s3, force=args.force, jobs=args.jobs)
@@ -83,7 +70,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    store = _store(args, create=True)
+    from snapstore.remote.transfer import pull
+
+    store = open_store(args, create=True)
 
     async def run(s3: S3Store) -> int:
         r = await pull(store, args.ref, s3, force=args.force, jobs=args.jobs)
@@ -94,6 +83,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 async def remote_listing(s3: S3Store) -> dict[str, Any]:
     """Tags and snapshots of a remote with their sizes (what `remote ls --json` prints)."""
+    from snapstore.ids import ChunkId
+    from snapstore.remote.transfer import fetch_manifest, get_remote_tag, list_chunk_objects
+
     stored = {cid: size async for cid, size in list_chunk_objects(s3)}
     tags: dict[str, str] = {}
     async for o in s3.list("refs/tags/"):
@@ -127,7 +119,7 @@ def cmd_remote_ls(args: argparse.Namespace) -> int:
     async def run(s3: S3Store) -> int:
         doc = await remote_listing(s3)
         if args.json:
-            _print_json(doc)
+            print_json(doc)
             return 0
         print(f"{'ID':12}  {'CREATED':25}  {'LOGICAL':>10}  {'STORED':>10}  TAGS")
         for s in doc["snapshots"]:
@@ -146,13 +138,15 @@ def cmd_remote_ls(args: argparse.Namespace) -> int:
 
 def cmd_remote_gc(args: argparse.Namespace) -> int:
     """`snapstore gc --remote REMOTE`: collect the remote's garbage instead of the store's."""
+    from snapstore.remote.gc import remote_gc
+
     if args.grace < 0:
         raise UsageError("--grace must not be negative")
 
     async def run(s3: S3Store) -> int:
         r = await remote_gc(s3, grace_s=args.grace, dry_run=args.dry_run)
         if args.json:
-            _print_json(r.as_dict())
+            print_json(r.as_dict())
             return 0
         verb = "would delete" if r.dry_run else "deleted"
         print(f"{verb} {r.deleted_snapshots} snapshots, {r.deleted_chunks} chunks "
@@ -210,22 +204,12 @@ def add_commands(sub: Any) -> None:
     _remote_options(sp)
 
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def _size(text: str) -> int:
-    m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 512M or 2G)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
 def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
     """The options that make `mount` read a snapshot of a remote, chunk by chunk."""
     sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
                     help="read the snapshot from this remote, fetching chunks on demand "
                     "(the local store may be empty)")
-    sp.add_argument("--cache-size", type=_size, default=DEFAULT_CACHE_BYTES, metavar="BYTES",
+    sp.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="BYTES",
                     help="with --remote: disk for fetched chunks in STORE/cache, least "
                     "recently used evicted first (default 4G)")
     sp.add_argument("--prefetch", action="store_true",
@@ -236,6 +220,8 @@ def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
 
 def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
     """The remote side of a `mount` command line, resolved; None for a local mount."""
+    from snapstore.remote.reader import RemoteMount, load_remote_snapshot
+
     if args.remote is None:
         if args.prefetch:
             raise UsageError("--prefetch needs --remote")

@@ -15,10 +15,9 @@ from typing import Any
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.remote.settings import DEFAULT_GRACE_S
 from snapstore.remote.transfer import fetch_manifest, get_remote_tag
 from snapstore.store.s3 import ObjectInfo, S3Store, chunk_id_of_key
-
-DEFAULT_GRACE_S = 24 * 3600
 
 
 @dataclass(frozen=True, slots=True)

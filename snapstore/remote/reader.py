@@ -30,6 +30,7 @@ from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.manifest import Manifest
+from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
 from snapstore.remote.transfer import cpu_limiter, fetch_chunk, fetch_manifest, resolve_remote
 from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
@@ -37,9 +38,6 @@ from snapstore.store.s3 import S3Store, access_key, endpoint_url, open_s3
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_BYTES = 4 << 30
-# Parallel GETs of one mount. The FUSE layer's read-ahead asks for several chunks at once.
-DEFAULT_CONNECTIONS = 16
 # Slots a prefetch never takes, so a demand read finds one free without waiting.
 RESERVED_FOR_DEMAND = 2
 

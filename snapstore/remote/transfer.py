@@ -20,6 +20,7 @@ from snapstore import codec, manifest
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.progress import byte_progress
+from snapstore.remote.settings import DEFAULT_JOBS
 from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore, check_tag
 from snapstore.store.s3 import (
     S3Store,
@@ -32,10 +33,6 @@ from snapstore.store.s3 import (
 
 T = TypeVar("T")
 
-# Parallel requests of one transfer. Against moto (benchmarks/RESULTS_remote.md) 4 to 32 made
-# no clear difference: its one Python process is the limit. Real S3 scales per request, so
-# more pay off there (--jobs); 16 keeps memory at a few dozen MiB of chunks in flight.
-DEFAULT_JOBS = 16
 # A GET whose body fails its hash is fetched this often in all before it is reported.
 HASH_ATTEMPTS = 3
 # Above this many chunks, one LIST per id prefix (at most 256, in parallel) is cheaper than

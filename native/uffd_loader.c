@@ -1,0 +1,1148 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * uffd_loader: serve userfaultfd page faults of a restoring process from a memory image.
+ *
+ * The restoring process registers its memory with a userfaultfd, connects to our Unix socket and
+ * sends Firecracker's handshake (a JSON array of regions plus the uffd via SCM_RIGHTS). We then
+ * install every page it touches from the image, optionally prefetching a hot list first.
+ * docs/uffd.md describes the protocol, the --memfd extension and the error behaviour.
+ *
+ * Design decisions:
+ * - Linux AIO is driven through the raw io_setup/io_submit/io_getevents syscalls instead of
+ *   libaio, so the loader needs nothing beyond libc and the kernel headers.
+ * - Helpers return 0 or -errno; the first failure stores a one-line reason and unwinds to main,
+ *   which prints it, kills the client (a client whose faults nobody serves would hang forever)
+ *   and exits 1.
+ * - Demand faults always go first: the uffd is polled with a zero timeout between prefetch batches.
+ * - The client is gone when its socket connection closes or the kernel reports ESRCH for its mm;
+ *   both end the loader with exit status 0.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/aio_abi.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+#define MAX_REGIONS 64
+#define HANDSHAKE_MAX 65536
+#define UFFD_MSGS 64
+#define MAX_READ (512u << 10)
+#define DEFAULT_FAULT_AROUND_KIB 64
+#define DEFAULT_QUEUE_DEPTH 64
+#define PREFETCH_MIN_ZERO 16
+#define SUBMIT_BATCH 8
+
+enum page_state { MISSING, INFLIGHT, PRESENT, REMOVED };
+
+struct region {
+	uint64_t base, size, offset;
+};
+
+struct slot {
+	struct iocb cb;
+	uint8_t *buf;
+	uint64_t first, npages;
+	bool busy;
+};
+
+struct stats {
+	uint64_t faults, demand_pages, zero_pages, prefetch_pages, prefetch_bytes, removed_pages;
+	double prefetch_start, prefetch_end;
+	uint32_t *lat_ns;
+	size_t nlat, cap_lat;
+};
+
+struct loader {
+	/* options */
+	const char *image_path, *socket_path, *hot_path, *record_path, *stats_path;
+	uint64_t fault_around;
+	unsigned queue_depth;
+	bool memfd_mode, buffered;
+	/* image */
+	int img_fd, aio_fd;
+	uint64_t img_size, npages, ps;
+	uint8_t *state;
+	/* connection */
+	int listen_fd, conn_fd, uffd, memfd, efd;
+	uint8_t *memfd_map;
+	struct region regions[MAX_REGIONS];
+	size_t nregions;
+	/* prefetch */
+	uint64_t *hot;
+	size_t nhot, hot_pos;
+	aio_context_t aio;
+	struct slot *slots;
+	unsigned inflight;
+	/* demand */
+	uint8_t *fault_buf;
+	FILE *record;
+	struct stats st;
+	char err[256];
+};
+
+static int fail(struct loader *l, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (!l->err[0]) {
+		va_start(ap, fmt);
+		vsnprintf(l->err, sizeof(l->err), fmt, ap);
+		va_end(ap);
+	}
+	return -err;
+}
+
+static double now(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* ---- image and hot list ---- */
+
+static int read_full(struct loader *l, int fd, void *buf, uint64_t len, uint64_t off)
+{
+	uint64_t done = 0;
+
+	while (done < len) {
+		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, off + done);
+
+		if (n < 0 && (errno == EINTR || errno == EAGAIN))
+			continue;
+		if (n < 0)
+			return fail(l, errno, "reading image at %" PRIu64 ": %s", off + done, strerror(errno));
+		if (n == 0)
+			return fail(l, EIO, "image truncated: short read at offset %" PRIu64, off + done);
+		done += n;
+	}
+	return 0;
+}
+
+/* O_DIRECT keeps prefetch from doubling memory through the page cache; tmpfs and some FUSE
+ * mounts refuse it at open or at the first read, so probe once and fall back to buffered I/O. */
+static int open_aio_fd(struct loader *l)
+{
+	void *probe;
+	int fd;
+
+	if (l->buffered || l->img_size == 0)
+		return l->aio_fd = l->img_fd, 0;
+	fd = open(l->image_path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+	if (fd < 0)
+		return l->aio_fd = l->img_fd, 0;
+	probe = mmap(NULL, l->ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (probe == MAP_FAILED) {
+		close(fd);
+		return fail(l, errno, "mmap: %s", strerror(errno));
+	}
+	if (pread(fd, probe, l->ps, 0) != (ssize_t)l->ps) {
+		close(fd);
+		fd = l->img_fd;
+	}
+	munmap(probe, l->ps);
+	l->aio_fd = fd;
+	return 0;
+}
+
+static int open_image(struct loader *l)
+{
+	struct stat sb;
+
+	l->img_fd = open(l->image_path, O_RDONLY | O_CLOEXEC);
+	if (l->img_fd < 0)
+		return fail(l, errno, "open %s: %s", l->image_path, strerror(errno));
+	if (fstat(l->img_fd, &sb) < 0)
+		return fail(l, errno, "stat %s: %s", l->image_path, strerror(errno));
+	l->img_size = sb.st_size;
+	if (l->img_size % l->ps)
+		return fail(l, EINVAL, "image truncated: %" PRIu64 " bytes is not a multiple of the page size %" PRIu64,
+			    l->img_size, l->ps);
+	l->npages = l->img_size / l->ps;
+	l->state = calloc(l->npages ? l->npages : 1, 1);
+	if (!l->state)
+		return fail(l, ENOMEM, "out of memory");
+	return open_aio_fd(l);
+}
+
+static int load_hot_list(struct loader *l)
+{
+	FILE *f = fopen(l->hot_path, "re");
+	char line[64];
+	size_t lineno = 0, cap = 0;
+	int ret = 0;
+
+	if (!f)
+		return fail(l, errno, "open %s: %s", l->hot_path, strerror(errno));
+	while (fgets(line, sizeof(line), f)) {
+		char *end;
+		uint64_t page;
+
+		lineno++;
+		if (line[0] == '\n')
+			continue;
+		errno = 0;
+		page = strtoull(line, &end, 10);
+		if (errno || end == line || (*end != '\n' && *end != '\0') || line[0] == '-') {
+			ret = fail(l, EINVAL, "hot list line %zu: not a page index", lineno);
+			break;
+		}
+		if (page >= l->npages) {
+			ret = fail(l, EINVAL, "hot list line %zu: page %" PRIu64 " is past the image end", lineno, page);
+			break;
+		}
+		if (l->nhot == cap) {
+			uint64_t *hot = realloc(l->hot, (cap = cap ? cap * 2 : 4096) * sizeof(*hot));
+
+			if (!hot) {
+				ret = fail(l, ENOMEM, "out of memory");
+				break;
+			}
+			l->hot = hot;
+		}
+		l->hot[l->nhot++] = page;
+	}
+	fclose(f);
+	return ret;
+}
+
+/* ---- handshake ---- */
+
+static const char *skip_ws(const char *p)
+{
+	while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
+		p++;
+	return p;
+}
+
+/* Parses Firecracker's region list. Only unsigned integer values occur in it, so that is all
+ * this parser accepts; unknown keys are ignored so that newer senders keep working. */
+static int parse_regions(struct loader *l, const char *p)
+{
+	p = skip_ws(p);
+	if (*p++ != '[')
+		return fail(l, EPROTO, "malformed handshake: expected a JSON array");
+	p = skip_ws(p);
+	if (*p == ']')
+		return fail(l, EPROTO, "malformed handshake: no regions");
+	for (;;) {
+		struct region *r = &l->regions[l->nregions];
+		uint64_t ps = 0, ps_kib = 0;
+		unsigned seen = 0;
+
+		if (l->nregions == MAX_REGIONS)
+			return fail(l, EPROTO, "malformed handshake: more than %d regions", MAX_REGIONS);
+		if (*p++ != '{')
+			return fail(l, EPROTO, "malformed handshake: expected a JSON object");
+		for (;;) {
+			const char *key, *end;
+			uint64_t v;
+			size_t klen;
+
+			p = skip_ws(p);
+			if (*p++ != '"')
+				return fail(l, EPROTO, "malformed handshake: expected a key");
+			key = p;
+			while (*p && *p != '"')
+				p++;
+			if (!*p)
+				return fail(l, EPROTO, "malformed handshake: unterminated key");
+			klen = p++ - key;
+			p = skip_ws(p);
+			if (*p++ != ':')
+				return fail(l, EPROTO, "malformed handshake: expected ':'");
+			p = skip_ws(p);
+			if (*p < '0' || *p > '9')
+				return fail(l, EPROTO, "malformed handshake: value of %.*s is not an unsigned integer",
+					    (int)klen, key);
+			errno = 0;
+			v = strtoull(p, (char **)&end, 10);
+			if (errno)
+				return fail(l, EPROTO, "malformed handshake: value of %.*s out of range", (int)klen, key);
+			p = skip_ws(end);
+#define KEY(name) (klen == sizeof(name) - 1 && !memcmp(key, name, klen))
+			if (KEY("base_host_virt_addr"))
+				r->base = v, seen |= 1;
+			else if (KEY("size"))
+				r->size = v, seen |= 2;
+			else if (KEY("offset"))
+				r->offset = v, seen |= 4;
+			else if (KEY("page_size"))
+				ps = v, seen |= 8;
+			else if (KEY("page_size_kib"))
+				ps_kib = v, seen |= 16;
+#undef KEY
+			if (*p == '}')
+				break;
+			if (*p++ != ',')
+				return fail(l, EPROTO, "malformed handshake: expected ',' or '}'");
+		}
+		p = skip_ws(p + 1);
+		if ((seen & 7) != 7 || !(seen & 24))
+			return fail(l, EPROTO, "malformed handshake: region %zu lacks base_host_virt_addr, size, offset or page_size",
+				    l->nregions);
+		/* Firecracker has sent the page size in bytes under both names; accept either. */
+		if ((seen & 8) && (seen & 16) && ps != ps_kib)
+			return fail(l, EPROTO, "malformed handshake: region %zu: page_size %" PRIu64 " != page_size_kib %" PRIu64,
+				    l->nregions, ps, ps_kib);
+		if (!(seen & 8))
+			ps = ps_kib;
+		if (ps != l->ps)
+			return fail(l, EINVAL, "region %zu: page size %" PRIu64 " not supported (loader serves %" PRIu64 ")",
+				    l->nregions, ps, l->ps);
+		l->nregions++;
+		if (*p == ']')
+			break;
+		if (*p++ != ',')
+			return fail(l, EPROTO, "malformed handshake: expected ',' or ']'");
+		p = skip_ws(p);
+	}
+	if (*skip_ws(p + 1))
+		return fail(l, EPROTO, "malformed handshake: trailing data after the array");
+	return 0;
+}
+
+static int validate_regions(struct loader *l)
+{
+	for (size_t i = 0; i < l->nregions; i++) {
+		const struct region *r = &l->regions[i];
+
+		if (!r->size || (r->base | r->size | r->offset) % l->ps)
+			return fail(l, EINVAL, "region %zu: base, size and offset must be non-zero multiples of the page size", i);
+		if (r->size > UINT64_MAX - r->base)
+			return fail(l, EINVAL, "region %zu: base + size overflows", i);
+		if (r->size > UINT64_MAX - r->offset || r->offset + r->size > l->img_size)
+			return fail(l, EINVAL, "region %zu: offset %" PRIu64 " + size %" PRIu64 " is outside the image (%" PRIu64 " bytes)",
+				    i, r->offset, r->size, l->img_size);
+		for (size_t j = 0; j < i; j++) {
+			const struct region *o = &l->regions[j];
+
+			if (r->base < o->base + o->size && o->base < r->base + r->size)
+				return fail(l, EINVAL, "region %zu overlaps region %zu in memory", i, j);
+			if (r->offset < o->offset + o->size && o->offset < r->offset + r->size)
+				return fail(l, EINVAL, "region %zu overlaps region %zu in the image", i, j);
+		}
+	}
+	return 0;
+}
+
+static int send_memfd(struct loader *l)
+{
+	char msg[64], cbuf[CMSG_SPACE(sizeof(int))] = { 0 };
+	struct iovec iov = { msg, 0 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *c = CMSG_FIRSTHDR(&mh);
+
+	iov.iov_len = snprintf(msg, sizeof(msg), "{\"memfd_size\": %" PRIu64 "}", l->img_size);
+	c->cmsg_level = SOL_SOCKET;
+	c->cmsg_type = SCM_RIGHTS;
+	c->cmsg_len = CMSG_LEN(sizeof(int));
+	memcpy(CMSG_DATA(c), &l->memfd, sizeof(int));
+	if (sendmsg(l->conn_fd, &mh, MSG_NOSIGNAL) != (ssize_t)iov.iov_len)
+		return fail(l, errno, "sending the memfd: %s", strerror(errno));
+	return 0;
+}
+
+static bool is_userfaultfd(int fd)
+{
+	char path[64], target[32];
+	ssize_t n;
+
+	snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+	n = readlink(path, target, sizeof(target) - 1);
+	if (n < 0)
+		return false;
+	target[n] = '\0';
+	return !strcmp(target, "anon_inode:[userfaultfd]");
+}
+
+static int receive_handshake(struct loader *l)
+{
+	char *buf = malloc(HANDSHAKE_MAX + 1);
+	char cbuf[CMSG_SPACE(4 * sizeof(int))];
+	struct iovec iov = { buf, HANDSHAKE_MAX };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+	int nfds = 0, ret;
+	ssize_t n;
+
+	if (!buf)
+		return fail(l, ENOMEM, "out of memory");
+	do
+		n = recvmsg(l->conn_fd, &mh, MSG_CMSG_CLOEXEC);
+	while (n < 0 && errno == EINTR);
+	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); n >= 0 && c; c = CMSG_NXTHDR(&mh, c)) {
+		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+			continue;
+		for (size_t i = 0; i < (c->cmsg_len - CMSG_LEN(0)) / sizeof(int); i++, nfds++) {
+			int fd;
+
+			memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+			if (nfds == 0)
+				l->uffd = fd;
+			else
+				close(fd);
+		}
+	}
+	if (n < 0)
+		ret = fail(l, errno, "receiving the handshake: %s", strerror(errno));
+	else if (n == 0)
+		ret = fail(l, EPROTO, "malformed handshake: client closed the connection without one");
+	else if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || n == HANDSHAKE_MAX)
+		ret = fail(l, EPROTO, "malformed handshake: message too large");
+	else if (nfds != 1)
+		ret = fail(l, EPROTO, "malformed handshake: expected exactly one file descriptor, got %d", nfds);
+	else if (!is_userfaultfd(l->uffd))
+		ret = fail(l, EPROTO, "malformed handshake: the file descriptor is not a userfaultfd");
+	else {
+		buf[n] = '\0';
+		ret = parse_regions(l, buf);
+	}
+	free(buf);
+	if (!ret)
+		ret = validate_regions(l);
+	/* poll() on a blocking uffd always reports POLLERR, so switch the shared description. */
+	if (!ret && fcntl(l->uffd, F_SETFL, fcntl(l->uffd, F_GETFL) | O_NONBLOCK) < 0)
+		ret = fail(l, errno, "uffd: %s", strerror(errno));
+	return ret;
+}
+
+static int accept_client(struct loader *l)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+
+	if (strlen(l->socket_path) >= sizeof(sa.sun_path))
+		return fail(l, ENAMETOOLONG, "socket path too long: %s", l->socket_path);
+	strcpy(sa.sun_path, l->socket_path);
+	l->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (l->listen_fd < 0)
+		return fail(l, errno, "socket: %s", strerror(errno));
+	unlink(l->socket_path);
+	if (bind(l->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(l->listen_fd, 1) < 0)
+		return fail(l, errno, "listen on %s: %s", l->socket_path, strerror(errno));
+	do
+		l->conn_fd = accept4(l->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+	while (l->conn_fd < 0 && errno == EINTR);
+	if (l->conn_fd < 0)
+		return fail(l, errno, "accept: %s", strerror(errno));
+	/* One client per loader: stop accepting so later connects fail fast instead of hanging. */
+	close(l->listen_fd);
+	l->listen_fd = -1;
+	unlink(l->socket_path);
+	return l->memfd_mode ? send_memfd(l) : 0;
+}
+
+/* A pidfd cannot hit a recycled pid; SO_PEERCRED is the fallback for kernels before 6.5. */
+static void kill_client(struct loader *l)
+{
+	struct ucred cred;
+	socklen_t len = sizeof(int);
+	int pidfd;
+
+	if (l->conn_fd < 0)
+		return;
+	if (!getsockopt(l->conn_fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len)) {
+		syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
+		close(pidfd);
+		return;
+	}
+	len = sizeof(cred);
+	if (!getsockopt(l->conn_fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) && cred.pid > 0)
+		kill(cred.pid, SIGKILL);
+}
+
+/* ---- page installation ---- */
+
+static const struct region *region_of_addr(const struct loader *l, uint64_t addr)
+{
+	for (size_t i = 0; i < l->nregions; i++)
+		if (addr - l->regions[i].base < l->regions[i].size)
+			return &l->regions[i];
+	return NULL;
+}
+
+static const struct region *region_of_page(const struct loader *l, uint64_t page)
+{
+	uint64_t off = page * l->ps;
+
+	for (size_t i = 0; i < l->nregions; i++)
+		if (off - l->regions[i].offset < l->regions[i].size)
+			return &l->regions[i];
+	return NULL;
+}
+
+static uint64_t page_addr(const struct loader *l, const struct region *r, uint64_t page)
+{
+	return r->base + page * l->ps - r->offset;
+}
+
+static bool is_zero(const uint8_t *p, uint64_t len)
+{
+	return p[0] == 0 && !memcmp(p, p + 1, len - 1);
+}
+
+/*
+ * One UFFDIO_COPY/ZEROPAGE/CONTINUE over [dst, dst+len). EEXIST means the page is already there
+ * (a racing fault or an earlier install) and is skipped; EAGAIN means a non-cooperative event is
+ * pending and the kernel refuses until we read it, so we stop and report how far we got: the
+ * caller wakes the faulting thread, which faults again after the event has been handled.
+ */
+static int install(struct loader *l, unsigned long req, uint64_t dst, const uint8_t *src, uint64_t len,
+		   uint64_t mode, uint64_t *done)
+{
+	*done = 0;
+	while (*done < len) {
+		int64_t progress;
+		int r;
+
+		if (req == UFFDIO_COPY) {
+			struct uffdio_copy a = { dst + *done, (uintptr_t)(src + *done), len - *done, mode, 0 };
+
+			r = ioctl(l->uffd, req, &a);
+			progress = a.copy;
+		} else if (req == UFFDIO_ZEROPAGE) {
+			struct uffdio_zeropage a = { { dst + *done, len - *done }, mode, 0 };
+
+			r = ioctl(l->uffd, req, &a);
+			progress = a.zeropage;
+		} else {
+			struct uffdio_continue a = { { dst + *done, len - *done }, mode, 0 };
+
+			r = ioctl(l->uffd, req, &a);
+			progress = a.mapped;
+		}
+		if (!r) {
+			*done = len;
+			break;
+		}
+		if (progress > 0)
+			*done += progress;
+		/* The kernel wakes nothing when the ioctl fails, so a skipped page needs its own wake. */
+		if (errno == EEXIST && !(mode & UFFDIO_COPY_MODE_DONTWAKE)) {
+			struct uffdio_range w = { dst + *done, l->ps };
+
+			ioctl(l->uffd, UFFDIO_WAKE, &w);
+		}
+		if (errno == EEXIST)
+			*done += l->ps;
+		else if (errno == EAGAIN && progress > 0)
+			continue;
+		else if (errno == EAGAIN)
+			return -EAGAIN;
+		else if (errno == ESRCH)
+			return -ESRCH;
+		else if (errno != EINTR)
+			return fail(l, errno, "installing pages at 0x%" PRIx64 ": %s", dst + *done, strerror(errno));
+	}
+	return 0;
+}
+
+static int wake(struct loader *l, uint64_t addr, uint64_t len)
+{
+	struct uffdio_range r = { addr, len };
+
+	if (ioctl(l->uffd, UFFDIO_WAKE, &r) < 0 && errno != ESRCH)
+		return fail(l, errno, "UFFDIO_WAKE: %s", strerror(errno));
+	return 0;
+}
+
+static int install_span(struct loader *l, const struct region *r, uint64_t first, uint64_t n,
+			const uint8_t *buf, unsigned long req, uint64_t mode)
+{
+	uint64_t done;
+	int ret = install(l, req, page_addr(l, r, first), buf, n * l->ps, mode, &done);
+
+	for (uint64_t k = 0; k < done / l->ps; k++)
+		l->state[first + k] = PRESENT;
+	if (req == UFFDIO_ZEROPAGE)
+		l->st.zero_pages += done / l->ps;
+	return ret;
+}
+
+static uint64_t zero_pages_at(const struct loader *l, const uint8_t *buf, uint64_t i, uint64_t n)
+{
+	uint64_t j = i;
+
+	while (j < n && is_zero(buf + j * l->ps, l->ps))
+		j++;
+	return j - i;
+}
+
+/*
+ * Installs pages [first, first+n) of region r whose content sits at buf: CONTINUE for the
+ * memfd, otherwise COPY, with ZEROPAGE for zero runs so holes cost no memory. Prefetch batches
+ * copy zero runs shorter than PREFETCH_MIN_ZERO: splitting a batch into many small ioctls cost
+ * a third of the install rate in measurements.
+ */
+static int install_run(struct loader *l, const struct region *r, uint64_t first, uint64_t n,
+		       const uint8_t *buf, uint64_t mode)
+{
+	uint64_t min_zero = mode ? PREFETCH_MIN_ZERO : 1, i = 0;
+	int ret;
+
+	if (l->memfd_mode)
+		return install_span(l, r, first, n, buf, UFFDIO_CONTINUE, mode);
+	while (i < n) {
+		uint64_t j = i, z = 0;
+
+		while (j < n && (z = zero_pages_at(l, buf, j, n)) < min_zero)
+			j = j + z + 1 < n ? j + z + 1 : n;
+		if (j > i && (ret = install_span(l, r, first + i, j - i, buf + i * l->ps, UFFDIO_COPY, mode)))
+			return ret;
+		if (j == n)
+			break;
+		if ((ret = install_span(l, r, first + j, z, buf + j * l->ps, UFFDIO_ZEROPAGE, mode)))
+			return ret;
+		i = j + z;
+	}
+	return 0;
+}
+
+/* ---- prefetch ---- */
+
+static int aio_setup(struct loader *l)
+{
+	if (syscall(SYS_io_setup, l->queue_depth, &l->aio) < 0)
+		return fail(l, errno, "io_setup: %s", strerror(errno));
+	l->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (l->efd < 0)
+		return fail(l, errno, "eventfd: %s", strerror(errno));
+	l->slots = calloc(l->queue_depth, sizeof(*l->slots));
+	if (!l->slots)
+		return fail(l, ENOMEM, "out of memory");
+	if (l->memfd_mode)
+		return 0;
+	for (unsigned i = 0; i < l->queue_depth; i++) {
+		void *buf = mmap(NULL, MAX_READ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+		if (buf == MAP_FAILED)
+			return fail(l, errno, "mmap: %s", strerror(errno));
+		l->slots[i].buf = buf;
+	}
+	return 0;
+}
+
+/* Takes the next run of consecutive, still-missing hot pages (hot-list order, one region). */
+static bool next_run(struct loader *l, uint64_t *first, uint64_t *n, const struct region **rp)
+{
+	while (l->hot_pos < l->nhot) {
+		uint64_t p = l->hot[l->hot_pos++];
+		const struct region *r = region_of_page(l, p);
+		uint64_t end = r ? (r->offset + r->size) / l->ps : 0;
+
+		if (!r || l->state[p] != MISSING)
+			continue;
+		*first = p;
+		*n = 1;
+		*rp = r;
+		l->state[p] = INFLIGHT;
+		while (l->hot_pos < l->nhot && *n < MAX_READ / l->ps) {
+			uint64_t q = l->hot[l->hot_pos];
+
+			if (q != p + *n || q >= end || l->state[q] != MISSING)
+				break;
+			l->state[q] = INFLIGHT;
+			(*n)++;
+			l->hot_pos++;
+		}
+		return true;
+	}
+	return false;
+}
+
+/* Submits at most SUBMIT_BATCH reads: buffered reads are copied inside io_submit, and demand
+ * faults wait while it runs. */
+static int submit_prefetch(struct loader *l)
+{
+	struct iocb *cbs[SUBMIT_BATCH];
+	unsigned nr = 0;
+	const struct region *r;
+	uint64_t first, n;
+
+	for (unsigned i = 0; i < l->queue_depth && nr < SUBMIT_BATCH; i++) {
+		struct slot *s = &l->slots[i];
+
+		if (s->busy)
+			continue;
+		if (!next_run(l, &first, &n, &r))
+			break;
+		if (l->st.prefetch_start == 0)
+			l->st.prefetch_start = now();
+		s->first = first;
+		s->npages = n;
+		s->busy = true;
+		memset(&s->cb, 0, sizeof(s->cb));
+		s->cb.aio_data = i;
+		s->cb.aio_lio_opcode = IOCB_CMD_PREAD;
+		s->cb.aio_fildes = l->aio_fd;
+		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + first * l->ps : s->buf);
+		s->cb.aio_nbytes = n * l->ps;
+		s->cb.aio_offset = first * l->ps;
+		s->cb.aio_flags = IOCB_FLAG_RESFD;
+		s->cb.aio_resfd = l->efd;
+		cbs[nr++] = &s->cb;
+	}
+	for (unsigned done = 0; done < nr;) {
+		long r2 = syscall(SYS_io_submit, l->aio, nr - done, cbs + done);
+
+		if (r2 < 0 && (errno == EAGAIN || errno == EINTR))
+			continue;
+		if (r2 < 0)
+			return fail(l, errno, "io_submit: %s", strerror(errno));
+		done += r2;
+	}
+	l->inflight += nr;
+	return 0;
+}
+
+/* Installs one finished read with DONTWAKE COPY/CONTINUE, skipping pages a demand fault
+ * installed meanwhile, and widens [*lo, *hi), the range the caller wakes once per batch. */
+static int complete_read(struct loader *l, const struct io_event *ev, uint64_t *lo, uint64_t *hi)
+{
+	struct slot *s = &l->slots[ev->data];
+	const struct region *r = region_of_page(l, s->first);
+	uint64_t mode = l->memfd_mode ? UFFDIO_CONTINUE_MODE_DONTWAKE : UFFDIO_COPY_MODE_DONTWAKE;
+	const uint8_t *buf = l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf;
+	int ret = 0;
+
+	s->busy = false;
+	l->inflight--;
+	if (ev->res < 0)
+		return fail(l, -ev->res, "prefetch read at %" PRIu64 ": %s", s->first * l->ps, strerror(-ev->res));
+	if ((uint64_t)ev->res != s->npages * l->ps)
+		return fail(l, EIO, "image truncated: short prefetch read at offset %" PRIu64, s->first * l->ps);
+	for (uint64_t i = 0; i < s->npages && !ret;) {
+		uint64_t j = i;
+
+		while (j < s->npages && l->state[s->first + j] == INFLIGHT)
+			j++;
+		if (j > i) {
+			ret = install_run(l, r, s->first + i, j - i, buf + i * l->ps, mode);
+			l->st.prefetch_pages += j - i;
+		}
+		i = j + (j == i);
+	}
+	for (uint64_t i = 0; i < s->npages; i++)
+		if (l->state[s->first + i] == INFLIGHT)
+			l->state[s->first + i] = MISSING;
+	l->st.prefetch_bytes += s->npages * l->ps;
+	l->st.prefetch_end = now();
+	if (page_addr(l, r, s->first) < *lo)
+		*lo = page_addr(l, r, s->first);
+	if (page_addr(l, r, s->first + s->npages) > *hi)
+		*hi = page_addr(l, r, s->first + s->npages);
+	return ret == -EAGAIN ? 0 : ret;
+}
+
+/* Reaps finished reads, at least min_nr, until none is left: the eventfd has been reset, so
+ * it would not report completions left behind. */
+static int reap(struct loader *l, long min_nr)
+{
+	struct io_event evs[64];
+	long n;
+	uint64_t cnt, lo = UINT64_MAX, hi = 0;
+
+	if (read(l->efd, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
+		return fail(l, errno, "eventfd: %s", strerror(errno));
+	do {
+		do
+			n = syscall(SYS_io_getevents, l->aio, min_nr, 64, evs, NULL);
+		while (n < 0 && errno == EINTR);
+		if (n < 0)
+			return fail(l, errno, "io_getevents: %s", strerror(errno));
+		for (long i = 0; i < n; i++) {
+			int ret = complete_read(l, &evs[i], &lo, &hi);
+
+			if (ret)
+				return ret;
+		}
+		min_nr = 0;
+	} while (n == 64);
+	return lo < hi ? wake(l, lo, hi - lo) : 0;
+}
+
+/* ---- demand faults ---- */
+
+static int record_latency(struct loader *l, double start)
+{
+	if (l->st.nlat == l->st.cap_lat) {
+		size_t cap = l->st.cap_lat ? l->st.cap_lat * 2 : 65536;
+		uint32_t *lat = realloc(l->st.lat_ns, cap * sizeof(*lat));
+
+		if (!lat)
+			return fail(l, ENOMEM, "out of memory");
+		l->st.lat_ns = lat;
+		l->st.cap_lat = cap;
+	}
+	l->st.lat_ns[l->st.nlat++] = (uint32_t)((now() - start) * 1e9);
+	return 0;
+}
+
+static int zero_fill(struct loader *l, const struct region *r, uint64_t page)
+{
+	uint64_t addr = page_addr(l, r, page), done;
+	unsigned char resident = 0;
+	int ret;
+
+	/* A removed memfd page was either only unmapped (MADV_DONTNEED: content kept in the page
+	 * cache, map it again) or punched out (MADV_REMOVE: it reads as zeros now). */
+	if (l->memfd_mode && !mincore(l->memfd_map + page * l->ps, l->ps, &resident) && (resident & 1))
+		ret = install(l, UFFDIO_CONTINUE, addr, NULL, l->ps, 0, &done);
+	else
+		ret = install(l, UFFDIO_ZEROPAGE, addr, NULL, l->ps, 0, &done);
+	return ret;
+}
+
+/*
+ * Reads the faulting page, plus the missing pages after it up to the fault-around size on a first
+ * touch, and installs the faulting page alone first: the client resumes while the rest goes in.
+ * A fault on a PRESENT page raced its install; copying it again gets EEXIST, which wakes.
+ * Only these reads count in the latency statistics.
+ */
+static int demand_read(struct loader *l, const struct region *r, uint64_t page, double start)
+{
+	uint64_t n = 1, end = (r->offset + r->size) / l->ps;
+	uint8_t *buf = l->memfd_mode ? l->memfd_map + page * l->ps : l->fault_buf;
+	int ret;
+
+	while (l->state[page] == MISSING && n < l->fault_around / l->ps && page + n < end &&
+	       l->state[page + n] == MISSING)
+		n++;
+	if ((ret = read_full(l, l->img_fd, buf, n * l->ps, page * l->ps)))
+		return ret;
+	l->st.demand_pages += n;
+	if ((ret = install_run(l, r, page, 1, buf, 0)) || (ret = record_latency(l, start)) || n == 1)
+		return ret;
+	ret = install_run(l, r, page + 1, n - 1, buf + l->ps, 0);
+	return ret == -EAGAIN ? 0 : ret;
+}
+
+static int serve_fault(struct loader *l, uint64_t addr, double start)
+{
+	const struct region *r = region_of_addr(l, addr);
+	uint64_t page, done;
+	int ret;
+
+	if (!r)
+		return fail(l, EFAULT, "fault at 0x%" PRIx64 " outside every region", addr);
+	page = (r->offset + (addr - r->base)) / l->ps;
+	l->st.faults++;
+	if (l->record && (l->state[page] == MISSING || l->state[page] == INFLIGHT))
+		fprintf(l->record, "%" PRIu64 "\n", page);
+	/* Waiting for a read already in flight beats repeating it, and for the memfd the read's
+	 * target is the very page the client would see, so a second read would race it. */
+	while (l->state[page] == INFLIGHT)
+		if ((ret = reap(l, 1)))
+			return ret;
+	if (l->state[page] == REMOVED)
+		ret = zero_fill(l, r, page);
+	else if (l->memfd_mode && l->state[page] == PRESENT)
+		ret = install(l, UFFDIO_CONTINUE, page_addr(l, r, page), NULL, l->ps, 0, &done);
+	else
+		ret = demand_read(l, r, page, start);
+	return ret == -EAGAIN ? wake(l, page_addr(l, r, page), l->ps) : ret;
+}
+
+static void mark_removed(struct loader *l, uint64_t start, uint64_t end)
+{
+	for (uint64_t a = start & ~(l->ps - 1); a < end; a += l->ps) {
+		const struct region *r = region_of_addr(l, a);
+
+		if (r) {
+			l->state[(r->offset + (a - r->base)) / l->ps] = REMOVED;
+			l->st.removed_pages++;
+		}
+	}
+}
+
+/* Reads and serves every queued message; returns 0 when the queue is empty. */
+static int serve_faults(struct loader *l)
+{
+	struct uffd_msg msgs[UFFD_MSGS];
+
+	for (;;) {
+		ssize_t n = read(l->uffd, msgs, sizeof(msgs));
+		double start = now();
+
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0 && errno == EAGAIN)
+			return 0;
+		if (n < 0)
+			return fail(l, errno, "reading the uffd: %s", strerror(errno));
+		if (n == 0)
+			return -ESRCH;
+		if (n % sizeof(msgs[0]))
+			return fail(l, EIO, "short read from the uffd");
+		for (size_t i = 0; i < n / sizeof(msgs[0]); i++) {
+			const struct uffd_msg *m = &msgs[i];
+			int ret = 0;
+
+			switch (m->event) {
+			case UFFD_EVENT_PAGEFAULT:
+				ret = serve_fault(l, m->arg.pagefault.address, start);
+				break;
+			case UFFD_EVENT_REMOVE:
+				mark_removed(l, m->arg.remove.start, m->arg.remove.end);
+				break;
+			case UFFD_EVENT_UNMAP:
+				mark_removed(l, m->arg.remove.start, m->arg.remove.end);
+				break;
+			default:
+				ret = fail(l, EPROTO, "unexpected uffd event %u", m->event);
+			}
+			if (ret)
+				return ret;
+		}
+	}
+}
+
+/* ---- main loop ---- */
+
+static int client_gone(struct loader *l, short revents)
+{
+	char c;
+	ssize_t n;
+
+	if (!(revents & (POLLIN | POLLHUP | POLLERR)))
+		return 0;
+	n = recv(l->conn_fd, &c, 1, MSG_DONTWAIT);
+	if (n > 0)
+		return fail(l, EPROTO, "protocol error: the client sent data after the handshake");
+	return n < 0 && (errno == EAGAIN || errno == EINTR) ? 0 : -ESRCH;
+}
+
+static int serve(struct loader *l)
+{
+	bool prefetch = l->nhot > 0;
+	int ret;
+
+	if (prefetch && (ret = aio_setup(l)))
+		return ret;
+	for (;;) {
+		struct pollfd pfd[3] = {
+			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { prefetch ? l->efd : -1, POLLIN, 0 },
+		};
+
+		if (prefetch && (ret = submit_prefetch(l)))
+			return ret;
+		if (prefetch && !l->inflight && l->hot_pos == l->nhot)
+			prefetch = false, pfd[2].fd = -1;
+		if (poll(pfd, 3, -1) < 0 && errno != EINTR)
+			return fail(l, errno, "poll: %s", strerror(errno));
+		if ((ret = client_gone(l, pfd[1].revents)))
+			return ret;
+		if (pfd[0].revents & (POLLERR | POLLHUP))
+			return fail(l, EPROTO, "the uffd reports an error (UFFDIO_API not done?)");
+		if ((pfd[0].revents & POLLIN) && (ret = serve_faults(l)))
+			return ret;
+		if (!(pfd[2].revents & POLLIN))
+			continue;
+		/* Install what has finished, then look at the uffd before the next batch: demand first. */
+		for (;;) {
+			struct pollfd q[2] = { { l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 } };
+
+			if ((ret = reap(l, 0)))
+				return ret;
+			if (poll(q, 2, 0) <= 0)
+				break;
+			if ((ret = client_gone(l, q[1].revents)) || (ret = serve_faults(l)))
+				return ret;
+		}
+	}
+}
+
+/* ---- setup, stats and cleanup ---- */
+
+static int cmp_u32(const void *a, const void *b)
+{
+	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+
+	return (x > y) - (x < y);
+}
+
+static double percentile_us(const struct stats *st, double q)
+{
+	return st->nlat ? st->lat_ns[(size_t)(q * (st->nlat - 1))] / 1e3 : 0;
+}
+
+static void write_stats(struct loader *l)
+{
+	struct stats *st = &l->st;
+	double secs = st->prefetch_end - st->prefetch_start;
+	FILE *f = fopen(l->stats_path, "we");
+
+	if (!f)
+		return;
+	qsort(st->lat_ns, st->nlat, sizeof(*st->lat_ns), cmp_u32);
+	fprintf(f,
+		"{\"demand_faults\": %" PRIu64 ", \"demand_pages\": %" PRIu64 ", \"zero_pages\": %" PRIu64
+		", \"removed_pages\": %" PRIu64 ", \"prefetch_pages\": %" PRIu64 ", \"prefetch_bytes\": %" PRIu64
+		", \"prefetch_seconds\": %.6f, \"prefetch_gbps\": %.3f, \"direct_io\": %s"
+		", \"fault_latency_us\": {\"samples\": %zu, \"p50\": %.2f, \"p99\": %.2f, \"max\": %.2f}}\n",
+		st->faults, st->demand_pages, st->zero_pages, st->removed_pages, st->prefetch_pages,
+		st->prefetch_bytes, secs, secs > 0 ? st->prefetch_bytes / secs / 1e9 : 0,
+		l->aio_fd != l->img_fd ? "true" : "false", st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
+		percentile_us(st, 1.0));
+	fclose(f);
+}
+
+static int setup(struct loader *l)
+{
+	int ret;
+
+	if ((ret = open_image(l)))
+		return ret;
+	if (l->hot_path && (ret = load_hot_list(l)))
+		return ret;
+	if (l->record_path && !(l->record = fopen(l->record_path, "we")))
+		return fail(l, errno, "open %s: %s", l->record_path, strerror(errno));
+	l->fault_buf = mmap(NULL, l->fault_around, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (l->fault_buf == MAP_FAILED)
+		return fail(l, errno, "mmap: %s", strerror(errno));
+	if (l->memfd_mode) {
+		l->memfd = memfd_create("snapstore-image", MFD_CLOEXEC);
+		if (l->memfd < 0 || ftruncate(l->memfd, l->img_size) < 0)
+			return fail(l, errno, "memfd: %s", strerror(errno));
+		l->memfd_map = mmap(NULL, l->img_size, PROT_READ | PROT_WRITE, MAP_SHARED, l->memfd, 0);
+		if (l->memfd_map == MAP_FAILED)
+			return fail(l, errno, "mmap memfd: %s", strerror(errno));
+	}
+	return 0;
+}
+
+static void cleanup(struct loader *l)
+{
+	int fds[] = { l->img_fd, l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->efd };
+
+	if (l->slots) {
+		for (unsigned i = 0; i < l->queue_depth; i++)
+			if (l->slots[i].buf)
+				munmap(l->slots[i].buf, MAX_READ);
+		free(l->slots);
+	}
+	if (l->aio)
+		syscall(SYS_io_destroy, l->aio);
+	if (l->memfd_map && l->memfd_map != MAP_FAILED)
+		munmap(l->memfd_map, l->img_size);
+	if (l->fault_buf && l->fault_buf != MAP_FAILED)
+		munmap(l->fault_buf, l->fault_around);
+	if (l->record)
+		fclose(l->record);
+	if (l->aio_fd != l->img_fd)
+		close(l->aio_fd);
+	for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
+		if (fds[i] >= 0)
+			close(fds[i]);
+	if (l->listen_fd >= 0)
+		unlink(l->socket_path);
+	free(l->state);
+	free(l->hot);
+	free(l->st.lat_ns);
+}
+
+static void usage(void)
+{
+	fprintf(stderr,
+		"usage: uffd_loader --image FILE --socket PATH [--hot FILE] [--record FILE] [--memfd]\n"
+		"                   [--fault-around-kib N] [--queue-depth N] [--buffered] [--stats-json FILE]\n");
+}
+
+static bool parse_u64(const char *s, uint64_t *v)
+{
+	char *end;
+
+	errno = 0;
+	*v = strtoull(s, &end, 10);
+	return !errno && end != s && !*end && s[0] != '-';
+}
+
+static int parse_args(struct loader *l, int argc, char **argv)
+{
+	uint64_t v;
+
+	for (int i = 1; i < argc; i++) {
+		const char *a = argv[i], *val = i + 1 < argc ? argv[i + 1] : NULL;
+
+		if (!strcmp(a, "--memfd"))
+			l->memfd_mode = true;
+		else if (!strcmp(a, "--buffered"))
+			l->buffered = true;
+		else if (!val)
+			return -1;
+		else if (!strcmp(a, "--image"))
+			l->image_path = val;
+		else if (!strcmp(a, "--socket"))
+			l->socket_path = val;
+		else if (!strcmp(a, "--hot"))
+			l->hot_path = val;
+		else if (!strcmp(a, "--record"))
+			l->record_path = val;
+		else if (!strcmp(a, "--stats-json"))
+			l->stats_path = val;
+		else if (!strcmp(a, "--fault-around-kib") && parse_u64(val, &v) && v <= MAX_READ >> 10)
+			l->fault_around = v << 10;
+		else if (!strcmp(a, "--queue-depth") && parse_u64(val, &v) && v >= 1 && v <= 1024)
+			l->queue_depth = v;
+		else
+			return -1;
+		if (strcmp(a, "--memfd") && strcmp(a, "--buffered"))
+			i++;
+	}
+	return l->image_path && l->socket_path ? 0 : -1;
+}
+
+int main(int argc, char **argv)
+{
+	struct loader l = {
+		.fault_around = DEFAULT_FAULT_AROUND_KIB << 10, .queue_depth = DEFAULT_QUEUE_DEPTH,
+		.img_fd = -1, .aio_fd = -1, .listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .efd = -1,
+	};
+	int ret;
+
+	l.ps = sysconf(_SC_PAGESIZE);
+	if (parse_args(&l, argc, argv)) {
+		usage();
+		return 2;
+	}
+	if (l.fault_around < l.ps)
+		l.fault_around = l.ps;
+	signal(SIGPIPE, SIG_IGN);
+	ret = setup(&l);
+	if (!ret)
+		ret = accept_client(&l);
+	if (!ret)
+		ret = receive_handshake(&l);
+	if (!ret)
+		ret = serve(&l);
+	if (ret && ret != -ESRCH) {
+		fprintf(stderr, "uffd_loader: %s\n", l.err[0] ? l.err : strerror(-ret));
+		kill_client(&l);
+	}
+	if (l.stats_path)
+		write_stats(&l);
+	cleanup(&l);
+	return ret && ret != -ESRCH;
+}

@@ -1,0 +1,128 @@
+"""The `gpu-dump` and `gpu-load` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.filesize import decimal as human
+
+from snapstore.cli_common import open_store, print_json
+from snapstore.errors import SnapstoreError
+from snapstore.gpu.dump import TABLE_FILE, After, Dump, dump_process, read_dump
+from snapstore.gpu.load import load, materialize, serve
+from snapstore.uffd.loader import LoaderNotBuiltError
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "gpu-dump",
+        help="write a process's memory, GPU memory included, as a dump directory",
+        description="Checkpoint the CUDA state of process PID into its host memory, stop it, "
+        "write its private memory to OUTDIR (pages.img + dump.json), then restore its CUDA "
+        "state. By default the process is left stopped (SIGCONT resumes it).",
+    )
+    p.add_argument("pid", type=int, metavar="PID")
+    p.add_argument("outdir", type=Path, metavar="OUTDIR")
+    after = p.add_mutually_exclusive_group()
+    after.add_argument("--leave-running", dest="after", action="store_const", const=After.RUN,
+                       help="resume the process after the dump")
+    after.add_argument("--kill", dest="after", action="store_const", const=After.KILL,
+                       help="kill the process after the dump")
+    p.add_argument("--threads", type=int, help="reader threads (default: cores, at most 16)")
+    p.add_argument("--lock-timeout-ms", type=int, default=10_000,
+                   help="how long the CUDA lock waits for running GPU work")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_gpu_dump, after=After.STOP)
+
+    p = sub.add_parser(
+        "gpu-load",
+        help="fill fresh memory from a GPU dump through the uffd loader, checked",
+        description="Load REF (a snapshot of a gpu-dump directory, or the directory itself) "
+        "into a fresh process's memory through the uffd loader and check every byte; with "
+        "--socket, serve an outside client instead.",
+    )
+    p.add_argument("ref", metavar="REF")
+    p.add_argument("--socket", type=Path,
+                   help="serve an outside client on this Unix socket (runs until it leaves)")
+    p.add_argument("--workdir", type=Path,
+                   help="where the page file is materialised (default: a temporary directory, "
+                   "removed afterwards)")
+    p.add_argument("--no-verify", action="store_true", help="skip the byte check")
+    p.add_argument("--direct-io", action="store_true",
+                   help="let the loader read with O_DIRECT (the page file is not cached)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_gpu_load)
+
+
+def cmd_gpu_dump(args: argparse.Namespace) -> int:
+    r = dump_process(args.pid, args.outdir, after=args.after, threads=args.threads,
+                     lock_timeout_ms=args.lock_timeout_ms,
+                     log=lambda line: print(line, file=sys.stderr))
+    if args.json:
+        print_json({"directory": str(r.directory), "regions": r.regions, "bytes": r.bytes,
+                    "data_bytes": r.data_bytes, "cuda": r.cuda, "note": r.note,
+                    "seconds": {k: round(v, 4) for k, v in r.seconds.items()}})
+        return 0
+    if r.note:
+        print(r.note, file=sys.stderr)
+    write = r.seconds.get("write", 0.0)
+    rate = r.data_bytes / write if write else 0.0
+    print(f"dumped {r.regions} regions, {human(r.bytes)} ({human(r.data_bytes)} data) in "
+          f"{r.seconds['total']:.2f}s, memory written at {human(int(rate))}/s; process "
+          f"{args.pid} {_fate(args.after)}", file=sys.stderr)
+    print(r.directory)
+    return 0
+
+
+def _fate(after: After) -> str:
+    return {After.STOP: "left stopped (kill -CONT resumes it)", After.RUN: "resumed",
+            After.KILL: "killed"}[after]
+
+
+def cmd_gpu_load(args: argparse.Namespace) -> int:
+    own_workdir = args.workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="snapstore-gpu-load-")) if own_workdir \
+        else args.workdir
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        dump, seconds = _open(args, workdir)
+        if args.socket is not None:
+            print(f"serving {dump.directory} on {args.socket}; regions in "
+                  f"{dump.directory / TABLE_FILE}", file=sys.stderr)
+            status = serve(dump, workdir, args.socket, buffered=not args.direct_io)
+            return status if status in (0, 1, 2) else 1
+        r = load(dump, workdir, verify=not args.no_verify, buffered=not args.direct_io)
+    except LoaderNotBuiltError as err:
+        raise SnapstoreError(str(err)) from None
+    finally:
+        if own_workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print_json({"bytes": r.bytes, "data_bytes": r.data_bytes, "mappings": r.mappings,
+                    "materialize_seconds": seconds, "load_seconds": round(r.load_seconds, 4),
+                    "verified": r.verified, "loader": r.loader_stats})
+        return 0
+    made = f"materialised in {seconds:.2f}s, " if seconds is not None else ""
+    rate = r.data_bytes / r.load_seconds if r.load_seconds else 0.0
+    check = "every byte checked" if r.verified else "not checked"
+    print(f"loaded {human(r.bytes)} ({human(r.data_bytes)} data) into {r.mappings} mappings: "
+          f"{made}loaded in {r.load_seconds:.2f}s ({human(int(rate))}/s), {check}",
+          file=sys.stderr)
+    return 0
+
+
+def _open(args: argparse.Namespace, workdir: Path) -> tuple[Dump, float | None]:
+    """The dump REF names: a dump directory as is, else a snapshot materialised in workdir."""
+    ref = Path(args.ref)
+    if (ref / TABLE_FILE).is_file():
+        return read_dump(ref), None
+    store = open_store(args)
+    m = store.get_manifest(store.resolve(args.ref))
+    t = time.perf_counter()
+    dump = materialize(store, m, workdir / "dump")
+    return dump, round(time.perf_counter() - t, 4)

@@ -1,0 +1,525 @@
+"""GPU dumps: write a live process's memory (GPU memory included) as a page file and a table.
+
+A dump directory holds `pages.img`, the process's private readable regions one after another,
+all-zero pages left as holes, and `dump.json`, the region table and metadata (docs/gpu.md).
+For a CUDA process the driver first moves GPU memory into host memory (snapstore.gpu.cuda),
+so the page file holds it too; the process is stopped while its memory is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import mmap
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from snapstore.errors import SnapstoreError, UsageError
+from snapstore.gpu.cuda import CheckpointApi, NoCudaContext, ProcessState, open_api
+
+FORMAT = "snapstore-gpu-dump"
+VERSION = 1
+PAGES_FILE = "pages.img"
+TABLE_FILE = "dump.json"
+PAGE = mmap.PAGESIZE
+# Reads this large keep /proc/PID/mem at memory bandwidth; one buffer per thread is reused,
+# because first touches of fresh memory are slow.
+BLOCK = 8 << 20
+_PRESENT = np.uint64(1 << 63)
+_SWAPPED = np.uint64(1 << 62)
+# Kernel-provided mappings: not the process's data, and some cannot be read at all.
+_SPECIAL = {"[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]", "[uprobes]"}
+_STOP_TIMEOUT = 10.0
+
+
+class After(enum.Enum):
+    """What happens to the process once its memory is written."""
+
+    STOP = "stop"  # left stopped with its CUDA state restored; SIGCONT resumes it
+    RUN = "run"  # resumed (--leave-running)
+    KILL = "kill"  # SIGKILLed (--kill); its GPU memory is freed with it
+
+
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def anonymous(self) -> bool:
+        return self.path in ("", "[heap]", "[stack]") or self.path.startswith(
+            ("[anon:", "[stack:", "/dev/zero")
+        )
+
+
+@dataclass(slots=True)
+class Region:
+    """A region in the page file: `size` bytes of memory at `start` are at file `offset`."""
+
+    start: int
+    size: int
+    prot: str
+    offset: int
+    path: str
+    data_bytes: int = 0
+    unreadable_bytes: int = 0
+    # Untouched pages of anonymous memory read as zeros, so the pagemap can skip them.
+    anonymous: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "start": self.start, "size": self.size, "prot": self.prot, "offset": self.offset,
+            "path": self.path, "data_bytes": self.data_bytes,
+            "unreadable_bytes": self.unreadable_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Dump:
+    """A dump directory's table, as read back."""
+
+    directory: Path
+    pages_size: int
+    regions: tuple[Region, ...]
+    meta: dict[str, Any]
+
+    @property
+    def pages_path(self) -> Path:
+        return self.directory / PAGES_FILE
+
+
+@dataclass(slots=True)
+class DumpResult:
+    directory: Path
+    regions: int
+    bytes: int
+    data_bytes: int
+    cuda: bool
+    note: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def parse_maps(text: str) -> list[Mapping]:
+    """The mappings of a /proc/PID/maps text; lines that do not parse are skipped."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5 or len(fields[1]) != 4:
+            continue
+        lo, dash, hi = fields[0].partition("-")
+        try:
+            start, end = int(lo, 16), int(hi, 16)
+        except ValueError:
+            continue
+        if not dash or end <= start or start % PAGE or end % PAGE:
+            continue
+        out.append(Mapping(start, end, fields[1], fields[5] if len(fields) == 6 else ""))
+    return out
+
+
+def skip_reason(m: Mapping) -> str | None:
+    """Why a mapping is left out of the dump, or None to dump it."""
+    if m.perms[3] != "p":
+        return "shared"
+    if m.perms[0] != "r":
+        return "not readable"
+    if m.path in _SPECIAL:
+        return "kernel mapping"
+    if m.end > 1 << 63:
+        return "above the user address space"
+    if m.path.startswith("/dev/") and not m.path.startswith("/dev/zero"):
+        return "device mapping"
+    if not m.anonymous and m.perms[1] != "w":
+        # Read-only file mappings (code, constants) come back from the file itself.
+        return "read-only file mapping"
+    return None
+
+
+def plan(maps: list[Mapping]) -> tuple[list[Region], list[dict[str, Any]]]:
+    """The regions to dump at consecutive page file offsets, and the mappings left out."""
+    regions: list[Region] = []
+    skipped: list[dict[str, Any]] = []
+    offset = 0
+    for m in maps:
+        reason = skip_reason(m)
+        if reason:
+            skipped.append({"start": m.start, "size": m.size, "prot": m.perms, "path": m.path,
+                            "reason": reason})
+            continue
+        regions.append(Region(m.start, m.size, m.perms, offset, m.path, anonymous=m.anonymous))
+        offset += m.size
+    return regions, skipped
+
+
+# -- reading memory -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    region: Region
+    start: int  # memory address
+    size: int
+    offset: int  # page file offset
+
+
+def _blocks(regions: list[Region]) -> Iterator[_Block]:
+    for r in regions:
+        for pos in range(0, r.size, BLOCK):
+            n = min(BLOCK, r.size - pos)
+            yield _Block(r, r.start + pos, n, r.offset + pos)
+
+
+class _Reader:
+    """Copies blocks from a stopped process into the page file, leaving zero pages as holes."""
+
+    def __init__(self, pid: int, out_fd: int) -> None:
+        self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.pagemap: int | None = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.pagemap = None
+        self.out = out_fd
+        self.local = threading.local()
+
+    def close(self) -> None:
+        os.close(self.mem)
+        if self.pagemap is not None:
+            os.close(self.pagemap)
+
+    def _buffer(self) -> np.ndarray[Any, np.dtype[np.uint8]]:
+        buf: np.ndarray[Any, np.dtype[np.uint8]] | None = getattr(self.local, "buf", None)
+        if buf is None:
+            buf = np.zeros(BLOCK, dtype=np.uint8)
+            self.local.buf = buf
+        return buf
+
+    def _untouched(self, b: _Block) -> bool:
+        """True when no page of an anonymous block was ever touched, so all of it reads zero."""
+        if self.pagemap is None or not b.region.anonymous:
+            return False
+        n = b.size // PAGE
+        try:
+            raw = os.pread(self.pagemap, n * 8, b.start // PAGE * 8)
+        except OSError:
+            return False
+        if len(raw) != n * 8:
+            return False
+        entries = np.frombuffer(raw, dtype=np.uint64)
+        return not bool(np.any(entries & (_PRESENT | _SWAPPED)))
+
+    def copy(self, b: _Block) -> tuple[int, int]:
+        """(data bytes written, unreadable bytes) of one block."""
+        if self._untouched(b):
+            return 0, 0
+        view = self._buffer()[: b.size]
+        unreadable = self._read(view, b.start)
+        pages = view.view(np.uint64).reshape(-1, PAGE // 8)
+        nonzero = pages.any(axis=1)
+        if not nonzero.any():
+            return 0, unreadable
+        # Runs of non-zero pages: edges of the boolean mask.
+        edges = np.flatnonzero(np.diff(nonzero.astype(np.int8), prepend=0, append=0))
+        written = 0
+        mv = memoryview(view)  # type: ignore[arg-type]
+        for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            a, z = lo * PAGE, hi * PAGE
+            _pwrite_all(self.out, mv[a:z], b.offset + a)
+            written += z - a
+        return written, unreadable
+
+    def _read(self, view: np.ndarray[Any, np.dtype[np.uint8]], addr: int) -> int:
+        """Fill `view` from memory at `addr`; pages that cannot be read become zeros."""
+        mv = memoryview(view)  # type: ignore[arg-type]
+        try:
+            n = os.preadv(self.mem, [mv], addr)
+        except OSError:
+            n = 0
+        if n == len(mv):
+            return 0
+        # Some page in the block refused (a guard or device page): go page by page.
+        unreadable = 0
+        for pos in range(n - n % PAGE, len(mv), PAGE):
+            page = mv[pos : pos + PAGE]
+            try:
+                got = os.preadv(self.mem, [page], addr + pos)
+            except OSError:
+                got = 0
+            if got != PAGE:
+                view[pos : pos + PAGE] = 0
+                unreadable += PAGE
+        return unreadable
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def write_pages(pid: int, regions: list[Region], path: Path, threads: int) -> int:
+    """Write the regions' memory to a new sparse page file; returns the data bytes written."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, sum(r.size for r in regions))
+        reader = _Reader(pid, fd)
+        try:
+            lock = threading.Lock()
+
+            def work(b: _Block) -> None:
+                data, bad = reader.copy(b)
+                with lock:
+                    b.region.data_bytes += data
+                    b.region.unreadable_bytes += bad
+
+            with ThreadPoolExecutor(threads, thread_name_prefix="gpu-dump") as pool:
+                # list() re-raises the first worker error here.
+                list(pool.map(work, _blocks(regions)))
+        finally:
+            reader.close()
+    finally:
+        os.close(fd)
+    return sum(r.data_bytes for r in regions)
+
+
+# -- the process ------------------------------------------------------------------------
+
+
+def check_pid(pid: int) -> None:
+    if pid <= 0:
+        raise UsageError(f"PID must be a positive number, got {pid}")
+    if pid == os.getpid():
+        raise UsageError("gpu-dump cannot dump itself")
+    try:
+        os.stat(f"/proc/{pid}")
+    except FileNotFoundError:
+        raise SnapstoreError(f"no process {pid}") from None
+
+
+def read_maps(pid: int) -> list[Mapping]:
+    try:
+        return parse_maps(Path(f"/proc/{pid}/maps").read_text())
+    except FileNotFoundError:
+        raise SnapstoreError(f"no process {pid}") from None
+    except PermissionError:
+        raise SnapstoreError(f"not allowed to read the memory of process {pid}; run as root "
+                             "or as its owner") from None
+
+
+def _thread_states(pid: int) -> list[str]:
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            # The command name may hold spaces and parentheses; the state follows the last ')'.
+            states.append(stat[stat.rindex(")") + 2])
+    return states
+
+
+def stop(pid: int, timeout: float = _STOP_TIMEOUT) -> None:
+    """SIGSTOP the process and wait until every thread of it has stopped."""
+    try:
+        os.kill(pid, signal.SIGSTOP)
+    except ProcessLookupError:
+        raise SnapstoreError(f"process {pid} exited") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = _thread_states(pid)
+        except FileNotFoundError:
+            raise SnapstoreError(f"process {pid} exited") from None
+        if states and all(s in "TtZX" for s in states):
+            if "Z" in states[:1] or "X" in states[:1]:
+                raise SnapstoreError(f"process {pid} exited")
+            return
+        if time.monotonic() > deadline:
+            raise SnapstoreError(f"process {pid} did not stop within {timeout:.0f}s "
+                                 "(a thread is in uninterruptible sleep)")
+        time.sleep(0.001)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def dump_process(
+    pid: int,
+    outdir: Path,
+    after: After = After.STOP,
+    api: CheckpointApi | None = None,
+    threads: int | None = None,
+    lock_timeout_ms: int = 10_000,
+    log: Callable[[str], None] = lambda _: None,
+) -> DumpResult:
+    """Dump process `pid` into the new directory `outdir`, then leave it as `after` says.
+
+    If anything fails, the process is resumed with its CUDA state restored (it is never
+    killed without a complete dump) and `outdir` is removed.
+    """
+    check_pid(pid)
+    _create_outdir(outdir)
+    threads = threads or min(16, os.cpu_count() or 2)
+    api = api or open_api()
+    seconds: dict[str, float] = {}
+    t_start = time.perf_counter()
+    cuda = False
+    note = ""
+    try:
+        state = api.get_state(pid)
+    except NoCudaContext as err:
+        note = f"process {pid} has no CUDA state ({err}); dumping host memory only"
+    else:
+        if state is not ProcessState.RUNNING:
+            raise SnapstoreError(f"process {pid}'s CUDA state is {state.name.lower()}; "
+                                 "gpu-dump needs it running")
+        cuda = True
+    stopped = False
+    checkpointed = False
+    try:
+        if cuda:
+            t = time.perf_counter()
+            api.lock(pid, lock_timeout_ms)
+            seconds["lock"] = time.perf_counter() - t
+            t = time.perf_counter()
+            try:
+                api.checkpoint(pid)
+            except BaseException:
+                api.unlock(pid)
+                raise
+            checkpointed = True
+            seconds["checkpoint"] = time.perf_counter() - t
+            log(f"checkpointed CUDA state of {pid} in {seconds['checkpoint']:.2f}s")
+        t = time.perf_counter()
+        stop(pid)
+        stopped = True
+        seconds["stop"] = time.perf_counter() - t
+        t = time.perf_counter()
+        regions, skipped = plan(read_maps(pid))
+        data = write_pages(pid, regions, outdir / PAGES_FILE, threads)
+        seconds["write"] = time.perf_counter() - t
+        if not Path(f"/proc/{pid}").exists():
+            raise SnapstoreError(f"process {pid} exited during the dump")
+        driver = api.describe() if cuda else None
+        meta: dict[str, Any] = {
+            "format": FORMAT, "version": VERSION, "page_size": PAGE,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "pid": pid, "comm": _comm(pid), "pages_file": PAGES_FILE,
+            "pages_size": sum(r.size for r in regions), "data_bytes": data,
+            "cuda": driver.to_json() if driver else None, "note": note,
+            "regions": [r.to_json() for r in regions], "skipped": skipped,
+        }
+        if after is After.KILL:
+            _signal(pid, signal.SIGKILL)
+        else:
+            _resume(api, pid, cuda, seconds)
+            if after is After.STOP:
+                stop(pid)
+        stopped = checkpointed = False
+        seconds["total"] = time.perf_counter() - t_start
+        meta["seconds"] = {k: round(v, 4) for k, v in seconds.items()}
+        _write_json_atomic(outdir / TABLE_FILE, meta)
+    except BaseException:
+        if checkpointed or stopped:
+            with contextlib.suppress(SnapstoreError):
+                _resume(api, pid, checkpointed, seconds)
+        for name in (PAGES_FILE, TABLE_FILE):
+            with contextlib.suppress(FileNotFoundError):
+                (outdir / name).unlink()
+        with contextlib.suppress(OSError):
+            outdir.rmdir()
+        raise
+    return DumpResult(outdir, len(regions), meta["pages_size"], data, cuda, note, seconds)
+
+
+def _resume(api: CheckpointApi, pid: int, cuda: bool, seconds: dict[str, float]) -> None:
+    # The driver restores through a thread inside the process, so it must run first.
+    _signal(pid, signal.SIGCONT)
+    if cuda:
+        t = time.perf_counter()
+        api.restore(pid)
+        api.unlock(pid)
+        seconds["restore"] = time.perf_counter() - t
+
+
+def _create_outdir(outdir: Path) -> None:
+    try:
+        outdir.mkdir()
+    except FileExistsError:
+        if not outdir.is_dir() or any(outdir.iterdir()):
+            raise SnapstoreError(f"{outdir} exists and is not an empty directory") from None
+    except OSError as err:
+        raise SnapstoreError(f"cannot create {outdir}: {err.strerror}") from None
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+# -- reading a dump back --------------------------------------------------------------------
+
+
+def read_dump(directory: Path) -> Dump:
+    """A dump directory's table, checked: regions tile the page file in order, page aligned."""
+    try:
+        doc = json.loads((directory / TABLE_FILE).read_text())
+    except FileNotFoundError:
+        raise SnapstoreError(f"{directory} holds no {TABLE_FILE}; is it a gpu-dump?") from None
+    except (OSError, ValueError) as err:
+        raise SnapstoreError(f"cannot read {directory / TABLE_FILE}: {err}") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        raise SnapstoreError(f"{directory / TABLE_FILE} is not a {FORMAT} version {VERSION}")
+    if doc.get("page_size") != PAGE:
+        raise SnapstoreError(f"dump page size {doc.get('page_size')} differs from this "
+                             f"system's {PAGE}")
+    regions = []
+    offset = 0
+    try:
+        for r in doc["regions"]:
+            region = Region(int(r["start"]), int(r["size"]), str(r["prot"]), int(r["offset"]),
+                            str(r["path"]), int(r["data_bytes"]), int(r["unreadable_bytes"]))
+            if region.offset != offset or region.size <= 0 or region.size % PAGE:
+                raise ValueError(f"region at {region.start:#x} is out of place")
+            offset += region.size
+            regions.append(region)
+        pages_size = int(doc["pages_size"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SnapstoreError(f"bad region table in {directory / TABLE_FILE}: {err}") from None
+    if pages_size != offset:
+        raise SnapstoreError(f"{directory / TABLE_FILE}: regions cover {offset} bytes, "
+                             f"pages_size says {pages_size}")
+    try:
+        actual = (directory / PAGES_FILE).stat().st_size
+    except FileNotFoundError:
+        raise SnapstoreError(f"{directory} holds no {PAGES_FILE}") from None
+    if actual != pages_size:
+        raise SnapstoreError(f"{directory / PAGES_FILE} is {actual} bytes, the table says "
+                             f"{pages_size}")
+    return Dump(directory, pages_size, tuple(regions), doc)

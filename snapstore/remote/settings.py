@@ -1,0 +1,12 @@
+"""Defaults of the remote commands, in a module light enough for the CLI to import early."""
+
+# Parallel requests of one transfer. Against moto (benchmarks/RESULTS_remote.md) 4 to 32 made
+# no clear difference: its one Python process is the limit. Real S3 scales per request, so
+# more pay off there (--jobs); 16 keeps memory at a few dozen MiB of chunks in flight.
+DEFAULT_JOBS = 16
+# Never delete a remote object younger than this: a push may still be writing under it.
+DEFAULT_GRACE_S = 24 * 3600
+# Disk a remote mount may fill with fetched chunks (STORE/cache).
+DEFAULT_CACHE_BYTES = 4 << 30
+# Parallel GETs of one mount. The FUSE layer's read-ahead asks for several chunks at once.
+DEFAULT_CONNECTIONS = 16

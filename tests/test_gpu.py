@@ -1,0 +1,339 @@
+"""GPU dumps: maps parsing, the memory dump of a live CPU process, the CUDA call order (with a
+fake driver), ingest/export of a dump, loading it back through the uffd loader, and the CLI.
+The real-GPU test skips where there is no GPU or no cuda.bindings."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from snapstore import cli
+from snapstore.errors import SnapstoreError, UsageError
+from snapstore.export import export
+from snapstore.gpu import cuda
+from snapstore.gpu.dump import (
+    PAGE,
+    PAGES_FILE,
+    After,
+    Dump,
+    Mapping,
+    Region,
+    dump_process,
+    parse_maps,
+    plan,
+    read_dump,
+)
+from snapstore.gpu.load import load, mappings, materialize
+from snapstore.ingest import ingest
+from snapstore.store.local import LocalStore
+from snapstore.uffd import loader
+
+# The child fills known memory and reports where it is: one JSON line, then it waits.
+CHILD = r"""
+import hashlib, json, os, sys, time
+import numpy as np
+rng = np.random.default_rng(11)
+data = rng.integers(0, 256, size=24 << 20, dtype=np.uint8)
+half = np.zeros(8 << 20, dtype=np.uint8)
+half[: 4 << 20] = 7                   # a region whose second half stays zero
+zeros = np.zeros(32 << 20, dtype=np.uint8)  # never touched: all holes
+arrays = {"data": data, "half": half, "zeros": zeros}
+print(json.dumps({k: [a.ctypes.data, a.nbytes, hashlib.sha256(a.tobytes()).hexdigest()]
+                  for k, a in arrays.items()}), flush=True)
+for line in sys.stdin:
+    print("alive", flush=True)
+"""
+
+
+class Child:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.arrays: dict[str, list[Any]] = json.loads(self.proc.stdout.readline())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def state(self) -> str:
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2]
+
+    def ping(self) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("ping\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+
+@pytest.fixture
+def child() -> Iterator[Child]:
+    c = Child()
+    yield c
+    c.proc.kill()
+    c.proc.communicate()
+
+
+def memory_at(d: Dump, addr: int, size: int) -> bytes:
+    """Bytes of the dumped process at `addr`, read through the region table (an array can
+    span neighbouring regions)."""
+    out = bytearray()
+    with d.pages_path.open("rb") as f:
+        for r in d.regions:
+            lo, hi = max(addr, r.start), min(addr + size, r.start + r.size)
+            if lo < hi:
+                assert lo == addr + len(out), f"{lo:#x} is in no dumped region"
+                f.seek(r.offset + lo - r.start)
+                out += f.read(hi - lo)
+    assert len(out) == size, f"{addr:#x}+{size} is not all dumped"
+    return bytes(out)
+
+
+class FakeDriver:
+    """A CheckpointApi that follows the driver's state machine and records the calls."""
+
+    def __init__(self, child: Child) -> None:
+        self.child = child
+        self.state = cuda.ProcessState.RUNNING
+        self.calls: list[str] = []
+
+    def describe(self) -> cuda.DriverInfo | None:
+        return cuda.DriverInfo("580.0", "13.0", (cuda.GpuInfo(0, "Fake GPU", "GPU-0"),))
+
+    def get_state(self, pid: int) -> cuda.ProcessState:
+        return self.state
+
+    def _step(self, name: str, want: cuda.ProcessState, to: cuda.ProcessState) -> None:
+        assert self.state is want, f"{name} in state {self.state}"
+        if name in ("checkpoint", "restore"):
+            # The driver's thread inside the process does this work: it must be running.
+            assert self.child.state() not in "Tt", f"{name} on a stopped process"
+        self.calls.append(name)
+        self.state = to
+
+    def lock(self, pid: int, timeout_ms: int) -> None:
+        self._step("lock", cuda.ProcessState.RUNNING, cuda.ProcessState.LOCKED)
+
+    def checkpoint(self, pid: int) -> None:
+        self._step("checkpoint", cuda.ProcessState.LOCKED, cuda.ProcessState.CHECKPOINTED)
+
+    def restore(self, pid: int) -> None:
+        self._step("restore", cuda.ProcessState.CHECKPOINTED, cuda.ProcessState.LOCKED)
+
+    def unlock(self, pid: int) -> None:
+        self._step("unlock", cuda.ProcessState.LOCKED, cuda.ProcessState.RUNNING)
+
+
+def no_cuda() -> cuda.CheckpointApi:
+    return cuda.NoCuda("no driver in this test")
+
+
+# -- pure logic -------------------------------------------------------------------------
+
+
+def test_parse_maps_skips_malformed_lines() -> None:
+    text = "\n".join([
+        "7f0000000000-7f0000002000 rw-p 00000000 00:00 0 ",
+        "7f0000002000-7f0000003000 r--p 00000000 08:01 123     /usr/lib/libc.so.6",
+        "garbage",
+        "zz-7f0000004000 rw-p 00000000 00:00 0",
+        "7f0000005000-7f0000004000 rw-p 00000000 00:00 0",
+        "7ffd00000000-7ffd00001000 rw-p 00000000 00:00 0       [stack]",
+        "7f0000010000-7f0000011000 rw-s 00000000 00:05 9       /dev/nvidia0",
+        "7f0000020000-7f0000021000 rw-p 00000000 00:00 0       /path with spaces (deleted)",
+    ])
+    maps = parse_maps(text)
+    assert [m.path for m in maps] == ["", "/usr/lib/libc.so.6", "[stack]", "/dev/nvidia0",
+                                     "/path with spaces (deleted)"]
+    assert maps[0] == Mapping(0x7F0000000000, 0x7F0000002000, "rw-p", "")
+
+
+def test_plan_selects_private_readable_memory() -> None:
+    maps = [
+        Mapping(0x1000, 0x3000, "rw-p", ""),
+        Mapping(0x3000, 0x4000, "r-xp", "/usr/bin/python3"),
+        Mapping(0x4000, 0x5000, "rw-p", "/usr/bin/python3"),
+        Mapping(0x5000, 0x6000, "---p", ""),
+        Mapping(0x6000, 0x7000, "rw-s", "/dev/shm/x"),
+        Mapping(0x7000, 0x8000, "rw-p", "/dev/nvidia-uvm"),
+        Mapping(0x8000, 0x9000, "r--p", "[vvar]"),
+        Mapping(0x9000, 0xA000, "r--p", "[anon:cuda]"),
+    ]
+    regions, skipped = plan(maps)
+    assert [(r.start, r.offset) for r in regions] == [(0x1000, 0), (0x4000, 0x2000),
+                                                      (0x9000, 0x3000)]
+    assert [s["reason"] for s in skipped] == ["read-only file mapping", "not readable", "shared",
+                                             "device mapping", "kernel mapping"]
+
+
+def test_mappings_merge_neighbours_past_the_loader_limit() -> None:
+    regions = tuple(Region(0x10000 * i, PAGE, "rw-p", PAGE * i, "") for i in range(200))
+    d = Dump(Path("."), 200 * PAGE, regions, {})
+    layout = mappings(d, limit=64)
+    assert len(layout) <= 64
+    assert layout[0][0] == 0 and sum(size for _, size in layout) == 200 * PAGE
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(layout))
+    assert mappings(Dump(Path("."), 3 * PAGE, regions[:3], {})) == [(0, PAGE), (PAGE, PAGE),
+                                                                   (2 * PAGE, PAGE)]
+
+
+def test_no_cuda_api_reports_no_context() -> None:
+    with pytest.raises(cuda.NoCudaContext):
+        no_cuda().get_state(1)
+
+
+# -- dumping a live process ---------------------------------------------------------------
+
+
+def test_dump_reproduces_memory_and_leaves_process_stopped(child: Child, tmp_path: Path) -> None:
+    r = dump_process(child.pid, tmp_path / "d", api=no_cuda())
+    assert child.state() in "Tt"
+    assert not r.cuda and "no CUDA state" in r.note
+    d = read_dump(tmp_path / "d")
+    for name, (addr, size, digest) in child.arrays.items():
+        assert hashlib.sha256(memory_at(d, addr, size)).hexdigest() == digest, name
+    meta = json.loads((tmp_path / "d" / "dump.json").read_text())
+    assert meta["pid"] == child.pid and meta["cuda"] is None
+    assert sum(reg.data_bytes for reg in d.regions) == r.data_bytes
+    # Zero pages are holes: the untouched 32 MiB and half of `half` take no disk space.
+    used = os.stat(d.pages_path).st_blocks * 512
+    assert used < r.bytes - (32 << 20)
+    assert r.data_bytes >= (24 << 20) + (4 << 20)
+    os.kill(child.pid, signal.SIGCONT)
+    assert child.ping() == "alive"
+
+
+def test_dump_leave_running_and_kill(child: Child, tmp_path: Path) -> None:
+    dump_process(child.pid, tmp_path / "a", after=After.RUN, api=no_cuda())
+    assert child.ping() == "alive"
+    dump_process(child.pid, tmp_path / "b", after=After.KILL, api=no_cuda())
+    assert child.proc.wait(timeout=10) == -signal.SIGKILL
+    assert read_dump(tmp_path / "b").pages_size > 0
+
+
+def test_cuda_calls_follow_the_driver_state_machine(child: Child, tmp_path: Path) -> None:
+    fake = FakeDriver(child)
+    r = dump_process(child.pid, tmp_path / "d", after=After.STOP, api=fake)
+    assert fake.calls == ["lock", "checkpoint", "restore", "unlock"]
+    assert fake.state is cuda.ProcessState.RUNNING and child.state() in "Tt"
+    meta = json.loads((tmp_path / "d" / "dump.json").read_text())
+    assert r.cuda and meta["cuda"]["gpus"][0]["name"] == "Fake GPU"
+
+
+def test_failed_dump_resumes_process_and_restores_cuda(child: Child, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeDriver(child)
+
+    def broken(*args: object) -> int:
+        raise SnapstoreError("disk full")
+
+    monkeypatch.setattr("snapstore.gpu.dump.write_pages", broken)
+    with pytest.raises(SnapstoreError, match="disk full"):
+        dump_process(child.pid, tmp_path / "d", after=After.KILL, api=fake)
+    assert fake.calls == ["lock", "checkpoint", "restore", "unlock"]
+    assert child.ping() == "alive"
+    assert not (tmp_path / "d").exists()
+
+
+def test_bad_pid_and_bad_outdir(child: Child, tmp_path: Path) -> None:
+    with pytest.raises(SnapstoreError, match="no process 999999999"):
+        dump_process(999999999, tmp_path / "x", api=no_cuda())
+    with pytest.raises(UsageError):
+        dump_process(0, tmp_path / "x", api=no_cuda())
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    with pytest.raises(SnapstoreError, match="not an empty directory"):
+        dump_process(child.pid, tmp_path / "full", api=no_cuda())
+
+
+def test_dump_ingests_and_exports_byte_identical(child: Child, tmp_path: Path,
+                                                 store: LocalStore) -> None:
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda())
+    ingest(store, tmp_path / "d", "gpu")
+    out = tmp_path / "out"
+    export(store, store.get_manifest(store.resolve("gpu")), out)
+    for name in ("pages.img", "dump.json"):
+        assert (out / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
+    made = materialize(store, store.get_manifest(store.resolve("gpu")), tmp_path / "mat")
+    assert made.pages_path.read_bytes() == (tmp_path / "d" / PAGES_FILE).read_bytes()
+
+
+# -- loading it back ----------------------------------------------------------------------
+
+
+def _need_loader() -> None:
+    try:
+        loader.binary_path()
+    except loader.LoaderNotBuiltError as err:
+        pytest.skip(str(err))
+
+
+def test_load_through_uffd_loader_is_page_exact(child: Child, tmp_path: Path,
+                                                store: LocalStore) -> None:
+    _need_loader()
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda())
+    work = tmp_path / "w"
+    work.mkdir()
+    r = load(read_dump(tmp_path / "d"), work)
+    assert r.verified and r.data_bytes > 0
+    ingest(store, tmp_path / "d", "gpu")
+    work2 = tmp_path / "w2"
+    work2.mkdir()
+    made = materialize(store, store.get_manifest(store.resolve("gpu")), work2 / "dump")
+    assert load(made, work2).verified
+
+
+def test_cli_dump_and_load(child: Child, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    _need_loader()
+    monkeypatch.setattr(cuda, "open_api", no_cuda)
+    monkeypatch.setattr("snapstore.gpu.dump.open_api", no_cuda)
+    st = str(tmp_path / "store")
+    assert cli.main(["gpu-dump", str(child.pid), str(tmp_path / "d"), "--leave-running"]) == 0
+    assert "no CUDA state" in capsys.readouterr().err
+    assert cli.main(["--store", st, "ingest", str(tmp_path / "d"), "--tag", "g"]) == 0
+    capsys.readouterr()
+    assert cli.main(["--store", st, "gpu-load", "g", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["verified"] is True
+    assert cli.main(["gpu-dump", "999999999", str(tmp_path / "e")]) == 1
+    assert "no process 999999999" in capsys.readouterr().err
+
+
+# -- a real GPU ----------------------------------------------------------------------------
+
+
+def test_real_cuda_process_round_trip(tmp_path: Path) -> None:
+    api = cuda.open_api()
+    if isinstance(api, cuda.NoCuda):
+        pytest.skip(f"needs a GPU and cuda.bindings: {api.reason}")
+    pytest.importorskip("torch")
+    src = ("import sys, torch\n"
+           "x = torch.arange(1 << 24, device='cuda', dtype=torch.float32)\n"
+           "torch.cuda.synchronize(); print('ready', flush=True)\n"
+           "for line in sys.stdin: print(float(x.sum()), flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", src], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        r = dump_process(proc.pid, tmp_path / "d", after=After.RUN, api=api)
+        assert r.cuda and r.data_bytes >= 64 << 20
+        time.sleep(0.1)
+        proc.stdin.write("sum\n")
+        proc.stdin.flush()
+        assert float(proc.stdout.readline()) == float(sum(range(1 << 24)))
+    finally:
+        proc.kill()
+        proc.communicate()
