@@ -22,9 +22,10 @@ from snapstore.manifest import Entry, Extent, Manifest
 from snapstore.progress import Advance, byte_progress
 from snapstore.store.local import ChunkWriter, LocalStore, check_tag
 
-# Chunks in flight per worker: enough to keep both cores busy while the reader cuts,
-# few enough that memory stays a handful of max-size chunks per worker.
-_INFLIGHT_PER_WORKER = 3
+# Bytes of chunks handed to the workers and not yet settled. Enough that a slow chunk
+# (one that waits for the disk) does not idle the other workers, and a bound on memory
+# whatever the input size: a few max-size chunks per worker.
+_INFLIGHT_BYTES = 48 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,8 +108,7 @@ def ingest(
         try:
             with byte_progress("ingest", total) as advance:
                 entries = [
-                    _entry(src, rel, st, writer, params, pool, workers, stored, advance,
-                           transcode)
+                    _entry(src, rel, st, writer, params, pool, stored, advance, transcode)
                     for rel, st in plan
                 ]
         except BaseException:
@@ -146,7 +146,6 @@ def _entry(
     writer: ChunkWriter,
     params: ChunkerParams,
     pool: ThreadPoolExecutor,
-    workers: int,
     stored: list[_Stored],
     advance: Advance,
     transcode: bool,
@@ -161,8 +160,7 @@ def _entry(
         try:
             with _open(path) as f:
                 form = statefile.StoredForm(f)
-                extents = _ingest_stream(writer, form, path, params, pool, workers, stored,
-                                         advance)
+                extents = _ingest_stream(writer, form, path, params, pool, stored, advance)
             layout = form.layout()
             return Entry(rel, "file", mode, mtime, layout.presented_size(), tuple(extents),
                          form="transcoded", layout=layout)
@@ -170,7 +168,7 @@ def _entry(
             # Chunks stored before the problem showed are left to gc.
             print(f"snapstore: warning: {path}: {e}; storing it byte-exact", file=sys.stderr)
     with _open(path) as f:
-        extents = _ingest_stream(writer, f, path, params, pool, workers, stored, advance)
+        extents = _ingest_stream(writer, f, path, params, pool, stored, advance)
     return Entry(rel, "file", mode, mtime, sum(x.size for x in extents), tuple(extents))
 
 
@@ -192,22 +190,24 @@ def _ingest_stream(
     path: Path,
     params: ChunkerParams,
     pool: ThreadPoolExecutor,
-    workers: int,
     stored: list[_Stored],
     advance: Advance,
 ) -> list[Extent]:
     extents: list[Extent] = []
     # Holes wait in line behind the chunks in flight, so extents stay in file order.
     inflight: deque[Future[_Stored] | Extent] = deque()
+    inflight_bytes = 0
 
     def settle(limit: int) -> None:
-        while len(inflight) > limit:
+        nonlocal inflight_bytes
+        while inflight and inflight_bytes > limit:
             item = inflight.popleft()
             if isinstance(item, Extent):
                 extents.append(item)
                 advance(item.size)
             else:
                 s = item.result()
+                inflight_bytes -= s.size
                 stored.append(s)
                 extents.append(Extent(s.cid, s.size))
                 advance(s.size, 1)
@@ -216,10 +216,11 @@ def _ingest_stream(
         for piece in split(f, params):
             if isinstance(piece, Data):
                 inflight.append(pool.submit(_store_chunk, writer, piece.data))
+                inflight_bytes += piece.size
             else:
                 inflight.append(Extent(None, piece.size))
-            settle(workers * _INFLIGHT_PER_WORKER)
-        settle(0)
+            settle(_INFLIGHT_BYTES)
+        settle(-1)
     except OSError as e:
         raise _io_error(e, path) from None
     return extents

@@ -19,6 +19,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,9 @@ class LocalStore:
     def _create(self) -> None:
         for d in (self.chunks_dir, self.snapshots_dir, self.tags_dir, self.tmp_dir):
             d.mkdir(parents=True, exist_ok=True)
+        # All 256 fan-out directories up front: no mkdir on the path of each chunk write.
+        for i in range(256):
+            (self.chunks_dir / f"{i:02x}").mkdir(exist_ok=True)
         doc = {"format": STORE_FORMAT, "version": STORE_VERSION}
         self._write_atomic(self.root / "config.json", json.dumps(doc).encode() + b"\n")
 
@@ -324,12 +328,17 @@ class LocalStore:
             yield Path(e.path)
 
 
+# Files a batch holds open (unnamed, until linked) at most.
+_BATCH_FILES = 256
+
+
 class ChunkWriter:
     """Writes many chunks with one syncfs per batch instead of one fsync per chunk.
 
     A chunk is written to tmp/ and renamed into chunks/ only after a syncfs that
     followed its write, so a chunk visible in chunks/ always has durable content, and
-    `close()` makes every rename durable before the caller writes a manifest.
+    `close()` makes every rename durable before the caller writes a manifest. Full
+    batches are committed on a thread of their own, so no writer waits for the disk.
     Safe to call from several threads.
     """
 
@@ -337,9 +346,11 @@ class ChunkWriter:
         self._store = store
         self._batch_bytes = batch_bytes
         self._lock = threading.Lock()
-        self._pending: list[tuple[Path, Path]] = []
+        self._pending: list[tuple[int, Path]] = []
         self._pending_bytes = 0
         self._claimed: set[ChunkId] = set()
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self._commits: list[Future[None]] = []
 
     def claim(self, cid: ChunkId) -> bool:
         """True if the caller should `put` this chunk: neither the store nor this writer
@@ -353,44 +364,76 @@ class ChunkWriter:
     def put(self, cid: ChunkId, obj: bytes) -> int:
         """Write a claimed, encoded chunk; returns the bytes written."""
         dest = self._store.chunk_path(cid)
-        tmp = self._store.tmp_dir / f"{cid.hex}.{uuid.uuid4().hex}.tmp"
+        fd = os.open(self._store.tmp_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
         try:
-            with tmp.open("wb") as f:
-                f.write(obj)
+            view = memoryview(obj)
+            while view:
+                view = view[os.write(fd, view) :]
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            os.close(fd)
             raise
         with self._lock:
-            self._pending.append((tmp, dest))
+            self._pending.append((fd, dest))
             self._pending_bytes += len(obj)
-            full = self._pending_bytes >= self._batch_bytes
-        if full:
-            self._commit()
+            if self._pending_bytes >= self._batch_bytes or len(self._pending) >= _BATCH_FILES:
+                self._commits.append(self._committer.submit(self._commit, self._take()))
         return len(obj)
 
-    def _commit(self) -> None:
-        with self._lock:
-            batch, self._pending, self._pending_bytes = self._pending, [], 0
+    def _take(self) -> list[tuple[int, Path]]:
+        batch, self._pending, self._pending_bytes = self._pending, [], 0
+        return batch
+
+    def _commit(self, batch: list[tuple[int, Path]]) -> None:
         if not batch:
             return
-        self._store.sync()
-        for tmp, dest in batch:
-            dest.parent.mkdir(exist_ok=True)
-            os.rename(tmp, dest)
+        try:
+            self._store.sync()
+            for fd, dest in batch:
+                _link_unnamed(fd, dest)
+        finally:
+            for fd, _ in batch:
+                os.close(fd)
 
     def close(self) -> None:
-        """Publish the last batch and make all renames durable."""
-        self._commit()
+        """Publish every batch and make all renames durable."""
+        with self._lock:
+            last = self._take()
+        self._committer.shutdown(wait=True)
+        for done in self._commits:
+            done.result()
+        self._commit(last)
         self._store.sync()
 
     def abort(self) -> None:
         """Drop the chunks not yet published (after a failure)."""
+        self._committer.shutdown(wait=True)
         with self._lock:
-            batch, self._pending = self._pending, []
-        for tmp, _ in batch:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+            batch = self._take()
+        for fd, _ in batch:
+            os.close(fd)
+
+
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _link_unnamed(fd: int, dest: Path) -> None:
+    """Give the O_TMPFILE file `fd` the name `dest` (already there: same content, fine).
+
+    Through /proc with AT_SYMLINK_FOLLOW, which needs no privilege (os.link does not
+    follow the /proc link)."""
+    src = f"/proc/self/fd/{fd}".encode()
+    for _ in range(2):
+        if _libc.linkat(_AT_FDCWD, src, _AT_FDCWD, os.fsencode(dest), _AT_SYMLINK_FOLLOW) == 0:
+            return
+        e = ctypes.get_errno()
+        if e == errno.EEXIST:
+            return
+        if e != errno.ENOENT:
+            break
+        # A store made before its fan-out directories were created up front.
+        dest.parent.mkdir(exist_ok=True)
+    raise OSError(e, os.strerror(e), str(dest))
 
 
 def _scandir(d: Path) -> list[os.DirEntry[str]]:
