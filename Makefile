@@ -24,10 +24,13 @@ typecheck:
 
 install: system-deps $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py native/uffd_loader.c
+$(VENV)/.installed: pyproject.toml setup.py native/uffd_loader.c $(wildcard snapstore/*.py snapstore/*/*.py fusefs/*.py)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# An editable install leaves no bytecode, and PYTHONDONTWRITEBYTECODE would keep every
+	# command compiling the package anew: compile it once, as a wheel install does.
+	$(BIN)/python -m compileall -q snapstore fusefs benchmarks
 	touch $@
 
 system-deps:
