@@ -24,7 +24,7 @@ typecheck:
 
 install: system-deps $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml setup.py native/uffd_loader.c $(wildcard snapstore/*.py snapstore/*/*.py fusefs/*.py)
+$(VENV)/.installed: pyproject.toml setup.py native/uffd_loader.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
