@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +91,12 @@ def processes_using(root: Path) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def wait_counter_above(bundle: Path, value: int, timeout: float = 30) -> int:
+    """Wait for the busybox counter of `bundle` to pass `value`; return what it read."""
+    deadline = time.monotonic() + timeout
+    while (current := examples.read_counter(bundle)) <= value:
+        assert time.monotonic() < deadline, f"counter stuck at {current}, expected > {value}"
+        time.sleep(0.05)
+    return current

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,9 @@ from snapstore.ingest import ingest
 from snapstore.runsc import Runsc, new_container_id
 from snapstore.statefile import memory_of
 from snapstore.store.local import LocalStore
+from tests.conftest import wait_counter_above
 
 pytestmark = pytest.mark.runsc
-
-
-def wait_counter_above(bundle: Path, value: int, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    while (current := examples.read_counter(bundle)) <= value:
-        assert time.monotonic() < deadline, f"counter stuck at {current}, expected > {value}"
-        time.sleep(0.05)
-    return current
 
 
 def test_exact_ingest_exports_the_checkpoint_byte_identical(

@@ -11,16 +11,9 @@ import pytest
 
 from snapstore import examples
 from snapstore.runsc import Runsc, RunscError, new_container_id
+from tests.conftest import wait_counter_above
 
 MiB = 2**20
-
-
-def _wait_for_counter_above(bundle: Path, value: int, timeout: float = 30) -> int:
-    deadline = time.monotonic() + timeout
-    while (current := examples.read_counter(bundle)) <= value:
-        assert time.monotonic() < deadline, f"counter stuck at {current}, expected > {value}"
-        time.sleep(0.05)
-    return current
 
 
 # -- memory_image ---------------------------------------------------------------------------
@@ -125,7 +118,7 @@ def test_restore_from_plain_dir_counter_keeps_rising(rs: Runsc, tmp_path: Path) 
     cid = new_container_id()
     rs.run(cid, bundle)
     try:
-        _wait_for_counter_above(bundle, 3)
+        wait_counter_above(bundle, 3)
         rs.checkpoint(cid, tmp_path / "image")
         assert rs.state(cid).status == "stopped"
         stopped_at = examples.read_counter(bundle)
@@ -133,10 +126,10 @@ def test_restore_from_plain_dir_counter_keeps_rising(rs: Runsc, tmp_path: Path) 
 
         rs.restore(cid, bundle, tmp_path / "image")
         assert rs.state(cid).status == "running"
-        resumed = _wait_for_counter_above(bundle, stopped_at)
+        resumed = wait_counter_above(bundle, stopped_at)
         # A fresh start would count from 1 again; a restored shell resumes right after.
         assert resumed <= stopped_at + 3
-        _wait_for_counter_above(bundle, resumed + 3)
+        wait_counter_above(bundle, resumed + 3)
     finally:
         rs.destroy(cid)
     assert rs.containers() == []
@@ -152,11 +145,11 @@ def test_counter_cycle(rs: Runsc, tmp_path: Path) -> None:
 def test_checkpoint_leave_running(rs: Runsc, tmp_path: Path) -> None:
     bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
     with rs.container(bundle) as cid:
-        _wait_for_counter_above(bundle, 3)
+        wait_counter_above(bundle, 3)
         image = rs.checkpoint(cid, tmp_path / "image", leave_running=True)
         assert image.stat().st_size > 0
         assert rs.state(cid).status == "running"
-        _wait_for_counter_above(bundle, examples.read_counter(bundle) + 2)
+        wait_counter_above(bundle, examples.read_counter(bundle) + 2)
     assert rs.containers() == []
 
 
