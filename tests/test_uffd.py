@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from snapstore.uffd import cli, loader
 from snapstore.uffd.build import compile_loader, source_path
@@ -421,3 +423,40 @@ def test_uffd_serve_from_the_store(tmp_path: Path, image: Image) -> None:
     assert list(store.tmp_files()) == []
     assert main(["--store", str(store.root), "uffd-serve", "mem", "nope.img", "--socket",
                  str(sock)]) == 1
+
+
+handshake_fields = st.fixed_dictionaries(
+    {},
+    optional={
+        "base_host_virt_addr": st.integers(-(2**65), 2**65),
+        "size": st.integers(-(2**65), 2**65),
+        "offset": st.integers(-(2**65), 2**65),
+        "page_size": st.sampled_from([0, 1, 4096, 4097, 2 << 20, -4096]),
+        "page_size_kib": st.integers(-5, 5000),
+    },
+)
+handshakes = st.one_of(
+    st.lists(handshake_fields, max_size=3).map(json.dumps),
+    st.text(max_size=200),
+    st.lists(st.one_of(st.integers(), st.text(max_size=5), st.none()), max_size=4)
+    .map(json.dumps),
+)
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(payload=handshakes)
+def test_fuzzed_handshakes_end_cleanly(tmp_path: Path, image: Image, payload: str) -> None:
+    """Whatever arrives, the loader exits 0 or 1 with at most one line, and never hangs."""
+    for leftover in tmp_path.glob("loader.sock"):
+        leftover.unlink()
+    proc, sock = start_loader(tmp_path, image.path)
+    with spawn_client("raw", str(sock), payload or " ", "fd") as client:
+        try:
+            _, err = proc.communicate(timeout=3)
+        except subprocess.TimeoutExpired:
+            # Accepted as a handshake (no regions, say): it ends when the client goes away.
+            client.kill()
+            _, err = proc.communicate(timeout=30)
+    assert proc.returncode in (0, 1), err
+    assert err.count("\n") <= 1, err
