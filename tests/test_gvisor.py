@@ -15,6 +15,7 @@ from snapstore.runsc import Runsc, new_container_id
 from snapstore.statefile import memory_of
 from snapstore.store.local import LocalStore
 from tests.conftest import wait_counter_above
+from tests.s3proxy import make_bucket, moto_server, s3_env
 
 pytestmark = pytest.mark.runsc
 
@@ -92,3 +93,38 @@ def test_checkpoint_restore_cycle_and_fallback(
     finally:
         rs.destroy(cid)
     assert restore_mounts() == []
+
+
+def test_restore_from_a_snapshot_only_in_s3(
+    rs: Runsc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with moto_server() as port:
+        make_bucket(port, "snaps")
+        for k, v in s3_env().items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        remote = "s3://snaps/node"
+        here, there = tmp_path / "checkpointing-host", tmp_path / "empty-host"
+        runsc_arg = f"--runsc-arg=--root={rs.root}"
+        bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+        cid = new_container_id()
+        rs.run(cid, bundle)
+        try:
+            wait_counter_above(bundle, 20)
+            assert main(["--store", str(here), "checkpoint", cid, "--tag", "counter",
+                         "--label", "app=counter", runsc_arg]) == 0
+            at_checkpoint = examples.read_counter(bundle)
+            assert main(["--store", str(here), "push", "counter", remote]) == 0
+            rs.delete(cid)
+            capsys.readouterr()
+            assert main(["--store", str(there), "restore", cid, "--match", "app=counter",
+                         "--bundle", str(bundle), "--remote", remote, runsc_arg,
+                         "--json"]) == 0
+            report = json.loads(capsys.readouterr().out)
+            assert report["path"] == "restore", report["reason"]
+            assert report["source"] == remote
+            assert wait_counter_above(bundle, at_checkpoint) > at_checkpoint
+            assert restore_mounts() == []
+        finally:
+            rs.destroy(cid)
