@@ -1,6 +1,6 @@
 """Defaults of the remote commands, in a module light enough for the CLI to import early."""
 
-# Parallel requests of one transfer. Against moto (benchmarks/RESULTS_remote.md) 4 to 32 made
+# Parallel requests of one transfer. Against moto (benchmarks/RESULTS.md) 4 to 32 made
 # no clear difference: its one Python process is the limit. Real S3 scales per request, so
 # more pay off there (--jobs); 16 keeps memory at a few dozen MiB of chunks in flight.
 DEFAULT_JOBS = 16
