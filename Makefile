@@ -24,12 +24,12 @@ typecheck:
 
 install: system-deps $(VENV)/.installed
 
+# An editable install leaves no bytecode, and PYTHONDONTWRITEBYTECODE would keep every
+# command compiling the package anew: compile it once, as a wheel install does.
 $(VENV)/.installed: pyproject.toml setup.py native/uffd_loader.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	# An editable install leaves no bytecode, and PYTHONDONTWRITEBYTECODE would keep every
-	# command compiling the package anew: compile it once, as a wheel install does.
 	$(BIN)/python -m compileall -q snapstore fusefs benchmarks
 	touch $@
 

@@ -136,7 +136,7 @@ def restore(
         mount_left = _restore_from_mount(store, runsc, container, bundle, snapshot, source)
         return RestoreReport("restore", time.monotonic() - start, snapshot, source,
                              mount_left=mount_left)
-    except (SnapstoreError, RunscError) as e:
+    except SnapstoreError as e:
         if not fallback:
             raise SnapstoreError(f"restore failed and --no-fallback was given: {e}") from None
         reason = str(e)

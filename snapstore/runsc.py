@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapstore.errors import SnapstoreError
+
 DEFAULT_BINARY = "/usr/bin/runsc"
 # Short commands (state, checkpoint of a small sandbox, delete) finish in well under a second;
 # the limit only stops a wedged sandbox from hanging a test suite forever.
@@ -28,14 +30,16 @@ _STDERR_TAIL_LINES = 5
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
-class RunscError(RuntimeError):
+class RunscError(SnapstoreError):
     """A runsc command failed; ``str()`` gives the command, exit status and stderr tail."""
 
     def __init__(self, argv: Sequence[str], returncode: int | None, stderr: str) -> None:
         self.argv = list(argv)
         self.returncode = returncode
         lines = [line for line in stderr.strip().splitlines() if line.strip()]
-        self.stderr_tail = lines[-_STDERR_TAIL_LINES:]
+        # A runsc that panics ends with a Go stack trace; the reason is in the lines before.
+        reasons = [line for line in lines if not _is_stack_line(line)]
+        self.stderr_tail = (reasons or lines)[-_STDERR_TAIL_LINES:]
         status = "timed out" if returncode is None else f"exit status {returncode}"
         detail = "; ".join(self.stderr_tail) or "no error output"
         super().__init__(
@@ -47,6 +51,14 @@ class RunscError(RuntimeError):
     def not_found(self) -> bool:
         """True when runsc says the container does not exist."""
         return any("does not exist" in line for line in self.stderr_tail)
+
+
+def _is_stack_line(line: str) -> bool:
+    """A line of a Go panic's stack trace: file:line lines, goroutine headers, frames."""
+    if line[0].isspace() or line.startswith(("goroutine ", "panic(", "created by ")):
+        return True
+    # A frame is a call with its arguments and carries no "reason: detail" text.
+    return line.rstrip().endswith(")") and "(" in line and ": " not in line
 
 
 def _subcommand(argv: Sequence[str]) -> str:
