@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -511,3 +512,31 @@ async def test_missing_bucket_is_an_access_error(moto_port: int) -> None:
     with pytest.raises(RemoteAccessError, match="does not exist"):
         async with s3_at(f"http://127.0.0.1:{moto_port}", "s3://missing-bucket-y"):
             pass
+
+
+def test_killed_pull_at_random_points_then_resumes(
+        proxy: FaultProxy, remote: str, loaded: LocalStore, tmp_path: Path) -> None:
+    """SIGKILL a pull at seeded random moments: the store stays valid, no tag appears
+    before its chunks, and the next pull completes."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    subprocess.run([sys.executable, "-m", "snapstore", "--store", str(loaded.root), "push",
+                    "t1", remote, "--endpoint-url", proxy.endpoint], env=env, check=True,
+                   capture_output=True)
+    other = LocalStore.open(tmp_path / "other")
+    cmd = [sys.executable, "-m", "snapstore", "--store", str(other.root), "pull", "t1",
+           remote, "--endpoint-url", proxy.endpoint, "--jobs", "2"]
+    proxy.inject("slow", "GET", "/chunks/", times=-1)
+    rng = random.Random(7)
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=rng.uniform(0.5, 3.0))
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        check_store(other)
+    proxy.clear()
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    assert other.get_tag("t1") == loaded.resolve("t1")
+    check_store(other)
