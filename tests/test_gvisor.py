@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -51,9 +53,19 @@ def restore_mounts() -> list[str]:
         return [line.split()[1] for line in f if "snapstore-restore-" in line.split()[1]]
 
 
-def test_checkpoint_restore_cycle_and_fallback(
-    rs: Runsc, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+@dataclass(frozen=True)
+class Checkpointed:
+    """A busybox counter checkpointed by `snapstore checkpoint`, its container deleted."""
+
+    store: Path
+    bundle: Path
+    cid: str
+    counter: int
+    runsc_arg: str
+
+
+@pytest.fixture
+def checkpointed(rs: Runsc, tmp_path: Path) -> Iterator[Checkpointed]:
     store = tmp_path / "store"
     runsc_arg = f"--runsc-arg=--root={rs.root}"
     bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
@@ -63,68 +75,63 @@ def test_checkpoint_restore_cycle_and_fallback(
         wait_counter_above(bundle, 20)
         assert main(["--store", str(store), "checkpoint", cid, "--tag", "counter",
                      "--label", "app=counter", runsc_arg]) == 0
-        at_checkpoint = examples.read_counter(bundle)
+        counter = examples.read_counter(bundle)
         rs.delete(cid)
-        capsys.readouterr()
-        assert main(["--store", str(store), "find", "--label", "app=counter", "--json"]) == 0
-        [hit] = json.loads(capsys.readouterr().out)
-        assert hit["labels"]["arch"] and hit["labels"]["runsc.version"]
-
-        assert main(["--store", str(store), "restore", cid, "--match", "app=counter",
-                     "--bundle", str(bundle), runsc_arg, "--json"]) == 0
-        report = json.loads(capsys.readouterr().out)
-        assert report["path"] == "restore", report["reason"]
-        assert report["snapshot"] == hit["id"]
-        assert wait_counter_above(bundle, at_checkpoint) > at_checkpoint
-        assert report["mount_left"] is None and restore_mounts() == []
-        rs.destroy(cid)
-
-        assert main(["--store", str(store), "restore", cid, "--match", "app=other",
-                     "--bundle", str(bundle), runsc_arg, "--no-fallback"]) == 1
-        assert "no snapshot matches app=other" in capsys.readouterr().err
-        assert rs.containers() == []
-
-        (bundle / "out" / "counter").unlink()
-        assert main(["--store", str(store), "restore", cid, "--match", "app=other",
-                     "--bundle", str(bundle), runsc_arg, "--json"]) == 0
-        report = json.loads(capsys.readouterr().out)
-        assert report["path"] == "cold" and "no snapshot matches" in report["reason"]
-        assert 0 < wait_counter_above(bundle, 0) < at_checkpoint
+        yield Checkpointed(store, bundle, cid, counter, runsc_arg)
     finally:
         rs.destroy(cid)
     assert restore_mounts() == []
 
 
+def test_checkpoint_restore_cycle_and_fallback(
+    rs: Runsc, checkpointed: Checkpointed, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = checkpointed
+    capsys.readouterr()
+    assert main(["--store", str(c.store), "find", "--label", "app=counter", "--json"]) == 0
+    [hit] = json.loads(capsys.readouterr().out)
+    assert hit["labels"]["arch"] and hit["labels"]["runsc.version"]
+
+    assert main(["--store", str(c.store), "restore", c.cid, "--match", "app=counter",
+                 "--bundle", str(c.bundle), c.runsc_arg, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == "restore", report["reason"]
+    assert report["snapshot"] == hit["id"]
+    assert wait_counter_above(c.bundle, c.counter) > c.counter
+    assert report["mount_left"] is None and restore_mounts() == []
+    rs.destroy(c.cid)
+
+    assert main(["--store", str(c.store), "restore", c.cid, "--match", "app=other",
+                 "--bundle", str(c.bundle), c.runsc_arg, "--no-fallback"]) == 1
+    assert "no snapshot matches app=other" in capsys.readouterr().err
+    assert rs.containers() == []
+
+    (c.bundle / "out" / "counter").unlink()
+    assert main(["--store", str(c.store), "restore", c.cid, "--match", "app=other",
+                 "--bundle", str(c.bundle), c.runsc_arg, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["path"] == "cold" and "no snapshot matches" in report["reason"]
+    assert 0 < wait_counter_above(c.bundle, 0) < c.counter
+
+
 def test_restore_from_a_snapshot_only_in_s3(
-    rs: Runsc, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    checkpointed: Checkpointed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    c = checkpointed
     with moto_server() as port:
         make_bucket(port, "snaps")
         for k, v in s3_env().items():
             monkeypatch.setenv(k, v)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         remote = "s3://snaps/node"
-        here, there = tmp_path / "checkpointing-host", tmp_path / "empty-host"
-        runsc_arg = f"--runsc-arg=--root={rs.root}"
-        bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
-        cid = new_container_id()
-        rs.run(cid, bundle)
-        try:
-            wait_counter_above(bundle, 20)
-            assert main(["--store", str(here), "checkpoint", cid, "--tag", "counter",
-                         "--label", "app=counter", runsc_arg]) == 0
-            at_checkpoint = examples.read_counter(bundle)
-            assert main(["--store", str(here), "push", "counter", remote]) == 0
-            rs.delete(cid)
-            capsys.readouterr()
-            assert main(["--store", str(there), "restore", cid, "--match", "app=counter",
-                         "--bundle", str(bundle), "--remote", remote, runsc_arg,
-                         "--json"]) == 0
-            report = json.loads(capsys.readouterr().out)
-            assert report["path"] == "restore", report["reason"]
-            assert report["source"] == remote
-            assert wait_counter_above(bundle, at_checkpoint) > at_checkpoint
-            assert restore_mounts() == []
-        finally:
-            rs.destroy(cid)
+        assert main(["--store", str(c.store), "push", "counter", remote]) == 0
+        capsys.readouterr()
+        assert main(["--store", str(tmp_path / "empty-host"), "restore", c.cid, "--match",
+                     "app=counter", "--bundle", str(c.bundle), "--remote", remote,
+                     c.runsc_arg, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert report["path"] == "restore", report["reason"]
+        assert report["source"] == remote
+        assert wait_counter_above(c.bundle, c.counter) > c.counter
+        assert restore_mounts() == []
