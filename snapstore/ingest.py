@@ -9,7 +9,7 @@ import stat
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -221,8 +221,13 @@ def _ingest_stream(
                 inflight.append(Extent(None, piece.size))
             settle(_INFLIGHT_BYTES)
         settle(-1)
-    except OSError as e:
-        raise _io_error(e, path) from None
+    except BaseException as e:
+        # Chunks still in flight must land (or give up their claim) before anything else
+        # runs: a retry of this file as byte-exact may dedup against them.
+        wait([x for x in inflight if isinstance(x, Future)])
+        if isinstance(e, OSError):
+            raise _io_error(e, path) from None
+        raise
     return extents
 
 

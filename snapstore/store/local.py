@@ -364,13 +364,18 @@ class ChunkWriter:
     def put(self, cid: ChunkId, obj: bytes) -> int:
         """Write a claimed, encoded chunk; returns the bytes written."""
         dest = self._store.chunk_path(cid)
-        fd = os.open(self._store.tmp_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(self._store.tmp_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        except BaseException:
+            self._unclaim(cid)
+            raise
         try:
             view = memoryview(obj)
             while view:
                 view = view[os.write(fd, view) :]
         except BaseException:
             os.close(fd)
+            self._unclaim(cid)
             raise
         with self._lock:
             self._pending.append((fd, dest))
@@ -378,6 +383,11 @@ class ChunkWriter:
             if self._pending_bytes >= self._batch_bytes or len(self._pending) >= _BATCH_FILES:
                 self._commits.append(self._committer.submit(self._commit, self._take()))
         return len(obj)
+
+    def _unclaim(self, cid: ChunkId) -> None:
+        """A claimed chunk that could not be written: let a later `claim` try again."""
+        with self._lock:
+            self._claimed.discard(cid)
 
     def _take(self) -> list[tuple[int, Path]]:
         batch, self._pending, self._pending_bytes = self._pending, [], 0
