@@ -14,7 +14,6 @@ import json
 import mmap
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,13 +130,15 @@ def run_mmap(image: Path, pages: list[int]) -> float:
 
 @contextmanager
 def loader_running(opts: loader.LoaderOptions) -> Iterator[None]:
-    proc = loader.start(opts, stderr=subprocess.PIPE, text=True)
+    # The loader's stderr is ours: when it fails it kills its client, this process, so a
+    # pipe read here would never show why.
+    proc = loader.start(opts)
     try:
         yield
     finally:
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
     if proc.returncode != 0:
-        raise RuntimeError(f"loader failed: {err.strip()}")
+        raise RuntimeError(f"loader failed with status {proc.returncode} (its message is above)")
 
 
 def run_uffd(

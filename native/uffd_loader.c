@@ -506,8 +506,9 @@ static bool is_zero(const uint8_t *p, uint64_t len)
 /*
  * One UFFDIO_COPY/ZEROPAGE/CONTINUE over [dst, dst+len). EEXIST means the page is already there
  * (a racing fault or an earlier install) and is skipped; EAGAIN means a non-cooperative event is
- * pending and the kernel refuses until we read it, so we stop and report how far we got: the
- * caller wakes the faulting thread, which faults again after the event has been handled.
+ * pending and the kernel refuses until we read it, and ENOENT that the range is no longer
+ * mapped, so in both cases we stop and report how far we got: the caller wakes the faulting
+ * thread, which faults again after the event has been handled.
  */
 static int install(struct loader *l, unsigned long req, uint64_t dst, const uint8_t *src, uint64_t len,
 		   uint64_t mode, uint64_t *done)
@@ -549,7 +550,9 @@ static int install(struct loader *l, unsigned long req, uint64_t dst, const uint
 			*done += l->ps;
 		else if (errno == EAGAIN && progress > 0)
 			continue;
-		else if (errno == EAGAIN)
+		else if (errno == EAGAIN || errno == ENOENT)
+			/* ENOENT: the client unmapped the range (its UNMAP event may not be read yet).
+			 * Like EAGAIN, not ours to fail on: the pages stay missing until it is. */
 			return -EAGAIN;
 		else if (errno == ESRCH)
 			return -ESRCH;

@@ -460,3 +460,36 @@ def test_fuzzed_handshakes_end_cleanly(tmp_path: Path, image: Image, payload: st
             _, err = proc.communicate(timeout=30)
     assert proc.returncode in (0, 1), err
     assert err.count("\n") <= 1, err
+
+
+UNMAP_DURING_PREFETCH = """
+import sys, time
+from pathlib import Path
+from snapstore.uffd import client as client_module
+from snapstore.uffd.client import Client
+# Without UNMAP events the loader learns of the unmap only from UFFDIO_COPY's ENOENT, the
+# race a busy many-core machine produces with them.
+client_module._FEATURE_EVENT_UNMAP = 0
+client = Client(Path(sys.argv[1]), [(0, int(sys.argv[2]))])
+client.connect()
+client.touch(range(64))
+for r in client.regions:
+    r.mm.close()
+time.sleep(0.5)
+client.close()
+print("alive", flush=True)
+"""
+
+
+def test_client_unmapping_during_prefetch_is_not_an_error(tmp_path: Path, image: Image) -> None:
+    """The loader may find a range gone (ENOENT) before it reads an UNMAP event, or with
+    none coming: it must neither fail nor kill a client that only unmapped its memory."""
+    hot = write_list(tmp_path / "hot", list(range(NPAGES)))
+    proc, sock = start_loader(tmp_path, image.path, hot=hot, queue_depth=1, buffered=True)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    client = subprocess.run([sys.executable, "-c", UNMAP_DURING_PREFETCH, str(sock),
+                             str(IMAGE_SIZE)], capture_output=True, text=True, env=env,
+                            timeout=60)
+    _, err = proc.communicate(timeout=30)
+    assert client.returncode == 0 and client.stdout == "alive\n", client.stderr
+    assert proc.returncode == 0, err
