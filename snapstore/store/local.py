@@ -103,7 +103,9 @@ class LocalStore:
 
     # -- atomic writes -------------------------------------------------------------
 
-    def _write_atomic(self, dest: Path, data: bytes, sync_dir: bool = True) -> None:
+    def _write_atomic(self, dest: Path, data: bytes, durable: bool = True) -> None:
+        """Write `dest` whole or not at all (temp file, rename); `durable` adds the fsyncs
+        of the file and of its directory that make it survive a power loss."""
         tmp = self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -111,7 +113,8 @@ class LocalStore:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.rename(tmp, dest)
@@ -119,7 +122,7 @@ class LocalStore:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
             raise
-        if sync_dir:
+        if durable:
             _fsync_dir(dest.parent)
 
     def sync(self) -> None:
@@ -187,14 +190,7 @@ class LocalStore:
         crash fails its hash check when read, and is then deleted and fetched again."""
         path = self.cache_path(cid)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.tmp_dir / f"cache.{uuid.uuid4().hex}.tmp"
-        try:
-            tmp.write_bytes(obj)
-            os.rename(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+        self._write_atomic(path, obj, durable=False)
 
     def get_cache_object(self, cid: ChunkId) -> bytes:
         try:
