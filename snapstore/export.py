@@ -99,8 +99,7 @@ def _write_file(
     try:
         if e.layout is not None:
             # A transcoded statefile is written in its restorable (presented) form.
-            stored = (bytes(x.size) if data is None else data for x, data in extents)
-            for block in present(e.layout, stored):
+            for block in present(e.layout, _with_zeros(extents)):
                 written += _write_all(fd, block)
         for x, data in extents:
             if data is None:
@@ -115,6 +114,21 @@ def _write_file(
         with contextlib.suppress(OSError):
             os.close(fd)
     return written
+
+
+def _with_zeros(extents: Iterator[tuple[Extent, bytes | None]]) -> Iterator[bytes]:
+    """The stored bytes in order, holes as zeros at most 4 MiB at a time (a hole in
+    inflated memory can be gigabytes)."""
+    zeros = bytes(4 << 20)
+    for x, data in extents:
+        if data is not None:
+            yield data
+            continue
+        left = x.size
+        while left:
+            n = min(left, len(zeros))
+            yield zeros[:n]
+            left -= n
 
 
 def _write_all(fd: int, data: bytes) -> int:
