@@ -10,12 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from snapstore import examples
 from snapstore.runsc import Runsc
 from snapstore.store.local import LocalStore
 
 PAGE = 4096
+
+# CI runs the same generated cases every time, so a red run can be repeated as it was;
+# elsewhere hypothesis keeps exploring new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 def memory_like(size: int, seed: int) -> bytes:
