@@ -43,8 +43,13 @@ def main() -> None:
         served = (exported / "checkpoint.img").stat().st_size
         times: dict[str, list[float]] = {}
         for _ in range(args.runs):
-            for name, tag in (("transcoded mount", "transcoded"), ("exact mount", "exact")):
-                with snapstore_mount(store.root, tag, work / "mnt", "--allow-other") as mnt:
+            for name, tag, extra in (
+                ("transcoded mount", "transcoded", ()),
+                ("transcoded mount, --prefetch", "transcoded", ("--prefetch",)),
+                ("exact mount", "exact", ()),
+            ):
+                with snapstore_mount(store.root, tag, work / "mnt", "--allow-other",
+                                     *extra) as mnt:
                     times.setdefault(name, []).append(restore_seconds(rs, bundle, mnt))
             for name, d in (("original file", original), ("transcoded file", exported)):
                 times.setdefault(name, []).append(restore_seconds(rs, bundle, d))

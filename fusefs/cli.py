@@ -100,6 +100,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         stats_path=paths.stats,
         access_path=access_path(store.root, mid),
         metrics=args.metrics,
+        warm=_warm_order(store, mid, m) if args.prefetch and remote is None else (),
     )
 
     def run(ready: Callable[[], None]) -> None:
@@ -142,6 +143,19 @@ async def _serve_local(
     # depth of 8 or more, so threads outnumber cores.
     reader = LocalChunkReader(store, trio.CapacityLimiter(LOAD_THREADS))
     await serve(m, mountpoint, reader, options, ready)
+
+
+def _warm_order(store: LocalStore, mid: ChunkId, m: Manifest) -> tuple[tuple[ChunkId, int], ...]:
+    """A local `--prefetch`: the chunks in the order the last mount read them, then the
+    rest in file order, to be loaded into the memory cache before they are asked for."""
+    from fusefs.mount import access_path
+    from fusefs.reader import prefetch_order
+
+    try:
+        recorded = access_path(store.root, mid).read_text().splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        recorded = []
+    return tuple(prefetch_order(m, recorded))
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -59,6 +59,8 @@ class MountOptions:
     access_path: Path | None = None
     # Prometheus text endpoint (host, port); None: no endpoint.
     metrics: tuple[str, int] | None = None
+    # Chunks to load into the cache as soon as the mount is up, in this order.
+    warm: tuple[tuple[ChunkId, int], ...] = ()
 
 
 def fuse_options(options: MountOptions) -> set[str]:
@@ -105,6 +107,8 @@ async def serve(
                     nursery.start_soon(_write_stats_every, stats, options)
                 if options.metrics is not None:
                     await nursery.start(_serve_metrics, stats, options.metrics)
+                if options.warm:
+                    nursery.start_soon(cache.warm, options.warm)
                 if ready is not None:
                     ready()
                 await pyfuse3.main(min_tasks=4)

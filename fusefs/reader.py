@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,8 @@ import trio
 
 from fusefs.inodes import Node
 from snapstore.errors import CorruptError, SnapstoreError
-from snapstore.ids import ChunkId
+from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.manifest import Manifest
 from snapstore.store.base import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class ChunkCache:
         return cid in self._lru or cid in self._loading
 
     async def get(self, cid: ChunkId, size: int, counted: bool = True) -> bytes:
+        self.record(cid)
         data = self._lru.get(cid)
         if data is not None:
             self._lru.move_to_end(cid)
@@ -138,7 +141,6 @@ class ChunkCache:
     async def _load(self, cid: ChunkId, size: int) -> bytes:
         load = _Load()
         self._loading[cid] = load
-        self.record(cid)
         started = time.perf_counter()
         try:
             data = await self._reader.read_chunk(cid, size)
@@ -158,6 +160,30 @@ class ChunkCache:
         load.data = data
         self._insert(cid, data)
         return data
+
+    async def warm(self, order: Sequence[tuple[ChunkId, int]], parallel: int = 2) -> None:
+        """Load chunks in `order` before anyone reads them, as many as the cache holds,
+        `parallel` at a time so that demand reads keep most of the load threads. Warm
+        loads are not accesses: the recorded order stays the readers'."""
+        budget = self._capacity
+        gate = trio.Semaphore(parallel)
+        async with trio.open_nursery() as nursery:
+            for cid, size in order:
+                if size > budget:
+                    break
+                budget -= size
+                await gate.acquire()
+                nursery.start_soon(self._warm_one, cid, size, gate)
+
+    async def _warm_one(self, cid: ChunkId, size: int, gate: trio.Semaphore) -> None:
+        try:
+            if not self.present(cid):
+                await self._load(cid, size)
+        except ChunkError as e:
+            # The read that needs the chunk reports it.
+            log.debug("warming skipped %s", e)
+        finally:
+            gate.release()
 
     def _insert(self, cid: ChunkId, data: bytes) -> None:
         if len(data) > self._capacity:
@@ -287,3 +313,25 @@ class SnapshotReader:
             log.debug("prefetch failed: %s", e)
         finally:
             self._prefetching -= 1
+
+
+def prefetch_order(m: Manifest, recorded: Iterable[str]) -> list[tuple[ChunkId, int]]:
+    """The recorded first-read order (chunk hex per line) first, then the rest in file
+    order. Lines that are not chunks of `m` are skipped: the list comes from the remote."""
+    sizes = m.chunk_sizes()
+    out: list[tuple[ChunkId, int]] = []
+    seen: set[ChunkId] = set()
+
+    def add(cid: ChunkId) -> None:
+        if cid in sizes and cid not in seen:
+            seen.add(cid)
+            out.append((cid, sizes[cid]))
+
+    for line in recorded:
+        if is_valid_hex_id(line.strip()):
+            add(ChunkId.parse(line.strip()))
+    for entry in m.files():
+        for x in entry.extents:
+            if x.chunk is not None:
+                add(x.chunk)
+    return out

@@ -185,10 +185,12 @@ def _mounted(store: LocalStore, snapshot: str, source: str) -> Iterator[Path]:
 
     The mountpoint is in the system's temporary directory, not in the store: the sandbox
     user must be able to reach it, and stores often live in private directories.
+    `--prefetch` loads the image while runsc is still starting its sandbox, in the order
+    the last restore read it.
     """
     mnt = Path(tempfile.mkdtemp(prefix="snapstore-restore-"))
     cmd = [sys.executable, "-m", "snapstore", "--store", str(store.root), "mount", snapshot,
-           str(mnt), "--allow-other"]
+           str(mnt), "--allow-other", "--prefetch"]
     if source != "local":
         cmd += ["--remote", source]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -17,7 +17,7 @@ import trio.testing
 
 from fusefs.inodes import ROOT_INODE, InodeTable
 from fusefs.ops import SnapshotOps
-from fusefs.reader import ChunkCache, ChunkError, MountStats, SnapshotReader
+from fusefs.reader import ChunkCache, ChunkError, MountStats, SnapshotReader, prefetch_order
 from snapstore.chunking import ChunkerParams
 from snapstore.export import export
 from snapstore.ids import ChunkId
@@ -363,4 +363,32 @@ async def test_a_transcoded_statefile_reads_as_its_presented_form(
         for _ in range(200):
             off, size = rng.randrange(len(want)), rng.choice([1, 7, 4096, 70_000, 1 << 20])
             assert bytes(await fs.ops.read(fh, off, size)) == want[off:off + size], (off, size)
+        nursery.cancel_scope.cancel()
+
+
+async def test_warming_loads_ahead_within_capacity_without_recording(
+    store: LocalStore, image_dir: Path
+) -> None:
+    m = store.get_manifest(ingest(store, image_dir, "t", params=PARAMS).snapshot)
+    order = prefetch_order(m, [])
+    sizes = [size for _, size in order]
+    capacity = sum(sizes) // 2
+    async with trio.open_nursery() as nursery:
+        fs = Fs(store, m, image_dir, nursery, cache_bytes=capacity)
+        await fs.cache.warm(order)
+        fitting = 0
+        while fitting < len(sizes) and sum(sizes[: fitting + 1]) <= capacity:
+            fitting += 1
+        assert sorted(fs.reader.loads) == sorted(cid for cid, _ in order[:fitting])
+        assert fs.cache.access_order == []
+        entry = next(e for e in m.files() if e.path == "checkpoint.img")
+        at = 0
+        for x in entry.extents:
+            if x.chunk is not None:
+                break
+            at += x.size
+        fh = await fs.open("checkpoint.img")
+        want = (image_dir / "checkpoint.img").read_bytes()
+        assert await fs.ops.read(fh, at, 4096) == want[at : at + 4096]
+        assert fs.stats.cache_hits == 1 and fs.cache.access_order == [x.chunk]
         nursery.cancel_scope.cancel()

@@ -213,8 +213,9 @@ def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
                     help="with --remote: disk for fetched chunks in STORE/cache, least "
                     "recently used evicted first (default 4G)")
     sp.add_argument("--prefetch", action="store_true",
-                    help="with --remote: fetch the whole snapshot in the background, in the "
-                    "order it was read last time, behind demand reads")
+                    help="load the snapshot in the background, in the order it was read "
+                    "last time, behind demand reads: from a remote into the disk cache, "
+                    "from the local store into the memory cache (as much as --cache-mem holds)")
     _remote_options(sp)
 
 
@@ -223,8 +224,6 @@ def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
     from snapstore.remote.reader import RemoteMount, load_remote_snapshot
 
     if args.remote is None:
-        if args.prefetch:
-            raise UsageError("--prefetch needs --remote")
         return None
     snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url)
     return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,9 +26,10 @@ import trio
 from trio.lowlevel import ParkingLot
 
 from fusefs.mount import MountOptions, serve
+from fusefs.reader import prefetch_order
 from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
-from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
 from snapstore.remote.transfer import cpu_limiter, fetch_chunk, fetch_manifest, resolve_remote
@@ -245,28 +246,6 @@ class RemoteChunkReader:
                         break
                     await send.send(item)
         log.info("prefetch done: %s", self.stats.as_dict())
-
-
-def prefetch_order(m: Manifest, recorded: Iterable[str]) -> list[tuple[ChunkId, int]]:
-    """The recorded first-read order (chunk hex per line) first, then the rest in file
-    order. Lines that are not chunks of `m` are skipped: the list comes from the remote."""
-    sizes = m.chunk_sizes()
-    out: list[tuple[ChunkId, int]] = []
-    seen: set[ChunkId] = set()
-
-    def add(cid: ChunkId) -> None:
-        if cid in sizes and cid not in seen:
-            seen.add(cid)
-            out.append((cid, sizes[cid]))
-
-    for line in recorded:
-        if is_valid_hex_id(line.strip()):
-            add(ChunkId.parse(line.strip()))
-    for entry in m.files():
-        for x in entry.extents:
-            if x.chunk is not None:
-                add(x.chunk)
-    return out
 
 
 @dataclass(frozen=True, slots=True)
