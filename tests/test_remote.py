@@ -17,18 +17,14 @@ from pathlib import Path
 import pytest
 import trio
 
+from fusefs.reader import prefetch_order
 from snapstore import cli
 from snapstore.errors import CorruptError, SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.remote.gc import remote_gc
-from snapstore.remote.reader import (
-    PriorityLimiter,
-    RemoteChunkReader,
-    open_remote_snapshot,
-    prefetch_order,
-)
+from snapstore.remote.reader import PriorityLimiter, RemoteChunkReader, open_remote_snapshot
 from snapstore.remote.transfer import pull, push, remote_missing
 from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
