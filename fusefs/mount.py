@@ -115,13 +115,14 @@ async def serve(
                 # Unmounted: stop the stats writer, metrics and any prefetch still running.
                 nursery.cancel_scope.cancel()
         finally:
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s: %s", mountpoint, json.dumps(stats.as_dict()))
+            # Recorded before the unmount, so whoever sees the mount gone finds them written.
             if options.stats_path is not None:
                 _write_stats(stats, options.stats_path)
             if options.access_path is not None and cache.access_order:
                 write_atomic(options.access_path,
                              "".join(c.hex + "\n" for c in cache.access_order).encode())
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s: %s", mountpoint, json.dumps(stats.as_dict()))
     return stats
 
 
