@@ -13,7 +13,7 @@ from pathlib import Path
 from snapstore.errors import SnapstoreError
 from snapstore.manifest import Entry, Extent, Manifest
 from snapstore.statefile import present
-from snapstore.store.local import LocalStore
+from snapstore.store.local import LocalStore, write_all
 
 _READ_AHEAD_PER_WORKER = 3
 
@@ -100,12 +100,12 @@ def _write_file(
         if e.layout is not None:
             # A transcoded statefile is written in its restorable (presented) form.
             for block in present(e.layout, _with_zeros(extents)):
-                written += _write_all(fd, block)
+                written += write_all(fd, block)
         for x, data in extents:
             if data is None:
                 os.lseek(fd, x.size, os.SEEK_CUR)
             else:
-                written += _write_all(fd, data)
+                written += write_all(fd, data)
         # A trailing hole only moved the offset: the size must be set explicitly.
         os.ftruncate(fd, e.size)
         os.fchmod(fd, e.mode)
@@ -129,10 +129,3 @@ def _with_zeros(extents: Iterator[tuple[Extent, bytes | None]]) -> Iterator[byte
             n = min(left, len(zeros))
             yield zeros[:n]
             left -= n
-
-
-def _write_all(fd: int, data: bytes) -> int:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return len(data)

@@ -110,9 +110,7 @@ class LocalStore:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, data)
                 if durable:
                     os.fsync(fd)
             finally:
@@ -360,17 +358,13 @@ class ChunkWriter:
     def put(self, cid: ChunkId, obj: bytes) -> int:
         """Write a claimed, encoded chunk; returns the bytes written."""
         dest = self._store.chunk_path(cid)
+        fd = -1
         try:
             fd = os.open(self._store.tmp_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            write_all(fd, obj)
         except BaseException:
-            self._unclaim(cid)
-            raise
-        try:
-            view = memoryview(obj)
-            while view:
-                view = view[os.write(fd, view) :]
-        except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             self._unclaim(cid)
             raise
         with self._lock:
@@ -440,6 +434,14 @@ def _link_unnamed(fd: int, dest: Path) -> None:
         # A store made before its fan-out directories were created up front.
         dest.parent.mkdir(exist_ok=True)
     raise OSError(e, os.strerror(e), str(dest))
+
+
+def write_all(fd: int, data: bytes) -> int:
+    """Write all of `data` to `fd` (os.write may write less); returns its length."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    return len(data)
 
 
 def _scandir(d: Path) -> list[os.DirEntry[str]]:
