@@ -30,6 +30,7 @@ from snapstore.uffd import loader
 from snapstore.uffd.client import PAGE_SIZE, Client
 
 SEED = 20240611
+SWEEPS = ("fault-around", "queue-depth", "threads")
 
 
 @dataclass
@@ -158,10 +159,14 @@ def run_uffd(
     return elapsed, result
 
 
-def install_rate(image: Path, hot: Path, work: Path, memfd: bool) -> tuple[float, dict[str, Any]]:
+def install_rate(
+    image: Path, hot: Path, work: Path, memfd: bool, **extra: Any
+) -> tuple[float, dict[str, Any]]:
     """Prefetch alone from a warm page cache: the client connects and touches nothing."""
     sock, stats = work / "rate.sock", work / "rate.json"
-    opts = loader.LoaderOptions(image, sock, hot=hot, memfd=memfd, buffered=True, stats_json=stats)
+    opts = loader.LoaderOptions(
+        image, sock, hot=hot, memfd=memfd, buffered=True, stats_json=stats, **extra
+    )
     with loader_running(opts), Client(sock, [(0, image.stat().st_size)], memfd=memfd):
         # Long enough for the whole list at well under the rates measured; stats time the copy.
         time.sleep(0.2 + hot.stat().st_size / 10 / 0.5e9 * PAGE_SIZE)
@@ -208,7 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fractions", default="0.05,0.2,0.5")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="256 MiB image, 20%% only, 1 repeat")
-    ap.add_argument("--sweep", action="store_true", help="also sweep fault-around and queue depth")
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        const=",".join(SWEEPS),
+        default="",
+        help=f"also sweep these at 20%% (comma list; alone: all of {', '.join(SWEEPS)})",
+    )
     ap.add_argument("--json", type=Path, help="write all measurements here")
     args = ap.parse_args(argv)
     if args.quick:
@@ -260,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                 t: {"seconds": r.seconds, "stats": r.stats} for t, r in rates.items()
             }
             if args.sweep and fraction == 0.2:
-                report["sweep"] = sweep(image, pages, hot, work, args.repeats)
+                which = set(args.sweep.split(","))
+                report["sweep"] = sweep(image, pages, hot, work, args.repeats, which)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
@@ -286,11 +298,17 @@ def print_table(key: str, npages: int, results: dict[str, Result]) -> None:
     )
 
 
-def sweep(image: Path, pages: list[int], hot: Path, work: Path, repeats: int) -> dict[str, Any]:
-    """Warm-cache medians behind the loader's defaults."""
-    out: dict[str, Any] = {"fault_around_kib": {}, "queue_depth": {}}
-    print("\n## sweep (warm): fault-around for uffd-lazy, queue depth for cold uffd-prefetch")
-    for kib in (4, 16, 64, 256):
+def sweep(
+    image: Path, pages: list[int], hot: Path, work: Path, repeats: int, which: set[str]
+) -> dict[str, Any]:
+    """The medians behind the loader's defaults: fault-around for warm uffd-lazy, queue depth
+    for cold uffd-prefetch, prefetch threads for warm uffd-prefetch and the install rate."""
+    unknown = which - set(SWEEPS)
+    if unknown:
+        raise SystemExit(f"unknown sweep {', '.join(sorted(unknown))}; known: {', '.join(SWEEPS)}")
+    out: dict[str, Any] = {"fault_around_kib": {}, "queue_depth": {}, "prefetch_threads": {}}
+    print(f"\n## sweep: {', '.join(s for s in SWEEPS if s in which)}")
+    for kib in (4, 16, 64, 256) if "fault-around" in which else ():
         lazy = partial(run_uffd, image, pages, work, False, None, fault_around_kib=kib)
         r = measure(repeats, False, image, lazy)
         out["fault_around_kib"][kib] = statistics.median(r.seconds)
@@ -298,13 +316,26 @@ def sweep(image: Path, pages: list[int], hot: Path, work: Path, repeats: int) ->
             f"fault-around {kib} KiB: {statistics.median(r.seconds):.3f} s, "
             f"p50 {r.latency('p50'):.1f} µs"
         )
-    for qd in (4, 16, 32, 64, 128):
+    for qd in (4, 16, 32, 64, 128) if "queue-depth" in which else ():
         prefetch = partial(run_uffd, image, pages, work, False, hot, queue_depth=qd)
         r = measure(repeats, True, image, prefetch)
         out["queue_depth"][qd] = statistics.median(r.seconds)
         print(
             f"queue depth {qd}: {statistics.median(r.seconds):.3f} s, "
             f"{r.median('prefetch_gbps'):.2f} GB/s"
+        )
+    for n in (1, 2, 4, 8) if "threads" in which else ():
+        warm = partial(run_uffd, image, pages, work, False, hot, buffered=True, prefetch_threads=n)
+        r = measure(repeats, False, image, warm)
+        rated = partial(install_rate, image, hot, work, False, prefetch_threads=n)
+        rate = measure(repeats, False, image, rated)
+        out["prefetch_threads"][n] = {
+            "seconds": statistics.median(r.seconds),
+            "install_gbps": rate.median("prefetch_gbps"),
+        }
+        print(
+            f"prefetch threads {n}: warm uffd-prefetch {statistics.median(r.seconds):.3f} s, "
+            f"install rate {rate.median('prefetch_gbps'):.2f} GB/s"
         )
     return out
 

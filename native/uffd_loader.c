@@ -24,8 +24,10 @@
 #include <linux/aio_abi.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -53,6 +55,8 @@
 #define DEFAULT_QUEUE_DEPTH 64
 #define PREFETCH_MIN_ZERO 16
 #define SUBMIT_BATCH 8
+#define MAX_PREFETCH_THREADS 64
+#define DEFAULT_PREFETCH_THREADS 8
 
 enum page_state { MISSING, INFLIGHT, PRESENT, REMOVED };
 
@@ -68,33 +72,49 @@ struct slot {
 };
 
 struct stats {
-	uint64_t faults, demand_pages, zero_pages, prefetch_pages, prefetch_bytes, removed_pages;
+	uint64_t faults, demand_pages, prefetch_pages, prefetch_bytes, removed_pages;
+	_Atomic uint64_t zero_pages;
 	double prefetch_start, prefetch_end;
 	uint32_t *lat_ns;
 	size_t nlat, cap_lat;
+};
+
+struct worker {
+	struct loader *l;
+	pthread_t tid;
+	bool started;
+	aio_context_t aio;
+	struct slot *slots;
+	unsigned nslots, inflight;
+	uint64_t pages, bytes;
+	double start, end;
 };
 
 struct loader {
 	/* options */
 	const char *image_path, *socket_path, *hot_path, *record_path, *stats_path;
 	uint64_t fault_around;
-	unsigned queue_depth;
+	unsigned queue_depth, nworkers;
 	bool memfd_mode, buffered;
 	/* image */
 	int img_fd, aio_fd;
 	uint64_t img_size, npages, ps;
-	uint8_t *state;
+	_Atomic uint8_t *state;
 	/* connection */
-	int listen_fd, conn_fd, uffd, memfd, efd;
+	int listen_fd, conn_fd, uffd, memfd, errfd;
 	uint8_t *memfd_map;
 	struct region regions[MAX_REGIONS];
 	size_t nregions;
-	/* prefetch */
+	/* prefetch: the rules for what the threads share are above start_workers */
 	uint64_t *hot;
 	size_t nhot, hot_pos;
-	aio_context_t aio;
-	struct slot *slots;
-	unsigned inflight;
+	struct worker *workers;
+	pthread_mutex_t mu;
+	pthread_cond_t progress;
+	pthread_rwlock_t events;
+	unsigned running;
+	int worker_ret;
+	atomic_bool stop;
 	/* demand */
 	uint8_t *fault_buf;
 	FILE *record;
@@ -104,14 +124,27 @@ struct loader {
 
 static int fail(struct loader *l, int err, const char *fmt, ...)
 {
+	static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 	va_list ap;
 
+	pthread_mutex_lock(&lock);
 	if (!l->err[0]) {
 		va_start(ap, fmt);
 		vsnprintf(l->err, sizeof(l->err), fmt, ap);
 		va_end(ap);
 	}
+	pthread_mutex_unlock(&lock);
 	return -err;
+}
+
+static uint8_t page_state(const struct loader *l, uint64_t page)
+{
+	return atomic_load_explicit(&l->state[page], memory_order_relaxed);
+}
+
+static void set_state(struct loader *l, uint64_t page, uint8_t s)
+{
+	atomic_store_explicit(&l->state[page], s, memory_order_relaxed);
 }
 
 static double now(void)
@@ -182,7 +215,7 @@ static int open_image(struct loader *l)
 		return fail(l, EINVAL, "image truncated: %" PRIu64 " bytes is not a multiple of the page size %" PRIu64,
 			    l->img_size, l->ps);
 	l->npages = l->img_size / l->ps;
-	l->state = calloc(l->npages ? l->npages : 1, 1);
+	l->state = calloc(l->npages ? l->npages : 1, sizeof(*l->state));
 	if (!l->state)
 		return fail(l, ENOMEM, "out of memory");
 	return open_aio_fd(l);
@@ -578,7 +611,7 @@ static int install_span(struct loader *l, const struct region *r, uint64_t first
 	int ret = install(l, req, page_addr(l, r, first), buf, n * l->ps, mode, &done);
 
 	for (uint64_t k = 0; k < done / l->ps; k++)
-		l->state[first + k] = PRESENT;
+		set_state(l, first + k, PRESENT);
 	if (req == UFFDIO_ZEROPAGE)
 		l->st.zero_pages += done / l->ps;
 	return ret;
@@ -625,48 +658,61 @@ static int install_run(struct loader *l, const struct region *r, uint64_t first,
 
 /* ---- prefetch ---- */
 
-static int aio_setup(struct loader *l)
+/*
+ * Prefetch runs in worker threads, each with its own AIO context and slots, so the copies into
+ * the client's memory (the limit of a single thread: about 2 GB/s from the page cache) run in
+ * parallel while the main thread serves demand faults. Shared state and its rules:
+ * - l->mu guards the hot-list cursor, running and worker_ret; progress is signalled on it
+ *   whenever a worker finishes a read, so the main thread can wait for an INFLIGHT page.
+ * - Page states are atomics. Only a worker turns MISSING into INFLIGHT (under l->mu) and an
+ *   INFLIGHT page back into PRESENT or MISSING; the main thread may install any page itself
+ *   (the loser of a race gets EEXIST, which is benign) and marks REMOVED.
+ * - A worker installs under the read side of l->events and the main thread marks removed
+ *   ranges under the write side, so no worker copies stale image bytes over a page the client
+ *   discarded after the worker checked its state.
+ * - A worker that stops leaves no INFLIGHT page behind (it drains its reads first).
+ */
+static int worker_setup(struct worker *w)
 {
-	if (syscall(SYS_io_setup, l->queue_depth, &l->aio) < 0)
+	struct loader *l = w->l;
+
+	if (syscall(SYS_io_setup, w->nslots, &w->aio) < 0)
 		return fail(l, errno, "io_setup: %s", strerror(errno));
-	l->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-	if (l->efd < 0)
-		return fail(l, errno, "eventfd: %s", strerror(errno));
-	l->slots = calloc(l->queue_depth, sizeof(*l->slots));
-	if (!l->slots)
+	w->slots = calloc(w->nslots, sizeof(*w->slots));
+	if (!w->slots)
 		return fail(l, ENOMEM, "out of memory");
 	if (l->memfd_mode)
 		return 0;
-	for (unsigned i = 0; i < l->queue_depth; i++) {
+	for (unsigned i = 0; i < w->nslots; i++) {
 		void *buf = mmap(NULL, MAX_READ, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
 		if (buf == MAP_FAILED)
 			return fail(l, errno, "mmap: %s", strerror(errno));
-		l->slots[i].buf = buf;
+		w->slots[i].buf = buf;
 	}
 	return 0;
 }
 
-/* Takes the next run of consecutive, still-missing hot pages (hot-list order, one region). */
-static bool next_run(struct loader *l, uint64_t *first, uint64_t *n, const struct region **rp)
+/* Takes the next run of consecutive, still-missing hot pages (hot-list order, one region).
+ * Called with l->mu held. */
+static bool next_run(struct loader *l, uint64_t *first, uint64_t *n)
 {
 	while (l->hot_pos < l->nhot) {
 		uint64_t p = l->hot[l->hot_pos++];
 		const struct region *r = region_of_page(l, p);
 		uint64_t end = r ? (r->offset + r->size) / l->ps : 0;
 
-		if (!r || l->state[p] != MISSING)
+		if (!r || page_state(l, p) != MISSING)
 			continue;
 		*first = p;
 		*n = 1;
-		*rp = r;
-		l->state[p] = INFLIGHT;
+		set_state(l, p, INFLIGHT);
 		while (l->hot_pos < l->nhot && *n < MAX_READ / l->ps) {
 			uint64_t q = l->hot[l->hot_pos];
 
-			if (q != p + *n || q >= end || l->state[q] != MISSING)
+			if (q != p + *n || q >= end || page_state(l, q) != MISSING)
 				break;
-			l->state[q] = INFLIGHT;
+			set_state(l, q, INFLIGHT);
 			(*n)++;
 			l->hot_pos++;
 		}
@@ -675,115 +721,199 @@ static bool next_run(struct loader *l, uint64_t *first, uint64_t *n, const struc
 	return false;
 }
 
-/* Submits at most SUBMIT_BATCH reads: buffered reads are copied inside io_submit, and demand
- * faults wait while it runs. */
-static int submit_prefetch(struct loader *l)
+/* Fills the worker's free slots with reads, submitted SUBMIT_BATCH at a time: buffered reads
+ * are copied inside io_submit, and long submits delay the first completions. */
+static int submit_prefetch(struct worker *w)
 {
+	struct loader *l = w->l;
 	struct iocb *cbs[SUBMIT_BATCH];
 	unsigned nr = 0;
-	const struct region *r;
-	uint64_t first, n;
 
-	for (unsigned i = 0; i < l->queue_depth && nr < SUBMIT_BATCH; i++) {
-		struct slot *s = &l->slots[i];
+	pthread_mutex_lock(&l->mu);
+	for (unsigned i = 0; i < w->nslots && nr < SUBMIT_BATCH; i++) {
+		struct slot *s = &w->slots[i];
 
 		if (s->busy)
 			continue;
-		if (!next_run(l, &first, &n, &r))
+		if (!next_run(l, &s->first, &s->npages))
 			break;
-		if (l->st.prefetch_start == 0)
-			l->st.prefetch_start = now();
-		s->first = first;
-		s->npages = n;
 		s->busy = true;
 		memset(&s->cb, 0, sizeof(s->cb));
 		s->cb.aio_data = i;
 		s->cb.aio_lio_opcode = IOCB_CMD_PREAD;
 		s->cb.aio_fildes = l->aio_fd;
-		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + first * l->ps : s->buf);
-		s->cb.aio_nbytes = n * l->ps;
-		s->cb.aio_offset = first * l->ps;
-		s->cb.aio_flags = IOCB_FLAG_RESFD;
-		s->cb.aio_resfd = l->efd;
+		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf);
+		s->cb.aio_nbytes = s->npages * l->ps;
+		s->cb.aio_offset = s->first * l->ps;
 		cbs[nr++] = &s->cb;
 	}
+	pthread_mutex_unlock(&l->mu);
+	if (nr && w->start == 0)
+		w->start = now();
 	for (unsigned done = 0; done < nr;) {
-		long r2 = syscall(SYS_io_submit, l->aio, nr - done, cbs + done);
+		long r = syscall(SYS_io_submit, w->aio, nr - done, cbs + done);
 
-		if (r2 < 0 && (errno == EAGAIN || errno == EINTR))
+		if (r < 0 && (errno == EAGAIN || errno == EINTR))
 			continue;
-		if (r2 < 0)
+		if (r < 0)
 			return fail(l, errno, "io_submit: %s", strerror(errno));
-		done += r2;
+		done += r;
 	}
-	l->inflight += nr;
+	w->inflight += nr;
 	return 0;
 }
 
-/* Installs one finished read with DONTWAKE COPY/CONTINUE, skipping pages a demand fault
- * installed meanwhile, and widens [*lo, *hi), the range the caller wakes once per batch. */
-static int complete_read(struct loader *l, const struct io_event *ev, uint64_t *lo, uint64_t *hi)
+/* Installs the INFLIGHT pages of one finished read with DONTWAKE COPY/CONTINUE (pages a demand
+ * fault installed meanwhile are PRESENT and skipped), then wakes the read's range once. */
+static int install_read(struct worker *w, struct slot *s, long res)
 {
-	struct slot *s = &l->slots[ev->data];
+	struct loader *l = w->l;
 	const struct region *r = region_of_page(l, s->first);
 	uint64_t mode = l->memfd_mode ? UFFDIO_CONTINUE_MODE_DONTWAKE : UFFDIO_COPY_MODE_DONTWAKE;
 	const uint8_t *buf = l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf;
 	int ret = 0;
 
-	s->busy = false;
-	l->inflight--;
-	if (ev->res < 0)
-		return fail(l, -ev->res, "prefetch read at %" PRIu64 ": %s", s->first * l->ps, strerror(-ev->res));
-	if ((uint64_t)ev->res != s->npages * l->ps)
+	if (res < 0)
+		return fail(l, -res, "prefetch read at %" PRIu64 ": %s", s->first * l->ps, strerror(-res));
+	if ((uint64_t)res != s->npages * l->ps)
 		return fail(l, EIO, "image truncated: short prefetch read at offset %" PRIu64, s->first * l->ps);
+	pthread_rwlock_rdlock(&l->events);
 	for (uint64_t i = 0; i < s->npages && !ret;) {
 		uint64_t j = i;
 
-		while (j < s->npages && l->state[s->first + j] == INFLIGHT)
+		while (j < s->npages && page_state(l, s->first + j) == INFLIGHT)
 			j++;
 		if (j > i) {
 			ret = install_run(l, r, s->first + i, j - i, buf + i * l->ps, mode);
-			l->st.prefetch_pages += j - i;
+			w->pages += j - i;
 		}
 		i = j + (j == i);
 	}
-	for (uint64_t i = 0; i < s->npages; i++)
-		if (l->state[s->first + i] == INFLIGHT)
-			l->state[s->first + i] = MISSING;
-	l->st.prefetch_bytes += s->npages * l->ps;
-	l->st.prefetch_end = now();
-	if (page_addr(l, r, s->first) < *lo)
-		*lo = page_addr(l, r, s->first);
-	if (page_addr(l, r, s->first + s->npages) > *hi)
-		*hi = page_addr(l, r, s->first + s->npages);
-	return ret == -EAGAIN ? 0 : ret;
+	pthread_rwlock_unlock(&l->events);
+	w->bytes += s->npages * l->ps;
+	w->end = now();
+	if (ret && ret != -EAGAIN)
+		return ret;
+	return wake(l, page_addr(l, r, s->first), s->npages * l->ps);
 }
 
-/* Reaps finished reads, at least min_nr, until none is left: the eventfd has been reset, so
- * it would not report completions left behind. */
-static int reap(struct loader *l, long min_nr)
+/* Reaps at least min_nr finished reads; installs them unless the worker is stopping. Every
+ * reaped page that is still INFLIGHT goes back to MISSING, and waiters hear of it. */
+static int reap(struct worker *w, long min_nr, bool install)
 {
+	struct loader *l = w->l;
 	struct io_event evs[64];
 	long n;
-	uint64_t cnt, lo = UINT64_MAX, hi = 0;
+	int ret = 0;
 
-	if (read(l->efd, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
+	do
+		n = syscall(SYS_io_getevents, w->aio, min_nr, 64, evs, NULL);
+	while (n < 0 && errno == EINTR);
+	if (n < 0)
+		return fail(l, errno, "io_getevents: %s", strerror(errno));
+	for (long i = 0; i < n; i++) {
+		struct slot *s = &w->slots[evs[i].data];
+
+		if (install && !ret)
+			ret = install_read(w, s, evs[i].res);
+		for (uint64_t k = 0; k < s->npages; k++)
+			if (page_state(l, s->first + k) == INFLIGHT)
+				set_state(l, s->first + k, MISSING);
+		s->busy = false;
+		w->inflight--;
+	}
+	pthread_mutex_lock(&l->mu);
+	pthread_cond_broadcast(&l->progress);
+	pthread_mutex_unlock(&l->mu);
+	return ret;
+}
+
+static void *worker_main(void *arg)
+{
+	struct worker *w = arg;
+	struct loader *l = w->l;
+	int ret = worker_setup(w);
+
+	while (!ret && !atomic_load(&l->stop)) {
+		if ((ret = submit_prefetch(w)) || !w->inflight)
+			break;
+		ret = reap(w, 1, true);
+	}
+	while (w->inflight && !reap(w, w->inflight, false))
+		;
+	pthread_mutex_lock(&l->mu);
+	if (ret && ret != -ESRCH && !l->worker_ret)
+		l->worker_ret = ret;
+	l->running--;
+	pthread_cond_broadcast(&l->progress);
+	pthread_mutex_unlock(&l->mu);
+	if (ret && ret != -ESRCH)
+		eventfd_write(l->errfd, 1);
+	return NULL;
+}
+
+static int start_workers(struct loader *l)
+{
+	unsigned n = l->nworkers;
+
+	l->errfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (l->errfd < 0)
 		return fail(l, errno, "eventfd: %s", strerror(errno));
-	do {
-		do
-			n = syscall(SYS_io_getevents, l->aio, min_nr, 64, evs, NULL);
-		while (n < 0 && errno == EINTR);
-		if (n < 0)
-			return fail(l, errno, "io_getevents: %s", strerror(errno));
-		for (long i = 0; i < n; i++) {
-			int ret = complete_read(l, &evs[i], &lo, &hi);
+	l->workers = calloc(n, sizeof(*l->workers));
+	if (!l->workers)
+		return fail(l, ENOMEM, "out of memory");
+	for (unsigned i = 0; i < n; i++) {
+		struct worker *w = &l->workers[i];
+		int err;
 
-			if (ret)
-				return ret;
+		w->l = l;
+		w->nslots = (l->queue_depth + n - 1 - i) / n;
+		if (!w->nslots)
+			continue;
+		pthread_mutex_lock(&l->mu);
+		l->running++;
+		pthread_mutex_unlock(&l->mu);
+		if ((err = pthread_create(&w->tid, NULL, worker_main, w))) {
+			pthread_mutex_lock(&l->mu);
+			l->running--;
+			pthread_mutex_unlock(&l->mu);
+			return fail(l, err, "starting a prefetch thread: %s", strerror(err));
 		}
-		min_nr = 0;
-	} while (n == 64);
-	return lo < hi ? wake(l, lo, hi - lo) : 0;
+		w->started = true;
+	}
+	return 0;
+}
+
+/* Stops the workers (they finish or drain the reads in flight), then adds up their figures. */
+static void stop_workers(struct loader *l)
+{
+	atomic_store(&l->stop, true);
+	for (unsigned i = 0; l->workers && i < l->nworkers; i++) {
+		struct worker *w = &l->workers[i];
+
+		if (w->started)
+			pthread_join(w->tid, NULL);
+		if (w->start && (!l->st.prefetch_start || w->start < l->st.prefetch_start))
+			l->st.prefetch_start = w->start;
+		if (w->end > l->st.prefetch_end)
+			l->st.prefetch_end = w->end;
+		l->st.prefetch_pages += w->pages;
+		l->st.prefetch_bytes += w->bytes;
+	}
+}
+
+/* The main thread waits for a page a worker is reading rather than reading it twice: for the
+ * memfd the read's target is the very page the client would see. */
+static int wait_inflight(struct loader *l, uint64_t page)
+{
+	int ret = 0;
+
+	pthread_mutex_lock(&l->mu);
+	while (page_state(l, page) == INFLIGHT && l->running && !l->worker_ret)
+		pthread_cond_wait(&l->progress, &l->mu);
+	ret = l->worker_ret;
+	pthread_mutex_unlock(&l->mu);
+	return ret;
 }
 
 /* ---- demand faults ---- */
@@ -830,8 +960,8 @@ static int demand_read(struct loader *l, const struct region *r, uint64_t page, 
 	uint8_t *buf = l->memfd_mode ? l->memfd_map + page * l->ps : l->fault_buf;
 	int ret;
 
-	while (l->state[page] == MISSING && n < l->fault_around / l->ps && page + n < end &&
-	       l->state[page + n] == MISSING)
+	while (page_state(l, page) == MISSING && n < l->fault_around / l->ps && page + n < end &&
+	       page_state(l, page + n) == MISSING)
 		n++;
 	if ((ret = read_full(l, l->img_fd, buf, n * l->ps, page * l->ps)))
 		return ret;
@@ -846,22 +976,22 @@ static int serve_fault(struct loader *l, uint64_t addr, double start)
 {
 	const struct region *r = region_of_addr(l, addr);
 	uint64_t page, done;
+	uint8_t state;
 	int ret;
 
 	if (!r)
 		return fail(l, EFAULT, "fault at 0x%" PRIx64 " outside every region", addr);
 	page = (r->offset + (addr - r->base)) / l->ps;
 	l->st.faults++;
-	if (l->record && (l->state[page] == MISSING || l->state[page] == INFLIGHT))
+	state = page_state(l, page);
+	if (l->record && (state == MISSING || state == INFLIGHT))
 		fprintf(l->record, "%" PRIu64 "\n", page);
-	/* Waiting for a read already in flight beats repeating it, and for the memfd the read's
-	 * target is the very page the client would see, so a second read would race it. */
-	while (l->state[page] == INFLIGHT)
-		if ((ret = reap(l, 1)))
-			return ret;
-	if (l->state[page] == REMOVED)
+	if (state == INFLIGHT && (ret = wait_inflight(l, page)))
+		return ret;
+	state = page_state(l, page);
+	if (state == REMOVED)
 		ret = zero_fill(l, r, page);
-	else if (l->memfd_mode && l->state[page] == PRESENT)
+	else if (l->memfd_mode && state == PRESENT)
 		ret = install(l, UFFDIO_CONTINUE, page_addr(l, r, page), NULL, l->ps, 0, &done);
 	else
 		ret = demand_read(l, r, page, start);
@@ -870,14 +1000,16 @@ static int serve_fault(struct loader *l, uint64_t addr, double start)
 
 static void mark_removed(struct loader *l, uint64_t start, uint64_t end)
 {
+	pthread_rwlock_wrlock(&l->events);
 	for (uint64_t a = start & ~(l->ps - 1); a < end; a += l->ps) {
 		const struct region *r = region_of_addr(l, a);
 
 		if (r) {
-			l->state[(r->offset + (a - r->base)) / l->ps] = REMOVED;
+			set_state(l, (r->offset + (a - r->base)) / l->ps, REMOVED);
 			l->st.removed_pages++;
 		}
 	}
+	pthread_rwlock_unlock(&l->events);
 }
 
 /* Reads and serves every queued message; returns 0 when the queue is empty. */
@@ -937,43 +1069,32 @@ static int client_gone(struct loader *l, short revents)
 	return n < 0 && (errno == EAGAIN || errno == EINTR) ? 0 : -ESRCH;
 }
 
+/* Demand faults are the main thread's only job; prefetch threads run beside it. */
 static int serve(struct loader *l)
 {
-	bool prefetch = l->nhot > 0;
 	int ret;
 
-	if (prefetch && (ret = aio_setup(l)))
+	if (l->nhot && (ret = start_workers(l)))
 		return ret;
 	for (;;) {
 		struct pollfd pfd[3] = {
-			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { prefetch ? l->efd : -1, POLLIN, 0 },
+			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { l->errfd, POLLIN, 0 },
 		};
 
-		if (prefetch && (ret = submit_prefetch(l)))
-			return ret;
-		if (prefetch && !l->inflight && l->hot_pos == l->nhot)
-			prefetch = false, pfd[2].fd = -1;
 		if (poll(pfd, 3, -1) < 0 && errno != EINTR)
 			return fail(l, errno, "poll: %s", strerror(errno));
+		if (pfd[2].revents & POLLIN) {
+			pthread_mutex_lock(&l->mu);
+			ret = l->worker_ret;
+			pthread_mutex_unlock(&l->mu);
+			return ret;
+		}
 		if ((ret = client_gone(l, pfd[1].revents)))
 			return ret;
 		if (pfd[0].revents & (POLLERR | POLLHUP))
 			return fail(l, EPROTO, "the uffd reports an error (UFFDIO_API not done?)");
 		if ((pfd[0].revents & POLLIN) && (ret = serve_faults(l)))
 			return ret;
-		if (!(pfd[2].revents & POLLIN))
-			continue;
-		/* Install what has finished, then look at the uffd before the next batch: demand first. */
-		for (;;) {
-			struct pollfd q[2] = { { l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 } };
-
-			if ((ret = reap(l, 0)))
-				return ret;
-			if (poll(q, 2, 0) <= 0)
-				break;
-			if ((ret = client_gone(l, q[1].revents)) || (ret = serve_faults(l)))
-				return ret;
-		}
 	}
 }
 
@@ -1038,16 +1159,19 @@ static int setup(struct loader *l)
 
 static void cleanup(struct loader *l)
 {
-	int fds[] = { l->img_fd, l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->efd };
+	int fds[] = { l->img_fd, l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd };
 
-	if (l->slots) {
-		for (unsigned i = 0; i < l->queue_depth; i++)
-			if (l->slots[i].buf)
-				munmap(l->slots[i].buf, MAX_READ);
-		free(l->slots);
+	for (unsigned i = 0; l->workers && i < l->nworkers; i++) {
+		struct worker *w = &l->workers[i];
+
+		if (w->aio)
+			syscall(SYS_io_destroy, w->aio);
+		for (unsigned j = 0; w->slots && j < w->nslots; j++)
+			if (w->slots[j].buf)
+				munmap(w->slots[j].buf, MAX_READ);
+		free(w->slots);
 	}
-	if (l->aio)
-		syscall(SYS_io_destroy, l->aio);
+	free(l->workers);
 	if (l->memfd_map && l->memfd_map != MAP_FAILED)
 		munmap(l->memfd_map, l->img_size);
 	if (l->fault_buf && l->fault_buf != MAP_FAILED)
@@ -1070,7 +1194,8 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: uffd_loader --image FILE --socket PATH [--hot FILE] [--record FILE] [--memfd]\n"
-		"                   [--fault-around-kib N] [--queue-depth N] [--buffered] [--stats-json FILE]\n");
+		"                   [--fault-around-kib N] [--queue-depth N] [--prefetch-threads N] [--buffered]\n"
+		"                   [--stats-json FILE]\n");
 }
 
 static bool parse_u64(const char *s, uint64_t *v)
@@ -1109,6 +1234,8 @@ static int parse_args(struct loader *l, int argc, char **argv)
 			l->fault_around = v << 10;
 		else if (!strcmp(a, "--queue-depth") && parse_u64(val, &v) && v >= 1 && v <= 1024)
 			l->queue_depth = v;
+		else if (!strcmp(a, "--prefetch-threads") && parse_u64(val, &v) && v >= 1 && v <= MAX_PREFETCH_THREADS)
+			l->nworkers = v;
 		else
 			return -1;
 		if (strcmp(a, "--memfd") && strcmp(a, "--buffered"))
@@ -1117,11 +1244,21 @@ static int parse_args(struct loader *l, int argc, char **argv)
 	return l->image_path && l->socket_path ? 0 : -1;
 }
 
+/* One prefetch thread per CPU, up to DEFAULT_PREFETCH_THREADS: see docs/uffd.md for the sweep. */
+static unsigned default_workers(void)
+{
+	long n = sysconf(_SC_NPROCESSORS_ONLN);
+
+	return n < 1 ? 1 : n > DEFAULT_PREFETCH_THREADS ? DEFAULT_PREFETCH_THREADS : (unsigned)n;
+}
+
 int main(int argc, char **argv)
 {
 	struct loader l = {
 		.fault_around = DEFAULT_FAULT_AROUND_KIB << 10, .queue_depth = DEFAULT_QUEUE_DEPTH,
-		.img_fd = -1, .aio_fd = -1, .listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .efd = -1,
+		.img_fd = -1, .aio_fd = -1, .listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1,
+		.mu = PTHREAD_MUTEX_INITIALIZER, .progress = PTHREAD_COND_INITIALIZER,
+		.events = PTHREAD_RWLOCK_INITIALIZER,
 	};
 	int ret;
 
@@ -1132,6 +1269,8 @@ int main(int argc, char **argv)
 	}
 	if (l.fault_around < l.ps)
 		l.fault_around = l.ps;
+	if (!l.nworkers)
+		l.nworkers = default_workers();
 	signal(SIGPIPE, SIG_IGN);
 	ret = setup(&l);
 	if (!ret)
@@ -1144,6 +1283,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "uffd_loader: %s\n", l.err[0] ? l.err : strerror(-ret));
 		kill_client(&l);
 	}
+	stop_workers(&l);
 	if (l.stats_path)
 		write_stats(&l);
 	cleanup(&l);

@@ -7,7 +7,7 @@ import shlex
 import subprocess
 from pathlib import Path
 
-CFLAGS = ["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror"]
+CFLAGS = ["-std=c11", "-O2", "-pthread", "-Wall", "-Wextra", "-Werror"]
 
 
 def source_path() -> Path:

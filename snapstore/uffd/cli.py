@@ -40,6 +40,11 @@ def _loader_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memfd", action="store_true", help="serve a memfd shared with the client")
     p.add_argument("--fault-around-kib", type=int, help="bytes installed per demand fault")
     p.add_argument("--queue-depth", type=int, help="prefetch reads in flight")
+    p.add_argument(
+        "--prefetch-threads",
+        type=int,
+        help="threads reading and installing prefetched pages (default: CPUs, at most 8)",
+    )
     p.add_argument("--buffered", action="store_true", help="prefetch without O_DIRECT")
     p.add_argument("--stats-json", type=Path, help="write fault and prefetch statistics here")
 
@@ -78,6 +83,7 @@ def _run(args: argparse.Namespace, image: Path) -> int:
         memfd=args.memfd,
         fault_around_kib=args.fault_around_kib,
         queue_depth=args.queue_depth,
+        prefetch_threads=args.prefetch_threads,
         buffered=args.buffered,
         stats_json=args.stats_json,
     )

@@ -33,6 +33,7 @@ class LoaderOptions:
     memfd: bool = False
     fault_around_kib: int | None = None
     queue_depth: int | None = None
+    prefetch_threads: int | None = None
     buffered: bool = False
     stats_json: Path | None = None
 
@@ -48,6 +49,8 @@ def build_argv(opts: LoaderOptions) -> list[str]:
         argv += ["--fault-around-kib", str(opts.fault_around_kib)]
     if opts.queue_depth is not None:
         argv += ["--queue-depth", str(opts.queue_depth)]
+    if opts.prefetch_threads is not None:
+        argv += ["--prefetch-threads", str(opts.prefetch_threads)]
     if opts.memfd:
         argv.append("--memfd")
     if opts.buffered:
