@@ -215,6 +215,37 @@ def test_dump_reproduces_memory_and_leaves_process_stopped(child: Child, tmp_pat
     assert child.ping() == "alive"
 
 
+# A private file mapping whose file shrank under it: page 0 was written (now private memory),
+# pages 1-3 lie past the file's end, so every read of them faults.
+SHRUNK = r"""
+import ctypes, mmap, os, sys, tempfile
+fd, path = tempfile.mkstemp()
+os.unlink(path)
+os.ftruncate(fd, 4 * mmap.PAGESIZE)
+m = mmap.mmap(fd, 4 * mmap.PAGESIZE, flags=mmap.MAP_PRIVATE)
+m[:5] = b"first"
+os.ftruncate(fd, mmap.PAGESIZE)
+print(ctypes.addressof(ctypes.c_char.from_buffer(m)), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_dump_unreadable_pages_become_zeros_and_are_counted(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", SHRUNK], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        addr = int(proc.stdout.readline())
+        dump_process(proc.pid, tmp_path / "d", after=After.RUN, api=no_cuda())
+    finally:
+        proc.kill()
+        proc.communicate()
+    d = read_dump(tmp_path / "d")
+    region = next(r for r in d.regions if r.start == addr)
+    assert region.size == 4 * PAGE and region.unreadable_bytes == 3 * PAGE
+    assert memory_at(d, addr, 4 * PAGE) == b"first" + bytes(4 * PAGE - 5)
+
+
 def test_dump_leave_running_and_kill(child: Child, tmp_path: Path) -> None:
     dump_process(child.pid, tmp_path / "a", after=After.RUN, api=no_cuda())
     assert child.ping() == "alive"

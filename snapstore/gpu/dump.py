@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from snapstore.errors import SnapstoreError, UsageError
+from snapstore.gpu import vmread
 from snapstore.gpu.cuda import CheckpointApi, NoCudaContext, ProcessState, open_api
 
 FORMAT = "snapstore-gpu-dump"
@@ -192,6 +193,7 @@ class _Reader:
     """Copies blocks from a stopped process into the page file, leaving zero pages as holes."""
 
     def __init__(self, pid: int, out_fd: int) -> None:
+        self.pid = pid
         self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.pagemap: int | None = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
@@ -249,10 +251,10 @@ class _Reader:
     def _read(self, view: np.ndarray[Any, np.dtype[np.uint8]], addr: int) -> int:
         """Fill `view` from memory at `addr`; pages that cannot be read become zeros."""
         mv = memoryview(view)  # type: ignore[arg-type]
-        try:
-            n = os.preadv(self.mem, [mv], addr)
-        except OSError:
-            n = 0
+        n = vmread.read(self.pid, view.ctypes.data, len(mv), addr)
+        if n < len(mv):
+            with contextlib.suppress(OSError):
+                n += os.preadv(self.mem, [mv[n:]], addr + n)
         if n == len(mv):
             return 0
         # Some page in the block refused (a guard or device page): go page by page.
