@@ -221,25 +221,39 @@ static int open_image(struct loader *l)
 	return open_aio_fd(l);
 }
 
+/* Parses a hot-list line (without its newline) as a whole decimal number: no sign, no
+ * white space, nothing after the digits. Returns false on anything else or on overflow. */
+static bool parse_page(const char *s, size_t len, uint64_t *page)
+{
+	*page = 0;
+	for (size_t i = 0; i < len; i++) {
+		unsigned d = (unsigned char)s[i] - '0';
+
+		if (d > 9 || *page > (UINT64_MAX - d) / 10)
+			return false;
+		*page = *page * 10 + d;
+	}
+	return len > 0;
+}
+
 static int load_hot_list(struct loader *l)
 {
 	FILE *f = fopen(l->hot_path, "re");
-	char line[64];
-	size_t lineno = 0, cap = 0;
+	char *line = NULL;
+	size_t lineno = 0, cap = 0, line_cap = 0;
+	ssize_t n;
 	int ret = 0;
 
 	if (!f)
 		return fail(l, errno, "open %s: %s", l->hot_path, strerror(errno));
-	while (fgets(line, sizeof(line), f)) {
-		char *end;
+	while ((n = getline(&line, &line_cap, f)) >= 0) {
+		size_t len = n && line[n - 1] == '\n' ? n - 1 : n;
 		uint64_t page;
 
 		lineno++;
-		if (line[0] == '\n')
+		if (len == 0)
 			continue;
-		errno = 0;
-		page = strtoull(line, &end, 10);
-		if (errno || end == line || (*end != '\n' && *end != '\0') || line[0] == '-') {
+		if (!parse_page(line, len, &page)) {
 			ret = fail(l, EINVAL, "hot list line %zu: not a page index", lineno);
 			break;
 		}
@@ -258,6 +272,9 @@ static int load_hot_list(struct loader *l)
 		}
 		l->hot[l->nhot++] = page;
 	}
+	if (!ret && ferror(f))
+		ret = fail(l, EIO, "reading %s: %s", l->hot_path, strerror(errno));
+	free(line);
 	fclose(f);
 	return ret;
 }

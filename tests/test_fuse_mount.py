@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -26,6 +28,7 @@ from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Manifest
 from snapstore.store.local import LocalStore
+from tests.conftest import memory_like
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = ChunkerParams(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10)
@@ -361,3 +364,238 @@ def test_64_readers_sustained_with_bounded_memory_and_fds(
     assert rss < peaks[0][0] + (200 << 20), f"daemon grew to {rss >> 20} MiB"
     assert fds < peaks[0][1] + 32, f"daemon held {fds} descriptors"
     assert is_mounted(m.path)
+
+
+# -- SIGKILL in the middle of reads ----------------------------------------------------
+
+KILL_ROUNDS = int(os.environ.get("SNAPSTORE_CRASH_POINTS", "3"))
+# Errors a read may end with once the daemon is gone: the connection is aborted under a
+# request in flight (ECONNABORTED, or EIO for a page the kernel's read-ahead was loading),
+# or refused before it is sent (ENOTCONN).
+DEAD_MOUNT_ERRORS = {errno.ENOTCONN, errno.ECONNABORTED, errno.EIO}
+READER_DEADLINE = 30.0
+
+# A reader in its own process, so that a reader stuck in the kernel shows as a timeout
+# here instead of hanging the test runner. It reads its file over and over, dropping the
+# kernel's cached pages before each pass so every pass reaches the daemon, and compares
+# each block with the source. Exit 0: the stop file appeared; 3: a read failed (its errno
+# printed); 4: a wrong byte. A "pread" reader goes through the kernel's page cache and
+# read-ahead; a "direct" one opens with O_DIRECT, so each of its reads is a request of its
+# own to the daemon; an "mmap" one faults the pages in, and dies of SIGBUS when the mount
+# goes away under it.
+READER_SCRIPT = """
+import mmap, os, random, sys
+mode, path, source, stop = sys.argv[1:5]
+rng = random.Random(int(sys.argv[5]))
+src = os.open(source, os.O_RDONLY)
+size = os.fstat(src).st_size
+direct = mmap.mmap(-1, 3 << 20)
+announced = False
+
+
+def read(fd, view, off, n):
+    if view is not None:
+        return view[off:off + n]
+    if mode == "direct":
+        return direct[:os.preadv(fd, [memoryview(direct)[:n]], off)]
+    return os.pread(fd, n, off)
+
+
+try:
+    while not os.path.exists(stop):
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if mode == "direct" else 0))
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        view = mmap.mmap(fd, size, prot=mmap.PROT_READ) if mode == "mmap" else None
+        off = rng.randrange(0, size, 4096)
+        for _ in range(size // (1 << 20) + 1):
+            n = rng.choice([4096, 65536, 1 << 20, 3 << 20])
+            got = read(fd, view, off, n)
+            want = os.pread(src, n, off)
+            # A read cut short by an error returns what it had: a prefix, never other bytes.
+            if not got and want or got != want[:len(got)]:
+                print("wrong bytes at", off, len(got), len(want), flush=True)
+                sys.exit(4)
+            if not announced:
+                print("reading", flush=True)
+                announced = True
+            off = (off + max(len(got), 1)) % size
+        if view is not None:
+            view.close()
+        os.close(fd)
+except OSError as e:
+    print("errno", e.errno, flush=True)
+    sys.exit(3)
+print("done", flush=True)
+"""
+
+
+@pytest.fixture
+def big_image(tmp_path: Path) -> Path:
+    """Files large enough that readers are still reading whenever the daemon is killed."""
+    d = tmp_path / "big"
+    d.mkdir()
+    rng = random.Random(31)
+    (d / "checkpoint.img").write_bytes(memory_like(24 << 20, seed=31))
+    (d / "pages.img").write_bytes(rng.randbytes(16 << 20))
+    return d
+
+
+@pytest.fixture
+def big_mount(store: LocalStore, big_image: Path) -> Iterator[Callable[..., Mount]]:
+    """Mounts `big_image` (tag big) at one mountpoint, as often as asked; unmounted at the end."""
+    snapshot = ingest(store, big_image, "big", params=PARAMS).snapshot
+    base = Path(tempfile.mkdtemp(prefix="snapstore-mnt-"))
+    mountpoint = base / "mnt"
+    mountpoint.mkdir()
+
+    def make(*options: str) -> Mount:
+        snapstore(store, "mount", "big", str(mountpoint), *options)
+        return Mount(store, mountpoint, snapshot)
+
+    try:
+        yield make
+    finally:
+        if is_mounted(mountpoint) or read_state(MountPaths.of(store.root, mountpoint)):
+            snapstore(store, "umount", str(mountpoint), check=False)
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def start_reader(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts reader processes, which stop once `tmp_path/stop` exists; any still running
+    when the test ends is killed."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(mode: str, path: Path, source: Path, seed: int) -> subprocess.Popen[str]:
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER_SCRIPT, mode, str(path), str(source),
+             str(tmp_path / "stop"), str(seed)],
+            stdout=subprocess.PIPE, text=True)
+        started.append(reader)
+        return reader
+
+    yield start
+    for reader in started:
+        if reader.poll() is None:
+            reader.kill()
+        reader.communicate(timeout=READER_DEADLINE)
+
+
+def wait_reading(reader: subprocess.Popen[str]) -> None:
+    """Block until `reader` has read its first block from the mount, within a deadline."""
+    assert reader.stdout is not None
+    ready, _, _ = select.select([reader.stdout], [], [], READER_DEADLINE)
+    assert ready, "reader did not start reading"
+    line = reader.stdout.readline()
+    assert line == "reading\n", line
+
+
+def finish(reader: subprocess.Popen[str], daemon: int) -> tuple[int, str]:
+    """The reader's exit status and last words. A reader that does not end in time fails
+    the test, a hang being the failure this section looks for; killing the daemon aborts
+    the connection, which releases a reader blocked in a request, so the test ends."""
+    try:
+        out, _ = reader.communicate(timeout=READER_DEADLINE)
+    except subprocess.TimeoutExpired:
+        if alive(daemon):
+            os.kill(daemon, signal.SIGKILL)
+        reader.kill()
+        reader.communicate(timeout=READER_DEADLINE)
+        pytest.fail(f"reader {reader.pid} still blocked {READER_DEADLINE:.0f} s later")
+    return reader.returncode, out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_dead(pid: int) -> None:
+    wait_until(lambda: not alive(pid), f"process {pid} to die")
+
+
+def read_everything(m: Mount, source: Path) -> None:
+    for rel in source_files(source):
+        assert (m.path / rel).read_bytes() == (source / rel).read_bytes(), rel
+
+
+def test_sigkill_of_the_daemon_mid_read_ends_every_reader(
+    big_mount: Callable[..., Mount], store: LocalStore, big_image: Path,
+    start_reader: Callable[..., subprocess.Popen[str]],
+) -> None:
+    """Readers in the middle of reads when the daemon dies end with an error, promptly;
+    umount cleans up, the store verifies and a new mount reads the same bytes."""
+    rng = random.Random(4711)
+    files = source_files(big_image)
+    for round_ in range(KILL_ROUNDS):
+        # A small cache, so the readers keep asking the daemon to load chunks.
+        m = big_mount("--cache-mem", "8M")
+        pid = m.pid
+        readers = [
+            start_reader(mode, m.path / files[i % len(files)], big_image / files[i % len(files)],
+                         seed=round_ * 10 + i)
+            for i, mode in enumerate(["mmap", "direct", "pread", "pread"])
+        ]
+        for r in readers:
+            wait_reading(r)
+        time.sleep(rng.uniform(0.0, 0.5))
+        os.kill(pid, signal.SIGKILL)
+        wait_dead(pid)
+        for i, r in enumerate(readers):
+            code, out = finish(r, pid)
+            if i == 0:
+                # A page fault on a mapping of a dead mount: SIGBUS, or EIO from a read.
+                assert code in (-signal.SIGBUS, 3), (round_, code, out)
+            else:
+                assert code == 3, (round_, code, out)
+            if code == 3:
+                assert int(out.split()[-1]) in DEAD_MOUNT_ERRORS, (round_, out)
+        umount = snapstore(store, "umount", str(m.path))
+        assert "forced" in umount.stderr, umount.stderr
+        assert not is_mounted(m.path)
+        assert read_state(m.paths) is None
+        assert snapstore(store, "verify").returncode == 0
+    m = big_mount()
+    read_everything(m, big_image)
+    assert "forced" not in snapstore(store, "umount", str(m.path)).stderr
+
+
+def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
+    big_mount: Callable[..., Mount], store: LocalStore, big_image: Path, tmp_path: Path,
+    start_reader: Callable[..., subprocess.Popen[str]],
+) -> None:
+    """Readers killed in the middle of reads, while others go on reading, cost the daemon
+    nothing: no error, no leak of a request, a clean unmount."""
+    rng = random.Random(815)
+    files = source_files(big_image)
+    m = big_mount("--cache-mem", "8M")
+    pid = m.pid
+    steady = [start_reader("pread", m.path / f, big_image / f, seed=100 + i)
+              for i, f in enumerate(files)]
+    for r in steady:
+        wait_reading(r)
+    for i in range(KILL_ROUNDS * 2):
+        f = files[i % len(files)]
+        victim = start_reader(("pread", "direct", "mmap")[i % 3], m.path / f, big_image / f,
+                              seed=i)
+        wait_reading(victim)
+        time.sleep(rng.uniform(0.0, 0.3))
+        victim.kill()
+        assert finish(victim, pid)[0] == -signal.SIGKILL
+    (tmp_path / "stop").touch()
+    for r in steady:
+        assert finish(r, pid) == (0, "done\n")
+    assert alive(pid) and is_mounted(m.path)
+    read_everything(m, big_image)
+    stats = json.loads(snapstore(store, "mount-stats", str(m.path), "--json").stdout)
+    assert (stats["read_errors"], stats["load_errors"]) == (0, 0), stats
+    assert "Traceback" not in m.paths.log.read_text()
+    out = snapstore(store, "umount", str(m.path))
+    assert "forced" not in out.stderr, out.stderr
+    assert not alive(pid)
+    assert snapstore(store, "verify").returncode == 0

@@ -494,3 +494,210 @@ def test_client_unmapping_during_prefetch_is_not_an_error(tmp_path: Path, image:
     _, err = proc.communicate(timeout=30)
     assert client.returncode == 0 and client.stdout == "alive\n", client.stderr
     assert proc.returncode == 0, err
+
+
+# ======================================================================================
+# Hot-list fuzzing
+#
+# Whatever the hot list holds, the loader either refuses it at start (exit 1, one line,
+# before it listens) or serves every page of the image right; it never hangs and never
+# serves a wrong byte. A hot list decides only what is prefetched and in which order, so
+# a list the loader accepts must not change a single byte a client reads.
+# ======================================================================================
+
+FUZZ_PAGES = 64
+FUZZ_DEADLINE = 20.0
+
+# One long-lived client process serves every case, so a case costs a loader start rather
+# than an interpreter start. Each stdin line is a JSON request: socket, regions as
+# (image offset, size) pairs, memfd, and whether to fault the pages in reverse order; the
+# answer is the JSON list of pages that differ from the image.
+FUZZ_CLIENT = """
+import json, sys
+from pathlib import Path
+from snapstore.uffd.client import PAGE_SIZE, Client
+image = Path(sys.argv[1]).read_bytes()
+for line in sys.stdin:
+    req = json.loads(line)
+    regions = [tuple(r) for r in req["regions"]]
+    with Client(Path(req["socket"]), regions, memfd=req["memfd"]) as client:
+        pages = [p for off, size in regions
+                 for p in range(off // PAGE_SIZE, (off + size) // PAGE_SIZE)]
+        if req["reverse"]:
+            pages.reverse()
+        bad = [p for p in pages
+               if client.read(p * PAGE_SIZE, PAGE_SIZE) != image[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]]
+    print(json.dumps(bad), flush=True)
+"""
+
+
+class HotListRig:
+    """A small image, a hot-list file and the client process that reads every case back."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.image = directory / "image.raw"
+        write_image(self.image, FUZZ_PAGES, seed=77)
+        self.hot = directory / "hot"
+        self.socket = directory / "loader.sock"
+        self.client: subprocess.Popen[str] | None = None
+
+    def _client(self) -> subprocess.Popen[str]:
+        # A client the loader killed (the failure it may report after a handshake) is
+        # replaced, so that one bad case does not end the run.
+        if self.client is None or self.client.poll() is not None:
+            self.client = subprocess.Popen(
+                [sys.executable, "-c", FUZZ_CLIENT, str(self.image)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                env={**os.environ, "PYTHONPATH": str(REPO)})
+        return self.client
+
+    def _answer(self, client: subprocess.Popen[str]) -> str | None:
+        """The client's next line, or None if it does not come within the deadline (the
+        client is then killed: a fault nobody serves never returns)."""
+        assert client.stdout is not None
+        stdout = client.stdout
+        line: list[str] = []
+        reader = threading.Thread(target=lambda: line.append(stdout.readline()))
+        reader.start()
+        reader.join(FUZZ_DEADLINE)
+        if reader.is_alive():
+            client.kill()
+            reader.join()
+            return None
+        return line[0]
+
+    def run(self, hot: bytes, regions: list[tuple[int, int]], memfd: bool, reverse: bool,
+            **options: Any) -> str | None:
+        """Runs one case; None when the loader refused the list at start, else the
+        client's answer. Fails the test on every other outcome."""
+        self.hot.write_bytes(hot)
+        self.socket.unlink(missing_ok=True)
+        opts = loader.LoaderOptions(image=self.image, socket=self.socket, hot=self.hot,
+                                    memfd=memfd, **options)
+        proc = loader.start(opts, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + FUZZ_DEADLINE
+            while not self.socket.exists() and proc.poll() is None:
+                assert time.monotonic() < deadline, "the loader neither listens nor exits"
+                time.sleep(0.002)
+            if not self.socket.exists():
+                err = proc.communicate(timeout=FUZZ_DEADLINE)[1]
+                assert proc.returncode == 1, (proc.returncode, err)
+                assert err.startswith("uffd_loader: hot list line ") and err.count("\n") == 1, err
+                return None
+            client = self._client()
+            assert client.stdin is not None
+            client.stdin.write(json.dumps({"socket": str(self.socket), "regions": regions,
+                                           "memfd": memfd, "reverse": reverse}) + "\n")
+            client.stdin.flush()
+            answer = self._answer(client)
+            assert answer is not None, f"the client hung for {FUZZ_DEADLINE:.0f} s"
+            assert answer != "", "the loader killed its client"
+            err = proc.communicate(timeout=FUZZ_DEADLINE)[1]
+            assert (proc.returncode, err) == (0, ""), (proc.returncode, err)
+            return answer
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.kill()
+            self.client.communicate()
+
+
+@pytest.fixture(scope="module")
+def hot_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HotListRig]:
+    rig = HotListRig(tmp_path_factory.mktemp("hotfuzz"))
+    yield rig
+    rig.close()
+
+
+def documented_valid(hot: bytes) -> bool:
+    """docs/uffd.md: one decimal page index per line, blank lines ignored, anything else
+    an error."""
+    lines = hot.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return all(not line or (line.isdigit() and int(line) < FUZZ_PAGES) for line in lines)
+
+
+index = st.integers(0, FUZZ_PAGES - 1).map(str)
+hot_line = st.one_of(
+    index,
+    st.just(""),
+    st.integers(FUZZ_PAGES, 2**64 + 2).map(str),  # past the image, up to and past 2**64
+    st.integers(2**64, 10**40).map(str),  # overflows 64 bits
+    st.integers(-(2**70), -1).map(str),
+    st.builds(lambda zeros, i: "0" * zeros + i, st.integers(0, 200), index),  # long lines
+    st.integers(60, 4000).map(lambda n: "7" * n),
+    st.builds(lambda pre, i, post: pre + i + post,
+              st.sampled_from(["", " ", "\t", "+", "-", "\f", "\v", "\r"]), index,
+              st.sampled_from(["", " ", "\t", "\r", ".0", "x"])),
+    st.builds(lambda i, tail: i + "\x00" + tail, index, st.text(max_size=8)),  # NUL bytes
+    st.sampled_from(["0x10", "1e3", "0b1", "nan", "-0", "+0", "\u0661", "\u00bd", "\x00"]),
+    st.text(max_size=70),
+)
+hot_lists = st.one_of(
+    # Lists the docs call valid: unsorted, with duplicates and blank lines.
+    st.lists(st.one_of(index, index, index, st.just("")), max_size=3 * FUZZ_PAGES)
+    .map(lambda lines: "".join(line + "\n" for line in lines).encode()),
+    st.builds(lambda lines, sep, end: (sep.join(lines) + (sep if end else "")).encode(),
+              st.lists(hot_line, max_size=40), st.sampled_from(["\n", "\r\n"]), st.booleans()),
+    st.binary(max_size=300),
+)
+layouts = {
+    "whole": [(0, FUZZ_PAGES * PAGE_SIZE)],
+    # Hot pages in the second half are outside every region.
+    "first-half": [(0, FUZZ_PAGES // 2 * PAGE_SIZE)],
+    "two-swapped": [(FUZZ_PAGES // 2 * PAGE_SIZE, FUZZ_PAGES // 2 * PAGE_SIZE),
+                    (0, FUZZ_PAGES // 2 * PAGE_SIZE)],
+}
+
+
+@settings(max_examples=int(os.environ.get("SNAPSTORE_HOT_FUZZ_CASES", "300")), deadline=None)
+@given(hot=hot_lists, layout=st.sampled_from(sorted(layouts)), memfd=st.booleans(),
+       reverse=st.booleans(), fault_around_kib=st.sampled_from([0, 4, 64]),
+       prefetch_threads=st.sampled_from([1, 2, 4]), queue_depth=st.sampled_from([1, 8]))
+def test_fuzzed_hot_lists_are_refused_or_served_right(
+    hot_rig: HotListRig, hot: bytes, layout: str, memfd: bool, reverse: bool,
+    fault_around_kib: int, prefetch_threads: int, queue_depth: int,
+) -> None:
+    answer = hot_rig.run(hot, layouts[layout], memfd, reverse,
+                         fault_around_kib=fault_around_kib, prefetch_threads=prefetch_threads,
+                         queue_depth=queue_depth)
+    valid = documented_valid(hot)
+    assert (answer is not None) is valid, f"{'refused' if valid else 'served'}: {hot!r}"
+    assert answer is None or json.loads(answer) == [], f"pages served wrong: {answer.strip()}"
+
+
+# The cases docs/uffd.md decides: whole lines of decimal digits, blank lines skipped.
+HOT_LIST_CASES = [
+    pytest.param(b"", False, id="empty"),
+    pytest.param(b"\n\n3\n\n", False, id="blank-lines"),
+    pytest.param(b"1\n2", False, id="no-final-newline"),
+    pytest.param(b"5\n5\n63\n0\n5\n1\n", False, id="unsorted-duplicates"),
+    pytest.param(b"0" * 70 + b"12\n", False, id="long-line-leading-zeros"),
+    pytest.param(b"64\n", True, id="past-the-end"),
+    pytest.param(b"18446744073709551616\n", True, id="overflow"),
+    pytest.param(b"-1\n", True, id="negative"),
+    pytest.param(b"1\r\n", True, id="crlf"),
+    pytest.param(b"0x10\n", True, id="hex"),
+    pytest.param(b"7" * 4000 + b"\n", True, id="long-digits"),
+    pytest.param(b"\x00\n", True, id="nul-line"),
+    pytest.param(b"5\x00junk\n", True, id="nul-then-junk"),
+    pytest.param(b"0" * 62 + b"64\n", True, id="long-line-past-the-end"),
+    pytest.param(b"+5\n", True, id="plus-sign"),
+    pytest.param(b" 5\n", True, id="leading-space"),
+]
+
+
+@pytest.mark.parametrize(("hot", "refused"), HOT_LIST_CASES)
+def test_hot_list_format_as_documented(hot_rig: HotListRig, hot: bytes, refused: bool) -> None:
+    """Refused exactly when docs/uffd.md says the list is malformed; served right if not."""
+    assert documented_valid(hot) is not refused
+    answer = hot_rig.run(hot, layouts["whole"], memfd=False, reverse=False)
+    assert (answer is None) is refused, "refused" if answer is None else "served"
+    assert answer is None or json.loads(answer) == []
