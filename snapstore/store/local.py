@@ -215,6 +215,30 @@ class LocalStore:
         with contextlib.suppress(FileNotFoundError):
             self.cache_path(cid).unlink()
 
+    # -- copies of remote pack indexes ----------------------------------------------
+
+    def pack_index_path(self, pack: ChunkId) -> Path:
+        """pack-index/ keeps the index objects of remote packs a push has read: a pack's
+        index never changes, so each is fetched once per host (docs/remote.md)."""
+        return self.root / "pack-index" / pack.hex
+
+    def put_pack_index(self, pack: ChunkId, data: bytes) -> None:
+        """Atomic, not durable, like the chunk cache: a torn copy fails its checksum when
+        loaded and is fetched again."""
+        path = self.pack_index_path(pack)
+        path.parent.mkdir(exist_ok=True)
+        self._write_atomic(path, data, durable=False)
+
+    def get_pack_index(self, pack: ChunkId) -> bytes | None:
+        try:
+            return self.pack_index_path(pack).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete_pack_index(self, pack: ChunkId) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pack_index_path(pack).unlink()
+
     # -- manifests -----------------------------------------------------------------
 
     def put_manifest(self, m: manifest.Manifest) -> ChunkId:
