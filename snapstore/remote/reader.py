@@ -1,10 +1,16 @@
 """RemoteChunkReader: chunks for a mount from the local store, a disk cache, else S3.
 
-Concurrency invariants (all state lives on the one trio thread, so no locks):
+Where each chunk lies in the remote's packs comes from the snapshot's locator, read once
+at mount time. Concurrency invariants (all state lives on the one trio thread, so no locks):
 - a chunk is fetched by at most one task at a time (`_flights`); a demand read that finds
   a prefetch of the same chunk in flight waits for it instead of fetching again;
+- a chunk to fetch is queued for one scheduling turn: the first of the queued chunks to
+  run again takes its queued neighbours in the pack (`_take_run`) and fetches them with
+  one ranged GET; the others wait for that run, and fetch alone if it was cancelled;
 - requests to S3 hold a slot of one PriorityLimiter: a demand read takes the next free
   slot, a prefetch only a slot no demand read waits for, and never the last `reserved`;
+  a prefetch registers its flights only once it holds a slot, so no demand read waits
+  for a prefetch that waits for a slot;
 - the cache index (`_cache`, LRU order) changes only on the trio thread; files change
   in worker threads, always after the index says so, so a file the index does not list
   may exist (swept at the next start) but the index never names a missing file for long

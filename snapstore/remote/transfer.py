@@ -190,6 +190,8 @@ async def push(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
             # The index after its pack: an index always names a whole pack.
             await s3.put(pack_key(pack.pack), pack.data)
             await s3.put(index_key(pack.pack), pack.index)
+            # The next push from this store needs no GET for it.
+            await trio.to_thread.run_sync(store.put_pack_index, pack.pack, pack.index)
             where.update(pack.chunks)
             pack_sizes[pack.pack] = len(pack.data)
             sent[0] += len(cids)
