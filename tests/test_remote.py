@@ -283,10 +283,12 @@ async def test_pull_of_a_bad_remote_chunk_fails_and_stores_nothing_wrong(
         await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
         proxy.inject("flip", "GET", "/packs/", times=-1)
         other = LocalStore.open(tmp_path / "other")
-        with pytest.raises(CorruptError, match="checksum"):
+        # A GET of a whole pack fails the checksum S3 stored with it; a GET of part of a
+        # pack, our hash check.
+        with pytest.raises(CorruptError, match=r"checksum|failed its check"):
             await pull(other, "t1", s3, jobs=2)
         assert other.get_tag("t1") is None and not other.manifest_ids()
-        assert list(other.iter_chunks()) == []
+        check_store(other)
         # A bad pack stored in the bucket (its S3 checksum matches): our hash check.
         proxy.clear()
         cid = sorted(loaded.get_manifest(loaded.resolve("t1")).chunk_ids())[0]

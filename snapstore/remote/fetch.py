@@ -103,55 +103,61 @@ class Fetched:
     error of each that failed every attempt, and the GETs it took."""
 
     requests: int = 1
-    good: list[tuple[ChunkId, bytes, bytes]] = field(default_factory=list)
+    good: list[tuple[ChunkId, memoryview, bytes]] = field(default_factory=list)
     bad: dict[ChunkId, CorruptError] = field(default_factory=dict)
 
 
 async def fetch_run(s3: S3Store, run: Run, sizes: Mapping[ChunkId, int],
-                    cpu: trio.CapacityLimiter, pack_size: int) -> Fetched:
-    """Read a run of chunks of one pack (coalesce's output) with one GET, the whole pack
-    when the run covers it, and check each chunk. A chunk that fails its check is fetched
-    again on its own (a flipped bit on the wire) before it is declared bad.
+                    cpu: trio.CapacityLimiter) -> Fetched:
+    """Read a run of chunks of one pack (coalesce's output) with one ranged GET and check
+    each chunk. A chunk that fails its check is fetched again on its own (a flipped bit
+    on the wire) before it is declared bad.
 
     A missing pack or a failed request fails the whole run (NotFoundError, RemoteError);
     a pack shorter than the run fails the chunks it cuts off.
     """
     pack = run[0][1].pack
-    lo, hi = run[0][1].offset, run[-1][1].end
-    if lo == 0 and hi == pack_size:
-        # A whole object: S3 also checks it against the checksum it stored with it.
-        data = await s3.get(pack_key(pack), max_bytes=pack_size)
-    else:
-        data = await s3.get_range(pack_key(pack), lo, hi)
     out = Fetched()
-    await trio.to_thread.run_sync(_check, data, lo, run, sizes, out, limiter=cpu)
+
+    async def check(start: int, chunks: Run) -> None:
+        data = await s3.get_range(pack_key(pack), start, chunks[-1][1].end)
+        results = await trio.to_thread.run_sync(_check, data, start, chunks, sizes,
+                                                limiter=cpu)
+        for cid, result in results:
+            if isinstance(result, CorruptError):
+                out.bad[cid] = result
+            else:
+                out.bad.pop(cid, None)
+                out.good.append((cid, *result))
+
+    await check(run[0][1].offset, run)
     for _ in range(1, HASH_ATTEMPTS):
         if not out.bad:
             break
-        for cid in list(out.bad):
+        for cid in sorted(out.bad):
             loc = next(at for c, at in run if c == cid)
-            data = await s3.get_range(pack_key(pack), loc.offset, loc.end)
             out.requests += 1
-            await trio.to_thread.run_sync(_check, data, loc.offset, [(cid, loc)], sizes, out,
-                                          limiter=cpu)
+            await check(loc.offset, [(cid, loc)])
     for cid, err in out.bad.items():
         out.bad[cid] = CorruptError(f"chunk {cid} in pack {pack.short()} of {s3.url} failed "
                                     f"its check {HASH_ATTEMPTS} times ({err})")
     return out
 
 
-def _check(data: bytes, start: int, run: Run, sizes: Mapping[ChunkId, int],
-           out: Fetched) -> None:
-    """Split `data` (the pack's bytes from `start`) into `run`'s chunks and check each."""
-    for cid, loc in run:
-        obj = data[loc.offset - start : loc.end - start]
+def _check(data: bytes, start: int, chunks: Run, sizes: Mapping[ChunkId, int]
+           ) -> list[tuple[ChunkId, tuple[memoryview, bytes] | CorruptError]]:
+    """Split `data` (the pack's bytes from `start`) into its chunks and check each: the
+    stored object (a view into `data`, not a copy) and raw bytes of each, or why it
+    failed."""
+    view = memoryview(data)
+    out: list[tuple[ChunkId, tuple[memoryview, bytes] | CorruptError]] = []
+    for cid, loc in chunks:
+        obj = view[loc.offset - start : loc.end - start]
         try:
             if len(obj) != loc.length:
                 raise CorruptError(f"the pack ends before the chunk's {loc.length} bytes at "
                                    f"{loc.offset}")
-            raw = codec.decode(obj, cid, sizes[cid])
+            out.append((cid, (obj, codec.decode(obj, cid, sizes[cid]))))
         except CorruptError as e:
-            out.bad[cid] = e
-            continue
-        out.bad.pop(cid, None)
-        out.good.append((cid, obj, raw))
+            out.append((cid, e))
+    return out

@@ -148,7 +148,6 @@ class RemoteChunkReader:
         self.limiter = PriorityLimiter(connections)
         self.stats = ReaderStats()
         self._where = snapshot.locator.chunks
-        self._pack_sizes = snapshot.locator.packs
         self._sizes = snapshot.manifest.chunk_sizes()
         # Neighbours: the chunk that lies right before and right after each in its pack.
         self._prev: dict[ChunkId, ChunkId] = {}
@@ -252,24 +251,21 @@ class RemoteChunkReader:
         """Fetch `run` with one ranged GET in a slot of `slot`, fill in its results, and
         keep the checked chunks in the cache."""
         try:
-            pack = run.chunks[0][1].pack
-            try:
-                async with slot():
-                    got = await fetch_run(self.s3, run.chunks, self._sizes, self._cpu,
-                                          self._pack_sizes[pack])
-            except SnapstoreError as e:
-                run.errors = {c: e for c, _ in run.chunks}
-                return
-            self.stats.requests += got.requests
+            async with slot():
+                got = await fetch_run(self.s3, run.chunks, self._sizes, self._cpu)
             run.raw = {c: raw for c, _, raw in got.good}
             run.errors = dict(got.bad)
-            run.done.set()
-            for cid, obj, _ in got.good:
-                self.stats.fetches += 1
-                self.stats.fetched_bytes += len(obj)
-                await self._keep(cid, obj)
+        except SnapstoreError as e:
+            run.errors = {c: e for c, _ in run.chunks}
+            return
         finally:
+            # Also when cancelled: the run's waiters then find no result and fetch alone.
             run.done.set()
+        self.stats.requests += got.requests
+        for cid, obj, _ in got.good:
+            self.stats.fetches += 1
+            self.stats.fetched_bytes += len(obj)
+            await self._keep(cid, obj)
 
     def _read_cached(self, cid: ChunkId, size: int) -> bytes | None:
         try:
@@ -280,7 +276,7 @@ class RemoteChunkReader:
         self.store.touch_cache_object(cid)
         return raw
 
-    async def _keep(self, cid: ChunkId, obj: bytes) -> None:
+    async def _keep(self, cid: ChunkId, obj: bytes | memoryview) -> None:
         if len(obj) > self.cache_limit or cid in self._cache:
             return
         try:

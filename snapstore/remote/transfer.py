@@ -239,7 +239,8 @@ async def _set_remote_tag(s3: S3Store, tag: str, mid: ChunkId, force: bool) -> s
     )
 
 
-def _store_chunks(writer: ChunkWriter, chunks: Iterable[tuple[ChunkId, bytes]]) -> None:
+def _store_chunks(writer: ChunkWriter,
+                  chunks: Iterable[tuple[ChunkId, bytes | memoryview]]) -> None:
     for cid, obj in chunks:
         if writer.claim(cid):
             writer.put(cid, obj)
@@ -299,16 +300,15 @@ async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
 
             async def download(run: list[tuple[ChunkId, Location]]) -> None:
                 pack = run[0][1].pack
-                f = await fetch_run(s3, run, sizes, cpu, locator.packs[pack])
-                # What checked is kept even when a neighbour failed: a rerun resumes.
+                f = await fetch_run(s3, run, sizes, cpu)
+                if f.bad:
+                    raise next(iter(f.bad.values()))
                 await trio.to_thread.run_sync(
                     _store_chunks, writer, [(c, o) for c, o, _ in f.good], limiter=disk)
                 got[0] += len(f.good)
                 got[1] += sum(len(o) for _, o, _ in f.good)
                 packs.add(pack)
                 advance(sum(len(o) for _, o, _ in f.good), len(f.good))
-                if f.bad:
-                    raise next(iter(f.bad.values()))
 
             try:
                 # A chunk a remote mount already fetched moves from the cache, checked.

@@ -103,7 +103,8 @@ class LocalStore:
 
     # -- atomic writes -------------------------------------------------------------
 
-    def _write_atomic(self, dest: Path, data: bytes, durable: bool = True) -> None:
+    def _write_atomic(self, dest: Path, data: bytes | memoryview, durable: bool = True
+                      ) -> None:
         """Write `dest` whole or not at all (temp file, rename); `durable` adds the fsyncs
         of the file and of its directory that make it survive a power loss."""
         tmp = self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp"
@@ -183,7 +184,7 @@ class LocalStore:
         h = cid.hex
         return self.root / "cache" / h[:2] / h[2:]
 
-    def put_cache_object(self, cid: ChunkId, obj: bytes) -> None:
+    def put_cache_object(self, cid: ChunkId, obj: bytes | memoryview) -> None:
         """Atomic but not durable: no fsync on the read path of a mount. An entry torn by a
         crash fails its hash check when read, and is then deleted and fetched again."""
         path = self.cache_path(cid)
@@ -379,7 +380,7 @@ class ChunkWriter:
             self._claimed.add(cid)
         return not self._store.chunk_path(cid).exists()
 
-    def put(self, cid: ChunkId, obj: bytes) -> int:
+    def put(self, cid: ChunkId, obj: bytes | memoryview) -> int:
         """Write a claimed, encoded chunk; returns the bytes written."""
         dest = self._store.chunk_path(cid)
         fd = -1
@@ -460,7 +461,7 @@ def _link_unnamed(fd: int, dest: Path) -> None:
     raise OSError(e, os.strerror(e), str(dest))
 
 
-def write_all(fd: int, data: bytes) -> int:
+def write_all(fd: int, data: bytes | memoryview) -> int:
     """Write all of `data` to `fd` (os.write may write less); returns its length."""
     view = memoryview(data)
     while view:

