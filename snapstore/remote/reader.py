@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 
 # Slots a prefetch never takes, so a demand read finds one free without waiting.
 RESERVED_FOR_DEMAND = 2
+# A background prefetch reads at most this much per GET: a demand read of a chunk that a
+# prefetch is fetching waits for that whole GET, so it is kept short. Read-ahead runs
+# (demand reads of neighbours) may take MAX_RANGE.
+PREFETCH_RANGE = 4 << 20
 
 Slot = Callable[[], AbstractAsyncContextManager[None]]
 
@@ -342,7 +346,7 @@ class RemoteChunkReader:
                 nursery.start_soon(worker, recv.clone())
             recv.close()
             async with send:
-                for chunks in coalesce(placed, MAX_RANGE):
+                for chunks in coalesce(placed, PREFETCH_RANGE):
                     if budget[0] <= 0:
                         break
                     await send.send(chunks)
