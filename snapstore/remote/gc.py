@@ -102,7 +102,8 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     dead_packs = [p for p in unreferenced if old(packs[p])]
     # An index whose pack is gone would make pushes skip chunks no pack holds.
     orphans = [p for p in indexes if p not in packs]
-    dead_bytes = sum(loc.length for p, index in contents.items() if p not in dead_packs
+    kept = set(packs) - set(dead_packs)
+    dead_bytes = sum(loc.length for p, index in contents.items() if p in kept
                      for cid, loc in index.chunks if cid not in live_chunks)
     if not dry_run:
         # The reverse of the write order: what names an object goes before the object,
@@ -118,7 +119,7 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     return RemoteGcReport(
         tags=len(tags),
         kept_snapshots=len(roots),
-        kept_packs=len(packs) - len(dead_packs),
+        kept_packs=len(kept),
         deleted_snapshots=len(dead_snaps),
         deleted_packs=len(dead_packs),
         deleted_chunks=sum(len(contents[p].chunks) for p in dead_packs if p in contents),

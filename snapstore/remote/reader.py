@@ -45,7 +45,7 @@ from snapstore.remote.fetch import (
     fetch_run,
     resolve_remote,
 )
-from snapstore.remote.packs import MAX_RANGE, Location, Locator, coalesce
+from snapstore.remote.packs import Location, Locator, coalesce
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
 from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
@@ -55,10 +55,10 @@ log = logging.getLogger(__name__)
 
 # Slots a prefetch never takes, so a demand read finds one free without waiting.
 RESERVED_FOR_DEMAND = 2
-# A background prefetch reads at most this much per GET: a demand read of a chunk that a
-# prefetch is fetching waits for that whole GET, so it is kept short. Read-ahead runs
-# (demand reads of neighbours) may take MAX_RANGE.
-PREFETCH_RANGE = 4 << 20
+# A mount reads at most this much per GET: a chunk is served only once the whole GET that
+# carries it is in, so a longer run makes the read that waits for its first chunk wait
+# longer. A pull, which waits for everything anyway, reads up to packs.MAX_RANGE.
+MOUNT_RANGE = 4 << 20
 
 Slot = Callable[[], AbstractAsyncContextManager[None]]
 
@@ -228,16 +228,16 @@ class RemoteChunkReader:
             # Whoever fetched the run was cancelled before this chunk: queue it again.
 
     def _take_run(self, cid: ChunkId) -> _Run:
-        """`cid` and its queued neighbours in its pack, within MAX_RANGE; the neighbours'
+        """`cid` and its queued neighbours in its pack, within MOUNT_RANGE; the neighbours'
         tasks then wait for this run instead of fetching."""
         first = last = cid
         span = self._where[cid].length
         while (p := self._prev.get(first)) is not None and p in self._queued:
-            if span + self._where[p].length > MAX_RANGE:
+            if span + self._where[p].length > MOUNT_RANGE:
                 break
             first, span = p, span + self._where[p].length
         while (n := self._next.get(last)) is not None and n in self._queued:
-            if span + self._where[n].length > MAX_RANGE:
+            if span + self._where[n].length > MOUNT_RANGE:
                 break
             last, span = n, span + self._where[n].length
         chunks = [(first, self._where[first])]
@@ -346,7 +346,7 @@ class RemoteChunkReader:
                 nursery.start_soon(worker, recv.clone())
             recv.close()
             async with send:
-                for chunks in coalesce(placed, PREFETCH_RANGE):
+                for chunks in coalesce(placed, MOUNT_RANGE):
                     if budget[0] <= 0:
                         break
                     await send.send(chunks)

@@ -115,8 +115,9 @@ async def remote_chunks(s3: S3Store, store: LocalStore | None, jobs: int = DEFAU
                         ) -> RemoteChunks:
     """The union of the remote's pack indexes (one LIST of index/ and one of packs/, and a
     GET for each index `store` has no copy of). An index whose pack is missing or has
-    another size is left out, so its chunks are pushed again; a damaged index stops the
-    push, since its pack may hold chunks that must not be duplicated silently."""
+    another size is left out, so its chunks are pushed again. A damaged index stops the
+    push with one line: the remote is not what it should be, and working around it
+    silently would hide that."""
     indexed = [p async for o in s3.list("index/") if (p := id_of_key(o.key, "index/"))]
     sizes = {p: o.size async for o in s3.list("packs/") if (p := id_of_key(o.key, "packs/"))}
     found: dict[ChunkId, tuple[tuple[ChunkId, Location], ...]] = {}
@@ -247,16 +248,18 @@ def _store_chunks(writer: ChunkWriter,
 
 
 def _from_cache(store: LocalStore, writer: ChunkWriter, cid: ChunkId, size: int) -> bool:
-    """Move a chunk a remote mount fetched into the store, checked; False if it has none.
-    The cache entry goes either way: a bad one is of no use."""
+    """Move a chunk a remote mount fetched into the store, checked; False if it has none
+    (a bad cache entry is of no use: it goes)."""
     try:
         obj = store.get_cache_object(cid)
         codec.decode(obj, cid, size)
-    except (NotFoundError, CorruptError):
+    except NotFoundError:
         return False
-    finally:
+    except CorruptError:
         store.delete_cache_object(cid)
+        return False
     _store_chunks(writer, [(cid, obj)])
+    store.delete_cache_object(cid)
     return True
 
 
