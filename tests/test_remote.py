@@ -299,13 +299,12 @@ async def test_pull_of_a_bad_remote_chunk_fails_and_stores_nothing_wrong(
     check_store(other)
 
 
-async def flip_chunk_in_pack(s3: S3Store, cid: ChunkId) -> ChunkId:
-    """Rewrite the pack holding `cid` with one bit of that chunk flipped; its pack."""
+async def flip_chunk_in_pack(s3: S3Store, cid: ChunkId) -> None:
+    """Rewrite the pack holding `cid` with one bit of that chunk flipped."""
     at = (await remote_chunks(s3, None)).where[cid]
     data = bytearray(await s3.get(pack_key(at.pack)))
     data[at.offset + at.length // 2] ^= 0x10
     await s3.put(pack_key(at.pack), bytes(data))
-    return at.pack
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
