@@ -27,7 +27,7 @@ import trio
 
 from snapstore.examples import memory_image, two_python_checkpoints
 from snapstore.ingest import ingest
-from snapstore.remote.transfer import remote_missing
+from snapstore.remote.transfer import remote_chunks
 from snapstore.remote.url import RemoteURL
 from snapstore.runsc import Runsc, new_container_id
 from snapstore.store.local import LocalStore
@@ -114,14 +114,16 @@ async def moto_ceiling(port: int, mib: int = 256, parallel: int = 16) -> tuple[f
     return times[0], times[1]
 
 
-async def missing_check(port: int, bucket: str, store: LocalStore, ref: str) -> dict[str, float]:
-    cids = sorted(store.get_manifest(store.resolve(ref)).chunk_ids())
+async def index_loading(port: int, bucket: str, store: LocalStore) -> dict[str, float]:
+    """Seconds a push takes to learn what the remote holds: with no copies of the pack
+    indexes (a host's first push), and with the copies the pushing store kept."""
     out = {}
     async with open_s3(RemoteURL(bucket, "s"), f"http://127.0.0.1:{port}", 20) as s3:
-        for method in ("head", "list"):
+        for name, copies in (("cold", None), ("warm", store)):
             start = time.perf_counter()
-            await remote_missing(s3, cids, 16, method)
-            out[method] = time.perf_counter() - start
+            known = await remote_chunks(s3, copies)
+            out[name] = time.perf_counter() - start
+        out["packs"] = len(known.pack_sizes)
     return out
 
 
@@ -178,6 +180,7 @@ def run_all(port: int, endpoint: str, work: Path, args: argparse.Namespace,
 
     push_s, pull_s, rc_push, rc_pull = [], [], [], []
     last_bucket = ""
+    packs = 0
     for rep in range(args.reps):
         bucket = new_bucket(port)
         last_bucket = bucket
@@ -188,7 +191,9 @@ def run_all(port: int, endpoint: str, work: Path, args: argparse.Namespace,
         rc_pull.append(timed(rclone, port, "copy", f"moto:{bucket}/raw", str(out)))
         shutil.rmtree(out)
         evict(work)
-        push_s.append(timed(snapstore, src_root, "push", "mem", f"s3://{bucket}/s", "--json"))
+        start = time.perf_counter()
+        packs = snapstore(src_root, "push", "mem", f"s3://{bucket}/s", "--json")["packs"]
+        push_s.append(time.perf_counter() - start)
         dst = work / f"dst-{rep}"
         evict(work)
         pull_s.append(timed(snapstore, dst, "pull", "mem", f"s3://{bucket}/s", "--json"))
@@ -197,14 +202,14 @@ def run_all(port: int, endpoint: str, work: Path, args: argparse.Namespace,
     med = statistics.median
     stored = sum(c.stored_size for c in src.iter_chunks())
     results["memory_image"] = {
-        "logical_bytes": size, "stored_bytes": stored,
+        "logical_bytes": size, "stored_bytes": stored, "packs": packs,
         "push_s": [round(x, 2) for x in push_s], "pull_s": [round(x, 2) for x in pull_s],
         "rclone_push_s": [round(x, 2) for x in rc_push],
         "rclone_pull_s": [round(x, 2) for x in rc_pull],
         "push_speedup": round(med(rc_push) / med(push_s), 2),
         "pull_speedup": round(med(rc_pull) / med(pull_s), 2),
     }
-    print(f"memory image {size >> 20} MiB ({stored / 1e6:.0f} MB stored): push "
+    print(f"memory image {size >> 20} MiB ({stored / 1e6:.0f} MB stored, {packs} packs): push "
           f"{med(push_s):.2f}s vs rclone {med(rc_push):.2f}s = "
           f"{med(rc_push) / med(push_s):.1f}x; pull {med(pull_s):.2f}s vs rclone "
           f"{med(rc_pull):.2f}s = {med(rc_pull) / med(pull_s):.1f}x")
@@ -216,9 +221,24 @@ def run_all(port: int, endpoint: str, work: Path, args: argparse.Namespace,
                   "--json")
         results["push_jobs_s"][jobs] = round(t, 2)
     print(f"push time by --jobs: {results['push_jobs_s']}")
-    results["missing_check_s"] = {k: round(v, 3) for k, v in
-                                  trio.run(missing_check, port, last_bucket, src, "mem").items()}
-    print(f"finding missing chunks of an already pushed image: {results['missing_check_s']}")
+    results["index_loading_s"] = {k: round(v, 3) for k, v in
+                                  trio.run(index_loading, port, last_bucket, src).items()}
+    print(f"loading the pack indexes of the pushed image: {results['index_loading_s']}")
+    results["pack_size_s"] = {}
+    for mib in (8, 16, 32):
+        pushes, pulls = [], []
+        for rep in range(args.reps):
+            bucket = new_bucket(port)
+            evict(work)
+            pushes.append(timed(snapstore, src_root, "push", "mem", f"s3://{bucket}/s",
+                                "--pack-size", f"{mib}M", "--json"))
+            dst = work / f"pack-{mib}-{rep}"
+            evict(work)
+            pulls.append(timed(snapstore, dst, "pull", "mem", f"s3://{bucket}/s", "--json"))
+            shutil.rmtree(dst)
+        results["pack_size_s"][mib] = {"push": round(med(pushes), 2),
+                                       "pull": round(med(pulls), 2)}
+    print(f"push and pull by --pack-size (MiB, medians): {results['pack_size_s']}")
 
     # Cold lazy reads of the whole image, from an empty store each time.
     lazy: dict[str, float] = {}

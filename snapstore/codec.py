@@ -44,7 +44,7 @@ def encode(raw: bytes | memoryview) -> bytes:
     return bytes((RAW,)) + bytes(raw)
 
 
-def decode(obj: bytes, cid: ChunkId, size: int) -> bytes:
+def decode(obj: bytes | memoryview, cid: ChunkId, size: int) -> bytes:
     """Return the raw bytes of chunk `cid`, which must be `size` bytes, or raise CorruptError.
 
     Decompression is bounded by `size`, so a hostile object cannot inflate without limit.
@@ -66,7 +66,7 @@ def _checked(raw: bytes, cid: ChunkId) -> bytes:
     return raw
 
 
-def _inflate(obj: bytes, cid: ChunkId, limit: int) -> bytes:
+def _inflate(obj: bytes | memoryview, cid: ChunkId, limit: int) -> bytes:
     if not obj:
         raise CorruptError(f"object {cid} is empty")
     tag, body = obj[0], memoryview(obj)[1:]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,22 +20,34 @@ import pytest
 import trio
 
 from fusefs.reader import prefetch_order
-from snapstore import cli
+from snapstore import cli, codec
 from snapstore.errors import CorruptError, SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
+from snapstore.manifest import MAX_CHUNK
 from snapstore.remote.gc import remote_gc
 from snapstore.remote.reader import PriorityLimiter, RemoteChunkReader, open_remote_snapshot
-from snapstore.remote.transfer import pull, push, remote_missing
+from snapstore.remote.transfer import pull, push, remote_chunks
 from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
-from snapstore.store.s3 import RemoteAccessError, S3Store, chunk_key, open_s3, tag_key
+from snapstore.store.s3 import (
+    RemoteAccessError,
+    S3Store,
+    id_of_key,
+    index_key,
+    locator_key,
+    open_s3,
+    pack_key,
+    tag_key,
+)
 from snapstore.verify import verify
 from tests.conftest import memory_like
 from tests.s3proxy import FaultProxy, free_port, make_bucket, moto_server, s3_env
 
 _buckets = itertools.count()
+# Small packs, so that the test snapshot (about 8 MB stored) spans several.
+SMALL_PACKS = 1 << 20
 
 
 @pytest.fixture(scope="session")
@@ -95,8 +109,18 @@ def same_tree(a: Path, b: Path) -> None:
 
 
 def check_store(store: LocalStore) -> None:
+    """The tagged snapshots verify, and every chunk in the store, tagged or not, holds the
+    bytes its name says."""
     report = verify(store, store.tags())
     assert not report.problems
+    for c in store.iter_chunks():
+        codec.decode_bounded(store.get_chunk_object(c.cid), c.cid, MAX_CHUNK)
+
+
+async def keys(s3: S3Store, prefix: str) -> list[str]:
+    return [o.key async for o in s3.list(prefix)]
+
+
 
 
 # -- urls ------------------------------------------------------------------------------
@@ -120,28 +144,58 @@ async def test_push_pull_roundtrip(moto_port: int, remote: str, loaded: LocalSto
                                    source: Path, tmp_path: Path) -> None:
     endpoint = f"http://127.0.0.1:{moto_port}"
     async with s3_at(endpoint, remote) as s3:
-        r = await push(loaded, "t1", s3)
-        assert r.tag_status == "created" and r.chunks_sent == r.chunks > 0
+        r = await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        assert r.tag_status == "created" and r.chunks_sent == r.chunks > r.packs > 1
+        assert len(await keys(s3, "packs/")) == len(await keys(s3, "index/")) == r.packs
         again = await push(loaded, "t1", s3)
-        assert (again.chunks_sent, again.tag_status) == (0, "unchanged")
+        assert (again.chunks_sent, again.packs, again.tag_status) == (0, 0, "unchanged")
         other = LocalStore.open(tmp_path / "other")
         p = await pull(other, "t1", s3)
         assert p.chunks_sent == r.chunks and other.get_tag("t1") == r.snapshot
+        # One GET per pack: the runs of a pack that is needed whole are the pack.
+        assert p.packs == r.packs and p.bytes_sent == r.bytes_sent
         assert (await pull(other, "t1", s3)).chunks_sent == 0
     check_store(other)
     export(other, other.get_manifest(r.snapshot), tmp_path / "out")
     same_tree(source, tmp_path / "out")
 
 
-async def test_missing_by_head_and_list_agree(moto_port: int, remote: str,
-                                              loaded: LocalStore) -> None:
-    m = loaded.get_manifest(loaded.resolve("t1"))
-    cids = sorted(m.chunk_ids())
-    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
-        await s3.put(chunk_key(cids[0]), loaded.get_chunk_object(cids[0]))
-        by_head = await remote_missing(s3, cids, 4, "head")
-        by_list = await remote_missing(s3, cids, 4, "list")
-    assert by_head == by_list == set(cids[1:])
+async def test_remote_chunks_come_from_indexes_of_present_packs(
+        proxy: FaultProxy, remote: str, loaded: LocalStore) -> None:
+    cids = loaded.get_manifest(loaded.resolve("t1")).chunk_ids()
+    async with s3_at(proxy.endpoint, remote) as s3:
+        r = await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        # The push kept copies of the indexes it wrote: no GET of index/ now.
+        before = proxy.requests
+        known = await remote_chunks(s3, loaded)
+        assert proxy.requests - before == 2  # the two listings
+        assert set(known.where) == cids and len(known.pack_sizes) == r.packs
+        assert (await remote_chunks(s3, None)).where == known.where
+        # A damaged copy in the store is refused and fetched again.
+        some = sorted(known.pack_sizes)[0]
+        loaded.pack_index_path(some).write_bytes(b"junk")
+        assert (await remote_chunks(s3, loaded)).where == known.where
+        assert loaded.pack_index_path(some).read_bytes() == await s3.get(index_key(some))
+        # An index whose pack is gone, and a pack without an index, hold nothing.
+        gone, unindexed = sorted(known.pack_sizes)[:2]
+        await s3.delete_many([pack_key(gone), index_key(unindexed)])
+        left = await remote_chunks(s3, loaded)
+        assert set(left.pack_sizes) == set(known.pack_sizes) - {gone, unindexed}
+        assert {known.where[c].pack for c in cids - set(left.where)} == {gone, unindexed}
+        # Stray keys are not ids: listed names are checked before they are parsed.
+        await s3.put("index/" + "G" * 64, b"x")
+        await s3.put("packs/zz/" + "0" * 62, b"x")
+        assert (await remote_chunks(s3, loaded)).where == left.where
+
+
+def test_id_of_key_takes_only_exact_ids() -> None:
+    h = "ab" * 32
+    assert id_of_key(f"index/{h}", "index/") == ChunkId.parse(h)
+    assert id_of_key(f"packs/{h[:2]}/{h[2:]}", "packs/") == ChunkId.parse(h)
+    for bad in (f"index/{h.upper()}", f"index/{h}0", f"index/{h[:-1]}", f"index/../{h}",
+                f"packs/{h}", f"packs/{h[:3]}/{h[3:]}", f"locate/{h}"):
+        prefix = "packs/" if bad.startswith("packs/") else "index/"
+        assert id_of_key(bad, prefix) is None, bad
 
 
 async def test_tag_conflict_and_force(moto_port: int, remote: str, loaded: LocalStore,
@@ -194,8 +248,9 @@ async def test_push_never_sends_a_corrupt_chunk(moto_port: int, remote: str,
     path.write_bytes(bytes(data))
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
         with pytest.raises(CorruptError, match="not pushed"):
-            await push(loaded, "t1", s3)
-        assert await s3.head(chunk_key(cid)) is None
+            await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        assert cid not in (await remote_chunks(s3, None)).where
+        assert await keys(s3, "locate/") == await keys(s3, "snapshots/") == []
         assert await s3.head(tag_key("t1")) is None
 
 
@@ -206,12 +261,12 @@ async def test_push_and_pull_survive_transient_faults(proxy: FaultProxy, remote:
                                                       loaded: LocalStore, source: Path,
                                                       tmp_path: Path) -> None:
     for kind in ("500", "503", "reset", "slow"):
-        proxy.inject(kind, "PUT", "/chunks/", times=2)
+        proxy.inject(kind, "PUT", "/packs/", times=2)
     async with s3_at(proxy.endpoint, remote) as s3:
-        r = await push(loaded, "t1", s3, jobs=4)
+        r = await push(loaded, "t1", s3, jobs=4, pack_size=SMALL_PACKS)
     assert proxy.injected == {"500": 2, "503": 2, "reset": 2, "slow": 2}
     for kind in ("500", "503", "reset", "slow", "flip"):
-        proxy.inject(kind, "GET", "/chunks/", times=2)
+        proxy.inject(kind, "GET", "/packs/", times=2)
     other = LocalStore.open(tmp_path / "other")
     async with s3_at(proxy.endpoint, remote) as s3:
         p = await pull(other, "t1", s3, jobs=4)
@@ -225,21 +280,31 @@ async def test_push_and_pull_survive_transient_faults(proxy: FaultProxy, remote:
 async def test_pull_of_a_bad_remote_chunk_fails_and_stores_nothing_wrong(
         proxy: FaultProxy, remote: str, loaded: LocalStore, tmp_path: Path) -> None:
     async with s3_at(proxy.endpoint, remote) as s3:
-        await push(loaded, "t1", s3)
-        proxy.inject("flip", "GET", "/chunks/", times=-1)
+        await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        proxy.inject("flip", "GET", "/packs/", times=-1)
         other = LocalStore.open(tmp_path / "other")
-        with pytest.raises(CorruptError, match="checksum"):
+        # A GET of a whole pack fails the checksum S3 stored with it; a GET of part of a
+        # pack, our hash check.
+        with pytest.raises(CorruptError, match=r"checksum|failed its check"):
             await pull(other, "t1", s3, jobs=2)
         assert other.get_tag("t1") is None and not other.manifest_ids()
-        assert list(other.iter_chunks()) == []
-        # A bad object stored in the bucket (its S3 checksum matches): our hash check.
+        check_store(other)
+        # A bad pack stored in the bucket (its S3 checksum matches): our hash check.
         proxy.clear()
         cid = sorted(loaded.get_manifest(loaded.resolve("t1")).chunk_ids())[0]
-        await s3.put(chunk_key(cid), loaded.get_chunk_object(cid)[:-1] + b"x")
+        await flip_chunk_in_pack(s3, cid)
         with pytest.raises(CorruptError, match="failed its check 3 times"):
             await pull(other, "t1", s3, jobs=2)
     assert other.get_tag("t1") is None and not other.has_chunk(cid)
     check_store(other)
+
+
+async def flip_chunk_in_pack(s3: S3Store, cid: ChunkId) -> None:
+    """Rewrite the pack holding `cid` with one bit of that chunk flipped."""
+    at = (await remote_chunks(s3, None)).where[cid]
+    data = bytearray(await s3.get(pack_key(at.pack)))
+    data[at.offset + at.length // 2] ^= 0x10
+    await s3.put(pack_key(at.pack), bytes(data))
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -275,16 +340,18 @@ def test_cli_push_ls_pull_gc(moto_port: int, remote: str, loaded: LocalStore,
                              tmp_path: Path, capsys: pytest.CaptureFixture[str],
                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
-    code, out, err = _cli(["--store", str(loaded.root), "push", "t1", remote, "--json"], capsys)
+    code, out, err = _cli(["--store", str(loaded.root), "push", "t1", remote, "--json",
+                           "--pack-size", "1M"], capsys)
     assert code == 0, err
     pushed = json.loads(out)
-    assert pushed["tag_status"] == "created"
+    assert pushed["tag_status"] == "created" and pushed["packs"] > 1
     code, out, _ = _cli(["remote", "ls", remote, "--json"], capsys)
     doc = json.loads(out)
     assert doc["tags"] == {"t1": pushed["snapshot"]}
     [snap] = doc["snapshots"]
     assert snap["chunks"] == pushed["chunks"] and snap["missing_chunks"] == 0
     assert snap["stored_bytes"] == pushed["bytes_sent"] == doc["stored_bytes"]
+    assert doc["packs"] == pushed["packs"]
     assert "testing" not in out
     other = tmp_path / "other"
     code, out, err = _cli(["--store", str(other), "pull", "t1", remote], capsys)
@@ -293,22 +360,27 @@ def test_cli_push_ls_pull_gc(moto_port: int, remote: str, loaded: LocalStore,
     assert code == 0
     code, out, err = _cli(["gc", "--remote", remote, "--grace", "0", "--json"], capsys)
     assert code == 0, err
-    assert json.loads(out)["deleted_chunks"] == 0
+    assert json.loads(out)["deleted_packs"] == 0
+    code, _, err = _cli(["--store", str(loaded.root), "push", "t1", remote, "--pack-size",
+                         "0"], capsys)
+    assert code == 2 and "--pack-size" in err
 
 
 def test_killed_push_resumes_with_only_the_missing_chunks(
         proxy: FaultProxy, remote: str, loaded: LocalStore) -> None:
     total = len(loaded.get_manifest(loaded.resolve("t1")).chunk_ids())
-    # Slow uploads, one at a time, so the kill lands mid-way.
-    proxy.inject("slow", "PUT", "/chunks/", times=-1)
+    # Slow pack uploads, one at a time, so the kill lands mid-way.
+    proxy.inject("slow", "PUT", "/packs/", times=-1)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "snapstore", "--store", str(loaded.root), "push", "t1",
-           remote, "--endpoint-url", proxy.endpoint, "--jobs", "1", "--json"]
+           remote, "--endpoint-url", proxy.endpoint, "--jobs", "1", "--json",
+           "--pack-size", "512K"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-    async def count_remote() -> int:
+    async def count_remote() -> tuple[int, int]:
         async with s3_at(proxy.endpoint, remote) as s3:
-            return len([o async for o in s3.list("chunks/")])
+            return (len((await remote_chunks(s3, None)).where),
+                    len(await keys(s3, "packs/")))
 
     deadline = time.monotonic() + 120
     while proxy.injected.get("slow", 0) < 4 and time.monotonic() < deadline:
@@ -325,10 +397,12 @@ def test_killed_push_resumes_with_only_the_missing_chunks(
         if now == before:
             break
         before = now
-    assert 0 < before < total
+    indexed, _ = before
+    assert 0 < indexed < total
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     report = json.loads(done.stdout)
-    assert report["chunks_sent"] == total - before
+    # Only chunks of indexed packs count as present; a pack without its index is sent again.
+    assert report["chunks_sent"] == total - indexed
     assert report["tag_status"] == "created"
 
 
@@ -345,10 +419,11 @@ async def test_remote_reader_fetches_checks_and_caches(
     want = await _all_chunks(loaded)
     empty = LocalStore.open(tmp_path / "empty")
     async with s3_at(proxy.endpoint, remote) as s3:
-        await push(loaded, "t1", s3)
-        proxy.inject("flip", "GET", "/chunks/", times=3)
-        proxy.inject("reset", "GET", "/chunks/", times=2)
-        reader = RemoteChunkReader(empty, s3, cache_bytes=1 << 30, connections=4)
+        await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        proxy.inject("flip", "GET", "/packs/", times=3)
+        proxy.inject("reset", "GET", "/packs/", times=2)
+        snap = await open_remote_snapshot(s3, "t1")
+        reader = RemoteChunkReader(empty, s3, snap, cache_bytes=1 << 30, connections=4)
         got: dict[ChunkId, bytes] = {}
 
         async def read(cid: ChunkId) -> None:
@@ -360,6 +435,8 @@ async def test_remote_reader_fetches_checks_and_caches(
                 n.start_soon(read, cid)  # the same chunk twice at once: one fetch
         assert got == want
         assert reader.stats.fetches == len(want)
+        # Asked for all at once, neighbours in a pack came with one ranged GET.
+        assert reader.stats.requests - 3 < len(want) // 2
         # Second pass: served from the cache, no request.
         requests = proxy.requests
         for cid, raw in want.items():
@@ -376,8 +453,8 @@ async def test_remote_reader_never_caches_a_bad_chunk(
     empty = LocalStore.open(tmp_path / "empty")
     async with s3_at(proxy.endpoint, remote) as s3:
         await push(loaded, "t1", s3)
-        proxy.inject("flip", "GET", "/chunks/", times=-1)
-        reader = RemoteChunkReader(empty, s3)
+        proxy.inject("flip", "GET", "/packs/", times=-1)
+        reader = RemoteChunkReader(empty, s3, await open_remote_snapshot(s3, "t1"))
         with pytest.raises(CorruptError):
             await reader.read_chunk(cid, len(raw))
         assert list(empty.iter_cache()) == []
@@ -395,7 +472,8 @@ async def test_cache_is_bounded_and_spares_store_chunks(
     limit = 3 * max(len(loaded.get_chunk_object(c)) for c in want)
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
         await push(loaded, "t1", s3)
-        reader = RemoteChunkReader(partial, s3, cache_bytes=limit)
+        snap = await open_remote_snapshot(s3, "t1")
+        reader = RemoteChunkReader(partial, s3, snap, cache_bytes=limit)
         for _ in range(2):
             for cid, raw in want.items():
                 assert await reader.read_chunk(cid, len(raw)) == raw
@@ -404,7 +482,7 @@ async def test_cache_is_bounded_and_spares_store_chunks(
     assert sum(c.stored_size for c, _ in cached) <= limit
     assert sorted(c.cid for c in partial.iter_chunks()) == kept
     # A reader started later picks the cache up within the limit.
-    assert RemoteChunkReader(partial, s3, cache_bytes=limit).stats.cache_bytes <= limit
+    assert RemoteChunkReader(partial, s3, snap, cache_bytes=limit).stats.cache_bytes <= limit
 
 
 async def test_prefetch_follows_the_recorded_order(
@@ -417,13 +495,16 @@ async def test_prefetch_follows_the_recorded_order(
     (access / mid.hex).write_text("".join(c.hex + "\n" for c in order[:4]) + "junk\n")
     empty = LocalStore.open(tmp_path / "empty")
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
-        await push(loaded, "t1", s3)
+        await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
         snap = await open_remote_snapshot(s3, "t1")
         assert [c for c, _ in snap.order[:4]] == order[:4]
         assert len(snap.order) == len(m.chunk_ids())
-        reader = RemoteChunkReader(empty, s3)
+        reader = RemoteChunkReader(empty, s3, snap)
         await reader.prefetch(snap.order)
         assert reader.stats.prefetched == len(snap.order)
+        # After the recorded four, file order: neighbours in a pack share one GET (each of
+        # the four, taken out of file order, may split one pack's run in two).
+        assert reader.stats.requests <= 4 + len(snap.locator.packs) + 4
         requests = reader.stats.fetches
         for cid, size in snap.order:
             await reader.read_chunk(cid, size)
@@ -480,16 +561,72 @@ async def test_remote_gc_sweeps_only_old_unreferenced_objects(
     assert only_t2
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
         await push(loaded, "t1", s3)
-        await push(loaded, "t2", s3)
+        t2 = await push(loaded, "t2", s3)
+        t2_packs = {(await remote_chunks(s3, None)).where[c].pack for c in only_t2}
         await s3.delete_many([tag_key("t2")])
         young = await remote_gc(s3, grace_s=3600)
-        assert young.deleted_chunks == 0 and young.young_unreferenced == 0  # manifest is a root
-        dry = await remote_gc(s3, grace_s=0, dry_run=True)
-        assert dry.deleted_chunks == len(only_t2) and dry.deleted_snapshots == 1
-        assert all([await s3.head(chunk_key(c)) is not None for c in only_t2])
-        r = await remote_gc(s3, grace_s=0)
+        assert young.deleted_packs == 0 and young.young_unreferenced == 0  # manifest is a root
+        dry = await remote_gc(s3, loaded, grace_s=0, dry_run=True)
+        assert (dry.deleted_packs, dry.deleted_chunks) == (t2.packs, len(only_t2))
+        assert dry.deleted_snapshots == 1
+        assert all([await s3.head(pack_key(p)) is not None for p in t2_packs])
+        r = await remote_gc(s3, loaded, grace_s=0)
         assert (r.deleted_chunks, r.deleted_snapshots, r.tags) == (len(only_t2), 1, 1)
-        assert all([await s3.head(chunk_key(c)) is None for c in only_t2])
+        assert r.deleted_indexes == r.deleted_packs == t2.packs
+        for p in t2_packs:
+            assert await s3.head(pack_key(p)) is None and await s3.head(index_key(p)) is None
+            assert not loaded.pack_index_path(p).exists()
+        assert await keys(s3, "locate/") == [locator_key(loaded.resolve("t1"))]
+        other = LocalStore.open(tmp_path / "other")
+        await pull(other, "t1", s3)
+    check_store(other)
+
+
+async def test_remote_gc_keeps_packs_with_live_chunks_and_reports_dead_bytes(
+        moto_port: int, remote: str, loaded: LocalStore, source: Path, tmp_path: Path) -> None:
+    both = tmp_path / "both"
+    (both / "extra").mkdir(parents=True)
+    shutil.copytree(source, both / "image")
+    (both / "extra" / "f").write_bytes(os.urandom(1 << 20))
+    ingest(loaded, both, "both", params=loaded.get_manifest(loaded.resolve("t1")).chunker)
+    m1 = loaded.get_manifest(loaded.resolve("t1"))
+    dead = loaded.get_manifest(loaded.resolve("both")).chunk_ids() - m1.chunk_ids()
+    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+        first = await push(loaded, "both", s3)
+        t1 = await push(loaded, "t1", s3)
+        assert t1.chunks_sent == 0  # its chunks lie in the packs of "both"
+        await s3.delete_many([tag_key("both")])
+        r = await remote_gc(s3, grace_s=0)
+        assert (r.deleted_snapshots, r.deleted_packs, r.kept_packs) == (1, 0, first.packs)
+        # No repacking: the dead chunks stay inside the live packs, and are reported.
+        assert r.dead_bytes_in_kept_packs == sum(
+            len(loaded.get_chunk_object(c)) for c in dead)
+        other = LocalStore.open(tmp_path / "other")
+        await pull(other, "t1", s3)
+    check_store(other)
+
+
+async def test_remote_gc_deletes_orphans_and_keeps_what_locators_name(
+        moto_port: int, remote: str, loaded: LocalStore, tmp_path: Path) -> None:
+    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+        r = await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        known = await remote_chunks(s3, None)
+        lost_index, lost_pack = sorted(known.pack_sizes)[:2]
+        # A pack whose index is lost is still named by the tag's locator: kept.
+        await s3.delete_many([index_key(lost_index)])
+        # An index whose pack is gone would make pushes skip chunks: deleted at any age.
+        await s3.delete_many([pack_key(lost_pack)])
+        # A pack a killed push left without an index holds nothing anyone names.
+        await s3.put(pack_key(ChunkId.of(b"stray")), b"stray")
+        g = await remote_gc(s3, grace_s=0)
+        assert (g.deleted_packs, g.deleted_indexes, g.kept_packs) == (1, 1, r.packs - 1)
+        assert await s3.head(pack_key(lost_index)) is not None
+        assert await keys(s3, "index/") == sorted(
+            index_key(p) for p in known.pack_sizes if p not in (lost_index, lost_pack))
+        # The next push sends what the remote lost again, in new packs, and a new locator.
+        again = await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        lost = {c for c, at in known.where.items() if at.pack in (lost_index, lost_pack)}
+        assert again.chunks_sent == len(lost)
         other = LocalStore.open(tmp_path / "other")
         await pull(other, "t1", s3)
     check_store(other)
@@ -504,6 +641,24 @@ async def test_remote_gc_stops_on_an_unreadable_tag(moto_port: int, remote: str,
             await remote_gc(s3, grace_s=0)
 
 
+async def test_remote_gc_stops_on_an_unreadable_locator_or_index(
+        moto_port: int, remote: str, loaded: LocalStore) -> None:
+    mid = loaded.resolve("t1")
+    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+        await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        await s3.put(pack_key(ChunkId.of(b"stray")), b"stray")
+        good = await s3.get(locator_key(mid))
+        await s3.put(locator_key(mid), good[:-1])
+        with pytest.raises(SnapstoreError, match="without deleting"):
+            await remote_gc(s3, grace_s=0)
+        await s3.put(locator_key(mid), good)
+        pack = sorted((await remote_chunks(s3, None)).pack_sizes)[0]
+        await s3.put(index_key(pack), b"SNAPIDX\x01" + bytes(100))
+        with pytest.raises(SnapstoreError, match=f"index of pack {pack.short()}.*without"):
+            await remote_gc(s3, grace_s=0)
+        assert await s3.head(pack_key(ChunkId.of(b"stray"))) is not None
+
+
 async def test_missing_bucket_is_an_access_error(moto_port: int) -> None:
     with pytest.raises(RemoteAccessError, match="does not exist"):
         async with s3_at(f"http://127.0.0.1:{moto_port}", "s3://missing-bucket-y"):
@@ -516,12 +671,12 @@ def test_killed_pull_at_random_points_then_resumes(
     before its chunks, and the next pull completes."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     subprocess.run([sys.executable, "-m", "snapstore", "--store", str(loaded.root), "push",
-                    "t1", remote, "--endpoint-url", proxy.endpoint], env=env, check=True,
-                   capture_output=True)
+                    "t1", remote, "--endpoint-url", proxy.endpoint, "--pack-size", "1M"],
+                   env=env, check=True, capture_output=True)
     other = LocalStore.open(tmp_path / "other")
     cmd = [sys.executable, "-m", "snapstore", "--store", str(other.root), "pull", "t1",
            remote, "--endpoint-url", proxy.endpoint, "--jobs", "2"]
-    proxy.inject("slow", "GET", "/chunks/", times=-1)
+    proxy.inject("slow", "GET", "/packs/", times=-1)
     rng = random.Random(7)
     for _ in range(3):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
@@ -536,3 +691,147 @@ def test_killed_pull_at_random_points_then_resumes(
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     assert other.get_tag("t1") == loaded.resolve("t1")
     check_store(other)
+
+
+# -- a hostile or tampered bucket ----------------------------------------------------------
+
+
+def _cli_fails_with_one_line(args: list[str], message: str,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = _cli(args, capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and len(lines) == 1, err
+    assert message in lines[0] and "Traceback" not in err, err
+
+
+def test_hostile_locator_or_index_is_refused_with_one_line(
+        moto_port: int, remote: str, loaded: LocalStore, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    mid = loaded.resolve("t1")
+    code, _, err = _cli(["--store", str(loaded.root), "push", "t1", remote, "--pack-size",
+                         "1M"], capsys)
+    assert code == 0, err
+
+    async def tamper(key: str, data: bytes) -> bytes:
+        async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+            old = await s3.get(key)
+            await s3.put(key, data)
+            return old
+
+    other = LocalStore.open(tmp_path / "other")
+    good = trio.run(tamper, locator_key(mid), b"SNAPLOC\x01" + bytes(4 << 20))
+    _cli_fails_with_one_line(["--store", str(other.root), "pull", "t1", remote],
+                             "more than", capsys)
+    trio.run(tamper, locator_key(mid), good[:-40] + good[-32:])
+    _cli_fails_with_one_line(["--store", str(other.root), "pull", "t1", remote],
+                             "fails its checksum", capsys)
+    assert other.get_tag("t1") is None and not other.manifest_ids()
+    assert list(other.iter_chunks()) == []
+    trio.run(tamper, locator_key(mid), good)
+
+    async def first_index() -> str:
+        async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+            return (await keys(s3, "index/"))[0]
+
+    key = trio.run(first_index)
+    trio.run(tamper, key, b"\xff" * 100)
+    fresh = LocalStore.open(tmp_path / "fresh")
+    ingest(fresh, loaded.root.parent / "image", "t1")
+    _cli_fails_with_one_line(["--store", str(fresh.root), "push", "t1", remote],
+                             f"index of pack {key.removeprefix('index/')}", capsys)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete pack", "delete index"])
+def test_pull_from_a_tampered_bucket_fails_cleanly(
+        damage: str, moto_port: int, remote: str, loaded: LocalStore, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    m = loaded.get_manifest(loaded.resolve("t1"))
+    entry = next(e for e in m.files() if e.path == "checkpoint.img")
+    cid = next(x.chunk for x in entry.extents[len(entry.extents) // 2:] if x.chunk)
+    endpoint = f"http://127.0.0.1:{moto_port}"
+
+    async def setup() -> None:
+        async with s3_at(endpoint, remote) as s3:
+            await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+            at = (await remote_chunks(s3, None)).where[cid]
+            pack = pack_key(at.pack)
+            if damage == "flip":
+                await flip_chunk_in_pack(s3, cid)
+            elif damage == "truncate":
+                await s3.put(pack, (await s3.get(pack))[: at.offset + 1])
+            else:
+                await s3.delete_many([pack if damage == "delete pack" else index_key(at.pack)])
+
+    trio.run(setup)
+    other = tmp_path / "other"
+    args = ["--store", str(other), "pull", "t1", remote, "--endpoint-url", endpoint]
+    if damage == "delete index":
+        # Pulls and mounts read the locator; only pushes read indexes (and send again
+        # what no index lists).
+        code, _, err = _cli(args, capsys)
+        assert code == 0, err
+    else:
+        message = {"flip": "failed its check 3 times", "truncate": "the pack ends before",
+                   "delete pack": "does not exist"}[damage]
+        _cli_fails_with_one_line(args, message, capsys)
+        assert LocalStore.open(other).get_tag("t1") is None
+    check_store(LocalStore.open(other))
+    code, _, err = _cli(["--store", str(other), "verify"], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_tampered_pack_through_a_real_lazy_mount(
+        moto_port: int, remote: str, loaded: LocalStore, source: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A flipped byte in one pack: reads of that chunk's bytes get EIO, every other byte
+    reads right, the mount stays up, and nothing wrong reaches the store or its cache."""
+    m = loaded.get_manifest(loaded.resolve("t1"))
+    entry = next(e for e in m.files() if e.path == "checkpoint.img")
+    offset = 0
+    for x in entry.extents:
+        if x.chunk is not None and offset > entry.size // 2:
+            bad, bad_size = x.chunk, x.size
+            break
+        offset += x.size
+    endpoint = f"http://127.0.0.1:{moto_port}"
+
+    async def setup() -> None:
+        async with s3_at(endpoint, remote) as s3:
+            await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+            await flip_chunk_in_pack(s3, bad)
+
+    trio.run(setup)
+    empty = LocalStore.open(tmp_path / "empty")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    code, _, err = _cli(["--store", str(empty.root), "mount", "t1", str(mnt), "--remote",
+                         remote, "--endpoint-url", endpoint], capsys)
+    assert code == 0, err
+    image = (source / "checkpoint.img").read_bytes()
+    try:
+        fd = os.open(mnt / "checkpoint.img", os.O_RDONLY)
+        try:
+            for at in (offset, offset + bad_size // 2, offset + bad_size - 1):
+                with pytest.raises(OSError) as e:
+                    os.pread(fd, 1, at)
+                assert e.value.errno == errno.EIO
+            assert os.pread(fd, offset, 0) == image[:offset]
+            after = offset + bad_size
+            assert os.pread(fd, len(image) - after, after) == image[after:]
+        finally:
+            os.close(fd)
+        assert (mnt / "sub/pages.img").read_bytes() == (source / "sub/pages.img").read_bytes()
+        assert (mnt / "note.txt").read_text() == "hello\n"
+    finally:
+        code, _, err = _cli(["--store", str(empty.root), "umount", str(mnt)], capsys)
+    assert code == 0, err
+    assert bad not in {c.cid for c, _ in empty.iter_cache()}
+    for c, _ in empty.iter_cache():
+        codec.decode_bounded(empty.get_cache_object(c.cid), c.cid, MAX_CHUNK)
+    check_store(empty)
+    code, _, err = _cli(["--store", str(empty.root), "verify"], capsys)
+    assert code == 0, err

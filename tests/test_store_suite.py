@@ -1,9 +1,11 @@
 """One conformance suite for every store: the layout's contracts, run on the local store and
-on the S3 store (over moto), through a thin adapter each.
+on the S3 store (over moto), through a thin adapter each. On S3 a chunk lives in a pack:
+the adapter writes one-chunk packs with their index and reads chunks back by ranged GET.
 
 Contracts checked: a chunk object reads back byte-identical; a missing object is
 NotFoundError (or absent), never empty bytes; writes are idempotent; a tag names exactly one
-manifest and reads back; listing yields each chunk once; deletes are idempotent.
+manifest and reads back; listing yields each chunk once; deletes are idempotent. Then the
+S3 store's own: bounded and ranged GETs.
 """
 
 from __future__ import annotations
@@ -18,17 +20,19 @@ import pytest
 import trio
 
 from snapstore import codec
-from snapstore.errors import NotFoundError
+from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
+from snapstore.remote.packs import Location, build_pack
+from snapstore.remote.transfer import remote_chunks
 from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import (
     S3Store,
-    chunk_id_of_key,
-    chunk_key,
+    index_key,
     manifest_key,
     open_s3,
+    pack_key,
     tag_key,
 )
 from tests.s3proxy import make_bucket, moto_server, s3_env
@@ -84,21 +88,30 @@ class S3Layout:
     def __init__(self, s3: S3Store) -> None:
         self.s = s3
 
+    async def _where(self) -> dict[ChunkId, Location]:
+        return (await remote_chunks(self.s, None)).where
+
     async def put_chunk(self, cid: ChunkId, obj: bytes) -> None:
-        await self.s.put(chunk_key(cid), obj)
+        pack = build_pack([(cid, obj)])
+        await self.s.put(pack_key(pack.pack), pack.data)
+        await self.s.put(index_key(pack.pack), pack.index)
 
     async def get_chunk_object(self, cid: ChunkId) -> bytes:
-        return await self.s.get(chunk_key(cid))
+        at = (await self._where()).get(cid)
+        if at is None:
+            raise NotFoundError(f"chunk {cid} is in no pack")
+        return await self.s.get_range(pack_key(at.pack), at.offset, at.end)
 
     async def has_chunk(self, cid: ChunkId) -> bool:
-        return await self.s.head(chunk_key(cid)) is not None
+        return cid in await self._where()
 
     async def chunk_ids(self) -> list[ChunkId]:
-        return [c for o in [o async for o in self.s.list("chunks/")]
-                if (c := chunk_id_of_key(o.key)) is not None]
+        return list(await self._where())
 
     async def delete_chunk(self, cid: ChunkId) -> None:
-        await self.s.delete_many([chunk_key(cid)])
+        at = (await self._where()).get(cid)
+        if at is not None:
+            await self.s.delete_many([index_key(at.pack), pack_key(at.pack)])
 
     async def put_manifest_object(self, mid: ChunkId, obj: bytes) -> None:
         await self.s.put(manifest_key(mid), obj)
@@ -195,3 +208,28 @@ async def test_manifest_and_tag(kind: str, tmp_path: Path, moto_port: int,
         other, _ = chunk(2)
         await st.set_tag("v1", other)
         assert await st.get_tag("v1") == other
+
+
+@asynccontextmanager
+async def s3_only(tmp_path: Path, port: int) -> AsyncIterator[S3Store]:
+    bucket = f"s3only-{os.getpid()}-{tmp_path.name.lower().replace('_', '-')[-30:]}"
+    make_bucket(port, bucket)
+    async with open_s3(RemoteURL(bucket, "p"), f"http://127.0.0.1:{port}") as s3:
+        yield s3
+
+
+async def test_s3_get_is_bounded_and_ranges_end_where_the_object_does(
+        tmp_path: Path, moto_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in s3_env().items():
+        monkeypatch.setenv(k, v)
+    async with s3_only(tmp_path, moto_port) as s3:
+        data = os.urandom(1000)
+        await s3.put("x", data)
+        assert await s3.get("x", max_bytes=1000) == data
+        with pytest.raises(CorruptError, match="more than"):
+            await s3.get("x", max_bytes=999)
+        assert await s3.get_range("x", 10, 20) == data[10:20]
+        assert await s3.get_range("x", 990, 1100) == data[990:]
+        assert await s3.get_range("x", 2000, 2010) == b""
+        with pytest.raises(NotFoundError):
+            await s3.get_range("y", 0, 10)

@@ -8,7 +8,7 @@ import trio
 
 from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
-from snapstore.remote.transfer import fetch_manifest, get_remote_tag
+from snapstore.remote.fetch import fetch_manifest, get_remote_tag
 from snapstore.remote.url import RemoteURL
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
 

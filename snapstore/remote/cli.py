@@ -11,7 +11,13 @@ from rich.filesize import decimal as human
 
 from snapstore.cli_common import open_store, parse_size, print_json
 from snapstore.errors import CorruptError, NotFoundError, UsageError
-from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_GRACE_S, DEFAULT_JOBS
+from snapstore.remote.settings import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_GRACE_S,
+    DEFAULT_JOBS,
+    DEFAULT_PACK_BYTES,
+    MAX_PACK_TARGET,
+)
 
 # The S3 client stack takes a large part of a second to import: handlers import it
 # when they run, so that commands without a remote start fast.
@@ -46,13 +52,14 @@ def _report(args: argparse.Namespace, verb: str, r: TransferReport) -> int:
         print_json({
             "snapshot": r.snapshot.hex, "tag": r.tag, "tag_status": r.tag_status,
             "chunks": r.chunks, "chunks_sent": r.chunks_sent, "bytes_sent": r.bytes_sent,
-            "seconds": round(r.seconds, 3),
+            "packs": r.packs, "seconds": round(r.seconds, 3),
         })
         return 0
     rate = r.bytes_sent / r.seconds if r.seconds else 0.0
     tag = f", tag {r.tag} {r.tag_status}" if r.tag else ""
-    print(f"{verb} {r.chunks_sent} of {r.chunks} chunks, {human(r.bytes_sent)} in "
-          f"{r.seconds:.2f}s ({human(int(rate))}/s){tag}", file=sys.stderr)
+    print(f"{verb} {r.chunks_sent} of {r.chunks} chunks ({r.packs} packs), "
+          f"{human(r.bytes_sent)} in {r.seconds:.2f}s ({human(int(rate))}/s){tag}",
+          file=sys.stderr)
     print(r.snapshot.hex)
     return 0
 
@@ -61,9 +68,12 @@ def cmd_push(args: argparse.Namespace) -> int:
     from snapstore.remote.transfer import push
 
     store = open_store(args)
+    if not 0 < args.pack_size <= MAX_PACK_TARGET:
+        raise UsageError(f"--pack-size must be between 1 and {MAX_PACK_TARGET >> 20}M")
 
     async def run(s3: S3Store) -> int:
-        r = await push(store, args.ref, s3, force=args.force, jobs=args.jobs)
+        r = await push(store, args.ref, s3, force=args.force, jobs=args.jobs,
+                       pack_size=args.pack_size)
         return _report(args, "pushed", r)
 
     return _with_remote(args, args.remote, run)
@@ -84,9 +94,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 async def remote_listing(s3: S3Store) -> dict[str, Any]:
     """Tags and snapshots of a remote with their sizes (what `remote ls --json` prints)."""
     from snapstore.ids import ChunkId
-    from snapstore.remote.transfer import fetch_manifest, get_remote_tag, list_chunk_objects
+    from snapstore.remote.fetch import fetch_locator, fetch_manifest, get_remote_tag
+    from snapstore.store.s3 import id_of_key
 
-    stored = {cid: size async for cid, size in list_chunk_objects(s3)}
+    packs = {p: o.size async for o in s3.list("packs/") if (p := id_of_key(o.key, "packs/"))}
     tags: dict[str, str] = {}
     async for o in s3.list("refs/tags/"):
         name = o.key.removeprefix("refs/tags/")
@@ -102,17 +113,17 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
         try:
             mid = ChunkId.parse(name)
             _, m = await fetch_manifest(s3, mid)
+            where = (await fetch_locator(s3, mid, m.chunk_ids())).chunks
         except (CorruptError, NotFoundError) as e:
             doc["error"] = str(e)
             snaps.append(doc)
             continue
-        cids = m.chunk_ids()
-        doc.update(created=m.created, logical_bytes=m.logical_bytes, chunks=len(cids),
-                   stored_bytes=sum(stored.get(c, 0) for c in cids),
-                   missing_chunks=sum(1 for c in cids if c not in stored))
+        doc.update(created=m.created, logical_bytes=m.logical_bytes, chunks=len(where),
+                   stored_bytes=sum(loc.length for loc in where.values()),
+                   missing_chunks=sum(1 for loc in where.values() if loc.pack not in packs))
         snaps.append(doc)
     return {"remote": str(s3.url), "tags": tags, "snapshots": snaps,
-            "chunks": len(stored), "stored_bytes": sum(stored.values())}
+            "packs": len(packs), "stored_bytes": sum(packs.values())}
 
 
 def cmd_remote_ls(args: argparse.Namespace) -> int:
@@ -129,8 +140,8 @@ def cmd_remote_ls(args: argparse.Namespace) -> int:
             missing = f"  ({s['missing_chunks']} chunks missing)" if s["missing_chunks"] else ""
             print(f"{s['id'][:12]}  {s['created']:25}  {human(s['logical_bytes']):>10}  "
                   f"{human(s['stored_bytes']):>10}  {','.join(s['tags'])}{missing}")
-        print(f"{len(doc['tags'])} tags, {len(doc['snapshots'])} snapshots, {doc['chunks']} "
-              f"chunks, {human(doc['stored_bytes'])} in {doc['remote']}", file=sys.stderr)
+        print(f"{len(doc['tags'])} tags, {len(doc['snapshots'])} snapshots, {doc['packs']} "
+              f"packs, {human(doc['stored_bytes'])} in {doc['remote']}", file=sys.stderr)
         return 0
 
     return _with_remote(args, args.remote, run)
@@ -143,16 +154,22 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
     if args.grace < 0:
         raise UsageError("--grace must not be negative")
 
+    try:
+        store = open_store(args)  # only lends its copies of pack indexes
+    except NotFoundError:
+        store = None
+
     async def run(s3: S3Store) -> int:
-        r = await remote_gc(s3, grace_s=args.grace, dry_run=args.dry_run)
+        r = await remote_gc(s3, store, grace_s=args.grace, dry_run=args.dry_run)
         if args.json:
             print_json(r.as_dict())
             return 0
         verb = "would delete" if r.dry_run else "deleted"
-        print(f"{verb} {r.deleted_snapshots} snapshots, {r.deleted_chunks} chunks "
-              f"({human(r.deleted_bytes)}); kept {r.kept_snapshots} snapshots, "
-              f"{r.kept_chunks} chunks ({r.young_unreferenced} unreferenced but younger "
-              f"than the grace)")
+        print(f"{verb} {r.deleted_snapshots} snapshots, {r.deleted_packs} packs "
+              f"({r.deleted_chunks} chunks, {human(r.deleted_bytes)}); kept "
+              f"{r.kept_snapshots} snapshots, {r.kept_packs} packs ({r.young_unreferenced} "
+              f"unreferenced but younger than the grace; {human(r.dead_bytes_in_kept_packs)} "
+              "of unreferenced chunks inside kept packs)")
         return 0
 
     return _with_remote(args, args.remote, run)
@@ -185,8 +202,8 @@ def add_commands(sub: Any) -> None:
         sp.add_argument("--json", action="store_true", help="print JSON")
         return sp
 
-    for name, func, what in (("push", cmd_push, "send a snapshot's missing chunks, its "
-                              "manifest and its tag to an S3 remote"),
+    for name, func, what in (("push", cmd_push, "send a snapshot's missing chunks in packs, "
+                              "its manifest and its tag to an S3 remote"),
                              ("pull", cmd_pull, "fetch a snapshot's missing chunks, its "
                               "manifest and its tag from an S3 remote")):
         sp = add(name, func, what)
@@ -195,6 +212,11 @@ def add_commands(sub: Any) -> None:
         sp.add_argument("--force", action="store_true",
                         help="move the other side's tag if it names another snapshot")
         _remote_options(sp, jobs=True)
+        if name == "push":
+            sp.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_BYTES,
+                            metavar="BYTES", help="close a pack of chunks at this size "
+                            f"(default {DEFAULT_PACK_BYTES >> 20}M, at most "
+                            f"{MAX_PACK_TARGET >> 20}M)")
     remote = sub.add_parser("remote", help="inspect an S3 remote",
                             description="inspect an S3 remote")
     remote_sub = remote.add_subparsers(dest="remote_command", required=True,

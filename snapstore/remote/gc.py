@@ -1,10 +1,11 @@
-"""Remote garbage collection: mark from the tags, sweep what no tag reaches, after a grace.
+"""Remote garbage collection: mark from the tags, delete packs that hold nothing live.
 
 The grace period is what makes it safe next to pushes that run at the same time: a push
-writes chunks, then the manifest, then the tag, so its objects are unreachable until it
-ends. gc never deletes an object younger than the grace (by its LastModified), and treats
-every manifest younger than the grace as a root, so a push that finishes within the grace
-never loses a chunk. docs/remote.md states the one case that is left.
+writes packs and their indexes, then the locator, the manifest and the tag, so its
+objects are unreachable until it ends. gc never deletes a pack younger than the grace
+(by its LastModified), and treats every manifest younger than the grace as a root, so a
+push that finishes within the grace never loses a chunk. docs/remote.md states the one
+case that is left, and that packs are not rewritten (dead chunks in live packs stay).
 """
 
 from __future__ import annotations
@@ -14,21 +15,26 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
-from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.ids import ChunkId
+from snapstore.remote.fetch import fetch_index, fetch_locator, fetch_manifest, get_remote_tag
+from snapstore.remote.packs import PackIndex
 from snapstore.remote.settings import DEFAULT_GRACE_S
-from snapstore.remote.transfer import fetch_manifest, get_remote_tag
-from snapstore.store.s3 import ObjectInfo, S3Store, chunk_id_of_key
+from snapstore.store.local import LocalStore
+from snapstore.store.s3 import ObjectInfo, S3Store, id_of_key, index_key
 
 
 @dataclass(frozen=True, slots=True)
 class RemoteGcReport:
     tags: int
     kept_snapshots: int
-    kept_chunks: int
+    kept_packs: int
     deleted_snapshots: int
+    deleted_packs: int
     deleted_chunks: int
     deleted_bytes: int
     deleted_access_lists: int
+    deleted_indexes: int
+    dead_bytes_in_kept_packs: int
     young_unreferenced: int
     dry_run: bool
 
@@ -36,17 +42,22 @@ class RemoteGcReport:
         return asdict(self)
 
 
-async def _listing(s3: S3Store, prefix: str) -> list[ObjectInfo]:
-    return [o async for o in s3.list(prefix)]
+async def _listing(s3: S3Store, prefix: str) -> dict[ChunkId, ObjectInfo]:
+    return {i: o async for o in s3.list(prefix) if (i := id_of_key(o.key, prefix))}
 
 
-async def remote_gc(s3: S3Store, *, grace_s: float = DEFAULT_GRACE_S,
-                    dry_run: bool = False) -> RemoteGcReport:
+async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
+                    grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> RemoteGcReport:
+    """Collect `s3`'s garbage; `store`, if given, lends its copies of pack indexes."""
     # Listings come first: an object written after them is not swept by this run at all.
-    chunks = await _listing(s3, "chunks/")
+    # Indexes before packs: a push writes a pack before its index, so every index listed
+    # here has its pack listed below unless the pack was deleted behind gc's back.
+    indexes = await _listing(s3, "index/")
+    packs = await _listing(s3, "packs/")
     snapshots = await _listing(s3, "snapshots/")
+    locators = await _listing(s3, "locate/")
     access = await _listing(s3, "access/")
-    tags = await _listing(s3, "refs/tags/")
+    tags = [o async for o in s3.list("refs/tags/")]
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
 
     roots: set[ChunkId] = set()
@@ -56,49 +67,70 @@ async def remote_gc(s3: S3Store, *, grace_s: float = DEFAULT_GRACE_S,
             roots.add(await get_remote_tag(s3, name))
         except (CorruptError, NotFoundError) as e:
             raise _stop(f"tag {name!r} is unreadable ({e})") from None
-    for o in snapshots:
-        mid = _id_of(o.key.removeprefix("snapshots/"))
-        if mid is not None and o.last_modified > cutoff:
-            roots.add(mid)  # a push in progress: its tag comes after its manifest
+    # A push in progress: its tag comes after its manifest.
+    roots |= {mid for mid, o in snapshots.items() if o.last_modified > cutoff}
     live_chunks: set[ChunkId] = set()
+    live_packs: set[ChunkId] = set()
     for mid in sorted(roots):
         try:
             _, m = await fetch_manifest(s3, mid)
+            live_chunks |= m.chunk_ids()
+            # The packs a root's locator names stay even if their index is gone.
+            live_packs |= set((await fetch_locator(s3, mid, m.chunk_ids())).packs)
         except (CorruptError, NotFoundError) as e:
             # Sweeping with an incomplete mark would delete live chunks.
             raise _stop(f"snapshot {mid.short()} is unreadable ({e})") from None
-        live_chunks |= m.chunk_ids()
+    contents: dict[ChunkId, PackIndex] = {}
+    for pack in sorted(set(indexes) & set(packs)):
+        try:
+            contents[pack] = await fetch_index(s3, store, pack)
+        except (CorruptError, NotFoundError) as e:
+            raise _stop(f"the index of pack {pack.short()} is unreadable ({e})") from None
 
     def old(o: ObjectInfo) -> bool:
         return o.last_modified <= cutoff
 
-    dead_snaps = [o for o in snapshots if _id_of(o.key.removeprefix("snapshots/")) not in roots
-                  and old(o)]
-    dead_access = [o for o in access if _id_of(o.key.removeprefix("access/")) not in roots
-                   and old(o)]
-    unreferenced = [o for o in chunks if chunk_id_of_key(o.key) not in live_chunks]
-    dead_chunks = [o for o in unreferenced if old(o)]
+    def holds_live(pack: ChunkId) -> bool:
+        index = contents.get(pack)
+        return pack in live_packs or (
+            index is not None and any(cid in live_chunks for cid, _ in index.chunks))
+
+    dead_snaps = [mid for mid, o in snapshots.items() if mid not in roots and old(o)]
+    dead_locators = [mid for mid, o in locators.items() if mid not in roots and old(o)]
+    dead_access = [mid for mid, o in access.items() if mid not in roots and old(o)]
+    unreferenced = [p for p in packs if not holds_live(p)]
+    dead_packs = [p for p in unreferenced if old(packs[p])]
+    # An index whose pack is gone would make pushes skip chunks no pack holds.
+    orphans = [p for p in indexes if p not in packs]
+    kept = set(packs) - set(dead_packs)
+    dead_bytes = sum(loc.length for p, index in contents.items() if p in kept
+                     for cid, loc in index.chunks if cid not in live_chunks)
     if not dry_run:
-        # Manifests before chunks: no manifest is ever left pointing at a deleted chunk.
-        await s3.delete_many([o.key for o in dead_snaps + dead_access])
-        await s3.delete_many([o.key for o in dead_chunks])
+        # The reverse of the write order: what names an object goes before the object,
+        # so nothing is ever left pointing at a deleted one.
+        await s3.delete_many([snapshots[m].key for m in dead_snaps] +
+                             [access[m].key for m in dead_access])
+        await s3.delete_many([locators[m].key for m in dead_locators])
+        await s3.delete_many([index_key(p) for p in dead_packs + orphans if p in indexes])
+        await s3.delete_many([packs[p].key for p in dead_packs])
+        for p in dead_packs + orphans:
+            if store is not None:
+                store.delete_pack_index(p)
     return RemoteGcReport(
         tags=len(tags),
         kept_snapshots=len(roots),
-        kept_chunks=len(chunks) - len(dead_chunks),
+        kept_packs=len(kept),
         deleted_snapshots=len(dead_snaps),
-        deleted_chunks=len(dead_chunks),
-        deleted_bytes=sum(o.size for o in dead_chunks),
+        deleted_packs=len(dead_packs),
+        deleted_chunks=sum(len(contents[p].chunks) for p in dead_packs if p in contents),
+        deleted_bytes=sum(packs[p].size for p in dead_packs),
         deleted_access_lists=len(dead_access),
-        young_unreferenced=len(unreferenced) - len(dead_chunks),
+        deleted_indexes=len([p for p in dead_packs + orphans if p in indexes]),
+        dead_bytes_in_kept_packs=dead_bytes,
+        young_unreferenced=len(unreferenced) - len(dead_packs),
         dry_run=dry_run,
     )
 
 
-def _id_of(name: str) -> ChunkId | None:
-    return ChunkId.parse(name) if is_valid_hex_id(name) else None
-
-
 def _stop(why: str) -> SnapstoreError:
     return SnapstoreError(f"{why}; remote gc stopped without deleting anything")
-

@@ -10,3 +10,8 @@ DEFAULT_GRACE_S = 24 * 3600
 DEFAULT_CACHE_BYTES = 4 << 30
 # Parallel GETs of one mount. The FUSE layer's read-ahead asks for several chunks at once.
 DEFAULT_CONNECTIONS = 16
+# Push closes a pack of chunks at this size (benchmarks/RESULTS.md: 8, 16 and 32 MiB
+# measured against moto). Each parallel upload holds one pack in memory.
+DEFAULT_PACK_BYTES = 16 << 20
+# --pack-size may go up to this (a pack may exceed its target by one chunk).
+MAX_PACK_TARGET = 256 << 20

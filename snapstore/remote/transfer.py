@@ -1,6 +1,6 @@
-"""Push and pull: move a snapshot's missing chunks, then its manifest, then its tag.
+"""Push and pull: move a snapshot's missing chunks in packs, then its locator, manifest, tag.
 
-Both directions keep the store's write order (chunks, manifest, tag), so a reader that
+Both directions keep the write order (chunks, then what names them), so a reader that
 sees a tag on either side can read everything under it, and a transfer killed at any
 point is resumed by running it again: only what the other side still lacks moves.
 Every chunk is hash-checked before it leaves the local store and before it enters it.
@@ -8,37 +8,56 @@ Every chunk is hash-checked before it leaves the local store and before it enter
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 import trio
 
-from snapstore import codec, manifest
+from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.progress import byte_progress
-from snapstore.remote.settings import DEFAULT_JOBS
-from snapstore.store.local import MAX_MANIFEST_BYTES, ChunkWriter, LocalStore, check_tag
+from snapstore.remote.fetch import (
+    cpu_limiter,
+    fetch_index,
+    fetch_locator,
+    fetch_manifest,
+    fetch_run,
+    get_remote_tag,
+    resolve_remote,
+)
+from snapstore.remote.packs import (
+    MAX_RANGE,
+    Location,
+    Locator,
+    Pack,
+    build_pack,
+    coalesce,
+    encode_locator,
+    plan_packs,
+)
+from snapstore.remote.settings import DEFAULT_JOBS, DEFAULT_PACK_BYTES
+from snapstore.store.local import ChunkWriter, LocalStore
 from snapstore.store.s3 import (
     S3Store,
     access_key,
-    chunk_id_of_key,
-    chunk_key,
+    id_of_key,
+    index_key,
+    locator_key,
     manifest_key,
+    pack_key,
     tag_key,
 )
 
 T = TypeVar("T")
 
-# A GET whose body fails its hash is fetched this often in all before it is reported.
-HASH_ATTEMPTS = 3
-# Above this many chunks, one LIST per id prefix (at most 256, in parallel) is cheaper than
-# a HEAD each: each costs one request, and a prefix's listing is one page until the remote
-# holds 256,000 chunks.
-LIST_ABOVE_CHUNKS = 512
+# Threads that write pulled chunks into the store.
+WRITE_THREADS = 4
+# Pull reads up to this many bytes it does not need to join two runs into one GET: less
+# than a request costs, on moto and on S3 alike.
+PULL_MAX_GAP = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,32 +68,8 @@ class TransferReport:
     chunks: int
     chunks_sent: int
     bytes_sent: int
+    packs: int
     seconds: float
-
-
-def cpu_limiter() -> trio.CapacityLimiter:
-    """Threads for decompression and hashing: one per core (they release the GIL)."""
-    return trio.CapacityLimiter(os.cpu_count() or 2)
-
-
-async def fetch_chunk(s3: S3Store, cid: ChunkId, size: int,
-                      cpu: trio.CapacityLimiter) -> tuple[bytes, bytes]:
-    """GET a chunk object and check it: (stored object, raw bytes), or CorruptError.
-
-    A body that fails its hash is fetched again (a flipped bit on the wire) before the
-    remote copy is declared bad; bad bytes are never returned.
-    """
-    err: CorruptError | None = None
-    for _ in range(HASH_ATTEMPTS):
-        obj = await s3.get(chunk_key(cid))
-        try:
-            raw = await trio.to_thread.run_sync(codec.decode, obj, cid, size, limiter=cpu)
-        except CorruptError as e:
-            err = e
-            continue
-        return obj, raw
-    raise CorruptError(f"chunk {cid} from {s3.url} failed its check {HASH_ATTEMPTS} times "
-                       f"({err}); nothing was stored")
 
 
 async def run_pool(items: Iterable[T], fn: Callable[[T], Awaitable[None]], jobs: int) -> None:
@@ -108,46 +103,53 @@ async def run_pool(items: Iterable[T], fn: Callable[[T], Awaitable[None]], jobs:
         raise failures[0]
 
 
-async def remote_missing(s3: S3Store, cids: list[ChunkId], jobs: int,
-                         method: str = "auto") -> set[ChunkId]:
-    """The chunks of `cids` that the remote lacks: by one LIST page when the remote holds
-    few chunks, else by HEAD per chunk (small snapshots) or LIST per id prefix (large)."""
-    if method == "auto":
-        page = await s3.list_page("chunks/")
-        if page is not None:
-            listed = {c for c in map(chunk_id_of_key, page) if c is not None}
-            return {c for c in cids if c not in listed}
-        method = "list" if len(cids) > LIST_ABOVE_CHUNKS else "head"
-    missing: set[ChunkId] = set()
-    if method == "head":
-        async def head(cid: ChunkId) -> None:
-            if await s3.head(chunk_key(cid)) is None:
-                missing.add(cid)
+@dataclass(frozen=True, slots=True)
+class RemoteChunks:
+    """What a remote holds, by its pack indexes: each chunk's place, each pack's size."""
 
-        await run_pool(cids, head, jobs)
-        return missing
-    if method != "list":
-        raise ValueError(f"unknown method {method!r}")
-    present: set[ChunkId] = set()
-
-    async def list_prefix(prefix: str) -> None:
-        async for o in s3.list(f"chunks/{prefix}/"):
-            cid = chunk_id_of_key(o.key)
-            if cid is not None:
-                present.add(cid)
-
-    await run_pool(sorted({c.hex[:2] for c in cids}), list_prefix, jobs)
-    return {c for c in cids if c not in present}
+    where: dict[ChunkId, Location]
+    pack_sizes: dict[ChunkId, int]
 
 
-def _load_for_push(store: LocalStore, cid: ChunkId, size: int) -> bytes:
-    obj = store.get_chunk_object(cid)
-    try:
-        codec.decode(obj, cid, size)
-    except CorruptError as e:
-        raise CorruptError(f"{e}: the local copy is bad, so it was not pushed; "
-                           "run `snapstore verify`") from None
-    return obj
+async def remote_chunks(s3: S3Store, store: LocalStore | None, jobs: int = DEFAULT_JOBS
+                        ) -> RemoteChunks:
+    """The union of the remote's pack indexes (one LIST of index/ and one of packs/, and a
+    GET for each index `store` has no copy of). An index whose pack is missing or has
+    another size is left out, so its chunks are pushed again. A damaged index stops the
+    push with one line: the remote is not what it should be, and working around it
+    silently would hide that."""
+    indexed = [p async for o in s3.list("index/") if (p := id_of_key(o.key, "index/"))]
+    sizes = {p: o.size async for o in s3.list("packs/") if (p := id_of_key(o.key, "packs/"))}
+    found: dict[ChunkId, tuple[tuple[ChunkId, Location], ...]] = {}
+
+    async def load(pack: ChunkId) -> None:
+        try:
+            index = await fetch_index(s3, store, pack)
+        except CorruptError as e:
+            raise CorruptError(f"{e}; delete {s3.url}/{index_key(pack)} and push again "
+                               "(that pack's chunks are then sent again)") from None
+        if index.size == sizes[pack]:
+            found[pack] = index.chunks
+
+    await run_pool([p for p in indexed if p in sizes], load, jobs)
+    where: dict[ChunkId, Location] = {}
+    for pack in sorted(found):
+        for cid, loc in found[pack]:
+            where.setdefault(cid, loc)
+    return RemoteChunks(where, {p: sizes[p] for p in found})
+
+
+def _load_pack(store: LocalStore, cids: Sequence[ChunkId], sizes: dict[ChunkId, int]) -> Pack:
+    objects = []
+    for cid in cids:
+        obj = store.get_chunk_object(cid)
+        try:
+            codec.decode(obj, cid, sizes[cid])
+        except CorruptError as e:
+            raise CorruptError(f"{e}: the local copy is bad, so it was not pushed; "
+                               "run `snapstore verify`") from None
+        objects.append((cid, obj))
+    return build_pack(objects)
 
 
 def _sizes_on_disk(store: LocalStore, cids: Iterable[ChunkId]) -> dict[ChunkId, int]:
@@ -169,28 +171,40 @@ def _local_tag(store: LocalStore, ref: str) -> str | None:
 
 
 async def push(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
-               jobs: int = DEFAULT_JOBS, missing_by: str = "auto") -> TransferReport:
+               jobs: int = DEFAULT_JOBS, pack_size: int = DEFAULT_PACK_BYTES) -> TransferReport:
     """Send snapshot `ref` (a tag, which is then set remotely too, or an id) to `s3`."""
     start = time.monotonic()
     mid = store.resolve(ref)
     tag = _local_tag(store, ref)
     m = await trio.to_thread.run_sync(store.get_manifest, mid)
-    sizes = m.chunk_sizes()
-    missing = await remote_missing(s3, sorted(sizes), jobs, missing_by)
+    sizes = m.chunk_sizes()  # in manifest order: neighbours in a file share a pack
+    remote = await remote_chunks(s3, store, jobs)
+    where = {c: remote.where[c] for c in sizes if c in remote.where}
+    pack_sizes = {loc.pack: remote.pack_sizes[loc.pack] for loc in where.values()}
+    missing = [c for c in sizes if c not in where]
     on_disk = await trio.to_thread.run_sync(_sizes_on_disk, store, missing)
     cpu = cpu_limiter()
-    sent = [0, 0]
+    sent = [0, 0, 0]
     with byte_progress(f"push {ref}", sum(on_disk.values())) as advance:
-        async def upload(cid: ChunkId) -> None:
-            obj = await trio.to_thread.run_sync(_load_for_push, store, cid, sizes[cid],
-                                                limiter=cpu)
-            await s3.put(chunk_key(cid), obj)
-            sent[0] += 1
-            sent[1] += len(obj)
-            advance(len(obj), 1)
+        async def upload(cids: list[ChunkId]) -> None:
+            pack = await trio.to_thread.run_sync(_load_pack, store, cids, sizes, limiter=cpu)
+            # The index after its pack: an index always names a whole pack.
+            await s3.put(pack_key(pack.pack), pack.data)
+            await s3.put(index_key(pack.pack), pack.index)
+            # The next push from this store needs no GET for it.
+            await trio.to_thread.run_sync(store.put_pack_index, pack.pack, pack.index)
+            where.update(pack.chunks)
+            pack_sizes[pack.pack] = len(pack.data)
+            sent[0] += len(cids)
+            sent[1] += len(pack.data)
+            sent[2] += 1
+            advance(len(pack.data), len(cids))
 
-        # Largest first: the long uploads start early, so the tail of the run is short.
-        await run_pool(sorted(missing, key=lambda c: -on_disk[c]), upload, jobs)
+        await run_pool(plan_packs(((c, on_disk[c]) for c in missing), pack_size), upload,
+                       jobs)
+    used = {loc.pack for loc in where.values()}
+    locator = Locator(mid, {p: pack_sizes[p] for p in used}, where)
+    await s3.put(locator_key(mid), encode_locator(locator))
     if await s3.head(manifest_key(mid)) is None:
         await s3.put(manifest_key(mid), store.get_manifest_object(mid))
     access = store.root / "access" / mid.hex
@@ -198,7 +212,7 @@ async def push(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
         # Only a prefetch hint (the last recorded read order); the latest one wins.
         await s3.put(access_key(mid), _checked_access_list(access.read_bytes(), sizes))
     status = "none" if tag is None else await _set_remote_tag(s3, tag, mid, force)
-    return TransferReport(mid, tag, status, len(sizes), sent[0], sent[1],
+    return TransferReport(mid, tag, status, len(sizes), sent[0], sent[1], sent[2],
                           time.monotonic() - start)
 
 
@@ -226,50 +240,27 @@ async def _set_remote_tag(s3: S3Store, tag: str, mid: ChunkId, force: bool) -> s
     )
 
 
-async def get_remote_tag(s3: S3Store, tag: str) -> ChunkId:
-    try:
-        text = (await s3.get(tag_key(check_tag(tag)))).decode("ascii", "replace").strip()
-    except NotFoundError:
-        raise NotFoundError(f"no tag {tag!r} in {s3.url}") from None
-    try:
-        return ChunkId.parse(text)
-    except CorruptError:
-        raise CorruptError(f"remote tag {tag!r} in {s3.url} is not a snapshot id") from None
+def _store_chunks(writer: ChunkWriter,
+                  chunks: Iterable[tuple[ChunkId, bytes | memoryview]]) -> None:
+    for cid, obj in chunks:
+        if writer.claim(cid):
+            writer.put(cid, obj)
 
 
-async def resolve_remote(s3: S3Store, ref: str) -> tuple[ChunkId, str | None]:
-    """A remote tag name, or a full 64-hex-digit snapshot id: (snapshot, tag or None)."""
-    if is_valid_hex_id(ref):
-        return ChunkId.parse(ref), None
-    return await get_remote_tag(s3, ref), ref
-
-
-async def fetch_manifest(s3: S3Store, mid: ChunkId) -> tuple[bytes, manifest.Manifest]:
-    """The manifest object of `mid` and its decoded form, both checked."""
-    try:
-        obj = await s3.get(manifest_key(mid))
-    except NotFoundError:
-        raise NotFoundError(f"snapshot {mid} is missing from {s3.url}") from None
-
-    def check() -> manifest.Manifest:
-        return manifest.decode(codec.decode_bounded(obj, mid, MAX_MANIFEST_BYTES))
-
-    return obj, await trio.to_thread.run_sync(check)
-
-
-def _store_chunk(store: LocalStore, writer: ChunkWriter, cid: ChunkId, obj: bytes) -> None:
-    if writer.claim(cid):
-        writer.put(cid, obj)
-    store.delete_cache_object(cid)
-
-
-def _cached_checked(store: LocalStore, cid: ChunkId, size: int) -> bytes | None:
+def _from_cache(store: LocalStore, writer: ChunkWriter, cid: ChunkId, size: int) -> bool:
+    """Move a chunk a remote mount fetched into the store, checked; False if it has none
+    (a bad cache entry is of no use: it goes)."""
     try:
         obj = store.get_cache_object(cid)
         codec.decode(obj, cid, size)
-    except (NotFoundError, CorruptError):
-        return None
-    return obj
+    except NotFoundError:
+        return False
+    except CorruptError:
+        store.delete_cache_object(cid)
+        return False
+    _store_chunks(writer, [(cid, obj)])
+    store.delete_cache_object(cid)
+    return True
 
 
 async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
@@ -286,28 +277,49 @@ async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
             )
     obj, m = await fetch_manifest(s3, mid)
     sizes = m.chunk_sizes()
+    locator = await fetch_locator(s3, mid, set(sizes))
     cpu = cpu_limiter()
+    # Writes get threads of their own: one that waits for the journal (each batch ends
+    # with a syncfs) must not hold up the checks.
+    disk = trio.CapacityLimiter(WRITE_THREADS)
     got = [0, 0]
+    packs: set[ChunkId] = set()
     # Chunks go through the same batched writer as an ingest: durable before they are
     # named, one syncfs per batch instead of an fsync per chunk.
     writer = store.chunk_writer()
     with store.writer_lock():
         missing = await trio.to_thread.run_sync(
-            lambda: [c for c in sorted(sizes) if not store.has_chunk(c)])
-        with byte_progress(f"pull {ref}", sum(sizes[c] for c in missing)) as advance:
-            async def download(cid: ChunkId) -> None:
-                # A chunk a remote mount already fetched moves from the cache, checked.
-                data = await trio.to_thread.run_sync(_cached_checked, store, cid, sizes[cid],
-                                                     limiter=cpu)
-                if data is None:
-                    data, _ = await fetch_chunk(s3, cid, sizes[cid], cpu)
-                    got[1] += len(data)
-                await trio.to_thread.run_sync(_store_chunk, store, writer, cid, data)
-                got[0] += 1
-                advance(sizes[cid], 1)
+            lambda: [c for c in sizes if not store.has_chunk(c)])
+        total = sum(locator.chunks[c].length for c in missing)
+        with byte_progress(f"pull {ref}", total) as advance:
+            cached: set[ChunkId] = set()
+
+            async def from_cache(cid: ChunkId) -> None:
+                if await trio.to_thread.run_sync(_from_cache, store, writer, cid, sizes[cid],
+                                                 limiter=cpu):
+                    cached.add(cid)
+                    got[0] += 1
+                    advance(locator.chunks[cid].length, 1)
+
+            async def download(run: list[tuple[ChunkId, Location]]) -> None:
+                pack = run[0][1].pack
+                f = await fetch_run(s3, run, sizes, cpu)
+                if f.bad:
+                    raise next(iter(f.bad.values()))
+                await trio.to_thread.run_sync(
+                    _store_chunks, writer, [(c, o) for c, o, _ in f.good], limiter=disk)
+                got[0] += len(f.good)
+                got[1] += sum(len(o) for _, o, _ in f.good)
+                packs.add(pack)
+                advance(sum(len(o) for _, o, _ in f.good), len(f.good))
 
             try:
-                await run_pool(missing, download, jobs)
+                # A chunk a remote mount already fetched moves from the cache, checked.
+                await run_pool([c for c in missing if store.cache_path(c).exists()],
+                               from_cache, jobs)
+                wanted = sorted((locator.chunks[c], c) for c in missing if c not in cached)
+                runs = coalesce([(c, loc) for loc, c in wanted], MAX_RANGE, PULL_MAX_GAP)
+                await run_pool(runs, download, jobs)
             except BaseException:
                 writer.abort()
                 raise
@@ -318,13 +330,5 @@ async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
         if tag is not None:
             status = "unchanged" if store.get_tag(tag) == mid else "set"
             store.set_tag(tag, mid)
-    return TransferReport(mid, tag, status, len(sizes), got[0], got[1],
+    return TransferReport(mid, tag, status, len(sizes), got[0], got[1], len(packs),
                           time.monotonic() - start)
-
-
-async def list_chunk_objects(s3: S3Store) -> AsyncIterator[tuple[ChunkId, int]]:
-    """Every chunk object in the remote with its stored size."""
-    async for o in s3.list("chunks/"):
-        cid = chunk_id_of_key(o.key)
-        if cid is not None:
-            yield cid, o.size

@@ -103,7 +103,8 @@ class LocalStore:
 
     # -- atomic writes -------------------------------------------------------------
 
-    def _write_atomic(self, dest: Path, data: bytes, durable: bool = True) -> None:
+    def _write_atomic(self, dest: Path, data: bytes | memoryview, durable: bool = True
+                      ) -> None:
         """Write `dest` whole or not at all (temp file, rename); `durable` adds the fsyncs
         of the file and of its directory that make it survive a power loss."""
         tmp = self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp"
@@ -183,7 +184,7 @@ class LocalStore:
         h = cid.hex
         return self.root / "cache" / h[:2] / h[2:]
 
-    def put_cache_object(self, cid: ChunkId, obj: bytes) -> None:
+    def put_cache_object(self, cid: ChunkId, obj: bytes | memoryview) -> None:
         """Atomic but not durable: no fsync on the read path of a mount. An entry torn by a
         crash fails its hash check when read, and is then deleted and fetched again."""
         path = self.cache_path(cid)
@@ -214,6 +215,30 @@ class LocalStore:
     def delete_cache_object(self, cid: ChunkId) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.cache_path(cid).unlink()
+
+    # -- copies of remote pack indexes ----------------------------------------------
+
+    def pack_index_path(self, pack: ChunkId) -> Path:
+        """pack-index/ keeps the index objects of remote packs a push has read: a pack's
+        index never changes, so each is fetched once per host (docs/remote.md)."""
+        return self.root / "pack-index" / pack.hex
+
+    def put_pack_index(self, pack: ChunkId, data: bytes) -> None:
+        """Atomic, not durable, like the chunk cache: a torn copy fails its checksum when
+        loaded and is fetched again."""
+        path = self.pack_index_path(pack)
+        path.parent.mkdir(exist_ok=True)
+        self._write_atomic(path, data, durable=False)
+
+    def get_pack_index(self, pack: ChunkId) -> bytes | None:
+        try:
+            return self.pack_index_path(pack).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete_pack_index(self, pack: ChunkId) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pack_index_path(pack).unlink()
 
     # -- manifests -----------------------------------------------------------------
 
@@ -355,7 +380,7 @@ class ChunkWriter:
             self._claimed.add(cid)
         return not self._store.chunk_path(cid).exists()
 
-    def put(self, cid: ChunkId, obj: bytes) -> int:
+    def put(self, cid: ChunkId, obj: bytes | memoryview) -> int:
         """Write a claimed, encoded chunk; returns the bytes written."""
         dest = self._store.chunk_path(cid)
         fd = -1
@@ -436,7 +461,7 @@ def _link_unnamed(fd: int, dest: Path) -> None:
     raise OSError(e, os.strerror(e), str(dest))
 
 
-def write_all(fd: int, data: bytes) -> int:
+def write_all(fd: int, data: bytes | memoryview) -> int:
     """Write all of `data` to `fd` (os.write may write less); returns its length."""
     view = memoryview(data)
     while view:
