@@ -48,7 +48,7 @@ MAX_PULL_FDS = MAX_FDS + 256
 
 @dataclass
 class Usage:
-    """What one process used: peak resident bytes (from wait4) and most descriptors seen."""
+    """What one process used: peak resident bytes (VmHWM) and most descriptors seen."""
 
     argv: list[str]
     returncode: int = -1
@@ -65,13 +65,20 @@ class Batch:
     procs: dict[int, tuple[subprocess.Popen[bytes], Path]] = field(default_factory=dict)
     usage: dict[int, Usage] = field(default_factory=dict)
 
-    def sample_fds(self, stop: threading.Event) -> None:
+    def sample(self, stop: threading.Event) -> None:
+        """Open descriptors and VmHWM (the peak RSS of the process's own memory since its
+        exec). wait4's ru_maxrss cannot serve: Linux folds the memory the process had before
+        exec into it, and a child that subprocess starts with vfork had the test runner's."""
         while not stop.is_set():
             for pid, u in list(self.usage.items()):
                 try:
                     n = len(os.listdir(f"/proc/{pid}/fd"))
+                    status = Path(f"/proc/{pid}/status").read_text()
                 except OSError:
                     continue
+                hwm = next((int(line.split()[1]) << 10 for line in status.splitlines()
+                            if line.startswith("VmHWM:")), 0)
+                u.max_rss = max(u.max_rss, hwm)
                 u.max_fds = max(u.max_fds, n)
                 u.fd_samples += 1
             stop.wait(0.02)
@@ -82,13 +89,13 @@ def snapstore_argv(store: Path, *args: str) -> list[str]:
 
 
 def run_all(commands: list[list[str]], env: dict[str, str], logs: Path) -> list[Usage]:
-    """Start every command at once; reap each with wait4 for its peak RSS while a thread
-    counts open descriptors. Anything still running at the deadline is killed and fails
+    """Start every command at once while a thread samples each one's peak RSS and open
+    descriptors. Anything still running at the deadline is killed and fails
     the test. Each command's stderr goes to a file under `logs`, which no command can
     fill up and block on, as it could a pipe read only at the end."""
     batch = Batch()
     stop = threading.Event()
-    sampler = threading.Thread(target=batch.sample_fds, args=(stop,))
+    sampler = threading.Thread(target=batch.sample, args=(stop,))
     logs.mkdir()
     try:
         for i, argv in enumerate(commands):
@@ -103,13 +110,11 @@ def run_all(commands: list[list[str]], env: dict[str, str], logs: Path) -> list[
         while running:
             assert time.monotonic() < deadline, f"{len(running)} commands still running"
             for pid in sorted(running):
-                # Reaped here rather than by Popen, since only wait4 reports ru_maxrss.
-                done, status, rusage = os.wait4(pid, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
                 if done == 0:
                     continue
                 (proc, log), u = batch.procs[pid], batch.usage[pid]
                 proc.returncode = u.returncode = os.waitstatus_to_exitcode(status)
-                u.max_rss = rusage.ru_maxrss * 1024
                 u.stderr = log.read_text(errors="replace")
                 running.discard(pid)
             time.sleep(0.05)
