@@ -22,7 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import Run, du, gb, mb, median, snapstore_cmd, table, timed
 from snapstore import examples, manifest
-from snapstore.chunking import ChunkerParams
+from snapstore.chunker_params import ChunkerParams
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest
 

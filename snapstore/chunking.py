@@ -10,34 +10,15 @@ Memory stays bounded: at most one read window plus one max-size chunk is buffere
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 from pyfastcdc import FastCDC
 
-PAGE = 4096
+from snapstore.chunker_params import PAGE, ChunkerParams
+
 WINDOW = 16 << 20
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkerParams:
-    """Everything that decides where cuts fall; recorded in each manifest."""
-
-    min_size: int = 256 << 10
-    avg_size: int = 1 << 20
-    max_size: int = 4 << 20
-    hole_min: int = 64 << 10
-    algorithm: str = "fastcdc2020"
-
-    def __post_init__(self) -> None:
-        if not 64 <= self.min_size <= self.avg_size <= self.max_size <= 16 << 20:
-            raise ValueError("chunk sizes must satisfy 64 <= min <= avg <= max <= 16 MiB")
-        if self.hole_min < PAGE or self.hole_min % PAGE:
-            raise ValueError(f"hole_min must be a positive multiple of {PAGE}")
-
-    def to_json(self) -> dict[str, int | str]:
-        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,6 @@ from snapstore.export import export
 from snapstore.gc import gc
 from snapstore.gpu.cli import add_commands as add_gpu_commands
 from snapstore.gvisor_cli import add_commands as add_gvisor_commands
-from snapstore.ingest import ingest
 from snapstore.remote.cli import add_commands as add_remote_commands
 from snapstore.remote.cli import add_gc_options, cmd_remote_gc
 from snapstore.store.local import check_tag
@@ -34,6 +33,9 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    # The chunker (numpy, pyfastcdc) is imported here: no other command needs it.
+    from snapstore.ingest import ingest
+
     store = open_store(args, create=True)
     r = ingest(store, Path(args.dir), args.tag, parse_labels(args.label),
                transcode=not args.exact)

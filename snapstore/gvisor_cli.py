@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from snapstore import gvisor
 from snapstore.cli_common import open_store, parse_labels, print_json
+
+# snapstore.gvisor (ingest, the chunker, mounts) is imported by the handlers that use it,
+# so that other commands start without it.
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,6 +55,8 @@ def _runsc_options(sp: argparse.ArgumentParser) -> None:
 
 
 def cmd_checkpoint(args: argparse.Namespace) -> int:
+    from snapstore import gvisor
+
     store = open_store(args, create=True)
     runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)
     r = gvisor.checkpoint(store, runsc, args.container, args.tag, parse_labels(args.label),
@@ -68,6 +72,8 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
+    from snapstore import gvisor
+
     hits = gvisor.find(open_store(args), parse_labels(args.label))
     if args.json:
         print_json([{"id": f.snapshot.hex, "tags": list(f.tags), "created": f.manifest.created,
@@ -80,6 +86,8 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    from snapstore import gvisor
+
     store = open_store(args, create=True)
     runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)
     r = gvisor.restore(store, runsc, args.container, args.bundle, args.ref,

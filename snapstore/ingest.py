@@ -15,7 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from snapstore import codec, statefile
-from snapstore.chunking import ChunkerParams, Data, Readable, split
+from snapstore.chunker_params import ChunkerParams
+from snapstore.chunking import Data, Readable, split
 from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from snapstore import statefile
-from snapstore.chunking import ChunkerParams
+from snapstore.chunker_params import ChunkerParams
 from snapstore.errors import ManifestError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.statefile import Layout

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from snapstore import codec, manifest
-from snapstore.chunking import PAGE, ChunkerParams, Data, Hole, split
+from snapstore.chunker_params import PAGE, ChunkerParams
+from snapstore.chunking import Data, Hole, split
 from snapstore.errors import CorruptError, ManifestError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fusefs.mount import MountPaths, access_path, is_mounted, read_state
-from snapstore.chunking import ChunkerParams
+from snapstore.chunker_params import ChunkerParams
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Manifest

@@ -18,7 +18,7 @@ import trio.testing
 from fusefs.inodes import ROOT_INODE, InodeTable
 from fusefs.ops import SnapshotOps
 from fusefs.reader import ChunkCache, ChunkError, MountStats, SnapshotReader, prefetch_order
-from snapstore.chunking import ChunkerParams
+from snapstore.chunker_params import ChunkerParams
 from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from snapstore.chunking import ChunkerParams
+from snapstore.chunker_params import ChunkerParams
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 from tests.conftest import memory_like

@@ -8,14 +8,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.filesize import decimal as human
 
 from snapstore.cli_common import open_store, print_json
 from snapstore.errors import SnapstoreError
-from snapstore.gpu.dump import TABLE_FILE, After, Dump, dump_process, read_dump
-from snapstore.gpu.load import load, materialize, serve
 from snapstore.uffd.loader import LoaderNotBuiltError
+
+# The dump and load modules (numpy, the CUDA bindings) are imported by the handlers, so
+# that other commands start without them.
+if TYPE_CHECKING:
+    from snapstore.gpu.dump import Dump
+
+_FATES = {"stop": "left stopped (kill -CONT resumes it)", "run": "resumed", "kill": "killed"}
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -29,15 +35,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("pid", type=int, metavar="PID")
     p.add_argument("outdir", type=Path, metavar="OUTDIR")
     after = p.add_mutually_exclusive_group()
-    after.add_argument("--leave-running", dest="after", action="store_const", const=After.RUN,
+    after.add_argument("--leave-running", dest="after", action="store_const", const="run",
                        help="resume the process after the dump")
-    after.add_argument("--kill", dest="after", action="store_const", const=After.KILL,
+    after.add_argument("--kill", dest="after", action="store_const", const="kill",
                        help="kill the process after the dump")
     p.add_argument("--threads", type=int, help="reader threads (default: cores, at most 16)")
     p.add_argument("--lock-timeout-ms", type=int, default=10_000,
                    help="how long the CUDA lock waits for running GPU work")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_gpu_dump, after=After.STOP)
+    p.set_defaults(func=cmd_gpu_dump, after="stop")
 
     p = sub.add_parser(
         "gpu-load",
@@ -60,7 +66,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def cmd_gpu_dump(args: argparse.Namespace) -> int:
-    r = dump_process(args.pid, args.outdir, after=args.after, threads=args.threads,
+    from snapstore.gpu.dump import After, dump_process
+
+    r = dump_process(args.pid, args.outdir, after=After(args.after), threads=args.threads,
                      lock_timeout_ms=args.lock_timeout_ms,
                      log=lambda line: print(line, file=sys.stderr))
     if args.json:
@@ -74,17 +82,15 @@ def cmd_gpu_dump(args: argparse.Namespace) -> int:
     rate = r.data_bytes / write if write else 0.0
     print(f"dumped {r.regions} regions, {human(r.bytes)} ({human(r.data_bytes)} data) in "
           f"{r.seconds['total']:.2f}s, memory written at {human(int(rate))}/s; process "
-          f"{args.pid} {_fate(args.after)}", file=sys.stderr)
+          f"{args.pid} {_FATES[args.after]}", file=sys.stderr)
     print(r.directory)
     return 0
 
 
-def _fate(after: After) -> str:
-    return {After.STOP: "left stopped (kill -CONT resumes it)", After.RUN: "resumed",
-            After.KILL: "killed"}[after]
-
-
 def cmd_gpu_load(args: argparse.Namespace) -> int:
+    from snapstore.gpu.dump import TABLE_FILE
+    from snapstore.gpu.load import load, serve
+
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="snapstore-gpu-load-")) if own_workdir \
         else args.workdir
@@ -118,6 +124,9 @@ def cmd_gpu_load(args: argparse.Namespace) -> int:
 
 def _open(args: argparse.Namespace, workdir: Path) -> tuple[Dump, float | None]:
     """The dump REF names: a dump directory as is, else a snapshot materialised in workdir."""
+    from snapstore.gpu.dump import TABLE_FILE, read_dump
+    from snapstore.gpu.load import materialize
+
     ref = Path(args.ref)
     if (ref / TABLE_FILE).is_file():
         return read_dump(ref), None
