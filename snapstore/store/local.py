@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import re
+import resource
 import threading
 import uuid
 from collections.abc import Iterator
@@ -347,8 +348,10 @@ class LocalStore:
             yield Path(e.path)
 
 
-# Files a batch holds open (unnamed, until linked) at most.
-_BATCH_FILES = 256
+# Files a batch holds open (unnamed, until linked) at most. Two batches can be open at once
+# (one committing, one filling), so under a low descriptor limit (`ulimit -n 256`) batches
+# shrink to leave the rest of the process room.
+_BATCH_FILES = min(256, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
 
 
 class ChunkWriter:
