@@ -257,3 +257,22 @@ def test_sigkill_during_ingest_then_gc_and_verify(tmp_path: Path) -> None:
     assert sum(1 for _ in store.iter_chunks()) == 0
     ingest(store, src, "big")
     assert verify(store, store.tags()).problems == []
+
+
+def test_ingest_under_a_low_descriptor_limit(tmp_path: Path) -> None:
+    """A batch keeps its chunks open until they are linked; under `ulimit -n 64` batches
+    must shrink, or an ingest of ~96 chunks runs out of descriptors."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with (src / "big").open("wb") as f:
+        for _ in range(24):
+            f.write(os.urandom(4 << 20))
+    root = tmp_path / "store"
+    cmd = [sys.executable, "-m", "snapstore", "--store", str(root), "ingest", str(src),
+           "--tag", "big"]
+    done = subprocess.run(["sh", "-c", 'ulimit -n 64 && exec "$@"', "sh", *cmd],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    store = LocalStore.open(root)
+    assert sum(1 for _ in store.iter_chunks()) >= 64
+    assert verify(store, store.tags()).problems == []
