@@ -238,8 +238,10 @@ def test_disk_full_is_clean(tiny_fs: Path, tmp_path: Path) -> None:
 def test_sigkill_during_ingest_then_gc_and_verify(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
+    # Chunks become visible a batch (64 MiB) at a time, so the kill lands with most of the
+    # 512 MiB still to go even when the poll below runs late on a loaded machine.
     with (src / "big").open("wb") as f:
-        for _ in range(48):
+        for _ in range(128):
             f.write(os.urandom(4 << 20))
     root = tmp_path / "store"
     store = LocalStore.open(root)
