@@ -348,7 +348,7 @@ class LocalStore:
             yield Path(e.path)
 
 
-# Files a batch holds open (unnamed, until linked) at most. Two batches can be open at once
+# Files a batch holds open (unnamed, until linked) at most. Two batches are open at once
 # (one committing, one filling), so under a low descriptor limit (`ulimit -n 256`) batches
 # shrink to leave the rest of the process room.
 _BATCH_FILES = min(256, max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
@@ -360,14 +360,17 @@ class ChunkWriter:
     A chunk is written to tmp/ and renamed into chunks/ only after a syncfs that
     followed its write, so a chunk visible in chunks/ always has durable content, and
     `close()` makes every rename durable before the caller writes a manifest. Full
-    batches are committed on a thread of their own, so no writer waits for the disk.
-    Safe to call from several threads.
+    batches are committed on a thread of their own while the next one fills; a writer that
+    finds the next one full too waits for the commit, so open files stay bounded (about two
+    batches) however slow the disk is. Safe to call from several threads.
     """
 
     def __init__(self, store: LocalStore, batch_bytes: int) -> None:
         self._store = store
         self._batch_bytes = batch_bytes
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._committing = False
         self._pending: list[tuple[int, Path]] = []
         self._pending_bytes = 0
         self._claimed: set[ChunkId] = set()
@@ -386,6 +389,9 @@ class ChunkWriter:
     def put(self, cid: ChunkId, obj: bytes | memoryview) -> int:
         """Write a claimed, encoded chunk; returns the bytes written."""
         dest = self._store.chunk_path(cid)
+        with self._room:
+            while self._full() and not self._hand_over():
+                self._room.wait()
         fd = -1
         try:
             fd = os.open(self._store.tmp_dir, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
@@ -398,9 +404,28 @@ class ChunkWriter:
         with self._lock:
             self._pending.append((fd, dest))
             self._pending_bytes += len(obj)
-            if self._pending_bytes >= self._batch_bytes or len(self._pending) >= _BATCH_FILES:
-                self._commits.append(self._committer.submit(self._commit, self._take()))
+            if self._full():
+                self._hand_over()
         return len(obj)
+
+    def _full(self) -> bool:
+        return self._pending_bytes >= self._batch_bytes or len(self._pending) >= _BATCH_FILES
+
+    def _hand_over(self) -> bool:
+        """Start committing the filling batch unless a commit is running; with the lock held."""
+        if self._committing:
+            return False
+        self._committing = True
+        self._commits.append(self._committer.submit(self._commit_in_turn, self._take()))
+        return True
+
+    def _commit_in_turn(self, batch: list[tuple[int, Path]]) -> None:
+        try:
+            self._commit(batch)
+        finally:
+            with self._room:
+                self._committing = False
+                self._room.notify_all()
 
     def _unclaim(self, cid: ChunkId) -> None:
         """A claimed chunk that could not be written: let a later `claim` try again."""
