@@ -60,6 +60,10 @@ def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
+def gbps(nbytes: float, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds else 0.0
+
+
 def mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 

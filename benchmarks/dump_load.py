@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import drop_caches, median, snapstore_cmd, table
+from benchmarks.common import drop_caches, gb, gbps, median, snapstore_cmd, table
 from snapstore.examples import memory_image
 from snapstore.gpu.cuda import NoCuda
 from snapstore.gpu.dump import After, dump_process, read_dump
@@ -40,10 +40,6 @@ memory = np.fromfile(sys.argv[1], dtype=np.uint8)
 print("ready", flush=True)
 sys.stdin.read()
 """
-
-
-def gbps(nbytes: int, seconds: float) -> float:
-    return nbytes / seconds / 1e9
 
 
 def dump_child(image: Path, outdir: Path) -> None:
@@ -116,7 +112,7 @@ def main() -> int:
         times["FUSE mount"].append(r.load_seconds)
         data["FUSE mount"] = r.data_bytes
 
-    rows = [[name, f"{data[name] / 1e9:.2f} GB", f"{median(ts):.3f} s",
+    rows = [[name, gb(data[name]), f"{median(ts):.3f} s",
              f"{gbps(data[name], median(ts)):.2f} GB/s"] for name, ts in times.items()]
     print(f"dump of a {args.size_mib} MiB memory-like process, cold page cache, "
           f"medians of {args.repeats}")

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import table
+from benchmarks.common import gbps, table
 from snapstore.gpu.cuda import open_api
 from snapstore.gpu.dump import After, dump_process, read_dump
 from snapstore.gpu.load import load, materialize
@@ -114,10 +114,6 @@ def ask(child: subprocess.Popen[str], line: str | None = None) -> dict[str, Any]
         raise RuntimeError(f"model process {child.pid} exited ({child.wait()})")
     doc: dict[str, Any] = json.loads(reply)
     return doc
-
-
-def gbps(nbytes: float, seconds: float) -> float:
-    return round(nbytes / seconds / 1e9, 3) if seconds else 0.0
 
 
 def main() -> int:
