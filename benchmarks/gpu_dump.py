@@ -158,9 +158,10 @@ def main() -> int:
             r = dump_process(pid, outdir, after=After.RUN, api=api,
                              log=lambda line: print(line, file=sys.stderr))
             t = time.perf_counter()
-            fd = os.open(outdir / "pages.img", os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            for path in read_dump(outdir).pages_paths:
+                fd = os.open(path, os.O_RDONLY)
+                os.fsync(fd)
+                os.close(fd)
             fsync = time.perf_counter() - t
             check = ask(child, "check")
             res[f"dump_{name}"] = {

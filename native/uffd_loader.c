@@ -64,6 +64,13 @@ struct region {
 	uint64_t base, size, offset;
 };
 
+/* One file of the image: the files given with --image, one after another, are the image. */
+struct image {
+	const char *path;
+	int fd, aio_fd;
+	uint64_t first, npages; /* image pages this file holds */
+};
+
 struct slot {
 	struct iocb cb;
 	uint8_t *buf;
@@ -92,12 +99,13 @@ struct worker {
 
 struct loader {
 	/* options */
-	const char *image_path, *socket_path, *hot_path, *record_path, *stats_path;
+	const char *socket_path, *hot_path, *record_path, *stats_path;
 	uint64_t fault_around;
 	unsigned queue_depth, nworkers;
 	bool memfd_mode, buffered;
 	/* image */
-	int img_fd, aio_fd;
+	struct image *images;
+	size_t nimages;
 	uint64_t img_size, npages, ps;
 	_Atomic uint8_t *state;
 	/* connection */
@@ -157,36 +165,55 @@ static double now(void)
 
 /* ---- image and hot list ---- */
 
-static int read_full(struct loader *l, int fd, void *buf, uint64_t len, uint64_t off)
+/* The file holding an image page (binary search: files are few, and in page order). */
+static const struct image *image_of_page(const struct loader *l, uint64_t page)
 {
-	uint64_t done = 0;
+	size_t lo = 0, hi = l->nimages;
+
+	while (hi - lo > 1) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (l->images[mid].first <= page)
+			lo = mid;
+		else
+			hi = mid;
+	}
+	return &l->images[lo];
+}
+
+/* Reads pages [page, page + n) of the image, which lie in one of its files. */
+static int read_full(struct loader *l, void *buf, uint64_t page, uint64_t n)
+{
+	const struct image *img = image_of_page(l, page);
+	uint64_t done = 0, len = n * l->ps, off = (page - img->first) * l->ps;
 
 	while (done < len) {
-		ssize_t n = pread(fd, (uint8_t *)buf + done, len - done, off + done);
+		ssize_t got = pread(img->fd, (uint8_t *)buf + done, len - done, off + done);
 
-		if (n < 0 && (errno == EINTR || errno == EAGAIN))
+		if (got < 0 && (errno == EINTR || errno == EAGAIN))
 			continue;
-		if (n < 0)
-			return fail(l, errno, "reading image at %" PRIu64 ": %s", off + done, strerror(errno));
-		if (n == 0)
-			return fail(l, EIO, "image truncated: short read at offset %" PRIu64, off + done);
-		done += n;
+		if (got < 0)
+			return fail(l, errno, "reading %s at %" PRIu64 ": %s", img->path, off + done, strerror(errno));
+		if (got == 0)
+			return fail(l, EIO, "image truncated: short read of %s at offset %" PRIu64, img->path, off + done);
+		done += got;
 	}
 	return 0;
 }
 
 /* O_DIRECT keeps prefetch from doubling memory through the page cache; tmpfs and some FUSE
  * mounts refuse it at open or at the first read, so probe once and fall back to buffered I/O. */
-static int open_aio_fd(struct loader *l)
+static int open_aio_fd(struct loader *l, struct image *img)
 {
 	void *probe;
 	int fd;
 
-	if (l->buffered || l->img_size == 0)
-		return l->aio_fd = l->img_fd, 0;
-	fd = open(l->image_path, O_RDONLY | O_DIRECT | O_CLOEXEC);
+	img->aio_fd = img->fd;
+	if (l->buffered || img->npages == 0)
+		return 0;
+	fd = open(img->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
 	if (fd < 0)
-		return l->aio_fd = l->img_fd, 0;
+		return 0;
 	probe = mmap(NULL, l->ps, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 	if (probe == MAP_FAILED) {
 		close(fd);
@@ -194,31 +221,39 @@ static int open_aio_fd(struct loader *l)
 	}
 	if (pread(fd, probe, l->ps, 0) != (ssize_t)l->ps) {
 		close(fd);
-		fd = l->img_fd;
+		fd = img->fd;
 	}
 	munmap(probe, l->ps);
-	l->aio_fd = fd;
+	img->aio_fd = fd;
 	return 0;
 }
 
 static int open_image(struct loader *l)
 {
-	struct stat sb;
+	for (size_t i = 0; i < l->nimages; i++) {
+		struct image *img = &l->images[i];
+		struct stat sb;
+		int ret;
 
-	l->img_fd = open(l->image_path, O_RDONLY | O_CLOEXEC);
-	if (l->img_fd < 0)
-		return fail(l, errno, "open %s: %s", l->image_path, strerror(errno));
-	if (fstat(l->img_fd, &sb) < 0)
-		return fail(l, errno, "stat %s: %s", l->image_path, strerror(errno));
-	l->img_size = sb.st_size;
-	if (l->img_size % l->ps)
-		return fail(l, EINVAL, "image truncated: %" PRIu64 " bytes is not a multiple of the page size %" PRIu64,
-			    l->img_size, l->ps);
-	l->npages = l->img_size / l->ps;
+		img->fd = open(img->path, O_RDONLY | O_CLOEXEC);
+		if (img->fd < 0)
+			return fail(l, errno, "open %s: %s", img->path, strerror(errno));
+		if (fstat(img->fd, &sb) < 0)
+			return fail(l, errno, "stat %s: %s", img->path, strerror(errno));
+		if (sb.st_size % l->ps)
+			return fail(l, EINVAL, "image truncated: %s is %" PRIu64 " bytes, not a multiple of the page size %" PRIu64,
+				    img->path, (uint64_t)sb.st_size, l->ps);
+		img->first = l->npages;
+		img->npages = sb.st_size / l->ps;
+		l->npages += img->npages;
+		if ((ret = open_aio_fd(l, img)))
+			return ret;
+	}
+	l->img_size = l->npages * l->ps;
 	l->state = calloc(l->npages ? l->npages : 1, sizeof(*l->state));
 	if (!l->state)
 		return fail(l, ENOMEM, "out of memory");
-	return open_aio_fd(l);
+	return 0;
 }
 
 /* Parses a hot-list line (without its newline) as a whole decimal number: no sign, no
@@ -710,17 +745,28 @@ static int worker_setup(struct worker *w)
 	return 0;
 }
 
-/* Takes the next run of consecutive, still-missing hot pages (hot-list order, one region).
- * Called with l->mu held. */
+/* The end (exclusive) of the pages that one read starting at `page` of region r may cover:
+ * the region's end or its file's, whichever comes first. */
+static uint64_t read_end(const struct loader *l, const struct region *r, uint64_t page)
+{
+	const struct image *img = image_of_page(l, page);
+	uint64_t region_end = (r->offset + r->size) / l->ps, file_end = img->first + img->npages;
+
+	return region_end < file_end ? region_end : file_end;
+}
+
+/* Takes the next run of consecutive, still-missing hot pages (hot-list order, one region, one
+ * file). Called with l->mu held. */
 static bool next_run(struct loader *l, uint64_t *first, uint64_t *n)
 {
 	while (l->hot_pos < l->nhot) {
 		uint64_t p = l->hot[l->hot_pos++];
 		const struct region *r = region_of_page(l, p);
-		uint64_t end = r ? (r->offset + r->size) / l->ps : 0;
+		uint64_t end;
 
 		if (!r || page_state(l, p) != MISSING)
 			continue;
+		end = read_end(l, r, p);
 		*first = p;
 		*n = 1;
 		set_state(l, p, INFLIGHT);
@@ -749,19 +795,21 @@ static int submit_prefetch(struct worker *w)
 	pthread_mutex_lock(&l->mu);
 	for (unsigned i = 0; i < w->nslots && nr < SUBMIT_BATCH; i++) {
 		struct slot *s = &w->slots[i];
+		const struct image *img;
 
 		if (s->busy)
 			continue;
 		if (!next_run(l, &s->first, &s->npages))
 			break;
+		img = image_of_page(l, s->first);
 		s->busy = true;
 		memset(&s->cb, 0, sizeof(s->cb));
 		s->cb.aio_data = i;
 		s->cb.aio_lio_opcode = IOCB_CMD_PREAD;
-		s->cb.aio_fildes = l->aio_fd;
+		s->cb.aio_fildes = img->aio_fd;
 		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf);
 		s->cb.aio_nbytes = s->npages * l->ps;
-		s->cb.aio_offset = s->first * l->ps;
+		s->cb.aio_offset = (s->first - img->first) * l->ps;
 		cbs[nr++] = &s->cb;
 	}
 	pthread_mutex_unlock(&l->mu);
@@ -973,14 +1021,14 @@ static int zero_fill(struct loader *l, const struct region *r, uint64_t page)
  */
 static int demand_read(struct loader *l, const struct region *r, uint64_t page, double start)
 {
-	uint64_t n = 1, end = (r->offset + r->size) / l->ps;
+	uint64_t n = 1, end = read_end(l, r, page);
 	uint8_t *buf = l->memfd_mode ? l->memfd_map + page * l->ps : l->fault_buf;
 	int ret;
 
 	while (page_state(l, page) == MISSING && n < l->fault_around / l->ps && page + n < end &&
 	       page_state(l, page + n) == MISSING)
 		n++;
-	if ((ret = read_full(l, l->img_fd, buf, n * l->ps, page * l->ps)))
+	if ((ret = read_full(l, buf, page, n)))
 		return ret;
 	l->st.demand_pages += n;
 	if ((ret = install_run(l, r, page, 1, buf, 0)) || (ret = record_latency(l, start)) || n == 1)
@@ -1129,6 +1177,14 @@ static double percentile_us(const struct stats *st, double q)
 	return st->nlat ? st->lat_ns[(size_t)(q * (st->nlat - 1))] / 1e3 : 0;
 }
 
+static bool all_direct(const struct loader *l)
+{
+	for (size_t i = 0; i < l->nimages; i++)
+		if (l->images[i].aio_fd == l->images[i].fd)
+			return false;
+	return l->nimages > 0;
+}
+
 static void write_stats(struct loader *l)
 {
 	struct stats *st = &l->st;
@@ -1145,7 +1201,7 @@ static void write_stats(struct loader *l)
 		", \"fault_latency_us\": {\"samples\": %zu, \"p50\": %.2f, \"p99\": %.2f, \"max\": %.2f}}\n",
 		st->faults, st->demand_pages, st->zero_pages, st->removed_pages, st->prefetch_pages,
 		st->prefetch_bytes, secs, secs > 0 ? st->prefetch_bytes / secs / 1e9 : 0,
-		l->aio_fd != l->img_fd ? "true" : "false", st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
+		all_direct(l) ? "true" : "false", st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
 		percentile_us(st, 1.0));
 	fclose(f);
 }
@@ -1176,7 +1232,7 @@ static int setup(struct loader *l)
 
 static void cleanup(struct loader *l)
 {
-	int fds[] = { l->img_fd, l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd };
+	int fds[] = { l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd };
 
 	for (unsigned i = 0; l->workers && i < l->nworkers; i++) {
 		struct worker *w = &l->workers[i];
@@ -1195,8 +1251,13 @@ static void cleanup(struct loader *l)
 		munmap(l->fault_buf, l->fault_around);
 	if (l->record)
 		fclose(l->record);
-	if (l->aio_fd != l->img_fd)
-		close(l->aio_fd);
+	for (size_t i = 0; i < l->nimages; i++) {
+		if (l->images[i].aio_fd >= 0 && l->images[i].aio_fd != l->images[i].fd)
+			close(l->images[i].aio_fd);
+		if (l->images[i].fd >= 0)
+			close(l->images[i].fd);
+	}
+	free(l->images);
 	for (size_t i = 0; i < sizeof(fds) / sizeof(fds[0]); i++)
 		if (fds[i] >= 0)
 			close(fds[i]);
@@ -1210,7 +1271,7 @@ static void cleanup(struct loader *l)
 static void usage(void)
 {
 	fprintf(stderr,
-		"usage: uffd_loader --image FILE --socket PATH [--hot FILE] [--record FILE] [--memfd]\n"
+		"usage: uffd_loader --image FILE [--image FILE...] --socket PATH [--hot FILE] [--record FILE] [--memfd]\n"
 		"                   [--fault-around-kib N] [--queue-depth N] [--prefetch-threads N] [--buffered]\n"
 		"                   [--stats-json FILE]\n");
 }
@@ -1222,6 +1283,18 @@ static bool parse_u64(const char *s, uint64_t *v)
 	errno = 0;
 	*v = strtoull(s, &end, 10);
 	return !errno && end != s && !*end && s[0] != '-';
+}
+
+/* Each --image adds a file; the files, in the order given, are the image. */
+static int add_image(struct loader *l, const char *path)
+{
+	struct image *images = realloc(l->images, (l->nimages + 1) * sizeof(*images));
+
+	if (!images)
+		return -1;
+	l->images = images;
+	images[l->nimages++] = (struct image){ .path = path, .fd = -1, .aio_fd = -1 };
+	return 0;
 }
 
 static int parse_args(struct loader *l, int argc, char **argv)
@@ -1237,9 +1310,10 @@ static int parse_args(struct loader *l, int argc, char **argv)
 			l->buffered = true;
 		else if (!val)
 			return -1;
-		else if (!strcmp(a, "--image"))
-			l->image_path = val;
-		else if (!strcmp(a, "--socket"))
+		else if (!strcmp(a, "--image")) {
+			if (add_image(l, val))
+				return -1;
+		} else if (!strcmp(a, "--socket"))
 			l->socket_path = val;
 		else if (!strcmp(a, "--hot"))
 			l->hot_path = val;
@@ -1258,7 +1332,7 @@ static int parse_args(struct loader *l, int argc, char **argv)
 		if (strcmp(a, "--memfd") && strcmp(a, "--buffered"))
 			i++;
 	}
-	return l->image_path && l->socket_path ? 0 : -1;
+	return l->nimages && l->socket_path ? 0 : -1;
 }
 
 /* One prefetch thread per CPU, up to DEFAULT_PREFETCH_THREADS: see docs/uffd.md for the sweep. */
@@ -1273,7 +1347,7 @@ int main(int argc, char **argv)
 {
 	struct loader l = {
 		.fault_around = DEFAULT_FAULT_AROUND_KIB << 10, .queue_depth = DEFAULT_QUEUE_DEPTH,
-		.img_fd = -1, .aio_fd = -1, .listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1,
+		.listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1,
 		.mu = PTHREAD_MUTEX_INITIALIZER, .progress = PTHREAD_COND_INITIALIZER,
 		.events = PTHREAD_RWLOCK_INITIALIZER,
 	};

@@ -24,7 +24,8 @@ from snapstore.export import export
 from snapstore.gpu import cuda
 from snapstore.gpu.dump import (
     PAGE,
-    PAGES_FILE,
+    SEGMENT,
+    TABLE_FILE,
     After,
     Dump,
     Mapping,
@@ -38,6 +39,9 @@ from snapstore.gpu.load import load, mappings, materialize
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 from snapstore.uffd import loader
+
+# Segments of an odd size: blocks are cut at segment ends in the middle of regions.
+SMALL_SEGMENT = (3 << 20) + 5 * PAGE
 
 # The child fills known memory and reports where it is: one JSON line, then it waits.
 CHILD = r"""
@@ -90,13 +94,11 @@ def memory_at(d: Dump, addr: int, size: int) -> bytes:
     """Bytes of the dumped process at `addr`, read through the region table (an array can
     span neighbouring regions)."""
     out = bytearray()
-    with d.pages_path.open("rb") as f:
-        for r in d.regions:
-            lo, hi = max(addr, r.start), min(addr + size, r.start + r.size)
-            if lo < hi:
-                assert lo == addr + len(out), f"{lo:#x} is in no dumped region"
-                f.seek(r.offset + lo - r.start)
-                out += f.read(hi - lo)
+    for r in d.regions:
+        lo, hi = max(addr, r.start), min(addr + size, r.start + r.size)
+        if lo < hi:
+            assert lo == addr + len(out), f"{lo:#x} is in no dumped region"
+            out += d.read(r.offset + lo - r.start, hi - lo)
     assert len(out) == size, f"{addr:#x}+{size} is not all dumped"
     return bytes(out)
 
@@ -180,13 +182,13 @@ def test_plan_selects_private_readable_memory() -> None:
 
 def test_mappings_merge_neighbours_past_the_loader_limit() -> None:
     regions = tuple(Region(0x10000 * i, PAGE, "rw-p", PAGE * i, "") for i in range(200))
-    d = Dump(Path("."), 200 * PAGE, regions, {})
+    d = Dump(Path("."), 200 * PAGE, SEGMENT, regions, {})
     layout = mappings(d, limit=64)
     assert len(layout) <= 64
     assert layout[0][0] == 0 and sum(size for _, size in layout) == 200 * PAGE
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(layout))
-    assert mappings(Dump(Path("."), 3 * PAGE, regions[:3], {})) == [(0, PAGE), (PAGE, PAGE),
-                                                                   (2 * PAGE, PAGE)]
+    three = Dump(Path("."), 3 * PAGE, SEGMENT, regions[:3], {})
+    assert mappings(three) == [(0, PAGE), (PAGE, PAGE), (2 * PAGE, PAGE)]
 
 
 def test_no_cuda_api_reports_no_context() -> None:
@@ -208,7 +210,7 @@ def test_dump_reproduces_memory_and_leaves_process_stopped(child: Child, tmp_pat
     assert meta["pid"] == child.pid and meta["cuda"] is None
     assert sum(reg.data_bytes for reg in d.regions) == r.data_bytes
     # Zero pages are holes: the untouched 32 MiB and half of `half` take no disk space.
-    used = os.stat(d.pages_path).st_blocks * 512
+    used = sum(os.stat(p).st_blocks for p in d.pages_paths) * 512
     assert used < r.bytes - (32 << 20)
     assert r.data_bytes >= (24 << 20) + (4 << 20)
     os.kill(child.pid, signal.SIGCONT)
@@ -291,14 +293,74 @@ def test_bad_pid_and_bad_outdir(child: Child, tmp_path: Path) -> None:
 
 def test_dump_ingests_and_exports_byte_identical(child: Child, tmp_path: Path,
                                                  store: LocalStore) -> None:
-    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda())
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda(),
+                 segment_size=SMALL_SEGMENT)
     ingest(store, tmp_path / "d", "gpu")
     out = tmp_path / "out"
     export(store, store.get_manifest(store.resolve("gpu")), out)
-    for name in ("pages.img", "dump.json"):
+    names = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert names == [TABLE_FILE] + [p.name for p in read_dump(tmp_path / "d").pages_paths]
+    for name in names:
         assert (out / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
     made = materialize(store, store.get_manifest(store.resolve("gpu")), tmp_path / "mat")
-    assert made.pages_path.read_bytes() == (tmp_path / "d" / PAGES_FILE).read_bytes()
+    for name in names:
+        assert (made.directory / name).read_bytes() == (tmp_path / "d" / name).read_bytes()
+
+
+def test_segmented_dump_reproduces_memory(child: Child, tmp_path: Path) -> None:
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda(),
+                 segment_size=SMALL_SEGMENT)
+    d = read_dump(tmp_path / "d")
+    assert d.segment_size == SMALL_SEGMENT and len(d.pages_paths) > 8
+    assert [p.stat().st_size for p in d.pages_paths[:-1]] == [SMALL_SEGMENT] * (
+        len(d.pages_paths) - 1)
+    for name, (addr, size, digest) in child.arrays.items():
+        assert hashlib.sha256(memory_at(d, addr, size)).hexdigest() == digest, name
+    with pytest.raises(UsageError, match="multiple"):
+        dump_process(child.pid, tmp_path / "e", api=no_cuda(), segment_size=PAGE + 1)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"pages_files": ["../x"]}, "bad segment list"),
+    ({"segment_size": PAGE + 1}, "bad segment list"),
+    ({"segment_size": PAGE}, "bad segment list"),  # the file list no longer matches
+    ({"pages_files": None}, "bad segment list"),
+])
+def test_read_dump_rejects_a_bad_segment_list(child: Child, tmp_path: Path,
+                                              change: dict[str, Any], message: str) -> None:
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda(),
+                 segment_size=SMALL_SEGMENT)
+    table = tmp_path / "d" / TABLE_FILE
+    table.write_text(json.dumps({**json.loads(table.read_text()), **change}))
+    with pytest.raises(SnapstoreError, match=message):
+        read_dump(tmp_path / "d")
+
+
+def test_read_dump_rejects_missing_or_short_segments(child: Child, tmp_path: Path) -> None:
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda(),
+                 segment_size=SMALL_SEGMENT)
+    paths = read_dump(tmp_path / "d").pages_paths
+    os.truncate(paths[1], SMALL_SEGMENT - PAGE)
+    with pytest.raises(SnapstoreError, match="the table says"):
+        read_dump(tmp_path / "d")
+    paths[1].unlink()
+    with pytest.raises(SnapstoreError, match=f"holds no {paths[1].name}"):
+        read_dump(tmp_path / "d")
+
+
+def test_materialize_refuses_a_table_naming_paths_outside(child: Child, tmp_path: Path,
+                                                          store: LocalStore) -> None:
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda())
+    table = tmp_path / "d" / TABLE_FILE
+    doc = json.loads(table.read_text())
+    first = doc["pages_files"][0]
+    (tmp_path / "d" / first).rename(tmp_path / "escaped.img")
+    table.write_text(json.dumps({**doc, "pages_files": ["../escaped.img"]}))
+    ingest(store, tmp_path / "d", "bad")
+    (tmp_path / "mat").mkdir()
+    with pytest.raises(SnapstoreError, match="bad segment list"):
+        materialize(store, store.get_manifest(store.resolve("bad")), tmp_path / "mat" / "d")
+    assert not (tmp_path / "mat" / "escaped.img").exists()
 
 
 # -- loading it back ----------------------------------------------------------------------
@@ -319,6 +381,11 @@ def test_load_through_uffd_loader_is_page_exact(child: Child, tmp_path: Path,
     work.mkdir()
     r = load(read_dump(tmp_path / "d"), work)
     assert r.verified and r.data_bytes > 0
+    dump_process(child.pid, tmp_path / "s", after=After.RUN, api=no_cuda(),
+                 segment_size=SMALL_SEGMENT)
+    work_s = tmp_path / "ws"
+    work_s.mkdir()
+    assert load(read_dump(tmp_path / "s"), work_s).verified
     ingest(store, tmp_path / "d", "gpu")
     work2 = tmp_path / "w2"
     work2.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -106,7 +107,7 @@ def page_digests(image: Image) -> list[bytes]:
 
 @contextmanager
 def serving(
-    tmp_path: Path, image: Path, **options: Any
+    tmp_path: Path, image: Path | list[Path], **options: Any
 ) -> Iterator[tuple[Path, list[dict[str, Any]]]]:
     """Runs a loader for the block; after it, the loader must have exited 0 and left stats."""
     sock = tmp_path / "loader.sock"
@@ -259,6 +260,26 @@ def test_removed_pages_read_as_zero(tmp_path: Path, image: Image, memfd: bool) -
             mm.madvise(mmap.MADV_REMOVE, off, PAGE_SIZE)
             assert client.read(off, PAGE_SIZE) == bytes(PAGE_SIZE)
     assert stats[0]["removed_pages"] > 0
+
+
+@pytest.mark.parametrize("memfd", [False, True], ids=["anonymous", "memfd"])
+def test_image_in_several_files(tmp_path: Path, image: Image, memfd: bool) -> None:
+    # Files of uneven page counts, one of a single page: prefetch reads and fault-around
+    # windows meet file ends, and the second region starts inside a file.
+    cuts = [0, 1, 4099, 20000, NPAGES // 2 + 3, NPAGES]
+    parts = []
+    for i, (a, z) in enumerate(itertools.pairwise(cuts)):
+        parts.append(tmp_path / f"part{i}")
+        parts[-1].write_bytes(image.data[a * PAGE_SIZE : z * PAGE_SIZE])
+    hot = write_list(tmp_path / "hot", shuffled_pages(seed=6, fraction=0.5))
+    half = IMAGE_SIZE // 2
+    with (
+        serving(tmp_path, parts, hot=hot, memfd=memfd) as (sock, stats),
+        Client(sock, [(half, half), (0, half)], memfd=memfd) as client,
+    ):
+        client.touch(shuffled_pages(seed=7))
+        assert_all_pages(client, image)
+    assert stats[0]["prefetch_pages"] > 0 and stats[0]["demand_faults"] > 0
 
 
 @contextmanager

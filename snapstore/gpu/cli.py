@@ -29,8 +29,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "gpu-dump",
         help="write a process's memory, GPU memory included, as a dump directory",
         description="Checkpoint the CUDA state of process PID into its host memory, stop it, "
-        "write its private memory to OUTDIR (pages.img + dump.json), then restore its CUDA "
-        "state. By default the process is left stopped (SIGCONT resumes it).",
+        "write its private memory to OUTDIR (segment files pages-NNNN.img + dump.json), then "
+        "restore its CUDA state. By default the process is left stopped (SIGCONT resumes it).",
     )
     p.add_argument("pid", type=int, metavar="PID")
     p.add_argument("outdir", type=Path, metavar="OUTDIR")
@@ -40,6 +40,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     after.add_argument("--kill", dest="after", action="store_const", const="kill",
                        help="kill the process after the dump")
     p.add_argument("--threads", type=int, help="reader threads (default: cores, at most 16)")
+    p.add_argument("--segment-mib", type=int,
+                   help="size of each segment file (default 256); threads write several at once")
     p.add_argument("--lock-timeout-ms", type=int, default=10_000,
                    help="how long the CUDA lock waits for running GPU work")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -66,10 +68,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
 
 def cmd_gpu_dump(args: argparse.Namespace) -> int:
-    from snapstore.gpu.dump import After, dump_process
+    from snapstore.gpu.dump import SEGMENT, After, dump_process
 
     r = dump_process(args.pid, args.outdir, after=After(args.after), threads=args.threads,
                      lock_timeout_ms=args.lock_timeout_ms,
+                     segment_size=args.segment_mib << 20 if args.segment_mib else SEGMENT,
                      log=lambda line: print(line, file=sys.stderr))
     if args.json:
         print_json({"directory": str(r.directory), "regions": r.regions, "bytes": r.bytes,

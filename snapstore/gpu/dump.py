@@ -1,9 +1,11 @@
-"""GPU dumps: write a live process's memory (GPU memory included) as a page file and a table.
+"""GPU dumps: write a live process's memory (GPU memory included) as page files and a table.
 
-A dump directory holds `pages.img`, the process's private readable regions one after another,
-all-zero pages left as holes, and `dump.json`, the region table and metadata (docs/gpu.md).
-For a CUDA process the driver first moves GPU memory into host memory (snapstore.gpu.cuda),
-so the page file holds it too; the process is stopped while its memory is read.
+A dump directory holds the page space, the process's private readable regions one after
+another with all-zero pages left as holes, cut into segment files (`pages-0000.img`, ...) so
+that threads write to several files at once, and `dump.json`, the region table and metadata
+(docs/gpu.md). For a CUDA process the driver first moves GPU memory into host memory
+(snapstore.gpu.cuda), so the page space holds it too; the process is stopped while its memory
+is read.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,10 +32,14 @@ from snapstore.gpu import vmread
 from snapstore.gpu.cuda import CheckpointApi, NoCudaContext, ProcessState, open_api
 
 FORMAT = "snapstore-gpu-dump"
-VERSION = 1
-PAGES_FILE = "pages.img"
+VERSION = 2
 TABLE_FILE = "dump.json"
 PAGE = mmap.PAGESIZE
+# The kernel serialises buffered writes to one file (its inode lock): 16 threads write 2.8 GB/s
+# into one file and 16 GB/s into 16 (benchmarks/RESULTS.md), so the page space is cut in files
+# of this size and the threads spread over them.
+SEGMENT = 256 << 20
+MAX_SEGMENTS = 1 << 16
 # Reads this large keep /proc/PID/mem at memory bandwidth; one buffer per thread is reused,
 # because first touches of fresh memory are slow.
 BLOCK = 8 << 20
@@ -74,7 +80,7 @@ class Mapping:
 
 @dataclass(slots=True)
 class Region:
-    """A region in the page file: `size` bytes of memory at `start` are at file `offset`."""
+    """A region of the page space: `size` bytes of memory at `start` are at its `offset`."""
 
     start: int
     size: int
@@ -94,18 +100,48 @@ class Region:
         }
 
 
+def segment_name(index: int) -> str:
+    return f"pages-{index:04d}.img"
+
+
+def segment_count(pages_size: int, segment_size: int) -> int:
+    """How many segment files a page space has; an empty one still has one (empty) file."""
+    return max(1, -(-pages_size // segment_size))
+
+
+def segment_names(pages_size: int, segment_size: int) -> list[str]:
+    return [segment_name(i) for i in range(segment_count(pages_size, segment_size))]
+
+
 @dataclass(frozen=True, slots=True)
 class Dump:
     """A dump directory's table, as read back."""
 
     directory: Path
     pages_size: int
+    segment_size: int
     regions: tuple[Region, ...]
     meta: dict[str, Any]
 
     @property
-    def pages_path(self) -> Path:
-        return self.directory / PAGES_FILE
+    def pages_paths(self) -> list[Path]:
+        """The segment files, in order: one after another they are the page space."""
+        return [self.directory / n for n in segment_names(self.pages_size, self.segment_size)]
+
+    def read(self, offset: int, size: int) -> bytes:
+        """`size` bytes of the page space at `offset`, across segment files."""
+        out = bytearray()
+        while size > 0:
+            index, pos = divmod(offset, self.segment_size)
+            n = min(size, self.segment_size - pos)
+            with (self.directory / segment_name(index)).open("rb") as f:
+                f.seek(pos)
+                got = f.read(n)
+            if len(got) != n:
+                raise SnapstoreError(f"{segment_name(index)} is shorter than its table says")
+            out += got
+            offset, size = offset + n, size - n
+        return bytes(out)
 
 
 @dataclass(slots=True)
@@ -156,7 +192,7 @@ def skip_reason(m: Mapping) -> str | None:
 
 
 def plan(maps: list[Mapping]) -> tuple[list[Region], list[dict[str, Any]]]:
-    """The regions to dump at consecutive page file offsets, and the mappings left out."""
+    """The regions to dump at consecutive page space offsets, and the mappings left out."""
     regions: list[Region] = []
     skipped: list[dict[str, Any]] = []
     offset = 0
@@ -179,27 +215,37 @@ class _Block:
     region: Region
     start: int  # memory address
     size: int
-    offset: int  # page file offset
+    offset: int  # page space offset
 
 
-def _blocks(regions: list[Region]) -> Iterator[_Block]:
+def _blocks(regions: list[Region], segment_size: int) -> list[_Block]:
+    """The regions in blocks of at most BLOCK bytes, none across a segment boundary, ordered
+    round robin over the segments (the first block of each segment, then the second...), so
+    threads taking them in order write to different files."""
+    out = []
     for r in regions:
-        for pos in range(0, r.size, BLOCK):
-            n = min(BLOCK, r.size - pos)
-            yield _Block(r, r.start + pos, n, r.offset + pos)
+        pos = 0
+        while pos < r.size:
+            offset = r.offset + pos
+            n = min(BLOCK, r.size - pos, segment_size - offset % segment_size)
+            out.append(_Block(r, r.start + pos, n, offset))
+            pos += n
+    out.sort(key=lambda b: (b.offset % segment_size, b.offset // segment_size))
+    return out
 
 
 class _Reader:
-    """Copies blocks from a stopped process into the page file, leaving zero pages as holes."""
+    """Copies blocks from a stopped process into the segment files, zero pages left as holes."""
 
-    def __init__(self, pid: int, out_fd: int) -> None:
+    def __init__(self, pid: int, out_fds: list[int], segment_size: int) -> None:
         self.pid = pid
         self.mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
         try:
             self.pagemap: int | None = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self.pagemap = None
-        self.out = out_fd
+        self.out = out_fds
+        self.segment_size = segment_size
         self.local = threading.local()
 
     def close(self) -> None:
@@ -242,9 +288,10 @@ class _Reader:
         edges = np.flatnonzero(np.diff(nonzero.astype(np.int8), prepend=0, append=0))
         written = 0
         mv = memoryview(view)  # type: ignore[arg-type]
+        index, pos = divmod(b.offset, self.segment_size)
         for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
             a, z = lo * PAGE, hi * PAGE
-            _pwrite_all(self.out, mv[a:z], b.offset + a)
+            _pwrite_all(self.out[index], mv[a:z], pos + a)
             written += z - a
         return written, unreadable
 
@@ -277,12 +324,18 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def write_pages(pid: int, regions: list[Region], path: Path, threads: int) -> int:
-    """Write the regions' memory to a new sparse page file; returns the data bytes written."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def write_pages(
+    pid: int, regions: list[Region], outdir: Path, threads: int, segment_size: int = SEGMENT
+) -> int:
+    """Write the regions' memory to new sparse segment files; returns the data bytes written."""
+    total = sum(r.size for r in regions)
+    fds: list[int] = []
     try:
-        os.ftruncate(fd, sum(r.size for r in regions))
-        reader = _Reader(pid, fd)
+        for i, name in enumerate(segment_names(total, segment_size)):
+            fds.append(os.open(outdir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                               0o600))
+            os.ftruncate(fds[-1], min(segment_size, total - i * segment_size))
+        reader = _Reader(pid, fds, segment_size)
         try:
             lock = threading.Lock()
 
@@ -294,11 +347,12 @@ def write_pages(pid: int, regions: list[Region], path: Path, threads: int) -> in
 
             with ThreadPoolExecutor(threads, thread_name_prefix="gpu-dump") as pool:
                 # list() re-raises the first worker error here.
-                list(pool.map(work, _blocks(regions)))
+                list(pool.map(work, _blocks(regions, segment_size)))
         finally:
             reader.close()
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
     return sum(r.data_bytes for r in regions)
 
 
@@ -377,6 +431,7 @@ def dump_process(
     api: CheckpointApi | None = None,
     threads: int | None = None,
     lock_timeout_ms: int = 10_000,
+    segment_size: int = SEGMENT,
     log: Callable[[str], None] = lambda _: None,
 ) -> DumpResult:
     """Dump process `pid` into the new directory `outdir`, then leave it as `after` says.
@@ -385,6 +440,8 @@ def dump_process(
     killed without a complete dump) and `outdir` is removed.
     """
     check_pid(pid)
+    if segment_size <= 0 or segment_size % PAGE:
+        raise UsageError(f"the segment size must be a positive multiple of {PAGE} bytes")
     _create_outdir(outdir)
     threads = threads or min(16, os.cpu_count() or 2)
     api = api or open_api()
@@ -423,16 +480,21 @@ def dump_process(
         seconds["stop"] = time.perf_counter() - t
         t = time.perf_counter()
         regions, skipped = plan(read_maps(pid))
-        data = write_pages(pid, regions, outdir / PAGES_FILE, threads)
+        if segment_count(sum(r.size for r in regions), segment_size) > MAX_SEGMENTS:
+            raise UsageError(f"{segment_size} byte segments would make more than "
+                             f"{MAX_SEGMENTS} files; choose larger ones")
+        data = write_pages(pid, regions, outdir, threads, segment_size)
         seconds["write"] = time.perf_counter() - t
         if not Path(f"/proc/{pid}").exists():
             raise SnapstoreError(f"process {pid} exited during the dump")
         driver = api.describe() if cuda else None
+        pages_size = sum(r.size for r in regions)
         meta: dict[str, Any] = {
             "format": FORMAT, "version": VERSION, "page_size": PAGE,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "pid": pid, "comm": _comm(pid), "pages_file": PAGES_FILE,
-            "pages_size": sum(r.size for r in regions), "data_bytes": data,
+            "pid": pid, "comm": _comm(pid), "pages_size": pages_size,
+            "segment_size": segment_size, "pages_files": segment_names(pages_size, segment_size),
+            "data_bytes": data,
             "cuda": driver.to_json() if driver else None, "note": note,
             "regions": [r.to_json() for r in regions], "skipped": skipped,
         }
@@ -450,9 +512,9 @@ def dump_process(
         if checkpointed or stopped:
             with contextlib.suppress(SnapstoreError):
                 _resume(api, pid, checkpointed, seconds)
-        for name in (PAGES_FILE, TABLE_FILE):
+        for path in [outdir / TABLE_FILE, *outdir.glob("pages-*.img")]:
             with contextlib.suppress(FileNotFoundError):
-                (outdir / name).unlink()
+                path.unlink()
         with contextlib.suppress(OSError):
             outdir.rmdir()
         raise
@@ -488,16 +550,41 @@ def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
 # -- reading a dump back --------------------------------------------------------------------
 
 
-def read_dump(directory: Path) -> Dump:
-    """A dump directory's table, checked: regions tile the page file in order, page aligned."""
+def load_table(path: Path) -> dict[str, Any]:
+    """A dump table's JSON, checked for its format and version only."""
     try:
-        doc = json.loads((directory / TABLE_FILE).read_text())
+        doc = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SnapstoreError(f"{directory} holds no {TABLE_FILE}; is it a gpu-dump?") from None
+        raise SnapstoreError(f"{path.parent} holds no {path.name}; is it a gpu-dump?") from None
     except (OSError, ValueError) as err:
-        raise SnapstoreError(f"cannot read {directory / TABLE_FILE}: {err}") from None
+        raise SnapstoreError(f"cannot read {path}: {err}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise SnapstoreError(f"{directory / TABLE_FILE} is not a {FORMAT} version {VERSION}")
+        raise SnapstoreError(f"{path} is not a {FORMAT} version {VERSION}")
+    return doc
+
+
+def segment_files(doc: dict[str, Any], where: Path) -> list[str]:
+    """The table's segment file names, which must be exactly those its sizes call for (so a
+    table cannot name a path outside its directory)."""
+    try:
+        pages_size = int(doc["pages_size"])
+        segment_size = int(doc["segment_size"])
+        if pages_size < 0 or segment_size <= 0 or segment_size % PAGE:
+            raise ValueError(f"segment_size {segment_size} is not a positive multiple of {PAGE}")
+        if segment_count(pages_size, segment_size) > MAX_SEGMENTS:
+            raise ValueError(f"more than {MAX_SEGMENTS} segment files")
+        names = segment_names(pages_size, segment_size)
+        if doc["pages_files"] != names:
+            raise ValueError(f"pages_files must be {names[0]} to {names[-1]}")
+    except (KeyError, TypeError, ValueError) as err:
+        raise SnapstoreError(f"bad segment list in {where}: {err}") from None
+    return names
+
+
+def read_dump(directory: Path) -> Dump:
+    """A dump directory's table, checked: regions tile the page space in order, page aligned,
+    and the segment files are the ones the sizes call for, each of its size."""
+    doc = load_table(directory / TABLE_FILE)
     if doc.get("page_size") != PAGE:
         raise SnapstoreError(f"dump page size {doc.get('page_size')} differs from this "
                              f"system's {PAGE}")
@@ -514,14 +601,17 @@ def read_dump(directory: Path) -> Dump:
         pages_size = int(doc["pages_size"])
     except (KeyError, TypeError, ValueError) as err:
         raise SnapstoreError(f"bad region table in {directory / TABLE_FILE}: {err}") from None
+    names = segment_files(doc, directory / TABLE_FILE)
+    segment_size = int(doc["segment_size"])
     if pages_size != offset:
         raise SnapstoreError(f"{directory / TABLE_FILE}: regions cover {offset} bytes, "
                              f"pages_size says {pages_size}")
-    try:
-        actual = (directory / PAGES_FILE).stat().st_size
-    except FileNotFoundError:
-        raise SnapstoreError(f"{directory} holds no {PAGES_FILE}") from None
-    if actual != pages_size:
-        raise SnapstoreError(f"{directory / PAGES_FILE} is {actual} bytes, the table says "
-                             f"{pages_size}")
-    return Dump(directory, pages_size, tuple(regions), doc)
+    for i, name in enumerate(names):
+        want = min(segment_size, pages_size - i * segment_size)
+        try:
+            actual = (directory / name).stat().st_size
+        except FileNotFoundError:
+            raise SnapstoreError(f"{directory} holds no {name}") from None
+        if actual != want:
+            raise SnapstoreError(f"{directory / name} is {actual} bytes, the table says {want}")
+    return Dump(directory, pages_size, segment_size, tuple(regions), doc)

@@ -1,19 +1,21 @@
 """Loading a GPU dump back: fill a fresh process's memory from it through the uffd loader.
 
-The dump's page file (materialised from the store when the dump is a snapshot) is the native
-loader's image; every data page is on its hot list, so the loader prefetches them all while
-the client (snapstore.uffd.client) maps the dump's regions, touches every data page and then
-checks each byte against the page file.
+The dump's segment files (materialised from the store when the dump is a snapshot), one
+after another, are the native loader's image; every data page is on its hot list, so the
+loader prefetches them all while the client (snapstore.uffd.client) maps the dump's regions,
+touches every data page and then checks each byte against the page space.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from snapstore.errors import SnapstoreError
-from snapstore.gpu.dump import PAGE, PAGES_FILE, TABLE_FILE, Dump, read_dump
+from snapstore.gpu.dump import PAGE, TABLE_FILE, Dump, load_table, read_dump, segment_files
 from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
 from snapstore.uffd import loader
@@ -45,55 +47,84 @@ class LoadResult:
 
 
 def materialize(store: LocalStore, m: Manifest, dest: Path, workers: int | None = None) -> Dump:
-    """Write a dump snapshot's page file and table into the new directory `dest`.
+    """Write a dump snapshot's table and segment files into the new directory `dest`.
 
-    Unlike `snapstore export`, the chunks of one file are written by all workers at once
-    (pwrite at their offsets), so the page file appears at the pool's decompression rate.
+    Unlike `snapstore export`, all workers write at once, each chunk with a pwrite at its
+    offset, taking the segment files round robin so that they write to different files.
     """
     files = {e.path: e for e in m.files()}
-    if PAGES_FILE not in files or TABLE_FILE not in files:
-        raise SnapstoreError(f"the snapshot holds no {PAGES_FILE} and {TABLE_FILE}; "
-                             "is it a gpu-dump?")
+    if TABLE_FILE not in files:
+        raise SnapstoreError(f"the snapshot holds no {TABLE_FILE}; is it a gpu-dump?")
     try:
         dest.mkdir()
     except OSError as err:
         raise SnapstoreError(f"cannot create {dest}: {err.strerror}") from None
     workers = workers or min(16, os.cpu_count() or 2)
     with ThreadPoolExecutor(workers, thread_name_prefix="gpu-load") as pool:
-        for name in (TABLE_FILE, PAGES_FILE):
-            _write_file(store, files[name], dest / name, pool, workers * _INFLIGHT_PER_WORKER)
+        depth = workers * _INFLIGHT_PER_WORKER
+        _write_files(store, [(files[TABLE_FILE], dest / TABLE_FILE)], pool, depth)
+        names = segment_files(load_table(dest / TABLE_FILE), dest / TABLE_FILE)
+        missing = [n for n in names if n not in files]
+        if missing:
+            raise SnapstoreError(f"the snapshot lacks {missing[0]}, which its {TABLE_FILE} "
+                                 "lists")
+        _write_files(store, [(files[n], dest / n) for n in names], pool, depth)
     return read_dump(dest)
 
 
-def _write_file(
-    store: LocalStore, e: Entry, path: Path, pool: ThreadPoolExecutor, depth: int
+def _write_files(
+    store: LocalStore, files: list[tuple[Entry, Path]], pool: ThreadPoolExecutor, depth: int
 ) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fds: list[int] = []
     try:
-        os.ftruncate(fd, e.size)
+        for e, path in files:
+            fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+            os.ftruncate(fds[-1], e.size)
 
-        def put(cid: Any, size: int, offset: int) -> None:
+        def put(fd: int, cid: Any, size: int, offset: int) -> None:
             data = memoryview(store.get_chunk(cid, size))
             while data:
                 n = os.pwrite(fd, data, offset)
                 data, offset = data[n:], offset + n
 
         pending: deque[Future[None]] = deque()
-        offset = 0
-        for x in e.extents:
-            if x.chunk is not None:
-                pending.append(pool.submit(put, x.chunk, x.size, offset))
-                # Bounded in flight: memory stays a few chunks per worker.
-                while len(pending) >= depth:
-                    pending.popleft().result()
-            offset += x.size
+        for fd, cid, size, offset in _round_robin(
+                [_chunk_writes(fd, e) for fd, (e, _) in zip(fds, files, strict=True)]):
+            pending.append(pool.submit(put, fd, cid, size, offset))
+            # Bounded in flight: memory stays a few chunks per worker.
+            while len(pending) >= depth:
+                pending.popleft().result()
         while pending:
             pending.popleft().result()
     finally:
-        os.close(fd)
+        for fd in fds:
+            os.close(fd)
 
 
-def data_pages(path: Path) -> np.ndarray[Any, np.dtype[np.int64]]:
+def _chunk_writes(fd: int, e: Entry) -> Iterator[tuple[int, Any, int, int]]:
+    """(fd, chunk, size, offset) of each stored extent of a file; holes stay holes."""
+    offset = 0
+    for x in e.extents:
+        if x.chunk is not None:
+            yield fd, x.chunk, x.size, offset
+        offset += x.size
+
+
+def _round_robin(
+    streams: list[Iterator[tuple[int, Any, int, int]]],
+) -> Iterator[tuple[int, Any, int, int]]:
+    for group in itertools.zip_longest(*streams):
+        yield from (item for item in group if item is not None)
+
+
+def data_pages(dump: Dump) -> np.ndarray[Any, np.dtype[np.int64]]:
+    """Page space indices of the pages that are not holes, in order."""
+    per_segment = dump.segment_size // PAGE
+    runs = [_file_data_pages(path) + i * per_segment for i, path in enumerate(dump.pages_paths)]
+    return np.concatenate(runs)
+
+
+def _file_data_pages(path: Path) -> np.ndarray[Any, np.dtype[np.int64]]:
     """Indices of the pages of a sparse file that are not holes, in file order."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -114,8 +145,8 @@ def data_pages(path: Path) -> np.ndarray[Any, np.dtype[np.int64]]:
 
 
 def mappings(dump: Dump, limit: int = MAX_MAPPINGS) -> list[tuple[int, int]]:
-    """(page file offset, size) of the client's mappings: one per region, or neighbours
-    merged (they are adjacent in the page file) when there are more regions than `limit`."""
+    """(page space offset, size) of the client's mappings: one per region, or neighbours
+    merged (they are adjacent in the page space) when there are more regions than `limit`."""
     group = -(-len(dump.regions) // limit) if dump.regions else 1
     out = []
     for i in range(0, len(dump.regions), group):
@@ -134,14 +165,14 @@ def load(dump: Dump, workdir: Path, verify: bool = True, buffered: bool = True) 
     The restoring process is a child (`python -m snapstore.gpu.load`), because the loader
     kills its client when it fails rather than leave it hanging. The time runs from the
     handshake until every data page has been touched (installed); the byte check against the
-    page file comes after it and is not timed.
+    page space comes after it and is not timed.
     """
-    hot = data_pages(dump.pages_path)
+    hot = data_pages(dump)
     write_hot_list(hot, workdir / "hot.txt")
     sock = workdir / "loader.sock"
     stats_path = workdir / "loader-stats.json"
     log_path = workdir / "loader.log"
-    opts = loader.LoaderOptions(image=dump.pages_path, socket=sock, hot=workdir / "hot.txt",
+    opts = loader.LoaderOptions(image=dump.pages_paths, socket=sock, hot=workdir / "hot.txt",
                                 stats_json=stats_path, buffered=buffered)
     with log_path.open("wb") as log:
         proc = loader.start(opts, stderr=log)
@@ -169,7 +200,7 @@ def load(dump: Dump, workdir: Path, verify: bool = True, buffered: bool = True) 
 def run_client(dump: Dump, sock: Path, verify: bool) -> dict[str, Any]:
     """The restoring process's side of `load`: map, touch every data page, check."""
     layout = mappings(dump)
-    hot = data_pages(dump.pages_path)
+    hot = data_pages(dump)
     client = Client(sock, layout)
     try:
         t = time.perf_counter()
@@ -186,7 +217,7 @@ def run_client(dump: Dump, sock: Path, verify: bool) -> dict[str, Any]:
 def _touch(
     client: Client, layout: list[tuple[int, int]], hot: np.ndarray[Any, np.dtype[np.int64]]
 ) -> None:
-    """Read one byte of every data page, in page file order, as the restored process would."""
+    """Read one byte of every data page, in page space order, as the restored process would."""
     offsets = hot * PAGE
     for (base, size), region in zip(layout, client.regions, strict=True):
         inside = offsets[(offsets >= base) & (offsets < base + size)] - base
@@ -199,32 +230,30 @@ def _touch(
 
 
 def _verify(client: Client, dump: Dump) -> None:
-    with dump.pages_path.open("rb") as f:
-        for region in client.regions:
-            mem = np.frombuffer(region.mm, dtype=np.uint8)
-            try:
-                for pos in range(0, region.size, _VERIFY_SLICE):
-                    n = min(_VERIFY_SLICE, region.size - pos)
-                    f.seek(region.offset + pos)
-                    want = np.frombuffer(f.read(n), dtype=np.uint8)
-                    if not np.array_equal(mem[pos : pos + n], want):
-                        bad = int(np.flatnonzero(mem[pos : pos + n] != want)[0])
-                        raise SnapstoreError(
-                            f"loaded memory differs from the dump at page file offset "
-                            f"{region.offset + pos + bad}")
-            finally:
-                del mem
+    for region in client.regions:
+        mem = np.frombuffer(region.mm, dtype=np.uint8)
+        try:
+            for pos in range(0, region.size, _VERIFY_SLICE):
+                n = min(_VERIFY_SLICE, region.size - pos)
+                want = np.frombuffer(dump.read(region.offset + pos, n), dtype=np.uint8)
+                if not np.array_equal(mem[pos : pos + n], want):
+                    bad = int(np.flatnonzero(mem[pos : pos + n] != want)[0])
+                    raise SnapstoreError(
+                        f"loaded memory differs from the dump at page space offset "
+                        f"{region.offset + pos + bad}")
+        finally:
+            del mem
 
 
 def serve(dump: Dump, workdir: Path, socket: Path, buffered: bool = True) -> int:
     """Run the loader in the foreground for an outside client; returns its exit status.
 
-    The client maps the table's regions (anywhere) and sends their page file offsets in the
+    The client maps the table's regions (anywhere) and sends their page space offsets in the
     handshake; every data page is prefetched.
     """
     hot = workdir / "hot.txt"
-    write_hot_list(data_pages(dump.pages_path), hot)
-    return loader.run(loader.LoaderOptions(image=dump.pages_path, socket=socket, hot=hot,
+    write_hot_list(data_pages(dump), hot)
+    return loader.run(loader.LoaderOptions(image=dump.pages_paths, socket=socket, hot=hot,
                                            buffered=buffered))
 
 

@@ -17,7 +17,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         description="Listen on a Unix socket for Firecracker's uffd handshake and serve every "
         "missing page from the image; exits 0 when the client goes away.",
     )
-    p.add_argument("--image", type=Path, required=True, help="raw memory image")
+    p.add_argument("--image", type=Path, action="append", required=True,
+                   help="raw memory image; given more than once, the files one after another "
+                   "are the image")
     _loader_options(p)
     p.set_defaults(func=run_loader)
 
@@ -74,7 +76,7 @@ def run_loader(args: argparse.Namespace) -> int:
     return _run(args, args.image)
 
 
-def _run(args: argparse.Namespace, image: Path) -> int:
+def _run(args: argparse.Namespace, image: Path | list[Path]) -> int:
     opts = LoaderOptions(
         image=image,
         socket=args.socket,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ def binary_path() -> Path:
 
 @dataclass(frozen=True)
 class LoaderOptions:
-    image: Path
+    # One file, or files that one after another are the image (a GPU dump's segments).
+    image: Path | Sequence[Path]
     socket: Path
     hot: Path | None = None
     record: Path | None = None
@@ -39,7 +41,11 @@ class LoaderOptions:
 
 
 def build_argv(opts: LoaderOptions) -> list[str]:
-    argv = [str(binary_path()), "--image", str(opts.image), "--socket", str(opts.socket)]
+    images = [opts.image] if isinstance(opts.image, Path) else list(opts.image)
+    argv = [str(binary_path())]
+    for image in images:
+        argv += ["--image", str(image)]
+    argv += ["--socket", str(opts.socket)]
     for flag, path in (("--hot", opts.hot), ("--record", opts.record)):
         if path is not None:
             argv += [flag, str(path)]
