@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from snapstore import codec
 from snapstore.catalog import store_stats
-from snapstore.errors import NotFoundError, SnapstoreError, UsageError
+from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.gc import gc
+from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 from snapstore.verify import verify
@@ -278,3 +281,25 @@ def test_ingest_under_a_low_descriptor_limit(tmp_path: Path) -> None:
     store = LocalStore.open(root)
     assert sum(1 for _ in store.iter_chunks()) >= 64
     assert verify(store, store.tags()).problems == []
+
+
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
+def test_get_chunk_refuses_a_stored_object_cut_short_or_grown(store: LocalStore,
+                                                              compressible: bool) -> None:
+    data = bytes(200_000) + b"x" if compressible else random.Random(5).randbytes(200_000)
+    cid = ChunkId.of(data)
+    obj = codec.encode(data)
+    assert obj[0] == (codec.ZSTD if compressible else codec.RAW)
+    store.put_chunk(cid, obj)
+    assert store.get_chunk(cid, len(data)) == data
+    path = store.chunk_path(cid)
+    path.write_bytes(obj[: len(obj) // 2])
+    with pytest.raises(CorruptError):
+        store.get_chunk(cid, len(data))
+    if not compressible:  # a zstd frame ends itself: bytes after it are not read as data
+        path.write_bytes(obj + b"\0")
+        with pytest.raises(CorruptError):
+            store.get_chunk(cid, len(data))
+    path.unlink()
+    with pytest.raises(NotFoundError):
+        store.get_chunk(cid, len(data))
