@@ -166,11 +166,11 @@ class LocalStore:
         """The chunk's raw bytes, hash-checked; CorruptError or NotFoundError otherwise.
 
         The object is read with one `read` of at most size + 2 bytes: a valid object is at
-        most size + 1 (a raw chunk and its tag), so a longer file fails its check. Fewer
-        system calls than `read_bytes` (open, fstat, two reads, close) matter on the mount's
-        read path, where every call hands the GIL to another thread: a cold read through
-        the mount makes a fifth fewer thread switches (benchmarks/RESULTS.md). A short read
-        (which a local file gives only to a dying process) fails the check too.
+        most size + 1 (a raw chunk and its tag), and the one byte more shows a raw object
+        that grew. Three system calls where `read_bytes` makes nine; that matters on the
+        mount's read path, where every call hands the GIL to another thread: a cold read
+        through the mount makes a fifth fewer thread switches (benchmarks/RESULTS.md). A
+        short read (which a local file gives only to a dying process) fails the check.
         """
         try:
             fd = os.open(self.chunk_path(cid), os.O_RDONLY | os.O_CLOEXEC)
