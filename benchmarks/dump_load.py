@@ -1,14 +1,14 @@
-"""Benchmark of loading a memory dump back through the uffd loader, by where the page file is.
+"""Benchmark of loading a memory dump back through the uffd loader, by where its pages are.
 
 A CPU process holds a memory-like image (40% zero, 30% random, 30% one repeated page) in
 anonymous memory; it is dumped with `gpu-dump`'s code (no CUDA here) and ingested. Then the
 dump is loaded into a fresh process (snapstore.gpu.load: handshake until every data page is
 installed, every byte checked afterwards), with the page cache dropped before each load:
 
-- from the dump directory (a local sparse file, O_DIRECT prefetch);
-- from the store: materialise the page file, then load it (end to end, and the load alone,
-  which reads the page file just written, from the page cache);
-- from a FUSE mount of the snapshot (`snapstore mount`): the loader reads the page file
+- from the dump directory (local sparse segment files, O_DIRECT prefetch);
+- from the store: materialise the segment files, then load them (end to end, and the load
+  alone, which reads the files just written, from the page cache);
+- from a FUSE mount of the snapshot (`snapstore mount`): the loader reads the segment files
   through the mount, so chunks are loaded, decompressed and checked as the prefetch asks.
 
 The GPU machine has no libfuse, so this runs where the mount does. Run as root:

@@ -1,1 +1,1 @@
-"""GPU dumps: a CUDA process's memory as a page file and region table, and loading it back."""
+"""GPU dumps: a CUDA process's memory as segment files and a region table, and loading it back."""

@@ -58,11 +58,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--socket", type=Path,
                    help="serve an outside client on this Unix socket (runs until it leaves)")
     p.add_argument("--workdir", type=Path,
-                   help="where the page file is materialised (default: a temporary directory, "
+                   help="where the dump is materialised (default: a temporary directory, "
                    "removed afterwards)")
     p.add_argument("--no-verify", action="store_true", help="skip the byte check")
     p.add_argument("--direct-io", action="store_true",
-                   help="let the loader read with O_DIRECT (the page file is not cached)")
+                   help="let the loader read with O_DIRECT (the segment files are not cached)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_gpu_load)
 
