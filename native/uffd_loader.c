@@ -36,6 +36,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -228,8 +229,21 @@ static int open_aio_fd(struct loader *l, struct image *img)
 	return 0;
 }
 
+/* Two descriptors per image file (buffered and O_DIRECT): a dump of many segment files may
+ * need more than the usual soft limit of 1024, so take what the hard limit allows. */
+static void raise_fd_limit(void)
+{
+	struct rlimit rl;
+
+	if (!getrlimit(RLIMIT_NOFILE, &rl) && rl.rlim_cur < rl.rlim_max) {
+		rl.rlim_cur = rl.rlim_max;
+		setrlimit(RLIMIT_NOFILE, &rl);
+	}
+}
+
 static int open_image(struct loader *l)
 {
+	raise_fd_limit();
 	for (size_t i = 0; i < l->nimages; i++) {
 		struct image *img = &l->images[i];
 		struct stat sb;

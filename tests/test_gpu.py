@@ -336,6 +336,24 @@ def test_read_dump_rejects_a_bad_segment_list(child: Child, tmp_path: Path,
         read_dump(tmp_path / "d")
 
 
+def test_segment_writers_raise_the_open_file_limit() -> None:
+    # In a child: the limits are the process's own.
+    src = ("import resource\n"
+           "from snapstore.errors import SnapstoreError\n"
+           "from snapstore.gpu.dump import allow_open_files\n"
+           "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 4096))\n"
+           "allow_open_files(1000)\n"
+           "print(resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= 1000)\n"
+           "try:\n"
+           "    allow_open_files(5000)\n"
+           "except SnapstoreError as e:\n"
+           "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out[0] == "True"
+    assert "more than the limit of 4096; use larger segments" in out[1]
+
+
 def test_read_dump_rejects_missing_or_short_segments(child: Child, tmp_path: Path) -> None:
     dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda(),
                  segment_size=SMALL_SEGMENT)

@@ -9,6 +9,7 @@ import json
 import mmap
 import os
 import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -280,6 +281,25 @@ def test_image_in_several_files(tmp_path: Path, image: Image, memfd: bool) -> No
         client.touch(shuffled_pages(seed=7))
         assert_all_pages(client, image)
     assert stats[0]["prefetch_pages"] > 0 and stats[0]["demand_faults"] > 0
+
+
+def test_many_image_files_under_a_low_open_file_limit(tmp_path: Path, image: Image) -> None:
+    # 300 files of 4 pages, opened twice each, under a soft limit of 64: the loader raises it.
+    parts = []
+    for i in range(300):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(image.data[i * 4 * PAGE_SIZE : (i + 1) * 4 * PAGE_SIZE])
+    size = 1200 * PAGE_SIZE
+    sock = tmp_path / "loader.sock"
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    opts = loader.LoaderOptions(image=parts, socket=sock,
+                                hot=write_list(tmp_path / "hot", list(range(0, 1200, 2))))
+    proc = loader.start(opts, stderr=subprocess.PIPE,
+                        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
+    with Client(sock, [(0, size)]) as client:
+        assert client.read(0, size) == image.data[:size]
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err.decode()
 
 
 @contextmanager

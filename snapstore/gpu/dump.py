@@ -15,6 +15,7 @@ import enum
 import json
 import mmap
 import os
+import resource
 import signal
 import threading
 import time
@@ -39,7 +40,8 @@ PAGE = mmap.PAGESIZE
 # into one file and 16 GB/s into 16 (benchmarks/RESULTS.md), so the page space is cut in files
 # of this size and the threads spread over them.
 SEGMENT = 256 << 20
-MAX_SEGMENTS = 1 << 16
+# Bounded by what a command line holds: the loader takes each file as an argument.
+MAX_SEGMENTS = 4096
 # Reads this large keep /proc/PID/mem at memory bandwidth; one buffer per thread is reused,
 # because first touches of fresh memory are slow.
 BLOCK = 8 << 20
@@ -111,6 +113,19 @@ def segment_count(pages_size: int, segment_size: int) -> int:
 
 def segment_names(pages_size: int, segment_size: int) -> list[str]:
     return [segment_name(i) for i in range(segment_count(pages_size, segment_size))]
+
+
+def allow_open_files(count: int) -> None:
+    """Raise the soft limit on open files so that `count` more fit (writers keep every
+    segment file open), up to the hard limit; past it, say so."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = len(os.listdir("/proc/self/fd")) + count + 16
+    if want <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and want > hard:
+        raise SnapstoreError(f"{count} segment files need {want} open files, more than the "
+                             f"limit of {hard}; use larger segments")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,9 +344,11 @@ def write_pages(
 ) -> int:
     """Write the regions' memory to new sparse segment files; returns the data bytes written."""
     total = sum(r.size for r in regions)
+    names = segment_names(total, segment_size)
+    allow_open_files(len(names))
     fds: list[int] = []
     try:
-        for i, name in enumerate(segment_names(total, segment_size)):
+        for i, name in enumerate(names):
             fds.append(os.open(outdir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                0o600))
             os.ftruncate(fds[-1], min(segment_size, total - i * segment_size))

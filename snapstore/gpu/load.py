@@ -24,7 +24,15 @@ from typing import Any
 import numpy as np
 
 from snapstore.errors import SnapstoreError
-from snapstore.gpu.dump import PAGE, TABLE_FILE, Dump, load_table, read_dump, segment_files
+from snapstore.gpu.dump import (
+    PAGE,
+    TABLE_FILE,
+    Dump,
+    allow_open_files,
+    load_table,
+    read_dump,
+    segment_files,
+)
 from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
 from snapstore.uffd import loader
@@ -75,6 +83,7 @@ def materialize(store: LocalStore, m: Manifest, dest: Path, workers: int | None 
 def _write_files(
     store: LocalStore, files: list[tuple[Entry, Path]], pool: ThreadPoolExecutor, depth: int
 ) -> None:
+    allow_open_files(len(files))
     fds: list[int] = []
     try:
         for e, path in files:
