@@ -435,10 +435,12 @@ def test_real_cuda_process_round_trip(tmp_path: Path) -> None:
     if isinstance(api, cuda.NoCuda):
         pytest.skip(f"needs a GPU and cuda.bindings: {api.reason}")
     pytest.importorskip("torch")
+    _need_loader()
+    # Integers, so that the GPU's sum is exact (a float32 sum of these rounds).
     src = ("import sys, torch\n"
-           "x = torch.arange(1 << 24, device='cuda', dtype=torch.float32)\n"
+           "x = torch.arange(1 << 24, device='cuda', dtype=torch.int64)\n"
            "torch.cuda.synchronize(); print('ready', flush=True)\n"
-           "for line in sys.stdin: print(float(x.sum()), flush=True)\n")
+           "for line in sys.stdin: print(int(x.sum()), flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", src], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdin is not None and proc.stdout is not None
@@ -449,7 +451,10 @@ def test_real_cuda_process_round_trip(tmp_path: Path) -> None:
         time.sleep(0.1)
         proc.stdin.write("sum\n")
         proc.stdin.flush()
-        assert float(proc.stdout.readline()) == float(sum(range(1 << 24)))
+        assert int(proc.stdout.readline()) == sum(range(1 << 24))
     finally:
         proc.kill()
         proc.communicate()
+    work = tmp_path / "w"
+    work.mkdir()
+    assert load(read_dump(tmp_path / "d"), work).verified
