@@ -115,6 +115,11 @@ def segment_names(pages_size: int, segment_size: int) -> list[str]:
     return [segment_name(i) for i in range(segment_count(pages_size, segment_size))]
 
 
+def segment_bytes(index: int, pages_size: int, segment_size: int) -> int:
+    """The size of segment file `index`: `segment_size`, the last one less."""
+    return min(segment_size, pages_size - index * segment_size)
+
+
 def allow_open_files(count: int) -> None:
     """Raise the soft limit on open files so that `count` more fit (writers keep every
     segment file open), up to the hard limit; past it, say so."""
@@ -351,7 +356,7 @@ def write_pages(
         for i, name in enumerate(names):
             fds.append(os.open(outdir / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
                                0o600))
-            os.ftruncate(fds[-1], min(segment_size, total - i * segment_size))
+            os.ftruncate(fds[-1], segment_bytes(i, total, segment_size))
         reader = _Reader(pid, fds, segment_size)
         try:
             lock = threading.Lock()
@@ -497,7 +502,8 @@ def dump_process(
         seconds["stop"] = time.perf_counter() - t
         t = time.perf_counter()
         regions, skipped = plan(read_maps(pid))
-        if segment_count(sum(r.size for r in regions), segment_size) > MAX_SEGMENTS:
+        pages_size = sum(r.size for r in regions)
+        if segment_count(pages_size, segment_size) > MAX_SEGMENTS:
             raise UsageError(f"{segment_size} byte segments would make more than "
                              f"{MAX_SEGMENTS} files; choose larger ones")
         data = write_pages(pid, regions, outdir, threads, segment_size)
@@ -505,7 +511,6 @@ def dump_process(
         if not Path(f"/proc/{pid}").exists():
             raise SnapstoreError(f"process {pid} exited during the dump")
         driver = api.describe() if cuda else None
-        pages_size = sum(r.size for r in regions)
         meta: dict[str, Any] = {
             "format": FORMAT, "version": VERSION, "page_size": PAGE,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -624,7 +629,7 @@ def read_dump(directory: Path) -> Dump:
         raise SnapstoreError(f"{directory / TABLE_FILE}: regions cover {offset} bytes, "
                              f"pages_size says {pages_size}")
     for i, name in enumerate(names):
-        want = min(segment_size, pages_size - i * segment_size)
+        want = segment_bytes(i, pages_size, segment_size)
         try:
             actual = (directory / name).stat().st_size
         except FileNotFoundError:
