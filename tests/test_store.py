@@ -238,14 +238,20 @@ def test_disk_full_is_clean(tiny_fs: Path, tmp_path: Path) -> None:
     assert verify(store, store.tags()).problems == []
 
 
-def test_sigkill_during_ingest_then_gc_and_verify(tmp_path: Path) -> None:
+def random_source(tmp_path: Path, mib: int) -> Path:
+    """A directory holding one file of `mib` MiB of random bytes (incompressible chunks)."""
     src = tmp_path / "src"
     src.mkdir()
+    with (src / "big").open("wb") as f:
+        for _ in range(mib // 4):
+            f.write(os.urandom(4 << 20))
+    return src
+
+
+def test_sigkill_during_ingest_then_gc_and_verify(tmp_path: Path) -> None:
     # Chunks become visible a batch (64 MiB) at a time, so the kill lands with most of the
     # 512 MiB still to go even when the poll below runs late on a loaded machine.
-    with (src / "big").open("wb") as f:
-        for _ in range(128):
-            f.write(os.urandom(4 << 20))
+    src = random_source(tmp_path, 512)
     root = tmp_path / "store"
     store = LocalStore.open(root)
     proc = subprocess.Popen(
@@ -267,11 +273,7 @@ def test_sigkill_during_ingest_then_gc_and_verify(tmp_path: Path) -> None:
 def test_ingest_under_a_low_descriptor_limit(tmp_path: Path) -> None:
     """A batch keeps its chunks open until they are linked; under `ulimit -n 64` batches
     must shrink, or an ingest of ~96 chunks runs out of descriptors."""
-    src = tmp_path / "src"
-    src.mkdir()
-    with (src / "big").open("wb") as f:
-        for _ in range(24):
-            f.write(os.urandom(4 << 20))
+    src = random_source(tmp_path, 96)
     root = tmp_path / "store"
     cmd = [sys.executable, "-m", "snapstore", "--store", str(root), "ingest", str(src),
            "--tag", "big"]
