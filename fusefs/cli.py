@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from rich.filesize import decimal as human
 
-from snapstore.cli_common import parse_size
+from snapstore.cli_common import parse_size, positive_int
 from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.remote.cli import add_remote_mount_options, remote_mount
@@ -26,7 +26,9 @@ if TYPE_CHECKING:
     from fusefs.mount import MountOptions
     from snapstore.manifest import Manifest
 
-LOAD_THREADS = 8
+# Measured on the 2-vCPU machine (docs/mount.md): 4 loaders read a cold snapshot faster
+# than 2 (too little disk queue) and than 8 (more processes than cores to share).
+LOAD_PROCESSES = 4
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -48,6 +50,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="serve in this process until unmounted or interrupted")
     sp.add_argument("--cache-mem", type=parse_size, default=512 << 20, metavar="BYTES",
                     help="memory for decompressed chunks (default 512M)")
+    sp.add_argument("--load-processes", type=positive_int, default=LOAD_PROCESSES,
+                    metavar="N", help="processes that load chunks of a local snapshot "
+                                      f"(default {LOAD_PROCESSES})")
     sp.add_argument("--metrics", type=parse_address, metavar="HOST:PORT",
                     help="serve Prometheus text metrics on this address")
     add_remote_mount_options(sp)
@@ -112,7 +117,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
             if remote is not None:
                 trio.run(serve_remote, store, remote, mountpoint, options, on_ready)
             else:
-                trio.run(_serve_local, store, m, mountpoint, options, on_ready)
+                trio.run(_serve_local, store, m, mountpoint, options, args.load_processes,
+                         on_ready)
         finally:
             state = read_state(paths)
             if state and state.get("pid") == os.getpid():
@@ -131,18 +137,13 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 async def _serve_local(
     store: LocalStore, m: Manifest, mountpoint: Path, options: MountOptions,
-    ready: Callable[[], None],
+    processes: int, ready: Callable[[], None],
 ) -> None:
-    import trio
-
     from fusefs.mount import serve
-    from snapstore.store.base import LocalChunkReader
+    from snapstore.store.loader import ProcessChunkReader
 
-    # A load is a file read, then decompression and hashing, all with the GIL released.
-    # Cold, the file read dominates (profiled: docs/mount.md), and the disk wants a queue
-    # depth of 8 or more, so threads outnumber cores.
-    reader = LocalChunkReader(store, trio.CapacityLimiter(LOAD_THREADS))
-    await serve(m, mountpoint, reader, options, ready)
+    async with ProcessChunkReader(store, processes) as reader:
+        await serve(m, mountpoint, reader, options, ready)
 
 
 def _warm_order(store: LocalStore, mid: ChunkId, m: Manifest) -> tuple[tuple[ChunkId, int], ...]:

@@ -24,7 +24,7 @@ from fusefs.inodes import Node
 from snapstore.errors import CorruptError, SnapstoreError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.manifest import Manifest
-from snapstore.store.base import ChunkReader
+from snapstore.store.base import Chunk, ChunkReader
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Load:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.data: bytes | None = None
+        self.data: Chunk | None = None
         self.error: ChunkError | None = None
 
 
@@ -98,7 +98,7 @@ class ChunkCache:
         self._reader = reader
         self._capacity = capacity
         self._stats = stats
-        self._lru: OrderedDict[ChunkId, bytes] = OrderedDict()
+        self._lru: OrderedDict[ChunkId, Chunk] = OrderedDict()
         self._bytes = 0
         self._loading: dict[ChunkId, _Load] = {}
         self._seen: set[ChunkId] = set()
@@ -115,7 +115,7 @@ class ChunkCache:
         """Cached or being loaded: asking for it now would start no new load."""
         return cid in self._lru or cid in self._loading
 
-    async def get(self, cid: ChunkId, size: int, counted: bool = True) -> bytes:
+    async def get(self, cid: ChunkId, size: int, counted: bool = True) -> Chunk:
         self.record(cid)
         data = self._lru.get(cid)
         if data is not None:
@@ -138,7 +138,7 @@ class ChunkCache:
                 return load.data
             # The loading task was cancelled before it finished: load it ourselves.
 
-    async def _load(self, cid: ChunkId, size: int) -> bytes:
+    async def _load(self, cid: ChunkId, size: int) -> Chunk:
         load = _Load()
         self._loading[cid] = load
         started = time.perf_counter()
@@ -185,7 +185,7 @@ class ChunkCache:
         finally:
             gate.release()
 
-    def _insert(self, cid: ChunkId, data: bytes) -> None:
+    def _insert(self, cid: ChunkId, data: Chunk) -> None:
         if len(data) > self._capacity:
             return
         self._lru[cid] = data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -316,13 +317,21 @@ def test_runsc_restores_from_the_mount(store: LocalStore, tmp_path: Path) -> Non
 LOAD_SECONDS = float(os.environ.get("SNAPSTORE_LOAD_SECONDS", "60"))
 
 
-def daemon_usage(pid: int) -> tuple[int, int]:
-    """Resident bytes and open file descriptors of a process."""
+def daemon_usage(pid: int) -> tuple[int, int, int]:
+    """Resident bytes, open file descriptors other than cached chunks' memfds, and
+    those memfds (each cached chunk's mapping holds one) of a process."""
     rss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             rss = int(line.split()[1]) * 1024
-    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+    fds = chunks = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:snapstore-chunk"):
+                chunks += 1
+            else:
+                fds += 1
+    return rss, fds, chunks
 
 
 @pytest.mark.slow
@@ -359,10 +368,11 @@ def test_64_readers_sustained_with_bounded_memory_and_fds(
             time.sleep(0.5)
         total = sum(f.result() for f in futures)
     assert total >= 64
-    rss, fds = max(p[0] for p in peaks), max(p[1] for p in peaks)
-    # 8 MiB of cache and a few chunks in flight per load thread, over the interpreter's own.
+    rss, fds, chunks = (max(p[i] for p in peaks) for i in range(3))
+    # 8 MiB of cache and a chunk in flight per loader, over the interpreter's own.
     assert rss < peaks[0][0] + (200 << 20), f"daemon grew to {rss >> 20} MiB"
     assert fds < peaks[0][1] + 32, f"daemon held {fds} descriptors"
+    assert chunks <= (8 << 20) // PARAMS.min_size + 4, f"daemon held {chunks} chunk memfds"
     assert is_mounted(m.path)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -23,7 +24,8 @@ from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Manifest
-from snapstore.store.base import LocalChunkReader
+from snapstore.store.base import Chunk, ChunkReader
+from snapstore.store.loader import ProcessChunkReader
 from snapstore.store.local import LocalStore
 from tests.conftest import memory_like
 from tests.test_statefile import make_statefile
@@ -36,13 +38,13 @@ CTX = pyfuse3.RequestContext()
 class CountingReader:
     """A ChunkReader that counts loads per chunk and can hold them until released."""
 
-    def __init__(self, inner: LocalChunkReader) -> None:
+    def __init__(self, inner: ChunkReader) -> None:
         self.inner = inner
         self.loads: dict[ChunkId, int] = {}
         self.gate = trio.Event()
         self.gate.set()
 
-    async def read_chunk(self, cid: ChunkId, size: int) -> bytes:
+    async def read_chunk(self, cid: ChunkId, size: int) -> Chunk:
         self.loads[cid] = self.loads.get(cid, 0) + 1
         await self.gate.wait()
         return await self.inner.read_chunk(cid, size)
@@ -53,13 +55,13 @@ class Fs:
 
     def __init__(
         self, store: LocalStore, m: Manifest, src: Path, nursery: trio.Nursery,
-        cache_bytes: int = 64 << 20,
+        loader: ChunkReader, cache_bytes: int = 64 << 20,
     ) -> None:
         self.store = store
         self.manifest = m
         self.src = src
         self.stats = MountStats()
-        self.reader = CountingReader(LocalChunkReader(store, trio.CapacityLimiter(2)))
+        self.reader = CountingReader(loader)
         self.cache = ChunkCache(self.reader, cache_bytes, self.stats)
         self.table = InodeTable(m)
         self.ops = SnapshotOps(
@@ -79,12 +81,21 @@ class Fs:
         return [x.chunk for x in entry.extents if x.chunk is not None]
 
 
+@contextlib.asynccontextmanager
+async def open_fs(
+    store: LocalStore, m: Manifest, src: Path, cache_bytes: int = 64 << 20
+) -> AsyncIterator[Fs]:
+    """An Fs over real loader processes, with a nursery for its prefetches."""
+    async with ProcessChunkReader(store, 2) as loader, trio.open_nursery() as nursery:
+        yield Fs(store, m, src, nursery, loader, cache_bytes)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.fixture
 async def fs(store: LocalStore, image_dir: Path) -> AsyncIterator[Fs]:
     r = ingest(store, image_dir, "t", params=PARAMS)
-    async with trio.open_nursery() as nursery:
-        yield Fs(store, store.get_manifest(r.snapshot), image_dir, nursery)
-        nursery.cancel_scope.cancel()
+    async with open_fs(store, store.get_manifest(r.snapshot), image_dir) as fs:
+        yield fs
 
 
 async def test_lookup_and_getattr_match_the_source(fs: Fs) -> None:
@@ -276,14 +287,12 @@ async def test_32_concurrent_random_readers_get_the_right_bytes(fs: Fs) -> None:
 
 async def test_the_cache_stays_within_its_byte_bound(store: LocalStore, image_dir: Path) -> None:
     r = ingest(store, image_dir, "t", params=PARAMS)
-    async with trio.open_nursery() as nursery:
-        fs = Fs(store, store.get_manifest(r.snapshot), image_dir, nursery, cache_bytes=300_000)
+    async with open_fs(store, store.get_manifest(r.snapshot), image_dir, 300_000) as fs:
         fh = await fs.open("checkpoint.img")
         size = (fs.src / "checkpoint.img").stat().st_size
         for off in range(0, size, 128 << 10):
             await fs.ops.read(fh, off, 128 << 10)
             assert fs.stats.cache_bytes <= 300_000
-        nursery.cancel_scope.cancel()
 
 
 async def test_sequential_reads_prefetch_and_record_the_access_order(fs: Fs) -> None:
@@ -311,7 +320,7 @@ async def test_a_cancelled_load_does_not_strand_its_waiters(fs: Fs) -> None:
     size = fs.manifest.chunk_sizes()[cid]
     fs.reader.gate = trio.Event()
     loader_scope = trio.CancelScope()
-    got: list[bytes] = []
+    got: list[Chunk] = []
 
     async def loader() -> None:
         with loader_scope:
@@ -351,8 +360,7 @@ async def test_a_transcoded_statefile_reads_as_its_presented_form(
     assert m.entries[0].form == "transcoded"
     export(store, m, tmp_path / "exported")
     want = (tmp_path / "exported" / "checkpoint.img").read_bytes()
-    async with trio.open_nursery() as nursery:
-        fs = Fs(store, m, src, nursery)
+    async with open_fs(store, m, src) as fs:
         assert (await fs.ops.getattr(await fs.inode("checkpoint.img"), CTX)).st_size == len(want)
         fh = await fs.open("checkpoint.img")
         got = bytearray()
@@ -363,7 +371,6 @@ async def test_a_transcoded_statefile_reads_as_its_presented_form(
         for _ in range(200):
             off, size = rng.randrange(len(want)), rng.choice([1, 7, 4096, 70_000, 1 << 20])
             assert bytes(await fs.ops.read(fh, off, size)) == want[off:off + size], (off, size)
-        nursery.cancel_scope.cancel()
 
 
 async def test_warming_loads_ahead_within_capacity_without_recording(
@@ -373,8 +380,7 @@ async def test_warming_loads_ahead_within_capacity_without_recording(
     order = prefetch_order(m, [])
     sizes = [size for _, size in order]
     capacity = sum(sizes) // 2
-    async with trio.open_nursery() as nursery:
-        fs = Fs(store, m, image_dir, nursery, cache_bytes=capacity)
+    async with open_fs(store, m, image_dir, capacity) as fs:
         await fs.cache.warm(order)
         fitting = 0
         while fitting < len(sizes) and sum(sizes[: fitting + 1]) <= capacity:
@@ -391,4 +397,3 @@ async def test_warming_loads_ahead_within_capacity_without_recording(
         want = (image_dir / "checkpoint.img").read_bytes()
         assert await fs.ops.read(fh, at, 4096) == want[at : at + 4096]
         assert fs.stats.cache_hits == 1 and fs.cache.access_order == [x.chunk]
-        nursery.cancel_scope.cancel()

@@ -1,0 +1,305 @@
+"""Chunk loads in loader processes, handed back as sealed memfds (docs/mount.md).
+
+A mount's trio thread also writes every reply to the kernel. Loads in threads of its own
+process, even though decompression and hashing release the GIL, cost it a GIL hand-off at
+every step of every load. So each load runs in a loader process instead: it reads the
+chunk object, decompresses it and checks its hash (`LocalStore.get_chunk`, the same code
+as everywhere), writes the raw bytes into a fresh memfd, seals it against any change and
+passes the descriptor back over a Unix socket. The mount maps it read-only; the mapping
+is the cached chunk, and its memory goes away with the last view of it.
+
+Protocol, one SOCK_SEQPACKET socket per loader, one request at a time:
+- once started, the loader sends a reply with sequence number 0 and status OK;
+- request: sequence number (u64), chunk id (32 bytes), size (u64), little endian;
+- reply: the request's sequence number (u64) and a status byte; OK carries the memfd as
+  SCM_RIGHTS, the others a UTF-8 message. A reply whose sequence number is not the one
+  awaited answers a request whose caller was cancelled, and is dropped.
+A loader exits when its socket closes. A loader that dies fails the load in flight, and
+the next load starts a new one.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import logging
+import mmap
+import os
+import resource
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import trio
+
+from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
+from snapstore.ids import ChunkId
+from snapstore.store.base import Chunk
+from snapstore.store.local import LocalStore
+
+log = logging.getLogger(__name__)
+
+_REQUEST = struct.Struct("<Q32sQ")
+_REPLY = struct.Struct("<QB")
+OK, NOT_FOUND, CORRUPT, FAILED = range(4)
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+_MAX_MESSAGE = 4096
+_START_SECONDS = 60
+# Descriptors kept free for everything else the mount opens (each mapping holds one).
+_FD_RESERVE = 256
+
+
+class LoaderError(SnapstoreError):
+    """A loader process failed: it died, or answered outside the protocol."""
+
+
+def serve_loads(sock: socket.socket, store: LocalStore) -> None:
+    """A loader's loop: answer requests on `sock` until it closes."""
+    sock.send(_REPLY.pack(0, OK))
+    while req := sock.recv(_REQUEST.size):
+        seq, digest, size = _REQUEST.unpack(req)
+        cid = ChunkId(digest)
+        try:
+            raw = store.get_chunk(cid, size)
+        except NotFoundError as e:
+            sock.send(_REPLY.pack(seq, NOT_FOUND) + str(e).encode())
+        except CorruptError as e:
+            sock.send(_REPLY.pack(seq, CORRUPT) + str(e).encode())
+        except OSError as e:
+            sock.send(_REPLY.pack(seq, FAILED) + f"chunk {cid}: {e}".encode())
+        else:
+            fd = sealed_memfd(raw)
+            try:
+                socket.send_fds(sock, [_REPLY.pack(seq, OK)], [fd])
+            finally:
+                os.close(fd)
+
+
+def sealed_memfd(data: bytes) -> int:
+    """A memfd holding `data`, sealed: no one can write, grow or shrink it any more."""
+    fd = os.memfd_create("snapstore-chunk", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _Mapper:
+    """Maps memfds read-only, at most `budget` mappings alive at once (each keeps a
+    descriptor open); past that, their bytes are read into memory instead."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+
+    def map(self, fd: int, size: int) -> Chunk:
+        # Sealed, or whoever holds the memfd could change or shrink it under the mapping.
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS != _SEALS:
+            raise LoaderError("a loader returned an unsealed chunk")
+        if os.fstat(fd).st_size != size:
+            raise LoaderError(f"a loader returned {os.fstat(fd).st_size} bytes, expected {size}")
+        if self.budget <= 0:
+            return os.pread(fd, size, 0)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
+        self.budget -= 1
+        weakref.finalize(mm, self._unmapped)
+        return mm
+
+    def _unmapped(self) -> None:
+        self.budget += 1
+
+
+def _mapping_budget() -> int:
+    """Raise the soft open-file limit to the hard one and leave `_FD_RESERVE` of it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return min(soft, 1 << 20) - len(os.listdir("/proc/self/fd")) - _FD_RESERVE
+
+
+class _Loader:
+    """One loader process and the mount's end of its socket."""
+
+    def __init__(self, store_root: Path) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The child imports snapstore from where this process did, installed or not.
+        env = dict(os.environ)
+        top = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, (top, env.get("PYTHONPATH"))))
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "snapstore.store.loader", str(theirs.fileno()),
+                 str(store_root)],
+                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = trio.socket.from_stdlib_socket(ours)
+        self.seq = 0
+        self.dead = False
+
+    async def started(self) -> None:
+        """Wait for the loader's first reply: it runs and has opened the store."""
+        with trio.move_on_after(_START_SECONDS):
+            if await self.sock.recv(_REPLY.size) == _REPLY.pack(0, OK):
+                return
+        self.dead = True
+        raise LoaderError(f"a loader process did not start ({self.status()}); "
+                          f"its error is in the mount's log")
+
+    async def load(self, cid: ChunkId, size: int, mapper: _Mapper) -> Chunk:
+        self.seq += 1
+        seq = self.seq
+        try:
+            await self.sock.send(_REQUEST.pack(seq, cid.digest, size))
+        except ConnectionError:
+            raise self._died(cid) from None
+        while True:
+            try:
+                msg, anc, flags, _ = await self.sock.recvmsg(
+                    _REPLY.size + _MAX_MESSAGE, socket.CMSG_SPACE(4))
+            except ConnectionError:
+                raise self._died(cid) from None
+            fds = _fds(anc)
+            try:
+                if not msg:
+                    raise self._died(cid)
+                if len(msg) < _REPLY.size or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                    raise LoaderError(f"a malformed reply from the loader of chunk {cid}")
+                rseq, status = _REPLY.unpack_from(msg)
+                if rseq != seq:
+                    continue
+                text = msg[_REPLY.size:].decode(errors="replace")
+                if status == OK and len(fds) == 1:
+                    return mapper.map(fds[0], size)
+                if status == NOT_FOUND:
+                    raise NotFoundError(text)
+                if status == CORRUPT:
+                    raise CorruptError(text)
+                raise LoaderError(text or f"the loader of chunk {cid} sent no chunk")
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+    def _died(self, cid: ChunkId) -> LoaderError:
+        self.dead = True
+        return LoaderError(f"the loader process of chunk {cid} died ({self.status()})")
+
+    def status(self) -> str:
+        """How the loader ended. Called once it failed: its socket may close a moment
+        before its exit status is there, so this waits a little for it."""
+        try:
+            code = self.proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            return "running"
+        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+    def close(self) -> None:
+        """Close the socket, which ends the loader, and reap it."""
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return list(fds)
+
+
+class ProcessChunkReader:
+    """A ChunkReader over a local store whose loads run in `processes` loader processes.
+
+    Use it as an async context manager: entering starts them and waits until each has
+    opened the store (LoaderError if one cannot), leaving stops them. `max_mapped` bounds
+    the chunks held as mappings at once (default: what the open-file limit allows).
+    """
+
+    def __init__(self, store: LocalStore, processes: int, max_mapped: int | None = None) -> None:
+        if processes < 1:
+            raise ValueError("need at least one loader process")
+        self.store = store
+        self._processes = processes
+        self._max_mapped = max_mapped
+        self._mapper = _Mapper(0)
+        self._idle_send, self._idle = trio.open_memory_channel[_Loader](processes)
+        self._started: list[_Loader] = []
+
+    async def __aenter__(self) -> ProcessChunkReader:
+        self._mapper.budget = (_mapping_budget() if self._max_mapped is None
+                               else self._max_mapped)
+        try:
+            loaders = [self._spawn() for _ in range(self._processes)]
+            for loader in loaders:
+                await loader.started()
+                self._idle_send.send_nowait(loader)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        for loader in self._started:
+            loader.close()
+        self._started.clear()
+
+    @property
+    def pids(self) -> list[int]:
+        return [loader.proc.pid for loader in self._started]
+
+    async def read_chunk(self, cid: ChunkId, size: int) -> Chunk:
+        if size == 0:
+            return b""
+        loader = await self._idle.receive()
+        try:
+            if loader.dead or loader.proc.poll() is not None:
+                loader = self._replace(loader)
+                await loader.started()
+            return await loader.load(cid, size, self._mapper)
+        finally:
+            self._idle_send.send_nowait(loader)
+
+    def _spawn(self) -> _Loader:
+        loader = _Loader(self.store.root)
+        self._started.append(loader)
+        return loader
+
+    def _replace(self, dead: _Loader) -> _Loader:
+        log.warning("loader process %d ended (%s); starting another", dead.proc.pid,
+                    dead.status())
+        dead.close()
+        self._started.remove(dead)
+        return self._spawn()
+
+
+def main(argv: list[str]) -> None:
+    # The mount handles SIGINT (a terminal's ^C reaches the whole group) and stops its
+    # loaders by closing their sockets.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    serve_loads(sock, LocalStore.open(Path(argv[1]), create=False))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
