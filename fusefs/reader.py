@@ -163,7 +163,7 @@ class ChunkCache:
 
     async def warm(self, order: Sequence[tuple[ChunkId, int]], parallel: int = 2) -> None:
         """Load chunks in `order` before anyone reads them, as many as the cache holds,
-        `parallel` at a time so that demand reads keep most of the load threads. Warm
+        `parallel` at a time so that demand reads keep most of the loaders. Warm
         loads are not accesses: the recorded order stays the readers'."""
         budget = self._capacity
         gate = trio.Semaphore(parallel)
