@@ -17,7 +17,8 @@ import trio
 from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
-from snapstore.store.loader import LoaderError, ProcessChunkReader, _Mapper, sealed_memfd
+from snapstore.store.load_worker import sealed_memfd
+from snapstore.store.loader import LoaderError, ProcessChunkReader, _Mapper
 from snapstore.store.local import LocalStore
 from tests.test_fuse_ops import PARAMS
 
@@ -129,24 +130,32 @@ async def test_a_loader_that_cannot_start_fails_the_start(tmp_path: Path) -> Non
 
 
 def test_loaders_exit_when_the_mount_process_dies(store: LocalStore, image_dir: Path) -> None:
-    chunks(store, image_dir)
+    sizes = chunks(store, image_dir)
     script = (
         "import sys, trio\n"
         "from pathlib import Path\n"
+        "from snapstore.ids import ChunkId\n"
         "from snapstore.store.local import LocalStore\n"
         "from snapstore.store.loader import ProcessChunkReader\n"
         "async def main():\n"
         "    async with ProcessChunkReader(LocalStore.open(Path(sys.argv[1])), 2) as r:\n"
+        "        async with trio.open_nursery() as n:\n"
+        "            for arg in sys.argv[2:]:\n"
+        "                cid, size = arg.split(':')\n"
+        "                n.start_soon(r.read_chunk, ChunkId.parse(cid), int(size))\n"
         "        print(*r.pids, flush=True)\n"
         "        await trio.sleep_forever()\n"
         "trio.run(main)\n"
     )
-    with subprocess.Popen([sys.executable, "-c", script, str(store.root)],
+    args = [f"{cid.hex}:{size}" for cid, size in list(sizes.items())[:4]]
+    with subprocess.Popen([sys.executable, "-c", script, str(store.root), *args],
                           stdout=subprocess.PIPE, text=True) as parent:
-        assert parent.stdout is not None
-        pids = [int(p) for p in parent.stdout.readline().split()]
-        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
-        parent.kill()
+        try:
+            assert parent.stdout is not None
+            pids = [int(p) for p in parent.stdout.readline().split()]
+        finally:
+            parent.kill()
+    assert len(pids) == 2
     deadline = time.monotonic() + 30
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -1,0 +1,73 @@
+"""A loader process of a mount: it answers chunk requests with sealed memfds.
+
+The mount's side, and the protocol, are in `snapstore.store.loader`. This module imports
+only what a load needs, so that a mount's loaders start quickly.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+import struct
+import sys
+from pathlib import Path
+
+from snapstore.errors import CorruptError, NotFoundError
+from snapstore.ids import ChunkId
+from snapstore.store.local import LocalStore
+
+# The protocol (docs in snapstore.store.loader).
+REQUEST = struct.Struct("<Q32sQ")
+REPLY = struct.Struct("<QB")
+OK, NOT_FOUND, CORRUPT, FAILED = range(4)
+SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+def serve_loads(sock: socket.socket, store: LocalStore) -> None:
+    """A loader's loop: answer requests on `sock` until it closes."""
+    sock.send(REPLY.pack(0, OK))
+    while req := sock.recv(REQUEST.size):
+        seq, digest, size = REQUEST.unpack(req)
+        cid = ChunkId(digest)
+        try:
+            raw = store.get_chunk(cid, size)
+        except NotFoundError as e:
+            sock.send(REPLY.pack(seq, NOT_FOUND) + str(e).encode())
+        except CorruptError as e:
+            sock.send(REPLY.pack(seq, CORRUPT) + str(e).encode())
+        except OSError as e:
+            sock.send(REPLY.pack(seq, FAILED) + f"chunk {cid}: {e}".encode())
+        else:
+            fd = sealed_memfd(raw)
+            try:
+                socket.send_fds(sock, [REPLY.pack(seq, OK)], [fd])
+            finally:
+                os.close(fd)
+
+
+def sealed_memfd(data: bytes) -> int:
+    """A memfd holding `data`, sealed: no one can write, grow or shrink it any more."""
+    fd = os.memfd_create("snapstore-chunk", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def main(argv: list[str]) -> None:
+    # The mount handles SIGINT (a terminal's ^C reaches the whole group) and stops its
+    # loaders by closing their sockets.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    serve_loads(sock, LocalStore.open(Path(argv[1]), create=False))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
