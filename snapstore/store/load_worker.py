@@ -6,6 +6,7 @@ only what a load needs, so that a mount's loaders start quickly.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -66,7 +67,9 @@ def main(argv: list[str]) -> None:
     # loaders by closing their sockets.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))
-    serve_loads(sock, LocalStore.open(Path(argv[1]), create=False))
+    # The mount closes the socket when it stops, also while a load is being answered.
+    with contextlib.suppress(ConnectionError):
+        serve_loads(sock, LocalStore.open(Path(argv[1]), create=False))
 
 
 if __name__ == "__main__":

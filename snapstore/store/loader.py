@@ -22,6 +22,7 @@ the next load starts a new one.
 from __future__ import annotations
 
 import array
+import contextlib
 import fcntl
 import logging
 import mmap
@@ -114,7 +115,7 @@ class _Loader:
 
     async def started(self) -> None:
         """Wait for the loader's first reply: it runs and has opened the store."""
-        with trio.move_on_after(_START_SECONDS):
+        with trio.move_on_after(_START_SECONDS), contextlib.suppress(ConnectionError):
             if await self.sock.recv(REPLY.size) == REPLY.pack(0, OK):
                 self.ready = True
                 return
