@@ -1,7 +1,9 @@
-"""A loader process of a mount: it answers chunk requests with sealed memfds.
+"""Loader processes of a mount: they answer chunk requests with sealed memfds.
 
-The mount's side, and the protocol, are in `snapstore.store.loader`. This module imports
-only what a load needs, so that a mount's loaders start quickly.
+The mount's side, and the protocol, are in `snapstore.store.loader`. One process is
+started with the sockets of all the loaders the mount wants; it imports only what a load
+needs and opens the store, then forks a loader for each further socket, so that those
+cost a fork each rather than a Python start.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from snapstore.store.local import LocalStore
 # The protocol (docs in snapstore.store.loader).
 REQUEST = struct.Struct("<Q32sQ")
 REPLY = struct.Struct("<QB")
+PID = struct.Struct("<I")
 OK, NOT_FOUND, CORRUPT, FAILED = range(4)
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
 def serve_loads(sock: socket.socket, store: LocalStore) -> None:
-    """A loader's loop: answer requests on `sock` until it closes."""
-    sock.send(REPLY.pack(0, OK))
+    """A loader's loop: say it started (with its pid), then answer requests on `sock`
+    until it closes."""
+    sock.send(REPLY.pack(0, OK) + PID.pack(os.getpid()))
     while req := sock.recv(REQUEST.size):
         seq, digest, size = REQUEST.unpack(req)
         cid = ChunkId(digest)
@@ -63,13 +67,26 @@ def sealed_memfd(data: bytes) -> int:
 
 
 def main(argv: list[str]) -> None:
+    """`load_worker FD[,FD...] STORE`: serve the first socket here, fork for the rest."""
     # The mount handles SIGINT (a terminal's ^C reaches the whole group) and stops its
     # loaders by closing their sockets.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(fileno=int(argv[0]))
+    fds = [int(fd) for fd in argv[0].split(",")]
+    store = LocalStore.open(Path(argv[1]), create=False)
+    # The forked loaders are this process's children: let the kernel reap them.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    mine = fds[0]
+    for fd in fds[1:]:
+        if os.fork() == 0:
+            mine = fd
+            break
+    for fd in fds:
+        if fd != mine:
+            os.close(fd)
+    sock = socket.socket(fileno=mine)
     # The mount closes the socket when it stops, also while a load is being answered.
     with contextlib.suppress(ConnectionError):
-        serve_loads(sock, LocalStore.open(Path(argv[1]), create=False))
+        serve_loads(sock, store)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ Protocol, one SOCK_SEQPACKET socket per loader, one request at a time:
   SCM_RIGHTS, the others a UTF-8 message. A reply whose sequence number is not the one
   awaited answers a request whose caller was cancelled, and is dropped.
 A loader exits when its socket closes. A loader that dies fails the load in flight, and
-the next load starts a new one.
+the next load given its place starts a new one.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import logging
 import mmap
 import os
 import resource
+import select
+import signal
 import socket
 import subprocess
 import sys
@@ -39,13 +41,14 @@ import trio
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.store.base import Chunk
-from snapstore.store.load_worker import CORRUPT, NOT_FOUND, OK, REPLY, REQUEST, SEALS
+from snapstore.store.load_worker import CORRUPT, NOT_FOUND, OK, PID, REPLY, REQUEST, SEALS
 from snapstore.store.local import LocalStore
 
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 4096
 _START_SECONDS = 60
+_STOP_SECONDS = 5
 # Descriptors kept free for everything else the mount opens (each mapping holds one).
 _FD_RESERVE = 256
 
@@ -90,38 +93,61 @@ def _mapping_budget() -> int:
 
 
 class _Loader:
-    """One loader process and the mount's end of its socket."""
+    """One loader process and the mount's end of its socket. `proc` is set for a loader
+    this process started (and must reap), not for one its first loader forked."""
 
-    def __init__(self, store_root: Path) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes] | None) -> None:
+        self.sock = trio.socket.from_stdlib_socket(sock)
+        self.proc = proc
+        self.pid = proc.pid if proc is not None else 0
+        self.pidfd: int | None = None
+        self.seq = 0
+        self.ready = False
+        self.dead = False
+
+    @classmethod
+    def spawn(cls, store_root: Path, count: int) -> list[_Loader]:
+        """Start `count` loaders: one process, which forks the others once it has
+        imported what they need and opened the store."""
+        pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(count)]
+        theirs = [t.fileno() for _, t in pairs]
         # The child imports snapstore from where this process did, installed or not.
         env = dict(os.environ)
         top = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (top, env.get("PYTHONPATH"))))
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "snapstore.store.load_worker", str(theirs.fileno()),
-                 str(store_root)],
-                pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "snapstore.store.load_worker",
+                 ",".join(map(str, theirs)), str(store_root)],
+                pass_fds=theirs, env=env, stdin=subprocess.DEVNULL)
         except BaseException:
-            ours.close()
+            for ours, _ in pairs:
+                ours.close()
             raise
         finally:
-            theirs.close()
-        self.sock = trio.socket.from_stdlib_socket(ours)
-        self.seq = 0
-        self.ready = False
-        self.dead = False
+            for _, t in pairs:
+                t.close()
+        return [cls(ours, proc if i == 0 else None) for i, (ours, _) in enumerate(pairs)]
 
     async def started(self) -> None:
-        """Wait for the loader's first reply: it runs and has opened the store."""
+        """Wait for the loader's first reply: it runs, has opened the store, and says
+        its pid (held as a pidfd from then on, so it is never confused with another)."""
         with trio.move_on_after(_START_SECONDS), contextlib.suppress(ConnectionError):
-            if await self.sock.recv(REPLY.size) == REPLY.pack(0, OK):
-                self.ready = True
-                return
+            msg = await self.sock.recv(REPLY.size + PID.size)
+            if msg[:REPLY.size] == REPLY.pack(0, OK) and len(msg) == REPLY.size + PID.size:
+                (self.pid,) = PID.unpack_from(msg, REPLY.size)
+                with contextlib.suppress(ProcessLookupError):
+                    self.pidfd = os.pidfd_open(self.pid)
+                    self.ready = True
+                    return
         self.dead = True
-        raise LoaderError(f"a loader process did not start ({self.status()}); "
+        raise LoaderError(f"a loader process did not start{self.status()}; "
                           f"its error is in the mount's log")
+
+    def exited(self) -> bool:
+        if self.pidfd is None:
+            return False
+        return bool(select.select([self.pidfd], [], [], 0)[0])
 
     async def load(self, cid: ChunkId, size: int, mapper: _Mapper) -> Chunk:
         self.seq += 1
@@ -159,25 +185,36 @@ class _Loader:
 
     def _died(self, cid: ChunkId) -> LoaderError:
         self.dead = True
-        return LoaderError(f"the loader process of chunk {cid} died ({self.status()})")
+        return LoaderError(f"the loader process of chunk {cid} died{self.status()}")
 
     def status(self) -> str:
-        """How the loader ended. Called once it failed: its socket may close a moment
-        before its exit status is there, so this waits a little for it."""
+        """How the loader ended, as " (...)", if it is this process's child (a forked
+        loader's exit status goes to its parent). Called once it failed: its socket may
+        close a moment before its exit status is there, so this waits a little for it."""
+        if self.proc is None:
+            return f" (pid {self.pid})" if self.pid else ""
         try:
             code = self.proc.wait(timeout=1)
         except subprocess.TimeoutExpired:
-            return "running"
-        return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            return " (running)"
+        return f" (killed by signal {-code})" if code < 0 else f" (exit status {code})"
 
     def close(self) -> None:
-        """Close the socket, which ends the loader, and reap it."""
+        """Close the socket, which ends the loader; wait a little for it to end, then
+        kill it, and reap it if it is this process's child."""
         self.sock.close()
-        try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.pidfd is not None:
+            if not select.select([self.pidfd], [], [], _STOP_SECONDS)[0]:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            os.close(self.pidfd)
+            self.pidfd = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=_STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
@@ -191,11 +228,11 @@ def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
 class ProcessChunkReader:
     """A ChunkReader over a local store whose loads run in `processes` loader processes.
 
-    Use it as an async context manager: entering starts the loaders and waits until the
-    first has opened the store (LoaderError if it cannot); leaving stops them all. The
-    others finish starting meanwhile (a Python start each, about 70 ms of CPU), and a load
-    given one that has not yet waits for it. `max_mapped` bounds the chunks held as
-    mappings at once (default: what the open-file limit allows).
+    Use it as an async context manager: entering starts the loaders (one process that
+    forks the others) and waits until the first has opened the store (LoaderError if it
+    cannot); leaving stops them all. A load given a loader that has not started yet waits
+    for it. `max_mapped` bounds the chunks held as mappings at once (default: what the
+    open-file limit allows).
     """
 
     def __init__(self, store: LocalStore, processes: int, max_mapped: int | None = None) -> None:
@@ -213,10 +250,10 @@ class ProcessChunkReader:
         self._mapper.budget = (_mapping_budget() if self._max_mapped is None
                                else self._max_mapped)
         try:
-            first = self._spawn()
-            await first.started()
-            # Last in the list, so the first load takes the loader that is ready.
-            self._idle = [self._spawn() for _ in range(self._processes - 1)] + [first]
+            loaders = self._spawn(self._processes)
+            await loaders[0].started()
+            # The first last, so that the first load takes the loader that is ready.
+            self._idle = loaders[::-1]
         except BaseException:
             self._close()
             raise
@@ -232,7 +269,8 @@ class ProcessChunkReader:
 
     @property
     def pids(self) -> list[int]:
-        return [loader.proc.pid for loader in self._started]
+        """The loaders' pids, of those that have started."""
+        return [loader.pid for loader in self._started if loader.ready]
 
     async def read_chunk(self, cid: ChunkId, size: int) -> Chunk:
         if size == 0:
@@ -241,7 +279,7 @@ class ProcessChunkReader:
         async with self._slots:
             loader = self._idle.pop()
             try:
-                if loader.dead or loader.proc.poll() is not None:
+                if loader.dead or loader.exited():
                     loader = self._replace(loader)
                 if not loader.ready:
                     await loader.started()
@@ -249,14 +287,13 @@ class ProcessChunkReader:
             finally:
                 self._idle.append(loader)
 
-    def _spawn(self) -> _Loader:
-        loader = _Loader(self.store.root)
-        self._started.append(loader)
-        return loader
+    def _spawn(self, count: int) -> list[_Loader]:
+        loaders = _Loader.spawn(self.store.root, count)
+        self._started.extend(loaders)
+        return loaders
 
     def _replace(self, dead: _Loader) -> _Loader:
-        log.warning("loader process %d ended (%s); starting another", dead.proc.pid,
-                    dead.status())
+        log.warning("a loader process ended%s; starting another", dead.status())
         dead.close()
         self._started.remove(dead)
-        return self._spawn()
+        return self._spawn(1)[0]
