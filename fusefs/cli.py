@@ -27,8 +27,8 @@ if TYPE_CHECKING:
     from snapstore.manifest import Manifest
 
 # Measured on the 2-vCPU machine (docs/mount.md): a cold read ran faster with 8 loaders
-# than with 4 in three batches of four, and 12 gained nothing more. A loader blocks on its
-# chunk file's read, so loaders outnumber cores; each costs about 17 MB (PSS).
+# than with 4 in three batches of four, and 12 or 16 gained nothing more. A loader blocks
+# on its chunk file's read, so loaders outnumber cores; a forked one costs 2.3 MB (PSS).
 LOAD_PROCESSES = 8
 
 

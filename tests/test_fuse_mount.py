@@ -369,10 +369,11 @@ def test_64_readers_sustained_with_bounded_memory_and_fds(
         total = sum(f.result() for f in futures)
     assert total >= 64
     rss, fds, chunks = (max(p[i] for p in peaks) for i in range(3))
-    # 8 MiB of cache and a chunk in flight per loader, over the interpreter's own.
+    # 8 MiB of cache and a few chunks in flight, over the interpreter's own; each chunk
+    # mapped holds a memfd, and there are at most 8 MiB of them.
     assert rss < peaks[0][0] + (200 << 20), f"daemon grew to {rss >> 20} MiB"
     assert fds < peaks[0][1] + 32, f"daemon held {fds} descriptors"
-    assert chunks <= (8 << 20) // PARAMS.min_size + 4, f"daemon held {chunks} chunk memfds"
+    assert chunks <= (8 << 20) // PARAMS.min_size + 8, f"daemon held {chunks} chunk memfds"
     assert is_mounted(m.path)
 
 

@@ -100,6 +100,33 @@ async def test_a_killed_loader_fails_its_load_and_is_replaced(
         assert reader.pids[0] not in (first, second)
 
 
+async def test_a_forked_loader_that_died_is_replaced(store: LocalStore, image_dir: Path) -> None:
+    sizes = chunks(store, image_dir)
+    pairs = list(sizes.items())[:6]
+
+    async def load_all(reader: ProcessChunkReader) -> None:
+        got: dict[ChunkId, bytes] = {}
+
+        async def one(cid: ChunkId, size: int) -> None:
+            got[cid] = bytes(await reader.read_chunk(cid, size))
+
+        async with trio.open_nursery() as n:
+            for cid, size in pairs:
+                n.start_soon(one, cid, size)
+        assert got == {cid: store.get_chunk(cid, size) for cid, size in pairs}
+
+    async with ProcessChunkReader(store, 2) as reader:
+        await load_all(reader)
+        first, forked = reader.pids
+        # The second loader is the first one's child, not this process's.
+        assert Path(f"/proc/{forked}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(first)
+        os.kill(forked, signal.SIGKILL)
+        while pid_alive(forked):
+            await trio.sleep(0.01)
+        await load_all(reader)
+        assert len(reader.pids) == 2 and forked not in reader.pids
+
+
 def _kill_soon(pid: int) -> None:
     time.sleep(0.2)
     os.kill(pid, signal.SIGKILL)

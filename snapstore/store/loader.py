@@ -263,6 +263,9 @@ class ProcessChunkReader:
         self._close()
 
     def _close(self) -> None:
+        # Every socket first, so that the loaders end together, then wait for each.
+        for loader in self._started:
+            loader.sock.close()
         for loader in self._started:
             loader.close()
         self._started.clear()
