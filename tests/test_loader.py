@@ -116,6 +116,9 @@ async def test_a_forked_loader_that_died_is_replaced(store: LocalStore, image_di
         assert got == {cid: store.get_chunk(cid, size) for cid, size in pairs}
 
     async with ProcessChunkReader(store, 2) as reader:
+        # A mount with many chunks mapped holds descriptors past select's FD_SETSIZE;
+        # the replacement's pidfd is one of them.
+        held = [os.dup(0) for _ in range(1100)]
         await load_all(reader)
         first, forked = reader.pids
         # The second loader is the first one's child, not this process's.
@@ -125,6 +128,9 @@ async def test_a_forked_loader_that_died_is_replaced(store: LocalStore, image_di
             await trio.sleep(0.01)
         await load_all(reader)
         assert len(reader.pids) == 2 and forked not in reader.pids
+        assert max(loader.pidfd or 0 for loader in reader._started) > 1024
+        for fd in held:
+            os.close(fd)
 
 
 def _kill_soon(pid: int) -> None:

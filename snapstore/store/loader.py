@@ -145,9 +145,7 @@ class _Loader:
                           f"its error is in the mount's log")
 
     def exited(self) -> bool:
-        if self.pidfd is None:
-            return False
-        return bool(select.select([self.pidfd], [], [], 0)[0])
+        return self.pidfd is not None and _readable(self.pidfd, 0)
 
     async def load(self, cid: ChunkId, size: int, mapper: _Mapper) -> Chunk:
         self.seq += 1
@@ -204,7 +202,7 @@ class _Loader:
         kill it, and reap it if it is this process's child."""
         self.sock.close()
         if self.pidfd is not None:
-            if not select.select([self.pidfd], [], [], _STOP_SECONDS)[0]:
+            if not _readable(self.pidfd, _STOP_SECONDS):
                 with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
             os.close(self.pidfd)
@@ -215,6 +213,13 @@ class _Loader:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    # poll, not select: with a mapping per cached chunk, descriptors pass FD_SETSIZE.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
