@@ -29,7 +29,7 @@ from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Manifest
 from snapstore.store.local import LocalStore
-from tests.conftest import memory_like
+from tests.conftest import alive, memory_like, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = ChunkerParams(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10)
@@ -52,14 +52,6 @@ def snapstore(
     if check and proc.returncode != 0:
         raise AssertionError(f"snapstore {' '.join(args)} failed: {proc.stderr}")
     return proc
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 class Mount:
@@ -516,14 +508,6 @@ def finish(reader: subprocess.Popen[str], daemon: int) -> tuple[int, str]:
         reader.communicate(timeout=READER_DEADLINE)
         pytest.fail(f"reader {reader.pid} still blocked {READER_DEADLINE:.0f} s later")
     return reader.returncode, out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 def wait_dead(pid: int) -> None:

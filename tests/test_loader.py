@@ -20,20 +20,13 @@ from snapstore.ingest import ingest
 from snapstore.store.load_worker import sealed_memfd
 from snapstore.store.loader import LoaderError, ProcessChunkReader, _Mapper
 from snapstore.store.local import LocalStore
+from tests.conftest import alive, wait_until
 from tests.test_fuse_ops import PARAMS
 
 
 def chunks(store: LocalStore, image_dir: Path) -> dict[ChunkId, int]:
     m = store.get_manifest(ingest(store, image_dir, "t", params=PARAMS).snapshot)
     return m.chunk_sizes()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 async def test_every_chunk_comes_back_checked_and_read_only(
@@ -93,7 +86,7 @@ async def test_a_killed_loader_fails_its_load_and_is_replaced(
         second = reader.pids[0]
         assert second != first
         os.kill(second, signal.SIGKILL)
-        while pid_alive(second):
+        while alive(second):
             await trio.sleep(0.01)
         # Dead while idle: the next load starts a new loader and succeeds.
         assert bytes(await reader.read_chunk(a, sizes[a])) == store.get_chunk(a, sizes[a])
@@ -124,7 +117,7 @@ async def test_a_forked_loader_that_died_is_replaced(store: LocalStore, image_di
         # The second loader is the first one's child, not this process's.
         assert Path(f"/proc/{forked}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(first)
         os.kill(forked, signal.SIGKILL)
-        while pid_alive(forked):
+        while alive(forked):
             await trio.sleep(0.01)
         await load_all(reader)
         assert len(reader.pids) == 2 and forked not in reader.pids
@@ -189,10 +182,7 @@ def test_loaders_exit_when_the_mount_process_dies(store: LocalStore, image_dir: 
         finally:
             parent.kill()
     assert len(pids) == 2
-    deadline = time.monotonic() + 30
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(pid_alive(p) for p in pids)
+    wait_until(lambda: not any(alive(p) for p in pids), "the loaders to exit")
 
 
 async def test_mappings_past_the_budget_become_bytes(store: LocalStore, image_dir: Path) -> None:
