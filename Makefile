@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEBS := fuse3 libfuse3-dev pkg-config gcc runsc busybox-static casync rclone
 
-.PHONY: demo test check lint typecheck unit system-deps install bench clean
+.PHONY: demo test check lint typecheck unit system-deps criu install bench clean
 
 demo: install
 	$(BIN)/python -m snapstore.demo
@@ -22,7 +22,12 @@ lint:
 typecheck:
 	$(BIN)/mypy
 
-install: system-deps $(VENV)/.installed
+install: system-deps criu $(VENV)/.installed
+
+# CRIU >= 4 as build/criu/criu: Debian's package where it is new enough, else built from
+# Debian's source package (native/criu.sh says how).
+criu:
+	bash native/criu.sh
 
 # An editable install leaves no bytecode, and PYTHONDONTWRITEBYTECODE would keep every
 # command compiling the package anew: compile it once, as a wheel install does.

@@ -72,9 +72,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    from snapstore import gvisor
+    from snapstore import workflow
 
-    hits = gvisor.find(open_store(args), parse_labels(args.label))
+    hits = workflow.find(open_store(args), parse_labels(args.label))
     if args.json:
         print_json([{"id": f.snapshot.hex, "tags": list(f.tags), "created": f.manifest.created,
                      "labels": f.manifest.labels} for f in hits])
