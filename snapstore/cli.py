@@ -157,12 +157,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     if args.remote:
         return cmd_remote_gc(args)
     r = gc(open_store(args), dry_run=args.dry_run)
+    for what in r.left_alone:
+        print(f"snapstore: warning: left {what}", file=sys.stderr)
     if args.json:
         print_json({k: getattr(r, k) for k in r.__slots__})
         return 0
     verb = "would delete" if r.dry_run else "deleted"
     print(f"{verb} {r.deleted_snapshots} snapshots, {r.deleted_chunks} chunks "
-          f"({human(r.deleted_bytes)}), {r.deleted_tmp_files} temporary files; kept "
+          f"({human(r.deleted_bytes)}), {r.deleted_tmp_files} temporary files, "
+          f"{r.deleted_work_dirs} working directories of killed commands; kept "
           f"{r.kept_snapshots} snapshots, {r.kept_chunks} chunks")
     return 0
 

@@ -51,15 +51,12 @@ def checkpoint(
     labels: dict[str, str],
     leave_running: bool = False,
 ) -> IngestResult:
-    """Checkpoint `container` into a temporary directory beside the store, ingest it and
-    remove the temporary files, whatever happens."""
+    """Checkpoint `container` into a working directory of the store, ingest it and
+    remove the working directory, whatever happens (gc removes one a kill left)."""
     all_labels = {**compat_labels(runsc), **labels}
-    work = Path(tempfile.mkdtemp(prefix="checkpoint-", dir=store.tmp_dir))
-    try:
+    with store.work_dir("checkpoint") as work:
         runsc.checkpoint(container, work, leave_running=leave_running)
         return ingest(store, work, tag, all_labels)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 @dataclass(frozen=True, slots=True)

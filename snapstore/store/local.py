@@ -4,7 +4,9 @@ Layout, write order and the safety argument are in docs/format.md. In short: eve
 is written to tmp/ and renamed into place after an fsync, so a reader never sees a partial
 object; a snapshot's chunks are durable before its manifest, and its manifest before its
 tag, so a tag always reaches complete data. Ingests hold a shared lock and gc an
-exclusive one, so gc never deletes a chunk that an unfinished ingest relies on.
+exclusive one, so gc never deletes a chunk that an unfinished ingest relies on. The store
+follows no symbolic link inside itself: a link where it expects one of its directories or
+files is refused, and deletions go through descriptors of its own directories.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import os
 import re
 import resource
+import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -32,6 +36,12 @@ STORE_FORMAT = "snapstore-store"
 STORE_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 30
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._:@+-]{0,127}")
+# A working directory's name: its purpose, its owner's pid and a random part. gc touches
+# nothing else under work/.
+_PURPOSE_RE = re.compile(r"[a-z]+(?:-[a-z]+)*")
+_WORK_RE = re.compile(r"[a-z]+(?:-[a-z]+)*-[0-9]+-[0-9a-f]{16}")
+# A tag file holds 64 hex digits and a newline; anything much longer is not a tag.
+_TAG_FILE_MAX = 256
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -58,6 +68,26 @@ class StoredChunk:
     stored_size: int
 
 
+@dataclass(frozen=True, slots=True)
+class DamagedTag:
+    """A file under refs/tags/ that does not name a snapshot: what it reached is unknown."""
+
+    name: str
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"tag {self.name!r} ({self.path}) is damaged: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class Sweep:
+    """What a sweep of tmp/ or work/ removed (or would remove), and what it left alone."""
+
+    removed: int
+    left: tuple[str, ...]
+
+
 class LocalStore:
     """A store directory. Methods are safe to call from several threads and processes."""
 
@@ -67,6 +97,7 @@ class LocalStore:
         self.snapshots_dir = root / "snapshots"
         self.tags_dir = root / "refs" / "tags"
         self.tmp_dir = root / "tmp"
+        self.work_root = root / "work"
         self._lock_path = root / "lock"
 
     @classmethod
@@ -78,10 +109,12 @@ class LocalStore:
                 raise NotFoundError(f"no snapstore store at {root}")
             store._create()
         store._check_config(config)
+        store._check_layout()
         return store
 
     def _create(self) -> None:
-        for d in (self.chunks_dir, self.snapshots_dir, self.tags_dir, self.tmp_dir):
+        for d in (self.chunks_dir, self.snapshots_dir, self.tags_dir, self.tmp_dir,
+                  self.work_root):
             d.mkdir(parents=True, exist_ok=True)
         # All 256 fan-out directories up front: no mkdir on the path of each chunk write.
         for i in range(256):
@@ -101,6 +134,19 @@ class LocalStore:
                 f"store {self.root} has format version {doc.get('version')!r}; "
                 f"this snapstore reads version {STORE_VERSION}"
             )
+
+    def _check_layout(self) -> None:
+        """Refuse a store whose own directories are links: following one would read,
+        write or delete outside the store (gc empties tmp/, wherever it points)."""
+        for d in (self.chunks_dir, self.snapshots_dir, self.tags_dir.parent, self.tags_dir,
+                  self.tmp_dir, self.work_root, self.root / "cache", self.root / "mounts",
+                  self.root / "access", self.root / "pack-index"):
+            try:
+                st = d.lstat()
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                raise CorruptError(_not_a_directory(d))
 
     # -- atomic writes -------------------------------------------------------------
 
@@ -184,6 +230,8 @@ class LocalStore:
 
     def iter_chunks(self) -> Iterator[StoredChunk]:
         for sub in _scandir(self.chunks_dir):
+            if not sub.is_dir(follow_symlinks=False):
+                continue
             for f in _scandir(Path(sub.path)):
                 name = sub.name + f.name
                 if is_valid_hex_id(name):
@@ -296,10 +344,35 @@ class LocalStore:
         self._write_atomic(self.tags_dir / check_tag(name), (mid.hex + "\n").encode())
 
     def get_tag(self, name: str) -> ChunkId | None:
+        """The snapshot a tag names; None if there is no such tag, CorruptError naming the
+        tag and its file if it is damaged."""
+        found = self._read_tag(check_tag(name))
+        if isinstance(found, DamagedTag):
+            raise CorruptError(str(found))
+        return found
+
+    def _read_tag(self, name: str) -> ChunkId | DamagedTag | None:
+        path = self.tags_dir / name
         try:
-            text = (self.tags_dir / check_tag(name)).read_text().strip()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
+        except OSError as e:
+            why = "a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            return DamagedTag(name, path, f"{why}, not a tag file")
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return DamagedTag(name, path, "not a regular file")
+            raw = os.read(fd, _TAG_FILE_MAX + 1)
+        except OSError as e:
+            return DamagedTag(name, path, f"cannot read it: {e.strerror}")
+        finally:
+            os.close(fd)
+        # The content is not echoed: a damaged tag may hold anything.
+        text = raw.decode("ascii", errors="replace").strip()
+        if len(raw) > _TAG_FILE_MAX or not is_valid_hex_id(text):
+            what = "empty" if not raw else f"{len(raw)} bytes that are not a snapshot id"
+            return DamagedTag(name, path, what)
         return ChunkId.parse(text)
 
     def delete_tag(self, name: str) -> bool:
@@ -310,14 +383,26 @@ class LocalStore:
         _fsync_dir(self.tags_dir)
         return True
 
-    def tags(self) -> dict[str, ChunkId]:
-        out: dict[str, ChunkId] = {}
-        for e in _scandir(self.tags_dir):
+    def scan_tags(self) -> tuple[dict[str, ChunkId], list[DamagedTag]]:
+        """Every tag: those that name a snapshot (sorted by name), and the damaged ones."""
+        good: dict[str, ChunkId] = {}
+        damaged: list[DamagedTag] = []
+        for e in sorted(_scandir(self.tags_dir), key=lambda e: e.name):
             if _TAG_RE.fullmatch(e.name):
-                mid = self.get_tag(e.name)
-                if mid is not None:
-                    out[e.name] = mid
-        return dict(sorted(out.items()))
+                found = self._read_tag(e.name)
+                if isinstance(found, DamagedTag):
+                    damaged.append(found)
+                elif found is not None:
+                    good[e.name] = found
+        return good, damaged
+
+    def tags(self) -> dict[str, ChunkId]:
+        """The tags that name a snapshot; damaged ones are left out (`scan_tags` has
+        them), so one bad file does not stop commands about the others."""
+        return self.scan_tags()[0]
+
+    def damaged_tags(self) -> list[DamagedTag]:
+        return self.scan_tags()[1]
 
     def resolve(self, ref: str) -> ChunkId:
         """A tag name, or a unique prefix (at least 4 hex digits) of a snapshot id."""
@@ -362,6 +447,109 @@ class LocalStore:
     def tmp_files(self) -> Iterator[Path]:
         for e in _scandir(self.tmp_dir):
             yield Path(e.path)
+
+    # -- working directories -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def work_dir(self, purpose: str) -> Iterator[Path]:
+        """A private directory `work/<purpose>-<pid>-<random>` for a command's working
+        files (a checkpoint image, an image exported for the page loader), removed when
+        the block ends. Its owner holds an flock on it while it lives, so gc can tell
+        one left by a killed process from one in use, whatever became of the pid."""
+        if not _PURPOSE_RE.fullmatch(purpose):
+            raise ValueError(f"bad working directory purpose {purpose!r}")
+        parent = self._open_own_dir(self.work_root, create=True)
+        try:
+            name = f"{purpose}-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+            # Made and locked under the writer lock: gc, which sweeps under the exclusive
+            # one, never finds it made but not yet locked.
+            with self.writer_lock():
+                os.mkdir(name, 0o700, dir_fd=parent)
+                owner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=parent)
+                fcntl.flock(owner, fcntl.LOCK_EX)
+            try:
+                yield self.work_root / name
+            finally:
+                shutil.rmtree(name, ignore_errors=True, dir_fd=parent)
+                os.close(owner)
+        finally:
+            os.close(parent)
+
+    # -- sweeping (gc, under the exclusive lock) -------------------------------------
+
+    def open_sweep_dirs(self) -> tuple[int, int]:
+        """Descriptors of tmp/ and work/ for `sweep_tmp` and `sweep_work`, opened without
+        following a link: CorruptError, before gc deletes anything, if either is one."""
+        tmp = self._open_own_dir(self.tmp_dir, create=True)
+        try:
+            return tmp, self._open_own_dir(self.work_root, create=True)
+        except BaseException:
+            os.close(tmp)
+            raise
+
+    def sweep_tmp(self, tmp: int, dry_run: bool) -> Sweep:
+        """Remove what killed writers left in tmp/ (no writer runs while gc holds its lock).
+
+        Only files and links are removed (unlink never follows a link); a directory was
+        not made there by this version of snapstore, so it is left alone and reported."""
+        removed = 0
+        left: list[str] = []
+        for e in _scandir_fd(tmp):
+            if e.is_dir(follow_symlinks=False):
+                left.append(f"{self.tmp_dir / e.name}: a directory, not made by this "
+                            "snapstore; remove it once no older snapstore runs")
+                continue
+            removed += 1
+            if not dry_run:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(e.name, dir_fd=tmp)
+        return Sweep(removed, tuple(left))
+
+    def sweep_work(self, work: int, dry_run: bool) -> Sweep:
+        """Remove the working directories whose owner is gone: those named as `work_dir`
+        names them, that are directories (not links), and whose flock is free. Anything
+        else under work/ is left alone and reported."""
+        removed = 0
+        left: list[str] = []
+        for e in _scandir_fd(work):
+            if not (_WORK_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)):
+                left.append(f"{self.work_root / e.name}: not a snapstore working directory")
+                continue
+            try:
+                fd = os.open(e.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, dir_fd=work)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                removed += 1
+                if not dry_run:
+                    # rmtree with dir_fd walks by descriptors and never follows a link.
+                    shutil.rmtree(e.name, dir_fd=work)
+            finally:
+                os.close(fd)
+        return Sweep(removed, tuple(left))
+
+    def _open_own_dir(self, d: Path, create: bool = False) -> int:
+        """A descriptor of one of the store's directories; CorruptError if it is a link."""
+        if create:
+            with contextlib.suppress(FileExistsError):
+                d.mkdir()
+        try:
+            return os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptError(_not_a_directory(d)) from None
+            raise
+
+
+def _not_a_directory(d: Path) -> str:
+    return (f"{d} is a symbolic link or not a directory: the store follows no link it "
+            "did not make; replace it with a directory")
 
 
 # Files a batch holds open (unnamed, until linked) at most. Two batches are open at once
@@ -519,6 +707,11 @@ def _scandir(d: Path) -> list[os.DirEntry[str]]:
             return list(it)
     except FileNotFoundError:
         return []
+
+
+def _scandir_fd(fd: int) -> list[os.DirEntry[str]]:
+    with os.scandir(fd) as it:
+        return list(it)
 
 
 def _fsync_dir(d: Path) -> None:

@@ -56,8 +56,6 @@ def run_serve(args: argparse.Namespace) -> int:
     O_DIRECT and deep AIO queues, which a disk serves at 2+ GB/s and a FUSE file at a
     fraction of that (benchmarks/RESULTS.md), and faults then hit a local file's page
     cache. The copy costs one sequential write of the image before the loader starts."""
-    import tempfile
-
     from snapstore.cli_common import open_store
     from snapstore.export import export_file
 
@@ -66,8 +64,8 @@ def run_serve(args: argparse.Namespace) -> int:
     entry = next((e for e in m.files() if e.path == args.path), None)
     if entry is None:
         raise NotFoundError(f"snapshot {args.ref} has no file {args.path!r}")
-    with tempfile.TemporaryDirectory(prefix="uffd-serve-", dir=store.tmp_dir) as tmp:
-        image = Path(tmp) / "image"
+    with store.work_dir("uffd-serve") as work:
+        image = work / "image"
         export_file(store, entry, image)
         return _run(args, image)
 
