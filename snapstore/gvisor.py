@@ -4,8 +4,6 @@ compatible snapshot, restore from a lazy mount of it, and fall back to a cold st
 from __future__ import annotations
 
 import platform
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
