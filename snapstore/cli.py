@@ -17,13 +17,13 @@ from rich.filesize import decimal as human
 from fusefs.cli import add_commands as add_mount_commands
 from snapstore import catalog
 from snapstore.cli_common import open_store, parse_labels, print_json
-from snapstore.errors import SnapstoreError, UsageError
+from snapstore.errors import SnapstoreError
 from snapstore.export import export
 from snapstore.gc import gc
 from snapstore.gpu.cli import add_commands as add_gpu_commands
-from snapstore.gvisor_cli import add_commands as add_gvisor_commands
 from snapstore.remote.cli import add_commands as add_remote_commands
 from snapstore.remote.cli import add_gc_options, cmd_remote_gc
+from snapstore.runtime_cli import add_commands as add_runtime_commands
 from snapstore.store.local import check_tag
 from snapstore.uffd.cli import add_commands as add_uffd_commands
 from snapstore.verify import verify
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Commands of the other subsystems register themselves here, one line each.
     add_mount_commands(sub)
     add_remote_commands(sub)
-    add_gvisor_commands(sub)
+    add_runtime_commands(sub)
     add_uffd_commands(sub)
     add_gpu_commands(sub)
     return p
@@ -237,12 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
         return code
-    except UsageError as e:
-        print(f"snapstore: error: {e}", file=sys.stderr)
-        return 2
     except SnapstoreError as e:
         print(f"snapstore: error: {e}", file=sys.stderr)
-        return 1
+        return e.exit_status
     except OSError as e:
         where = f" {e.filename}" if e.filename else ""
         print(f"snapstore: error:{where}: {e.strerror or e}", file=sys.stderr)

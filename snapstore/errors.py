@@ -4,13 +4,24 @@
 class SnapstoreError(Exception):
     """A failure the user can act on; its message is shown as is."""
 
+    exit_status = 1
+
 
 class UsageError(SnapstoreError):
     """The command line or a reference was wrong (exit status 2)."""
 
+    exit_status = 2
+
 
 class NotFoundError(SnapstoreError):
     """A tag, snapshot or chunk does not exist."""
+
+
+class NoMatchError(NotFoundError):
+    """No snapshot matches what a restore asked for (exit status 3, so a node agent can
+    tell it from a restore that failed)."""
+
+    exit_status = 3
 
 
 class CorruptError(SnapstoreError):
@@ -19,3 +30,9 @@ class CorruptError(SnapstoreError):
 
 class ManifestError(CorruptError):
     """A manifest is malformed, hostile or of an unknown version."""
+
+
+class RestoreError(SnapstoreError):
+    """A snapshot was found but the process could not be brought back (exit status 4)."""
+
+    exit_status = 4

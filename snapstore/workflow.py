@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from snapstore.errors import NotFoundError, SnapstoreError
+from snapstore.errors import NoMatchError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest
 from snapstore.store.local import LocalStore
@@ -83,7 +83,7 @@ def pick(store: LocalStore, ref: str | None, match: dict[str, str],
         if remote_hit is not None:
             return remote_hit, remote
     wanted = " ".join(f"{k}={v}" for k, v in match.items()) or "(any)"
-    raise NotFoundError(f"no snapshot matches {wanted}")
+    raise NoMatchError(f"no snapshot matches {wanted}")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,136 @@
+"""Checkpoint a process tree with CRIU into the store, and restore it from a lazy mount of
+the snapshot, moving the tree's CUDA state to host memory and back around CRIU."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass, field
+
+from snapstore.criu.binary import Criu, CriuError
+from snapstore.errors import RestoreError
+from snapstore.gpu import cuda
+from snapstore.ingest import IngestResult, ingest
+from snapstore.store.local import LocalStore
+from snapstore.workflow import gpu_labels, mounted, pick, release
+
+# How long the driver may wait for the process's CUDA work to finish before Lock fails.
+LOCK_TIMEOUT_MS = 10_000
+RUNTIME_LABEL = "runtime"
+CUDA_LABEL = "cuda"
+
+
+def compat_labels(criu: Criu) -> dict[str, str]:
+    """What decides whether a CRIU snapshot can restore on a host."""
+    return {
+        RUNTIME_LABEL: "criu",
+        "criu.version": criu.version,
+        "kernel": platform.release(),
+        "arch": platform.machine(),
+        **gpu_labels(),
+    }
+
+
+def _has_cuda(api: cuda.CheckpointApi, pid: int) -> bool:
+    try:
+        api.get_state(pid)
+    except cuda.NoCudaContext:
+        return False
+    return True
+
+
+def checkpoint(store: LocalStore, criu: Criu, pid: int, tag: str, labels: dict[str, str],
+               leave_running: bool = False,
+               api: cuda.CheckpointApi | None = None) -> IngestResult:
+    """Dump the tree rooted at `pid` into a working directory of the store and ingest it.
+
+    A process with CUDA state has it moved into its host memory first (Lock, Checkpoint),
+    so CRIU sees no GPU mapping; it gets it back (Restore, Unlock) if the dump fails or
+    when `leave_running`. Without `leave_running` CRIU kills the tree after the dump.
+    """
+    api = api or cuda.open_api()
+    with_cuda = _has_cuda(api, pid)
+    all_labels = {**compat_labels(criu), CUDA_LABEL: "1" if with_cuda else "0", **labels}
+    with store.work_dir("criu-dump") as work:
+        images = work / "images"
+        images.mkdir()
+        if with_cuda:
+            api.lock(pid, LOCK_TIMEOUT_MS)
+            try:
+                api.checkpoint(pid)
+            except BaseException:
+                api.unlock(pid)
+                raise
+        try:
+            criu.dump(pid, images, work, leave_running)
+        except BaseException:
+            if with_cuda:
+                _give_gpu_back(api, pid)
+            raise
+        if with_cuda and leave_running:
+            _give_gpu_back(api, pid)
+        return ingest(store, images, tag, all_labels)
+
+
+def _give_gpu_back(api: cuda.CheckpointApi, pid: int) -> None:
+    api.restore(pid)
+    api.unlock(pid)
+
+
+@dataclass(slots=True)
+class RestoreReport:
+    pid: int
+    snapshot: str
+    source: str  # "local" or the remote
+    seconds: float
+    stages: dict[str, float] = field(default_factory=dict)
+    mount_left: str | None = None
+
+
+def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str],
+            remote: str | None = None,
+            api: cuda.CheckpointApi | None = None) -> RestoreReport:
+    """Restore the newest snapshot matching `match` (or `ref`) and return once its root
+    process runs, its CUDA state back on the GPU.
+
+    CRIU reads the images through a lazy mount of the snapshot. A tree that was restored
+    but cannot get its GPU state back is killed, never left half restored.
+    """
+    start = time.monotonic()
+    stages: dict[str, float] = {}
+
+    def stage(name: str, since: float) -> float:
+        now = time.monotonic()
+        stages[name] = round(now - since, 4)
+        return now
+
+    # A match never picks a gVisor snapshot that happens to carry the same labels.
+    snapshot, source = pick(store, ref, {**match, RUNTIME_LABEL: "criu"} if match else match,
+                            remote)
+    t = stage("find", start)
+    with mounted(store, snapshot, source, allow_other=False) as mnt:
+        t = stage("mount", t)
+        if not (mnt / "inventory.img").is_file():
+            raise RestoreError(f"snapshot {snapshot[:12]} is not a CRIU checkpoint "
+                               "(no inventory.img)")
+        with store.work_dir("criu-restore") as work:
+            try:
+                pid = criu.restore(mnt, work)
+            except CriuError as e:
+                raise RestoreError(str(e)) from None
+        t = stage("criu_restore", t)
+        mount_left = None if release(mnt) else str(mnt)
+    api = api or cuda.open_api()
+    if _has_cuda(api, pid):
+        try:
+            _give_gpu_back(api, pid)
+        except BaseException as e:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            raise RestoreError(f"restored pid {pid} but not its CUDA state ({e}); "
+                               "killed it") from None
+        t = stage("cuda_restore", t)
+    return RestoreReport(pid, snapshot, source, time.monotonic() - start, stages, mount_left)

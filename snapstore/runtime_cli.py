@@ -1,0 +1,160 @@
+"""CLI of the node agent's workflow for both runtimes: `checkpoint`, `find` and `restore`.
+
+A gVisor container is named by its container id (and restored with its OCI bundle); a
+CRIU process tree by `--pid` (and restored with neither).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from snapstore.cli_common import open_store, parse_labels, print_json
+from snapstore.errors import UsageError
+
+# The runtimes (ingest, the chunker, mounts) are imported by the handlers that use them,
+# so that other commands start without them.
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    help = ("checkpoint a running gVisor container (CONTAINER) or a process tree "
+            "(--pid, with CRIU) into the store")
+    sp = sub.add_parser("checkpoint", help=help, description=help)
+    sp.add_argument("container", nargs="?", help="gVisor container id")
+    sp.add_argument("--pid", type=int, help="root of a process tree to checkpoint with CRIU")
+    sp.add_argument("--tag", required=True)
+    sp.add_argument("--label", action="append", default=[], metavar="K=V")
+    sp.add_argument("--leave-running", action="store_true",
+                    help="keep the container or process running after the checkpoint")
+    _runsc_options(sp)
+    _criu_options(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_checkpoint)
+
+    help = "list snapshots whose labels match, newest first"
+    sp = sub.add_parser("find", help=help, description=help)
+    sp.add_argument("--label", action="append", default=[], metavar="K=V")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_find)
+
+    help = ("restore from the newest matching snapshot through a lazy mount: a gVisor "
+            "container (CONTAINER --bundle), else a CRIU process tree; exit 3 when no "
+            "snapshot matches, 4 when the restore fails")
+    sp = sub.add_parser("restore", help=help, description=help)
+    sp.add_argument("container", nargs="?", help="gVisor container id")
+    which = sp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--from", dest="ref", metavar="REF", help="tag or snapshot id")
+    which.add_argument("--match", action="append", metavar="K=V",
+                       help="pick the newest snapshot with these labels")
+    sp.add_argument("--bundle", type=Path, help="the gVisor container's OCI bundle")
+    sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
+                    help="look there when the local store has no match; mount lazily")
+    sp.add_argument("--no-fallback", action="store_true",
+                    help="gVisor: fail instead of starting the container cold")
+    _runsc_options(sp)
+    _criu_options(sp)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.set_defaults(func=cmd_restore)
+
+
+def _runsc_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--runsc", metavar="PATH", help="runsc binary (default: runsc on PATH)")
+    sp.add_argument("--runsc-arg", action="append", default=[], metavar="ARG",
+                    help="global runsc flag, e.g. --runsc-arg=--root=/run/runsc (repeatable)")
+
+
+def _criu_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--criu", metavar="PATH",
+                    help="CRIU >= 4 binary (default: $SNAPSTORE_CRIU, `make criu`'s, or PATH)")
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    if (args.container is None) == (args.pid is None):
+        raise UsageError("give a gVisor CONTAINER or --pid PID, not both or neither")
+    store = open_store(args, create=True)
+    labels = parse_labels(args.label)
+    if args.pid is not None:
+        from snapstore.criu import workflow as criu_workflow
+        from snapstore.criu.binary import Criu
+
+        r = criu_workflow.checkpoint(store, Criu.find(args.criu), args.pid, args.tag, labels,
+                                     leave_running=args.leave_running)
+        what = f"pid {args.pid}"
+    else:
+        from snapstore import gvisor
+
+        runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)
+        r = gvisor.checkpoint(store, runsc, args.container, args.tag, labels,
+                              leave_running=args.leave_running)
+        what = args.container
+    if args.json:
+        print_json({"snapshot": r.snapshot.hex, "tag": args.tag, "seconds": round(r.seconds, 3),
+                    "logical_bytes": r.logical_bytes, "new_stored_bytes": r.new_stored_bytes})
+    else:
+        print(f"checkpointed {what} as {args.tag} in {r.seconds:.2f}s", file=sys.stderr)
+        print(r.snapshot.hex)
+    return 0
+
+
+def cmd_find(args: argparse.Namespace) -> int:
+    from snapstore import workflow
+
+    hits = workflow.find(open_store(args), parse_labels(args.label))
+    if args.json:
+        print_json([{"id": f.snapshot.hex, "tags": list(f.tags), "created": f.manifest.created,
+                     "labels": f.manifest.labels} for f in hits])
+        return 0
+    for f in hits:
+        labels = " ".join(f"{k}={v}" for k, v in sorted(f.manifest.labels.items()))
+        print(f"{f.snapshot.short()}  {f.manifest.created}  {','.join(f.tags)}  {labels}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    if args.container is None:
+        if args.bundle is not None:
+            raise UsageError("--bundle restores a gVisor CONTAINER; name the container")
+        return _restore_process(args)
+    if args.bundle is None:
+        raise UsageError("a gVisor restore needs --bundle (the container's OCI bundle)")
+    from snapstore import gvisor
+
+    store = open_store(args, create=True)
+    runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)
+    r = gvisor.restore(store, runsc, args.container, args.bundle, args.ref,
+                       parse_labels(args.match or []), remote=args.remote,
+                       fallback=not args.no_fallback)
+    if args.json:
+        print_json({k: getattr(r, k) for k in r.__slots__})
+    elif r.path == "restore":
+        print(f"restored {args.container} from snapshot {r.snapshot and r.snapshot[:12]} "
+              f"({r.source}) in {r.seconds:.2f}s", file=sys.stderr)
+    else:
+        print(f"started {args.container} cold in {r.seconds:.2f}s: {r.reason}", file=sys.stderr)
+    _warn_mount_left(r.mount_left)
+    return 0
+
+
+def _restore_process(args: argparse.Namespace) -> int:
+    from snapstore.criu import workflow as criu_workflow
+    from snapstore.criu.binary import Criu
+
+    store = open_store(args, create=True)
+    r = criu_workflow.restore(store, Criu.find(args.criu), args.ref,
+                              parse_labels(args.match or []), remote=args.remote)
+    if args.json:
+        print_json({k: getattr(r, k) for k in r.__slots__})
+    else:
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in r.stages.items())
+        print(f"restored pid {r.pid} from snapshot {r.snapshot[:12]} ({r.source}) in "
+              f"{r.seconds:.2f}s: {stages}", file=sys.stderr)
+        print(r.pid)
+    _warn_mount_left(r.mount_left)
+    return 0
+
+
+def _warn_mount_left(mount_left: str | None) -> None:
+    if mount_left:
+        print(f"snapstore: warning: the image is still in use; left mounted at {mount_left}",
+              file=sys.stderr)

@@ -1,0 +1,338 @@
+"""The CRIU runtime for real: processes checkpointed with CRIU into a store, restored from a
+lazy mount of the snapshot (local, or from a moto server with an empty store), running on
+with their memory intact; and the failures, each one clear line with nothing left behind.
+The CUDA calls go through a fake driver (CI has no GPU)."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from snapstore.criu import workflow
+from snapstore.criu.binary import Criu, CriuError
+from snapstore.errors import RestoreError
+from snapstore.gpu import cuda
+from snapstore.store.local import LocalStore
+from tests.conftest import alive, wait_until
+from tests.s3proxy import make_bucket, moto_server, s3_env
+
+PR_SET_CHILD_SUBREAPER = 36
+
+# Holds 16 MiB of seeded random data; on SIGUSR1 writes its SHA-256 and pid to REPORT;
+# counts in COUNTER while it runs.
+CHILD = """
+import hashlib, os, signal, sys, time
+import numpy as np
+data = np.random.default_rng(7).integers(0, 2**63, size=(16 << 20) // 8, dtype=np.int64)
+report_path, counter_path = sys.argv[1], sys.argv[2]
+def report(*_):
+    with open(report_path + ".tmp", "w") as f:
+        f.write(hashlib.sha256(data.tobytes()).hexdigest() + " " + str(os.getpid()))
+    os.rename(report_path + ".tmp", report_path)
+signal.signal(signal.SIGUSR1, report)
+report()
+n = 0
+while True:
+    n += 1
+    with open(counter_path + ".tmp", "w") as f:
+        f.write(str(n))
+    os.rename(counter_path + ".tmp", counter_path)
+    time.sleep(0.02)
+"""
+EXPECTED = hashlib.sha256(np.random.default_rng(7).integers(
+    0, 2**63, size=(16 << 20) // 8, dtype=np.int64).tobytes()).hexdigest()
+
+
+def criu_or_skip() -> Criu:
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root")
+    try:
+        return Criu.find()
+    except CriuError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def criu() -> Criu:
+    return criu_or_skip()
+
+
+@pytest.fixture
+def reaper() -> Iterator[None]:
+    """Make this process the subreaper of what CRIU restores (criu restore -d leaves the
+    tree to the nearest subreaper), and reap every zombie child at the end, so a restored
+    pid is free again for the next restore."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        reap()
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+class Child:
+    """The test process: started in its own session with no terminal, stdio to /dev/null
+    (CRIU dumps neither a terminal nor a pipe to a process outside the tree)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.report = tmp / "report"
+        self.counter = tmp / "counter"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(self.report), str(self.counter)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        wait_until(lambda: self.counter.exists(), "the child to start")
+        self.pid = self.proc.pid
+
+    def ask(self, pid: int) -> tuple[str, int]:
+        """The data digest and pid that process `pid` reports now."""
+        self.report.unlink(missing_ok=True)
+        os.kill(pid, signal.SIGUSR1)
+        wait_until(lambda: self.report.exists(), f"pid {pid} to report")
+        digest, reported = self.report.read_text().split()
+        return digest, int(reported)
+
+    def count(self) -> int:
+        return int(self.counter.read_text())
+
+    def wait_dead(self) -> None:
+        """The original process was killed by the dump: reap it, so its pid is free."""
+        self.proc.wait(timeout=30)
+
+
+def kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    wait_until(lambda: not alive(pid), f"pid {pid} to die")
+    reap()
+
+
+def snapstore(store: LocalStore, *args: str, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "snapstore", "--store", str(store.root),
+                           *args], capture_output=True, text=True, timeout=300, env=env,
+                          check=False)
+
+
+def runs_on(child: Child, pid: int) -> None:
+    """`pid` is the restored child: same pid, same data, and it keeps counting."""
+    digest, reported = child.ask(pid)
+    assert (digest, reported) == (EXPECTED, pid)
+    before = child.count()
+    wait_until(lambda: child.count() > before, "the restored process to count on")
+
+
+def test_checkpoint_and_restore_a_python_process(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    child = Child(tmp_path)
+    assert child.ask(child.pid) == (EXPECTED, child.pid)
+    ck = snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py",
+                   "--label", "app=numpy")
+    assert ck.returncode == 0, ck.stderr
+    child.wait_dead()
+    manifest = store.get_manifest(store.resolve("py"))
+    assert manifest.labels["runtime"] == "criu" and manifest.labels["cuda"] == "0"
+    assert manifest.labels["criu.version"] == criu.version
+    assert {e.path for e in manifest.files()} >= {"inventory.img", "pstree.img"}
+
+    r = snapstore(store, "restore", "--match", "app=numpy")
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout.strip())
+    try:
+        assert pid == child.pid
+        runs_on(child, pid)
+    finally:
+        kill(pid)
+    # Nothing of the restore is left: no mount, no working directory.
+    assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
+    assert list(store.work_root.iterdir()) == []
+
+
+def test_a_second_checkpoint_of_one_process_adds_little(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    child = Child(tmp_path)
+    try:
+        first = workflow.checkpoint(store, criu, child.pid, "one", {}, leave_running=True)
+        assert alive(child.pid)
+        second = workflow.checkpoint(store, criu, child.pid, "two", {}, leave_running=True)
+        assert alive(child.pid)
+        runs_on(child, child.pid)
+    finally:
+        kill(child.pid)
+        child.wait_dead()
+    assert first.logical_bytes > 16 << 20
+    assert second.new_stored_bytes < first.new_stored_bytes * 0.2, (first, second)
+
+
+def test_restore_from_the_remote_alone(criu: Criu, reaper: None, store: LocalStore,
+                                       tmp_path: Path) -> None:
+    env = {**os.environ, **s3_env()}
+    with moto_server() as port:
+        make_bucket(port, "criu")
+        env["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{port}"
+        remote = "s3://criu/snaps"
+        child = Child(tmp_path)
+        assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py",
+                         "--label", "app=remote").returncode == 0
+        child.wait_dead()
+        push = snapstore(store, "push", "py", remote, env=env)
+        assert push.returncode == 0, push.stderr
+        empty = LocalStore.open(tmp_path / "empty")
+        r = snapstore(empty, "restore", "--match", "app=remote", "--remote", remote,
+                      "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        pid = int(json.loads(r.stdout)["pid"])
+        try:
+            runs_on(child, pid)
+        finally:
+            kill(pid)
+
+
+def test_failures_are_one_line_and_leave_nothing(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    child = Child(tmp_path)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py").returncode == 0
+    child.wait_dead()
+
+    no_match = snapstore(store, "restore", "--match", "app=absent")
+    assert no_match.returncode == 3
+    assert no_match.stderr.strip() == (
+        "snapstore: error: no snapshot matches app=absent runtime=criu")
+
+    # The pid the tree needs is taken (by its first restore): exit 4, naming the pid.
+    first = snapstore(store, "restore", "--from", "py")
+    assert first.returncode == 0, first.stderr
+    try:
+        taken = snapstore(store, "restore", "--from", "py")
+        assert taken.returncode == 4
+        assert taken.stderr.strip() == (
+            f"snapstore: error: criu restore failed: pid {child.pid} is taken by another "
+            "process (a restored tree gets back the pids it had)")
+        runs_on(child, child.pid)
+    finally:
+        kill(child.pid)
+
+    # A damaged page chunk: CRIU reads EIO through the mount, the restore fails and no
+    # task of the tree is left.
+    manifest = store.get_manifest(store.resolve("py"))
+    pages = next(e for e in manifest.files() if e.path.startswith("pages-"))
+    chunk = next(x.chunk for x in pages.extents if x.chunk is not None)
+    path = store.chunk_path(chunk)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(blob))
+    bad = snapstore(store, "restore", "--from", "py")
+    assert bad.returncode == 4, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "criu restore failed" in bad.stderr
+    assert not alive(child.pid)
+    assert list(store.work_root.iterdir()) == []
+
+    missing = snapstore(store, "restore", "--from", "py", "--criu", str(tmp_path / "nope"))
+    assert missing.returncode == 1
+    assert "is not CRIU >= 4" in missing.stderr
+
+
+class FakeDriver:
+    """The CUDA checkpoint API's state machine per pid, recording every call."""
+
+    def __init__(self, with_cuda: set[int]) -> None:
+        self.state = {pid: cuda.ProcessState.RUNNING for pid in with_cuda}
+        self.calls: list[tuple[str, int]] = []
+
+    def describe(self) -> cuda.DriverInfo | None:
+        return None
+
+    def get_state(self, pid: int) -> cuda.ProcessState:
+        if pid not in self.state:
+            raise cuda.NoCudaContext(f"pid {pid} has no CUDA state")
+        return self.state[pid]
+
+    def _step(self, name: str, pid: int, want: cuda.ProcessState,
+              to: cuda.ProcessState) -> None:
+        assert self.state[pid] is want, f"{name} of {pid} in {self.state[pid]}"
+        self.calls.append((name, pid))
+        self.state[pid] = to
+
+    def lock(self, pid: int, timeout_ms: int) -> None:
+        self._step("lock", pid, cuda.ProcessState.RUNNING, cuda.ProcessState.LOCKED)
+
+    def checkpoint(self, pid: int) -> None:
+        self._step("checkpoint", pid, cuda.ProcessState.LOCKED, cuda.ProcessState.CHECKPOINTED)
+
+    def restore(self, pid: int) -> None:
+        self._step("restore", pid, cuda.ProcessState.CHECKPOINTED, cuda.ProcessState.LOCKED)
+
+    def unlock(self, pid: int) -> None:
+        self._step("unlock", pid, cuda.ProcessState.LOCKED, cuda.ProcessState.RUNNING)
+
+
+def test_cuda_state_moves_around_criu(criu: Criu, reaper: None, store: LocalStore,
+                                      tmp_path: Path) -> None:
+    child = Child(tmp_path)
+    api = FakeDriver({child.pid})
+    workflow.checkpoint(store, criu, child.pid, "gpu", {}, leave_running=True, api=api)
+    # The GPU state went to host memory for the dump and came back for the process.
+    assert api.calls == [("lock", child.pid), ("checkpoint", child.pid),
+                         ("restore", child.pid), ("unlock", child.pid)]
+    assert store.get_manifest(store.resolve("gpu")).labels["cuda"] == "1"
+    api.calls.clear()
+    workflow.checkpoint(store, criu, child.pid, "gpu", {}, api=api)
+    child.wait_dead()
+    assert api.calls == [("lock", child.pid), ("checkpoint", child.pid)]
+
+    # The restored process is checkpointed as far as the driver knows: Restore + Unlock.
+    api.calls.clear()
+    r = workflow.restore(store, criu, "gpu", {}, api=api)
+    try:
+        assert api.calls == [("restore", r.pid), ("unlock", r.pid)]
+        assert set(r.stages) == {"find", "mount", "criu_restore", "cuda_restore"}
+        runs_on(child, r.pid)
+    finally:
+        kill(r.pid)
+
+    # A driver that cannot restore the GPU state: the restored tree is killed, not left.
+    class Failing(FakeDriver):
+        def restore(self, pid: int) -> None:
+            raise cuda.CudaError("cuCheckpointProcessRestore failed: CUDA_ERROR_INVALID_VALUE")
+
+    failing = Failing({child.pid})
+    failing.state[child.pid] = cuda.ProcessState.CHECKPOINTED
+    with pytest.raises(RestoreError, match="killed it"):
+        workflow.restore(store, criu, "gpu", {}, api=failing)
+    wait_until(lambda: not alive(child.pid), "the half-restored process to be killed")
+
+
+def test_a_failed_dump_gives_the_gpu_back(criu: Criu, store: LocalStore) -> None:
+    # A pid no process has (the largest there can be): the fake driver knows it, CRIU
+    # fails to seize it, after Lock + Checkpoint.
+    gone = int(Path("/proc/sys/kernel/pid_max").read_text()) - 1
+    assert not alive(gone)
+    api = FakeDriver({gone})
+    with pytest.raises(CriuError, match=f"criu dump of pid {gone} failed"):
+        workflow.checkpoint(store, criu, gone, "gone", {}, api=api)
+    assert [c for c, _ in api.calls] == ["lock", "checkpoint", "restore", "unlock"]
+    assert "gone" not in store.tags() and list(store.work_root.iterdir()) == []
