@@ -52,6 +52,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="look there when the local store has no match; mount lazily")
     sp.add_argument("--no-fallback", action="store_true",
                     help="gVisor: fail instead of starting the container cold")
+    sp.add_argument("--lazy", action="store_true",
+                    help="CRIU: snapstore serves the memory as CRIU's lazy-pages daemon")
     _runsc_options(sp)
     _criu_options(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")
@@ -142,7 +144,8 @@ def _restore_process(args: argparse.Namespace) -> int:
 
     store = open_store(args, create=True)
     r = criu_workflow.restore(store, Criu.find(args.criu), args.ref,
-                              parse_labels(args.match or []), remote=args.remote)
+                              parse_labels(args.match or []), remote=args.remote,
+                              lazy=args.lazy)
     if args.json:
         print_json({k: getattr(r, k) for k in r.__slots__})
     else:

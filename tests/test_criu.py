@@ -20,8 +20,11 @@ import pytest
 
 from snapstore.criu import workflow
 from snapstore.criu.binary import Criu, CriuError
+from snapstore.criu.images import PAGE_SIZE, read_pagemap
 from snapstore.errors import RestoreError
+from snapstore.export import export
 from snapstore.gpu import cuda
+from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
 from tests.conftest import alive, wait_until
 from tests.s3proxy import make_bucket, moto_server, s3_env
@@ -122,12 +125,19 @@ class Child:
 
 
 def kill(pid: int) -> None:
+    """Kill `pid` and wait until it is reaped: its pid is free for the next restore."""
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    wait_until(lambda: not alive(pid), f"pid {pid} to die")
-    reap()
+
+    def gone() -> bool:
+        # A killed leader shows as a zombie before its other threads have exited, and
+        # cannot be reaped until they have: reap until /proc has no trace of it.
+        reap()
+        return not Path(f"/proc/{pid}").exists()
+
+    wait_until(gone, f"pid {pid} to die and be reaped")
 
 
 def snapstore(store: LocalStore, *args: str, env: dict[str, str] | None = None
@@ -145,8 +155,9 @@ def runs_on(child: Child, pid: int) -> None:
     wait_until(lambda: child.count() > before, "the restored process to count on")
 
 
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
 def test_checkpoint_and_restore_a_python_process(
-        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path, mode: str) -> None:
     child = Child(tmp_path)
     assert child.ask(child.pid) == (EXPECTED, child.pid)
     ck = snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py",
@@ -158,9 +169,11 @@ def test_checkpoint_and_restore_a_python_process(
     assert manifest.labels["criu.version"] == criu.version
     assert {e.path for e in manifest.files()} >= {"inventory.img", "pstree.img"}
 
-    r = snapstore(store, "restore", "--match", "app=numpy")
+    r = snapstore(store, "restore", "--match", "app=numpy",
+                  *(["--lazy"] if mode == "lazy" else []))
     assert r.returncode == 0, r.stderr
     pid = int(r.stdout.strip())
+    assert ("memory_complete" in r.stderr) == (mode == "lazy")
     try:
         assert pid == child.pid
         runs_on(child, pid)
@@ -202,7 +215,7 @@ def test_restore_from_the_remote_alone(criu: Criu, reaper: None, store: LocalSto
         assert push.returncode == 0, push.stderr
         empty = LocalStore.open(tmp_path / "empty")
         r = snapstore(empty, "restore", "--match", "app=remote", "--remote", remote,
-                      "--json", env=env)
+                      "--lazy", "--json", env=env)
         assert r.returncode == 0, r.stderr
         pid = int(json.loads(r.stdout)["pid"])
         try:
@@ -235,25 +248,60 @@ def test_failures_are_one_line_and_leave_nothing(
     finally:
         kill(child.pid)
 
-    # A damaged page chunk: CRIU reads EIO through the mount, the restore fails and no
-    # task of the tree is left.
+    # A damaged chunk at the start of the pages file (pages CRIU restores itself): CRIU
+    # reads EIO through the mount, the restore fails and no task of the tree is left.
     manifest = store.get_manifest(store.resolve("py"))
     pages = next(e for e in manifest.files() if e.path.startswith("pages-"))
-    chunk = next(x.chunk for x in pages.extents if x.chunk is not None)
+    corrupt(store, next(x.chunk for x in pages.extents if x.chunk is not None))
+    bad = snapstore(store, "restore", "--from", "py")
+    assert bad.returncode == 4, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    assert "criu restore failed: Can't read pages data (-5)" in bad.stderr
+    assert not alive(child.pid)
+    assert list(store.work_root.iterdir()) == []
+    missing = snapstore(store, "restore", "--from", "py", "--criu", str(tmp_path / "nope"))
+    assert missing.returncode == 1
+    assert "is not CRIU >= 4" in missing.stderr
+
+
+def corrupt(store: LocalStore, chunk: ChunkId) -> None:
     path = store.chunk_path(chunk)
     blob = bytearray(path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     path.chmod(0o644)
     path.write_bytes(bytes(blob))
-    bad = snapstore(store, "restore", "--from", "py")
-    assert bad.returncode == 4, bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1 and "criu restore failed" in bad.stderr
-    assert not alive(child.pid)
-    assert list(store.work_root.iterdir()) == []
 
-    missing = snapstore(store, "restore", "--from", "py", "--criu", str(tmp_path / "nope"))
-    assert missing.returncode == 1
-    assert "is not CRIU >= 4" in missing.stderr
+
+def test_a_damaged_lazy_page_kills_the_restored_tree(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    child = Child(tmp_path)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py").returncode == 0
+    child.wait_dead()
+    manifest = store.get_manifest(store.resolve("py"))
+    export(store, manifest, tmp_path / "images")
+    pagemap = read_pagemap(tmp_path / "images" / f"pagemap-{child.pid}.img")
+    lazy = [(e.offset, e.offset + e.nr_pages * PAGE_SIZE) for e in pagemap.lazy_extents()]
+    # A chunk of the pages file that holds lazy pages only: CRIU reads none of it, the
+    # lazy-pages daemon meets the damage when it installs those pages.
+    pages = next(e for e in manifest.files() if e.path == pagemap.pages_file)
+    offset, victim = 0, None
+    for x in pages.extents:
+        if x.chunk is not None and any(a <= offset and offset + x.size <= b for a, b in lazy):
+            victim = x.chunk
+            break
+        offset += x.size
+    assert victim is not None, "no chunk of lazy pages only"
+    corrupt(store, victim)
+
+    r = snapstore(store, "restore", "--from", "py", "--lazy")
+    assert r.returncode == 4, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not its memory" in r.stderr and "killed it" in r.stderr, r.stderr
+    # Killed, never left waiting on the page or given a wrong one.
+    wait_until(lambda: not alive(child.pid), "the restored tree to be killed")
+    kill(child.pid)
+    assert list(store.work_root.iterdir()) == []
+    assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
 
 
 class FakeDriver:

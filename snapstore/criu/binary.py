@@ -3,6 +3,7 @@ failure reported as one line from its log."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -57,11 +58,14 @@ class Criu:
             cmd.append("--leave-running")
         self._run(cmd, work / "dump.log", f"criu dump of pid {pid}")
 
-    def restore(self, images: Path, work: Path) -> int:
-        """Restore the tree in `images`, detached; its root's pid once it runs."""
+    def restore(self, images: Path, work: Path, lazy_pages: bool = False) -> int:
+        """Restore the tree in `images`, detached; its root's pid once it runs. With
+        `lazy_pages`, private anonymous memory is left to the daemon listening in `work`."""
         pidfile = work / "restored.pid"
         cmd = [self.path, "restore", "-D", str(images), "-W", str(work), "-d",
                "-o", "restore.log", "-v2", "--pidfile", str(pidfile)]
+        if lazy_pages:
+            cmd.append("--lazy-pages")
         try:
             self._run(cmd, work / "restore.log", "criu restore")
         except CriuError as e:
@@ -85,6 +89,7 @@ class Criu:
             raise CriuError(f"{what} failed: {_last_error(log, proc.stderr)}")
 
 
+_ERROR_RE = re.compile(r"Error \([^)]*\): (.*)")
 _BUSY_PID_RE = re.compile(r"Can't fork for (\d+): File exists")
 _VERSION_RE = re.compile(r"^Version:\s*(\d+(?:\.\d+)*)", re.MULTILINE)
 
@@ -106,15 +111,19 @@ _NOT_A_CAUSE = ("FAILED", "RLIMIT_NOFILE")
 
 def _last_error(log: Path, stderr: str) -> str:
     """The first `Error (file:line): message` of CRIU's log that names a cause (the later
-    ones follow from it); only read after a failure."""
+    ones follow from it); only read after a failure. The restorer's lines carry a prefix
+    (`pie: PID: Error (...)`)."""
     try:
         text = log.read_text(errors="replace")
     except OSError:
         text = stderr
-    errors = [line.split("): ", 1)[-1].strip() for line in text.splitlines()
-              if line.startswith("Error (")]
+    errors = [m.group(1).strip() for m in _ERROR_RE.finditer(text)]
     causes = [e for e in errors if not any(word in e for word in _NOT_A_CAUSE)]
     if causes or errors:
-        return (causes or errors)[0]
+        cause = (causes or errors)[0]
+        if cause.endswith(f"({-errno.EIO})"):
+            cause += (" (an I/O error reading the images: a chunk of the snapshot failed its "
+                      "check or could not be fetched)")
+        return cause
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "no log"

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from snapstore.criu.binary import Criu, CriuError
+from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError
 from snapstore.errors import RestoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, ingest
@@ -21,6 +22,8 @@ from snapstore.workflow import gpu_labels, mounted, pick, release
 LOCK_TIMEOUT_MS = 10_000
 RUNTIME_LABEL = "runtime"
 CUDA_LABEL = "cuda"
+# How long a lazy restore may take to install the whole memory once the tree runs.
+LAZY_TIMEOUT = 600.0
 
 
 def compat_labels(criu: Criu) -> dict[str, str]:
@@ -91,13 +94,16 @@ class RestoreReport:
 
 
 def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str],
-            remote: str | None = None,
+            remote: str | None = None, lazy: bool = False,
             api: cuda.CheckpointApi | None = None) -> RestoreReport:
     """Restore the newest snapshot matching `match` (or `ref`) and return once its root
-    process runs, its CUDA state back on the GPU.
+    process runs, its CUDA state back on the GPU, and all its memory in.
 
-    CRIU reads the images through a lazy mount of the snapshot. A tree that was restored
-    but cannot get its GPU state back is killed, never left half restored.
+    CRIU reads the images through a lazy mount of the snapshot. With `lazy`, CRIU restores
+    everything but the private anonymous memory, which snapstore's lazy-pages daemon
+    installs: demand faults first, the rest in large parallel copies once the tree runs.
+    A tree that was restored but cannot get its memory or GPU state back is killed, never
+    left half restored.
     """
     start = time.monotonic()
     stages: dict[str, float] = {}
@@ -117,20 +123,38 @@ def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str
             raise RestoreError(f"snapshot {snapshot[:12]} is not a CRIU checkpoint "
                                "(no inventory.img)")
         with store.work_dir("criu-restore") as work:
+            daemon = LazyPagesDaemon(mnt, work) if lazy else None
             try:
-                pid = criu.restore(mnt, work)
-            except CriuError as e:
-                raise RestoreError(str(e)) from None
-        t = stage("criu_restore", t)
+                if daemon is not None:
+                    daemon.start()
+                try:
+                    pid = criu.restore(mnt, work, lazy_pages=lazy)
+                except CriuError as e:
+                    raise RestoreError(str(e)) from None
+                t = stage("criu_restore", t)
+                api = api or cuda.open_api()
+                if _has_cuda(api, pid):
+                    _cuda_restore(api, pid)
+                    t = stage("cuda_restore", t)
+                if daemon is not None:
+                    try:
+                        daemon.wait(LAZY_TIMEOUT)
+                    except LazyPagesError as e:
+                        raise RestoreError(f"restored pid {pid} but not its memory ({e}); "
+                                           "killed it") from None
+                    t = stage("memory_complete", t)
+            finally:
+                if daemon is not None:
+                    daemon.close()
         mount_left = None if release(mnt) else str(mnt)
-    api = api or cuda.open_api()
-    if _has_cuda(api, pid):
-        try:
-            _give_gpu_back(api, pid)
-        except BaseException as e:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            raise RestoreError(f"restored pid {pid} but not its CUDA state ({e}); "
-                               "killed it") from None
-        t = stage("cuda_restore", t)
     return RestoreReport(pid, snapshot, source, time.monotonic() - start, stages, mount_left)
+
+
+def _cuda_restore(api: cuda.CheckpointApi, pid: int) -> None:
+    try:
+        _give_gpu_back(api, pid)
+    except BaseException as e:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise RestoreError(f"restored pid {pid} but not its CUDA state ({e}); "
+                           "killed it") from None

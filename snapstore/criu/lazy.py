@@ -1,0 +1,529 @@
+"""snapstore as CRIU's lazy-pages daemon: serves the restored tasks' lazy memory (private
+anonymous pages) from the snapshot's pages files, demand faults first, and copies every
+other page in large parallel UFFDIO_COPYs once the restore is done.
+
+Protocol (CRIU `criu/uffd.c`): `criu restore --lazy-pages -W WORK` connects to
+`WORK/lazy-pages.socket` and sends, per task, its pid as a native int and then its
+userfaultfd by SCM_RIGHTS (a zombie sends -pid and no descriptor), and finally
+0x52535446 ("RSTF") once every task is restored, just before they resume. The daemon
+handles the userfaultfd events CRIU enables: page faults, fork (a new userfaultfd for the
+child), remap, remove and unmap. docs/criu.md has the invariants; in short:
+- a page is installed only from its pages file through the snapshot mount (hash-checked);
+- a range that an UNMAP or REMOVE event dropped is never filled afterwards: each task's
+  event reads and every copy retried after EAGAIN (the kernel's answer while a mapping
+  change is pending) happen under the task's lock, after checking the range is still wanted;
+- a page the daemon cannot serve kills the restored tree: no task waits on it forever.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapstore.criu.images import PAGE_SIZE, Pagemap, read_pagemap, read_vma_bounds
+from snapstore.errors import SnapstoreError
+
+SOCKET_NAME = "lazy-pages.socket"
+RESTORE_FINISHED = 0x52535446
+# Bytes installed per demand fault: the faulting page and its neighbours in the same range.
+FAULT_AROUND = 64 << 10
+# Bytes per prefetch copy: large enough that the kernel's copy dominates the call.
+PREFETCH_BYTES = 2 << 20
+
+_UFFD_EVENT_PAGEFAULT = 0x12
+_UFFD_EVENT_FORK = 0x13
+_UFFD_EVENT_REMAP = 0x14
+_UFFD_EVENT_REMOVE = 0x15
+_UFFD_EVENT_UNMAP = 0x16
+_MSG_SIZE = 32
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (0xAA << 8) | nr
+
+
+_UFFDIO_UNREGISTER = _ioc(2, 0x01, 16)
+_UFFDIO_WAKE = _ioc(2, 0x02, 16)
+_UFFDIO_COPY = _ioc(3, 0x03, 40)
+_UFFDIO_ZEROPAGE = _ioc(3, 0x04, 32)
+
+
+class LazyPagesError(SnapstoreError):
+    """The daemon could not serve a restored task; the task was killed."""
+
+
+@dataclass(slots=True)
+class Span:
+    """Pages still to install: [start, end) in the task now, from `offset` of the pages
+    file. `dropped` is set when the task unmapped or removed it while it was in flight."""
+
+    start: int
+    end: int
+    offset: int
+    dropped: bool = False
+
+
+@dataclass(slots=True)
+class Task:
+    pid: int
+    uffd: int
+    pages: int  # descriptor of the task's pages file on the mount
+    pending: list[Span]  # sorted by start, disjoint
+    inflight: list[Span] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    gone: bool = False
+
+    def starts(self) -> list[int]:
+        return [s.start for s in self.pending]
+
+    def take(self, start: int, length: int) -> Span | None:
+        """Cut [start, start+length) clipped to the pending span holding `start`."""
+        i = bisect.bisect_right(self.starts(), start) - 1
+        if i < 0 or start >= self.pending[i].end:
+            return None
+        s = self.pending[i]
+        end = min(s.end, start + length)
+        cut = Span(start, end, s.offset + (start - s.start))
+        pieces = []
+        if s.start < start:
+            pieces.append(Span(s.start, start, s.offset))
+        if end < s.end:
+            pieces.append(Span(end, s.end, s.offset + (end - s.start)))
+        self.pending[i:i + 1] = pieces
+        self.inflight.append(cut)
+        return cut
+
+    def take_next(self, length: int) -> Span | None:
+        if not self.pending:
+            return None
+        return self.take(self.pending[0].start, length)
+
+    def in_flight(self, addr: int) -> bool:
+        return any(s.start <= addr < s.end for s in self.inflight)
+
+    def drop(self, start: int, end: int) -> None:
+        """The task unmapped or removed [start, end): nothing may be installed there."""
+        kept: list[Span] = []
+        for s in self.pending:
+            if s.end <= start or s.start >= end:
+                kept.append(s)
+                continue
+            if s.start < start:
+                kept.append(Span(s.start, start, s.offset))
+            if end < s.end:
+                kept.append(Span(end, s.end, s.offset + (end - s.start)))
+        self.pending = kept
+        for s in self.inflight:
+            if s.start < end and start < s.end:
+                s.dropped = True
+
+    def remap(self, old: int, new: int, length: int) -> None:
+        delta = new - old
+        for s in [*self.pending, *self.inflight]:
+            if old <= s.start and s.end <= old + length:
+                s.start += delta
+                s.end += delta
+        self.pending.sort(key=lambda s: s.start)
+
+
+@dataclass(slots=True)
+class Stats:
+    faults: int = 0
+    fault_bytes: int = 0
+    prefetched_bytes: int = 0
+    zero_pages: int = 0
+    tasks: int = 0
+    first_fault_at: float | None = None
+    done_at: float | None = None
+
+
+class LazyPagesDaemon:
+    """Serves one `criu restore --lazy-pages` whose work directory is `work` and whose
+    images are in `images` (the snapshot mount). Call `start` before CRIU runs, `wait`
+    after it returned, `close` always."""
+
+    def __init__(self, images: Path, work: Path, threads: int | None = None) -> None:
+        self.images = images
+        self.work = work
+        self.threads = threads or min(8, os.cpu_count() or 2)
+        self.stats = Stats()
+        self.error: str | None = None
+        self._tasks: list[Task] = []
+        self._tasks_lock = threading.Lock()
+        self._finished = threading.Event()  # RSTF received
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self._threads: list[threading.Thread] = []
+        self._pages_fds: dict[int, int] = {}
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        # CRIU connects to the name relative to its work directory, which may be deeper
+        # than a socket address can name: bind through a descriptor of the directory.
+        work_fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._listener.bind(f"/proc/self/fd/{work_fd}/{SOCKET_NAME}")
+        finally:
+            os.close(work_fd)
+        self._listener.listen(1)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._spawn(self._accept, "lazy-accept")
+
+    def wait(self, timeout: float) -> None:
+        """Until every page of every task is installed (or its task is gone)."""
+        deadline = time.monotonic() + timeout
+        while not self._all_done():
+            if self.error is not None:
+                raise LazyPagesError(self.error)
+            if time.monotonic() > deadline:
+                self._fail("the lazy pages were not all installed in time")
+                raise LazyPagesError(self.error or "timed out")
+            time.sleep(0.005)
+        if self.error is not None:
+            raise LazyPagesError(self.error)
+        self.stats.done_at = time.monotonic()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self._listener.close()
+        for t in self._threads:
+            t.join(timeout=10)
+        for task in self._tasks:
+            with contextlib.suppress(OSError):
+                os.close(task.uffd)
+        for fd in self._pages_fds.values():
+            os.close(fd)
+        os.close(self._stop_r)
+        os.close(self._stop_w)
+
+    def pids(self) -> list[int]:
+        return [t.pid for t in self._tasks]
+
+    def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
+        t = threading.Thread(target=self._guard, args=(target, *args), name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _guard(self, target: Callable[..., None], *args: object) -> None:
+        try:
+            target(*args)
+        except Exception as e:
+            self._fail(f"{type(e).__name__}: {e}" if not isinstance(e, SnapstoreError)
+                       else str(e))
+
+    def _fail(self, why: str) -> None:
+        """Never leave a restored task waiting on a page nobody will install."""
+        if self.error is None:
+            self.error = why
+        for task in self._tasks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(task.pid, signal.SIGKILL)
+            task.gone = True
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+
+    def _all_done(self) -> bool:
+        if not self._finished.is_set():
+            return False
+        with self._tasks_lock:
+            return all(t.gone or (not t.pending and not t.inflight) for t in self._tasks)
+
+    # -- CRIU's socket --------------------------------------------------------------
+
+    def _accept(self) -> None:
+        ready, _, _ = select.select([self._listener.fileno(), self._stop_r], [], [])
+        if self._stop_r in ready:
+            return
+        conn, _ = self._listener.accept()
+        with conn:
+            while True:
+                word = _recv_exact(conn, 4, self._stop_r)
+                if word is None:
+                    return
+                (value,) = struct.unpack("i", word)
+                if value == RESTORE_FINISHED:
+                    self._finished.set()
+                    for i in range(self.threads):
+                        self._spawn(self._prefetch, f"lazy-prefetch-{i}")
+                    return
+                if value < 0:  # a zombie: no memory, no descriptor
+                    continue
+                _, fds, _, _ = socket.recv_fds(conn, 16, 1)
+                if len(fds) != 1:
+                    raise LazyPagesError(f"CRIU sent pid {value} without its userfaultfd")
+                self._add_task(value, fds[0])
+
+    def _add_task(self, pid: int, uffd: int) -> None:
+        pagemap = read_pagemap(self.images / f"pagemap-{pid}.img")
+        vmas = read_vma_bounds(self.images / f"mm-{pid}.img")
+        task = Task(pid, uffd, self._pages_fd(pagemap), _spans(pagemap, vmas))
+        with self._tasks_lock:
+            self._tasks.append(task)
+            self.stats.tasks += 1
+        self._spawn(self._serve_events, f"lazy-events-{pid}", task)
+
+    def _pages_fd(self, pagemap: Pagemap) -> int:
+        if pagemap.pages_id not in self._pages_fds:
+            self._pages_fds[pagemap.pages_id] = os.open(
+                self.images / pagemap.pages_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        return self._pages_fds[pagemap.pages_id]
+
+    # -- faults and events ------------------------------------------------------------
+
+    def _serve_events(self, task: Task) -> None:
+        buf = _Buffer(FAULT_AROUND)
+        poller = select.poll()
+        poller.register(task.uffd, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
+        while not task.gone:
+            events = dict(poller.poll())
+            if self._stop_r in events:
+                return
+            if events.get(task.uffd, 0) & (select.POLLERR | select.POLLHUP):
+                task.gone = True
+                return
+            with task.lock:
+                try:
+                    msg = os.read(task.uffd, _MSG_SIZE)
+                except BlockingIOError:
+                    continue
+                if len(msg) != _MSG_SIZE:
+                    raise LazyPagesError(f"short userfaultfd read from pid {task.pid}")
+                event = msg[0]
+                if event == _UFFD_EVENT_PAGEFAULT:
+                    (addr,) = struct.unpack_from("Q", msg, 16)
+                    span = self._fault_span(task, addr & ~(PAGE_SIZE - 1))
+                elif event == _UFFD_EVENT_FORK:
+                    (child_uffd,) = struct.unpack_from("I", msg, 8)
+                    self._fork(task, child_uffd)
+                    continue
+                elif event == _UFFD_EVENT_REMAP:
+                    old, new, length = struct.unpack_from("QQQ", msg, 8)
+                    task.remap(old, new, length)
+                    continue
+                elif event in (_UFFD_EVENT_REMOVE, _UFFD_EVENT_UNMAP):
+                    start, end = struct.unpack_from("QQ", msg, 8)
+                    task.drop(start, end)
+                    if event == _UFFD_EVENT_REMOVE:
+                        # Later faults there are the kernel's (zero pages), not ours.
+                        _ioctl_range(task.uffd, _UFFDIO_UNREGISTER, start, end - start)
+                    continue
+                else:
+                    raise LazyPagesError(f"unexpected userfaultfd event {event:#x} "
+                                         f"from pid {task.pid}")
+            if span is not None:
+                self._install(task, span, buf, demand=True)
+
+    def _fault_span(self, task: Task, addr: int) -> Span | None:
+        """Under the task's lock: what to install for a fault at `addr`."""
+        if self.stats.first_fault_at is None:
+            self.stats.first_fault_at = time.monotonic()
+        span = task.take(addr, FAULT_AROUND)
+        if span is None and not task.in_flight(addr):
+            # Not lazy memory, or installed since the fault was queued: a zero page
+            # where nothing is there, a wake-up where something is (EEXIST).
+            self.stats.zero_pages += 1
+            _zeropage(task, addr)
+        return span
+
+    def _fork(self, parent: Task, child_uffd: int) -> None:
+        """The child starts with what its parent still had to install, from the same file."""
+        child = Task(parent.pid, child_uffd, parent.pages,
+                     [Span(s.start, s.end, s.offset) for s in [*parent.pending,
+                                                               *parent.inflight]
+                      if not s.dropped])
+        child.pending.sort(key=lambda s: s.start)
+        with self._tasks_lock:
+            self._tasks.append(child)
+            self.stats.tasks += 1
+        self._spawn(self._serve_events, f"lazy-events-{parent.pid}-child", child)
+
+    # -- copying ------------------------------------------------------------------------
+
+    def _prefetch(self) -> None:
+        buf = _Buffer(PREFETCH_BYTES)
+        while self.error is None:
+            work = self._next_prefetch()
+            if work is None:
+                return
+            self._install(*work, buf, demand=False)
+
+    def _next_prefetch(self) -> tuple[Task, Span] | None:
+        with self._tasks_lock:
+            tasks = [t for t in self._tasks if not t.gone and t.pending]
+        # The task with the most left first: the largest tree member dominates the time.
+        for task in sorted(tasks, key=lambda t: -sum(s.end - s.start for s in t.pending)):
+            with task.lock:
+                span = task.take_next(PREFETCH_BYTES)
+            if span is not None:
+                return task, span
+        return None
+
+    def _install(self, task: Task, span: Span, buf: _Buffer, demand: bool) -> None:
+        length = span.end - span.start
+        try:
+            data = buf.read(task.pages, span.offset, length)
+        except OSError as e:
+            self._fail(f"cannot read the pages of pid {task.pid} at offset {span.offset}: "
+                       f"{e.strerror} (snapshot damaged or remote unreachable)")
+            return
+        if data < length:
+            self._fail(f"the pages file of pid {task.pid} ends before offset "
+                       f"{span.offset + length}")
+            return
+        try:
+            self._copy(task, span, buf)
+        finally:
+            with task.lock:
+                task.inflight.remove(span)
+        if demand:
+            self.stats.faults += 1
+            self.stats.fault_bytes += length
+        else:
+            self.stats.prefetched_bytes += length
+
+    def _copy(self, task: Task, span: Span, buf: _Buffer) -> None:
+        """Install the span's bytes (read into `buf`) page range by page range. Once the
+        daemon closes a userfaultfd, a page it did not install reads as zeros: every page
+        of the span is installed, found installed, or proven unmapped."""
+        done = 0
+        locked = False
+        page_by_page = False
+        while done < span.end - span.start:
+            if locked:
+                task.lock.acquire()
+            try:
+                if span.dropped or task.gone:
+                    return
+                left = span.end - span.start - done
+                res = _uffd_copy(task.uffd, span.start + done, buf.address + done,
+                                 PAGE_SIZE if page_by_page else left)
+            finally:
+                if locked:
+                    task.lock.release()
+            if res.copied > 0:
+                done += res.copied
+            if res.error == 0:
+                continue
+            if res.error == errno.EEXIST:
+                # Installed already (a fault raced the prefetch): skip that page.
+                done = (done // PAGE_SIZE + 1) * PAGE_SIZE
+            elif res.error == errno.EAGAIN:
+                # A mapping change is pending: retry under the lock, after the event
+                # thread has applied it (and maybe dropped or moved this span).
+                locked = True
+                time.sleep(0.0005)
+            elif res.error == errno.ENOENT and not page_by_page:
+                # The range crosses a memory area boundary the task made since the dump
+                # (mprotect splits an area, without an event): one page at a time.
+                page_by_page = True
+            elif res.error == errno.ENOENT:
+                done += PAGE_SIZE  # that page is not mapped
+            elif res.error == errno.ESRCH:
+                task.gone = True
+                return
+            else:
+                self._fail(f"UFFDIO_COPY into pid {task.pid} failed: "
+                           f"{os.strerror(res.error)}")
+                return
+
+
+@dataclass(frozen=True, slots=True)
+class _CopyResult:
+    copied: int
+    error: int
+
+
+def _uffd_copy(uffd: int, dst: int, src: int, length: int) -> _CopyResult:
+    arg = bytearray(struct.pack("QQQQq", dst, src, length, 0, 0))
+    try:
+        fcntl.ioctl(uffd, _UFFDIO_COPY, arg, True)
+        error = 0
+    except OSError as e:
+        error = e.errno or errno.EIO
+    copied = struct.unpack_from("q", arg, 32)[0]
+    return _CopyResult(max(copied, 0), error)
+
+
+def _zeropage(task: Task, addr: int) -> None:
+    arg = bytearray(struct.pack("QQQq", addr, PAGE_SIZE, 0, 0))
+    try:
+        fcntl.ioctl(task.uffd, _UFFDIO_ZEROPAGE, arg, True)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            _ioctl_range(task.uffd, _UFFDIO_WAKE, addr, PAGE_SIZE)
+        elif e.errno in (errno.ESRCH, errno.ENOENT):
+            task.gone = e.errno == errno.ESRCH
+        else:
+            raise
+
+
+def _ioctl_range(uffd: int, request: int, start: int, length: int) -> None:
+    try:
+        fcntl.ioctl(uffd, request, bytearray(struct.pack("QQ", start, length)), True)
+    except OSError as e:
+        # ENOMEM: the task's memory is gone already; nothing to unregister or wake.
+        if e.errno not in (errno.ENOMEM, errno.ENOENT, errno.ESRCH):
+            raise
+
+
+class _Buffer:
+    """A page-aligned buffer of one thread, read into with preadv and copied from by
+    address (UFFDIO_COPY takes a source address)."""
+
+    def __init__(self, size: int) -> None:
+        self._map = mmap.mmap(-1, size)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
+        self._view = memoryview(self._map)
+
+    def read(self, fd: int, offset: int, length: int) -> int:
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [self._view[got:length]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+
+def _spans(pagemap: Pagemap, vmas: list[tuple[int, int]]) -> list[Span]:
+    """The lazy extents, cut at memory area bounds: a UFFDIO_COPY that crosses one fails
+    with ENOENT, like one into memory that is not mapped at all."""
+    cuts = sorted({b for vma in vmas for b in vma})
+    spans = []
+    for e in pagemap.lazy_extents():
+        start = e.vaddr
+        for cut in cuts[bisect.bisect_right(cuts, e.vaddr):bisect.bisect_left(cuts, e.end)]:
+            spans.append(Span(start, cut, e.offset + (start - e.vaddr)))
+            start = cut
+        spans.append(Span(start, e.end, e.offset + (start - e.vaddr)))
+    return sorted(spans, key=lambda s: s.start)
+
+
+def _recv_exact(conn: socket.socket, n: int, stop_fd: int) -> bytes | None:
+    out = b""
+    while len(out) < n:
+        ready, _, _ = select.select([conn.fileno(), stop_fd], [], [])
+        if stop_fd in ready:
+            return None
+        chunk = conn.recv(n - len(out))
+        if not chunk:
+            return None
+        out += chunk
+    return out
+
