@@ -1,18 +1,24 @@
-"""The built-in example (`make demo`): store a real runsc checkpoint and a memory image.
+"""The built-in example (`make demo`): store a real runsc checkpoint, a CRIU checkpoint
+and a memory image.
 
 It checkpoints a busybox container with runsc, stores the checkpoint, restores the
-container with runsc from a lazy FUSE mount of it, generates a memory-like image and an
-edited copy, ingests them, shows what was stored and how much deduplicated, exports
-everything back and checks it.
+container with runsc from a lazy FUSE mount of it; checkpoints a counting shell with CRIU
+and restores it with snapstore as CRIU's lazy-pages daemon; generates a memory-like image
+and an edited copy, ingests them, shows what was stored and how much deduplicated,
+exports everything back and checks it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import filecmp
+import io
 import os
 import shutil
-import sys
+import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -23,18 +29,56 @@ from snapstore.runsc import Runsc, new_container_id
 from snapstore.statefile import memory_of
 
 PAGE = 4096
+PR_SET_CHILD_SUBREAPER = 36
+# Counts into a file, once per 0.1 s; no terminal, nothing open but /dev/null: CRIU dumps it.
+COUNTER = 'i=0; while :; do i=$((i+1)); echo $i > "$0.tmp"; mv "$0.tmp" "$0"; sleep 0.1; done'
 
 
 def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def run(store: Path, *args: str) -> None:
+def run(store: Path, *args: str) -> str:
+    """Run a snapstore command as a user would; what it printed on stdout."""
     print(f"$ snapstore {' '.join(args)}", flush=True)
-    code = cli(["--store", str(store), *args])
-    sys.stdout.flush()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli(["--store", str(store), *args])
+    print(out.getvalue(), end="", flush=True)
     if code != 0:
         raise SystemExit(f"demo: `snapstore {' '.join(args)}` exited {code}")
+    return out.getvalue()
+
+
+def wait_count_above(path: Path, value: int) -> int:
+    deadline = time.monotonic() + 30
+    while not path.exists() or int(path.read_text() or 0) <= value:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: the counter in {path} did not pass {value}")
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def criu_round_trip(store: Path, work: Path) -> None:
+    step("checkpoint a counting shell with CRIU, restore it lazily from the store")
+    counter = work / "criu-counter"
+    proc = subprocess.Popen(["sh", "-c", COUNTER, str(counter)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    wait_count_above(counter, 5)
+    run(store, "checkpoint", "--pid", str(proc.pid), "--tag", "shell-counter",
+        "--label", "kind=criu")
+    proc.wait()
+    stopped = int(counter.read_text())
+    # The restored shell is left to the nearest subreaper: this process, which reaps it.
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    pid = int(run(store, "restore", "--from", "shell-counter", "--lazy").split()[-1])
+    try:
+        print(f"counter stopped at {stopped}; restored as pid {pid}, it went on to "
+              f"{wait_count_above(counter, stopped + 5)}")
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -71,6 +115,8 @@ def demo(work: Path, image_mib: int) -> None:
         print(f"counter stopped at {ckpt.counter}; restored, it went on to "
               f"{examples.read_counter(ckpt.bundle)}")
         rs.destroy(cid)
+
+    criu_round_trip(store, work)
 
     step(f"generate a {image_mib} MiB memory-like image and an edited copy")
     mem1, mem2 = work / "memory-1", work / "memory-2"

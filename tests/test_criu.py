@@ -5,6 +5,7 @@ The CUDA calls go through a fake driver (CI has no GPU)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -31,13 +32,13 @@ from tests.s3proxy import make_bucket, moto_server, s3_env
 
 PR_SET_CHILD_SUBREAPER = 36
 
-# Holds 16 MiB of seeded random data; on SIGUSR1 writes its SHA-256 and pid to REPORT;
+# Holds SIZE bytes of seeded random data; on SIGUSR1 writes its SHA-256 and pid to REPORT;
 # counts in COUNTER while it runs.
 CHILD = """
 import hashlib, os, signal, sys, time
 import numpy as np
-data = np.random.default_rng(7).integers(0, 2**63, size=(16 << 20) // 8, dtype=np.int64)
-report_path, counter_path = sys.argv[1], sys.argv[2]
+report_path, counter_path, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
+data = np.random.default_rng(7).integers(0, 2**63, size=size // 8, dtype=np.int64)
 def report(*_):
     with open(report_path + ".tmp", "w") as f:
         f.write(hashlib.sha256(data.tobytes()).hexdigest() + " " + str(os.getpid()))
@@ -52,8 +53,15 @@ while True:
     os.rename(counter_path + ".tmp", counter_path)
     time.sleep(0.02)
 """
-EXPECTED = hashlib.sha256(np.random.default_rng(7).integers(
-    0, 2**63, size=(16 << 20) // 8, dtype=np.int64).tobytes()).hexdigest()
+SIZE = 16 << 20
+
+
+def digest_of(size: int) -> str:
+    return hashlib.sha256(np.random.default_rng(7).integers(
+        0, 2**63, size=size // 8, dtype=np.int64).tobytes()).hexdigest()
+
+
+EXPECTED = digest_of(SIZE)
 
 
 def criu_or_skip() -> Criu:
@@ -98,11 +106,11 @@ class Child:
     """The test process: started in its own session with no terminal, stdio to /dev/null
     (CRIU dumps neither a terminal nor a pipe to a process outside the tree)."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, size: int = SIZE) -> None:
         self.report = tmp / "report"
         self.counter = tmp / "counter"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(self.report), str(self.counter)],
+            [sys.executable, "-c", CHILD, str(self.report), str(self.counter), str(size)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
         wait_until(lambda: self.counter.exists(), "the child to start")
@@ -196,7 +204,7 @@ def test_a_second_checkpoint_of_one_process_adds_little(
     finally:
         kill(child.pid)
         child.wait_dead()
-    assert first.logical_bytes > 16 << 20
+    assert first.logical_bytes > SIZE
     assert second.new_stored_bytes < first.new_stored_bytes * 0.2, (first, second)
 
 
@@ -302,6 +310,73 @@ def test_a_damaged_lazy_page_kills_the_restored_tree(
     kill(child.pid)
     assert list(store.work_root.iterdir()) == []
     assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
+
+
+def processes_named(needle: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def exit_signal(pid: int, timeout: float = 30.0) -> int:
+    """Reap `pid` (a child of this subreaper) and return the signal that ended it."""
+    status: list[int] = []
+
+    def reaped() -> bool:
+        got, st = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            status.append(st)
+        return bool(status)
+
+    wait_until(reaped, f"pid {pid} to end", timeout)
+    assert os.WIFSIGNALED(status[0]), f"pid {pid} exited with {status[0]:#x}"
+    return os.WTERMSIG(status[0])
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Rss:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no Rss for {pid}")
+
+
+def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    size = 256 << 20
+    child = Child(tmp_path, size)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
+    child.wait_dead()
+    restore = subprocess.Popen(
+        [sys.executable, "-m", "snapstore", "--store", str(store.root), "restore", "--from",
+         "big", "--lazy"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # CRIU exits once the tree runs; the daemon is still installing pages then.
+        wait_until(lambda: processes_named("--lazy-pages") != [], "criu restore to start")
+        wait_until(lambda: processes_named("--lazy-pages") == [], "criu restore to end")
+        os.kill(restore.pid, signal.SIGSTOP)
+        assert alive(child.pid)
+        assert rss(child.pid) < size, "the daemon had installed every page already"
+        # The restore command dies with pages still to install: its watchdog must kill
+        # the tree, which would otherwise read those pages as zeros.
+        os.kill(restore.pid, signal.SIGKILL)
+        restore.wait(timeout=30)
+        # Killed by the watchdog: not crashed on a zeroed page, not running on with one.
+        assert exit_signal(child.pid) == signal.SIGKILL
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(restore.pid, signal.SIGKILL)
+        restore.wait(timeout=30)
+        kill(child.pid)
+        for mount in Path("/proc/self/mountinfo").read_text().splitlines():
+            if "snapstore-restore-" in mount:
+                subprocess.run([sys.executable, "-m", "snapstore", "--store", str(store.root),
+                                "umount", mount.split()[4]], check=False, timeout=60)
 
 
 class FakeDriver:

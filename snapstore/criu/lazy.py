@@ -12,7 +12,10 @@ child), remap, remove and unmap. docs/criu.md has the invariants; in short:
 - a range that an UNMAP or REMOVE event dropped is never filled afterwards: each task's
   event reads and every copy retried after EAGAIN (the kernel's answer while a mapping
   change is pending) happen under the task's lock, after checking the range is still wanted;
-- a page the daemon cannot serve kills the restored tree: no task waits on it forever.
+- a page the daemon cannot serve kills the restored tree: no task waits on it forever;
+- a watchdog process (`snapstore.criu.watchdog`) holds a duplicate of every userfaultfd
+  and kills the tree if this process dies before every page is in, so that an absent page
+  is never read as zeros.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ import select
 import signal
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapstore.criu import watchdog
 from snapstore.criu.images import PAGE_SIZE, Pagemap, read_pagemap, read_vma_bounds
 from snapstore.errors import SnapstoreError
 
@@ -177,6 +182,8 @@ class LazyPagesDaemon:
         finally:
             os.close(work_fd)
         self._listener.listen(1)
+        self._watchdog, self._watchdog_proc = watchdog.start()
+        self._watchdog_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -196,11 +203,20 @@ class LazyPagesDaemon:
         if self.error is not None:
             raise LazyPagesError(self.error)
         self.stats.done_at = time.monotonic()
+        with self._watchdog_lock:
+            watchdog.release(self._watchdog)
 
     def close(self) -> None:
+        """Stop serving. Unless `wait` saw every page in, the watchdog kills the tree."""
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
         self._listener.close()
+        self._watchdog.close()
+        try:
+            self._watchdog_proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._watchdog_proc.kill()
+            self._watchdog_proc.wait()
         for t in self._threads:
             t.join(timeout=10)
         for task in self._tasks:
@@ -272,10 +288,15 @@ class LazyPagesDaemon:
         pagemap = read_pagemap(self.images / f"pagemap-{pid}.img")
         vmas = read_vma_bounds(self.images / f"mm-{pid}.img")
         task = Task(pid, uffd, self._pages_fd(pagemap), _spans(pagemap, vmas))
+        self._guard_uffd(pid, uffd)
         with self._tasks_lock:
             self._tasks.append(task)
             self.stats.tasks += 1
         self._spawn(self._serve_events, f"lazy-events-{pid}", task)
+
+    def _guard_uffd(self, pid: int, uffd: int) -> None:
+        with self._watchdog_lock:
+            watchdog.guard(self._watchdog, pid, uffd)
 
     def _pages_fd(self, pagemap: Pagemap) -> int:
         if pagemap.pages_id not in self._pages_fds:
@@ -348,6 +369,7 @@ class LazyPagesDaemon:
                                                                *parent.inflight]
                       if not s.dropped])
         child.pending.sort(key=lambda s: s.start)
+        self._guard_uffd(parent.pid, child_uffd)
         with self._tasks_lock:
             self._tasks.append(child)
             self.stats.tasks += 1
