@@ -88,7 +88,8 @@ class _Load:
 
 
 class ChunkCache:
-    """Decompressed, hash-checked chunks, at most `capacity` bytes, least recently used out.
+    """Decompressed, hash-checked chunks, at most `capacity` bytes (or the one chunk last
+    loaded, if it alone is larger), least recently used out.
 
     Any number of tasks may ask for the same chunk at once: one loads it, the others wait
     for that load's Event and share its bytes or its error.
@@ -103,6 +104,10 @@ class ChunkCache:
         self._loading: dict[ChunkId, _Load] = {}
         self._seen: set[ChunkId] = set()
         self.access_order: list[ChunkId] = []
+        # Chunks read ahead that no read has asked for yet, with their sizes: room they
+        # hold in the cache until a read uses them or they are evicted unused.
+        self._ahead: dict[ChunkId, int] = {}
+        self._ahead_bytes = 0
 
     def record(self, cid: ChunkId) -> None:
         """Note that `cid` is wanted, if it is the first time. Callers record before any
@@ -115,8 +120,25 @@ class ChunkCache:
         """Cached or being loaded: asking for it now would start no new load."""
         return cid in self._lru or cid in self._loading
 
+    def reserve_ahead(self, cid: ChunkId, size: int) -> bool:
+        """Claim room to read `cid` ahead of the reads, if what is read ahead and not yet
+        read stays within half the cache: the other half holds what reads are using, so
+        that nothing read ahead is evicted before it is read (and then loaded again)."""
+        if self._ahead_bytes + size > self._capacity // 2:
+            return False
+        self._ahead[cid] = size
+        self._ahead_bytes += size
+        return True
+
+    def release_ahead(self, cid: ChunkId) -> None:
+        size = self._ahead.pop(cid, None)
+        if size is not None:
+            self._ahead_bytes -= size
+
     async def get(self, cid: ChunkId, size: int, counted: bool = True) -> Chunk:
         self.record(cid)
+        if counted:
+            self.release_ahead(cid)
         data = self._lru.get(cid)
         if data is not None:
             self._lru.move_to_end(cid)
@@ -186,13 +208,15 @@ class ChunkCache:
             gate.release()
 
     def _insert(self, cid: ChunkId, data: Chunk) -> None:
-        if len(data) > self._capacity:
-            return
         self._lru[cid] = data
         self._bytes += len(data)
-        while self._bytes > self._capacity:
-            _, old = self._lru.popitem(last=False)
+        # The newest chunk stays even when it alone is larger than the cache: the next
+        # requests of a sequential read are most likely in it, and without it each would
+        # load the whole chunk again.
+        while self._bytes > self._capacity and len(self._lru) > 1:
+            old_cid, old = self._lru.popitem(last=False)
             self._bytes -= len(old)
+            self.release_ahead(old_cid)
         self._stats.cache_bytes = self._bytes
         self._stats.cache_chunks = len(self._lru)
 
@@ -299,6 +323,8 @@ class SnapshotReader:
                and self._prefetching < self._max_prefetch):
             x = node.extents[i]
             if x.chunk is not None and not self.cache.present(x.chunk):
+                if not self.cache.reserve_ahead(x.chunk, x.size):
+                    break
                 self._prefetching += 1
                 self._stats.prefetches += 1
                 self.cache.record(x.chunk)
@@ -310,6 +336,7 @@ class SnapshotReader:
         try:
             await self.cache.get(cid, size, counted=False)
         except ChunkError as e:
+            self.cache.release_ahead(cid)
             log.debug("prefetch failed: %s", e)
         finally:
             self._prefetching -= 1

@@ -594,3 +594,34 @@ def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
     assert "forced" not in out.stderr, out.stderr
     assert not alive(pid)
     assert snapstore(store, "verify").returncode == 0
+
+
+def test_read_ahead_loads_no_more_than_a_small_cache_holds(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """With the default chunk sizes (1 MiB average, up to 4) and a 1 MiB cache, a
+    sequential read in 1 MiB requests loads each chunk about once: read-ahead that the
+    cache cannot hold would be evicted before it is read, and loaded again. The kernel's
+    own read-ahead is off, so the requests are the reads, one at a time."""
+    src = tmp_path / "image"
+    src.mkdir()
+    size = 48 << 20
+    (src / "checkpoint.img").write_bytes(random.Random(5).randbytes(size))
+    snapshot = ingest(store, src, "big").snapshot
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    snapstore(store, "mount", "big", str(mountpoint), "--cache-mem", "1M")
+    try:
+        m = Mount(store, mountpoint, snapshot)
+        with open(m.path / "checkpoint.img", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            while f.read(1 << 20):
+                pass
+        wait_until(lambda: json.loads(m.paths.stats.read_text())["bytes_served"] >= size,
+                   "the stats to count the whole read")
+        stats = json.loads(m.paths.stats.read_text())
+        assert stats["bytes_loaded"] <= 1.25 * size, stats
+    finally:
+        snapstore(store, "umount", str(mountpoint), check=False)
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
