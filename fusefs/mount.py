@@ -92,6 +92,9 @@ async def serve(
     table = InodeTable(manifest)
     stats = MountStats()
     cache = ChunkCache(reader, options.cache_bytes, stats)
+    # Bound before mounting: an address in use fails the mount with its own error, before
+    # there is a mount to take down.
+    listeners = await _metrics_listeners(options.metrics)
     with _signal_receiver() as signals:
         try:
             async with trio.open_nursery() as nursery:
@@ -105,8 +108,8 @@ async def serve(
                     nursery.start_soon(_terminate_on, signals)
                 if options.stats_path is not None:
                     nursery.start_soon(_write_stats_every, stats, options)
-                if options.metrics is not None:
-                    await nursery.start(_serve_metrics, stats, options.metrics)
+                if listeners:
+                    await nursery.start(_serve_metrics, stats, listeners)
                 if options.warm:
                     nursery.start_soon(cache.warm, options.warm)
                 if ready is not None:
@@ -115,14 +118,17 @@ async def serve(
                 # Unmounted: stop the stats writer, metrics and any prefetch still running.
                 nursery.cancel_scope.cancel()
         finally:
-            # Recorded before the unmount, so whoever sees the mount gone finds them written.
+            for listener in listeners:
+                listener.socket.close()
+            # Unmounted before anything is recorded: a record that fails (a full disk)
+            # must not leave readers a dead mount. Whoever waits for the records waits
+            # for the daemon to exit, as umount does.
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s: %s", mountpoint, json.dumps(stats.as_dict()))
             if options.stats_path is not None:
                 _write_stats(stats, options.stats_path)
             if options.access_path is not None and cache.access_order:
-                write_atomic(options.access_path,
-                             "".join(c.hex + "\n" for c in cache.access_order).encode())
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s: %s", mountpoint, json.dumps(stats.as_dict()))
+                _write_access_order(cache.access_order, options.access_path)
     return stats
 
 
@@ -175,9 +181,28 @@ def _write_stats(stats: MountStats, path: Path) -> None:
         log.warning("cannot write stats to %s: %s", path, e.strerror)
 
 
+def _write_access_order(order: list[ChunkId], path: Path) -> None:
+    try:
+        write_atomic(path, "".join(c.hex + "\n" for c in order).encode())
+    except OSError as e:
+        # Only the next --prefetch loses its order; the mount is already gone.
+        log.warning("cannot record the access order in %s: %s", path, e.strerror)
+
+
+async def _metrics_listeners(where: tuple[str, int] | None) -> list[trio.SocketListener]:
+    if where is None:
+        return []
+    host, port = where
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise SnapstoreError(f"cannot serve metrics on {host}:{port}: "
+                             f"{e.strerror or e}") from None
+
+
 async def _serve_metrics(
     stats: MountStats,
-    where: tuple[str, int],
+    listeners: list[trio.SocketListener],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def handle(stream: trio.SocketStream) -> None:
@@ -190,9 +215,9 @@ async def _serve_metrics(
                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             await stream.aclose()
 
-    host, port = where
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    for listener in listeners:
+        host, port = listener.socket.getsockname()[:2]
+        log.info("metrics on http://%s:%d/metrics", host, port)
     task_status.started()
     await trio.serve_listeners(handle, listeners)
 

@@ -227,8 +227,11 @@ def test_sigterm_unmounts_and_records_the_access_order(
 ) -> None:
     m = mount()
     (m.path / "checkpoint.img").read_bytes()
-    os.kill(m.pid, signal.SIGTERM)
-    wait_until(lambda: not is_mounted(m.path), "the unmount")
+    pid = m.pid
+    os.kill(pid, signal.SIGTERM)
+    # The daemon records the order after it unmounted, before it exits.
+    wait_until(lambda: not alive(pid), "the daemon to exit")
+    assert not is_mounted(m.path)
     order = access_path(store.root, m.snapshot).read_text().split()
     assert order
     assert len(set(order)) == len(order)
@@ -594,6 +597,66 @@ def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
     assert "forced" not in out.stderr, out.stderr
     assert not alive(pid)
     assert snapstore(store, "verify").returncode == 0
+
+
+# -- failures at the start and the end of a mount ------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        while is_mounted(path):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_sigterm_with_the_store_disk_full_still_unmounts(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "disk", "48m") as disk:
+        store = LocalStore.open(disk / "store")
+        snapshot = ingest(store, image_dir, "t", params=PARAMS).snapshot
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        snapstore(store, "mount", "t", str(mountpoint))
+        try:
+            m = Mount(store, mountpoint, snapshot)
+            pid = m.pid
+            assert (m.path / "checkpoint.img").read_bytes() == (
+                image_dir / "checkpoint.img").read_bytes()
+            with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+                while True:
+                    f.write(b"\xff" * 4096)
+                    f.flush()
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not alive(pid), "the daemon to end")
+            assert not is_mounted(mountpoint)
+            assert os.listdir(mountpoint) == []
+        finally:
+            if is_mounted(mountpoint):
+                subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_metrics_on_a_busy_port_fails_the_mount_in_one_line(
+    mount: Callable[..., Mount], store: LocalStore, tmp_path: Path
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = snapstore(store, "mount", "t", str(mountpoint), "--metrics",
+                        f"127.0.0.1:{port}", check=False)
+    assert out.returncode == 1, out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr and "Trio" not in out.stderr, out.stderr
+    assert not is_mounted(mountpoint)
+    assert read_state(MountPaths.of(store.root, mountpoint)) is None
 
 
 def test_read_ahead_loads_no_more_than_a_small_cache_holds(
