@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # (1 MiB) whatever this says; a larger window keeps several of them in flight.
 READ_AHEAD_KB = 4096
 
+# The filesystem type of every snapstore mount in mountinfo: how umount tells them from
+# anything else mounted.
+FSTYPE = "fuse.snapstore"
+
 
 @dataclass(frozen=True, slots=True)
 class MountOptions:
@@ -68,7 +72,7 @@ def fuse_options(options: MountOptions) -> set[str]:
     # No max_read=: libfuse ends the session when it differs from the max_read that
     # pyfuse3's init handler leaves at 0. Without it requests are bounded only by
     # max_pages, which libfuse negotiates at its 1 MiB maximum (docs/mount.md).
-    opts |= {"ro", f"fsname={options.fsname}", "subtype=snapstore"}
+    opts |= {"ro", f"fsname={options.fsname}", f"subtype={FSTYPE.removeprefix('fuse.')}"}
     if options.allow_other:
         opts.add("allow_other")
     return opts
@@ -323,20 +327,33 @@ def read_state(paths: MountPaths) -> dict[str, Any] | None:
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    return _mount_device(mountpoint) is not None
+    return _mount_at(mountpoint) is not None
 
 
-def _mount_device(mountpoint: Path) -> str | None:
-    """major:minor of the mount at `mountpoint`, read from mountinfo (a stat could hang
-    on a FUSE mount whose daemon is stuck)."""
+@dataclass(frozen=True, slots=True)
+class _MountEntry:
+    device: str
+    fstype: str
+
+
+def _mount_at(mountpoint: Path) -> _MountEntry | None:
+    """The mount on top at `mountpoint` (the last one mounted there), read from mountinfo:
+    a stat could hang on a FUSE mount whose daemon is stuck."""
     want = str(resolve(mountpoint))
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             if _unescape(fields[4]) == want:
-                found = fields[2]
+                # Optional fields, then "-", then the filesystem type.
+                found = _MountEntry(fields[2], fields[fields.index("-", 6) + 1])
     return found
+
+
+def _mount_device(mountpoint: Path) -> str | None:
+    """major:minor of the mount at `mountpoint`."""
+    found = _mount_at(mountpoint)
+    return found.device if found is not None else None
 
 
 def _unescape(field: str) -> str:
@@ -344,22 +361,24 @@ def _unescape(field: str) -> str:
 
 
 def unmount(mountpoint: Path, paths: MountPaths, timeout: float = 30.0) -> str:
-    """End the mount at `mountpoint`: ask its daemon (SIGTERM), then force what is left.
+    """End the snapstore mount at `mountpoint`: ask its daemon (SIGTERM), then force
+    what is left. Anything else mounted there is refused (SnapstoreError), untouched.
 
     Returns how it ended. Works after the daemon crashed ("Transport endpoint is not
-    connected"): fusermount3 -u, then a lazy umount.
+    connected"): fusermount3 -u, then a lazy umount; and when it was stopped (SIGSTOP):
+    it and its loaders are continued, so that they see the SIGTERM and end; a daemon that
+    has not ended after `timeout` seconds is killed with its loaders.
     """
+    mountpoint = resolve(mountpoint)
+    _check_ours(mountpoint)
     how = "not mounted"
-    state = read_state(paths)
-    pid = int(state["pid"]) if state and isinstance(state.get("pid"), int) else None
-    if pid is not None and state and _start_time(pid) == state.get("start_time"):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _start_time(pid) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        how = "daemon stopped"
+    pid = _daemon_pid(read_state(paths), mountpoint)
+    if pid is not None:
+        how = _stop_daemon(pid, timeout)
     if is_mounted(mountpoint):
         for cmd in (["fusermount3", "-u", "-q"], ["umount", "-l"]):
+            # Checked again before each: the mount on top may have changed meanwhile.
+            _check_ours(mountpoint)
             with contextlib.suppress(OSError):
                 subprocess.run([*cmd, str(mountpoint)], check=False, capture_output=True)
             if not is_mounted(mountpoint):
@@ -372,6 +391,73 @@ def unmount(mountpoint: Path, paths: MountPaths, timeout: float = 30.0) -> str:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return how
+
+
+def _check_ours(mountpoint: Path) -> None:
+    """Refuse unless what is mounted on top at `mountpoint`, if anything, is a snapstore
+    mount: every mount snapstore makes has the FUSE subtype "snapstore", and the kernel
+    shows it as the type, whatever state its daemon is in."""
+    found = _mount_at(mountpoint)
+    if found is not None and found.fstype != FSTYPE:
+        raise SnapstoreError(f"{mountpoint} is not a snapstore mount ({found.fstype}); "
+                             "nothing unmounted")
+
+
+def _daemon_pid(state: dict[str, Any] | None, mountpoint: Path) -> int | None:
+    """The pid of the daemon `state` records for `mountpoint`, if that very process (the
+    same start time, so not a reused pid) still runs."""
+    if not state or state.get("mountpoint") != str(mountpoint):
+        return None
+    pid = state.get("pid")
+    if not isinstance(pid, int) or _start_time(pid) != state.get("start_time"):
+        return None
+    return pid
+
+
+def _stop_daemon(pid: int, timeout: float) -> str:
+    loaders = _descendants(pid)
+    os.kill(pid, signal.SIGTERM)
+    # A stopped process acts on SIGTERM only once continued, and a daemon can end only
+    # once its loaders (stopped with it, by a signal to its process group) let go.
+    for p in (pid, *loaders):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGCONT)
+    if _wait_gone(pid, timeout):
+        return "daemon stopped"
+    # Stuck (or stopped again): it would serve nothing more, and its loaders serve only it.
+    for p in (pid, *loaders):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    _wait_gone(pid, timeout)
+    return "daemon killed"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _start_time(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`: a daemon's loaders (the first one forks the others)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(FileNotFoundError):
+                children = [int(c) for c in
+                            Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+                found += children
+                todo += children
+    return found
 
 
 # -- daemon ---------------------------------------------------------------------------

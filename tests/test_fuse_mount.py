@@ -599,7 +599,29 @@ def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
     assert snapstore(store, "verify").returncode == 0
 
 
-# -- failures at the start and the end of a mount ------------------------------------
+# -- umount: only snapstore's mounts, also of a stopped daemon, also on a full disk ----
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: a daemon's loaders (the first loader forks the others)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(FileNotFoundError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                text = Path(f"/proc/{parent}/task/{task}/children").read_text()
+                children = [int(c) for c in text.split()]
+                found += children
+                todo += children
+    return found
+
+
+def process_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
 
 
 @contextlib.contextmanager
@@ -612,6 +634,46 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
     finally:
         while is_mounted(path):
             subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_umount_refuses_a_mount_that_is_not_snapstores(
+    mount: Callable[..., Mount], store: LocalStore, tmp_path: Path
+) -> None:
+    m = mount()
+    with tmpfs(tmp_path / "tmpfs", "1m") as other:
+        (other / "keep").write_text("kept")
+        # A stale record of a snapstore mount at the same path makes no difference.
+        shutil.copy(m.paths.state, MountPaths.of(store.root, other).state)
+        out = snapstore(store, "umount", str(other), check=False)
+        assert out.returncode == 1, out.stderr
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        assert "not a snapstore mount" in out.stderr and str(other) in out.stderr
+        assert is_mounted(other) and (other / "keep").read_text() == "kept"
+        # The snapstore mount that record named is untouched too.
+        assert alive(m.pid) and is_mounted(m.path)
+    assert "forced" not in snapstore(store, "umount", str(m.path)).stderr
+
+
+def test_umount_of_a_stopped_daemon_leaves_no_process(
+    mount: Callable[..., Mount], store: LocalStore
+) -> None:
+    m = mount()
+    (m.path / "checkpoint.img").read_bytes()
+    daemon = m.pid
+    group = [daemon, *descendants(daemon)]
+    assert len(group) > 1, "the daemon started no loader"
+    os.killpg(os.getpgid(daemon), signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(process_state(p) == "T" for p in group), "every process to stop")
+        snapstore(store, "umount", str(m.path))
+        assert not is_mounted(m.path)
+        wait_until(lambda: not any(alive(p) for p in group), "the daemon and its loaders to end")
+        assert os.listdir(m.path) == []
+        assert read_state(m.paths) is None
+    finally:
+        for p in group:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
 
 
 def test_sigterm_with_the_store_disk_full_still_unmounts(
