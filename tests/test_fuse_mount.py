@@ -161,18 +161,38 @@ def test_32_concurrent_reader_threads(mount: Callable[..., Mount], image_dir: Pa
         assert sum(pool.map(reader, range(32))) == 32
 
 
-def test_writes_are_refused(mount: Callable[..., Mount]) -> None:
+def test_every_change_is_refused_with_erofs(
+    mount: Callable[..., Mount], image_dir: Path
+) -> None:
+    """The mount is `ro`: the kernel refuses every change itself, before any request
+    reaches the daemon, whatever the operation."""
     m = mount()
-    for attempt in (
-        lambda: (m.path / "checkpoint.img").open("r+b"),
-        lambda: (m.path / "new").write_bytes(b"x"),
-        lambda: (m.path / "dir").mkdir(),
-        lambda: (m.path / "empty").unlink(),
-        lambda: os.chmod(m.path / "empty", 0o777),
-    ):
+    f, d = m.path / "checkpoint.img", m.path / "sub"
+    attempts: list[Callable[[], object]] = [
+        lambda: os.open(f, os.O_WRONLY),
+        lambda: os.open(f, os.O_RDWR),
+        lambda: os.open(f, os.O_RDONLY | os.O_TRUNC),
+        lambda: os.open(m.path / "new", os.O_WRONLY | os.O_CREAT, 0o644),
+        lambda: os.truncate(f, 0),
+        lambda: os.mkdir(m.path / "dir"),
+        lambda: os.rmdir(d / "deeper"),
+        lambda: os.unlink(m.path / "empty"),
+        lambda: os.rename(m.path / "empty", m.path / "moved"),
+        lambda: os.link(f, m.path / "hard"),
+        lambda: os.symlink("checkpoint.img", m.path / "soft"),
+        lambda: os.mknod(m.path / "node", 0o600 | stat.S_IFIFO),
+        lambda: os.chmod(f, 0o777),
+        lambda: os.chown(f, 65534, 65534),
+        lambda: os.utime(f, (0, 0)),
+        lambda: os.setxattr(f, "user.x", b"1"),
+        lambda: os.removexattr(f, "user.x"),
+    ]
+    for i, attempt in enumerate(attempts):
         with pytest.raises(OSError) as e:
             attempt()
-        assert e.value.errno == errno.EROFS
+        assert e.value.errno == errno.EROFS, (i, e.value)
+    assert sorted(os.listdir(m.path)) == sorted(os.listdir(image_dir))
+    assert "Traceback" not in m.paths.log.read_text()
 
 
 def test_a_corrupt_chunk_gives_eio_and_the_mount_stays_up(

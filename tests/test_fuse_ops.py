@@ -7,7 +7,7 @@ import errno
 import os
 import random
 import stat
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -187,31 +187,6 @@ async def test_reads_at_any_offset_and_size(fs: Fs) -> None:
     cases += [(len(want) - 5, 100), (len(want), 10), (len(want) + 4096, 10)]
     for off, size in cases:
         assert bytes(await fs.ops.read(fh, off, size)) == want[off:off + size], (off, size)
-
-
-async def test_every_change_is_refused_with_erofs(fs: Fs) -> None:
-    ino = await fs.inode("checkpoint.img")
-    attempts: list[Callable[[], Any]] = [
-        lambda: fs.ops.open(ino, os.O_WRONLY, CTX),
-        lambda: fs.ops.open(ino, os.O_RDWR, CTX),
-        lambda: fs.ops.write(1, 0, b"x"),
-        lambda: fs.ops.create(ROOT_INODE, b"new", 0o644, os.O_WRONLY, CTX),
-        lambda: fs.ops.mkdir(ROOT_INODE, b"d", 0o755, CTX),
-        lambda: fs.ops.unlink(ROOT_INODE, b"empty", CTX),
-        lambda: fs.ops.rmdir(ROOT_INODE, b"sub", CTX),
-        lambda: fs.ops.symlink(ROOT_INODE, b"l", b"t", CTX),
-        lambda: fs.ops.rename(ROOT_INODE, b"empty", ROOT_INODE, b"e2", 0, CTX),
-        lambda: fs.ops.link(ino, ROOT_INODE, b"h", CTX),
-        lambda: fs.ops.mknod(ROOT_INODE, b"n", 0o644, 0, CTX),
-        lambda: fs.ops.setattr(ino, pyfuse3.EntryAttributes(), pyfuse3.SetattrFields(), None,
-                               CTX),
-        lambda: fs.ops.setxattr(ino, b"user.x", b"1", CTX),
-        lambda: fs.ops.removexattr(ino, b"user.x", CTX),
-    ]
-    for attempt in attempts:
-        with pytest.raises(pyfuse3.FUSEError) as e:
-            await attempt()
-        assert e.value.errno == errno.EROFS
 
 
 async def test_a_bad_chunk_fails_its_reads_only(
