@@ -392,6 +392,38 @@ def test_64_readers_sustained_with_bounded_memory_and_fds(
     assert is_mounted(m.path)
 
 
+def test_read_ahead_loads_no_more_than_a_small_cache_holds(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """With the default chunk sizes (1 MiB average, up to 4) and a 1 MiB cache, a
+    sequential read in 1 MiB requests loads each chunk about once: read-ahead that the
+    cache cannot hold would be evicted before it is read, and loaded again. The kernel's
+    own read-ahead is off, so the requests are the reads, one at a time."""
+    src = tmp_path / "image"
+    src.mkdir()
+    size = 48 << 20
+    (src / "checkpoint.img").write_bytes(random.Random(5).randbytes(size))
+    snapshot = ingest(store, src, "big").snapshot
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    snapstore(store, "mount", "big", str(mountpoint), "--cache-mem", "1M")
+    try:
+        m = Mount(store, mountpoint, snapshot)
+        with open(m.path / "checkpoint.img", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            while f.read(1 << 20):
+                pass
+        wait_until(lambda: json.loads(m.paths.stats.read_text())["bytes_served"] >= size,
+                   "the stats to count the whole read")
+        stats = json.loads(m.paths.stats.read_text())
+        assert stats["bytes_loaded"] <= 1.25 * size, stats
+    finally:
+        snapstore(store, "umount", str(mountpoint), check=False)
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+
 # -- SIGKILL in the middle of reads ----------------------------------------------------
 
 KILL_ROUNDS = int(os.environ.get("SNAPSTORE_CRASH_POINTS", "3"))
@@ -619,7 +651,7 @@ def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
     assert snapstore(store, "verify").returncode == 0
 
 
-# -- umount: only snapstore's mounts, also of a stopped daemon, also on a full disk ----
+# -- hostile and unlucky: other mounts, a stopped daemon, a full disk, a busy port ----
 
 
 def descendants(pid: int) -> list[int]:
@@ -739,34 +771,3 @@ def test_metrics_on_a_busy_port_fails_the_mount_in_one_line(
     assert f"127.0.0.1:{port}" in out.stderr and "Trio" not in out.stderr, out.stderr
     assert not is_mounted(mountpoint)
     assert read_state(MountPaths.of(store.root, mountpoint)) is None
-
-
-def test_read_ahead_loads_no_more_than_a_small_cache_holds(
-    store: LocalStore, tmp_path: Path
-) -> None:
-    """With the default chunk sizes (1 MiB average, up to 4) and a 1 MiB cache, a
-    sequential read in 1 MiB requests loads each chunk about once: read-ahead that the
-    cache cannot hold would be evicted before it is read, and loaded again. The kernel's
-    own read-ahead is off, so the requests are the reads, one at a time."""
-    src = tmp_path / "image"
-    src.mkdir()
-    size = 48 << 20
-    (src / "checkpoint.img").write_bytes(random.Random(5).randbytes(size))
-    snapshot = ingest(store, src, "big").snapshot
-    mountpoint = tmp_path / "mnt"
-    mountpoint.mkdir()
-    snapstore(store, "mount", "big", str(mountpoint), "--cache-mem", "1M")
-    try:
-        m = Mount(store, mountpoint, snapshot)
-        with open(m.path / "checkpoint.img", "rb", buffering=0) as f:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-            while f.read(1 << 20):
-                pass
-        wait_until(lambda: json.loads(m.paths.stats.read_text())["bytes_served"] >= size,
-                   "the stats to count the whole read")
-        stats = json.loads(m.paths.stats.read_text())
-        assert stats["bytes_loaded"] <= 1.25 * size, stats
-    finally:
-        snapstore(store, "umount", str(mountpoint), check=False)
-        if is_mounted(mountpoint):
-            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
