@@ -382,7 +382,8 @@ def unmount(mountpoint: Path, paths: MountPaths, timeout: float = 30.0) -> str:
             with contextlib.suppress(OSError):
                 subprocess.run([*cmd, str(mountpoint)], check=False, capture_output=True)
             if not is_mounted(mountpoint):
-                how = f"forced ({cmd[0]})"
+                forced = f"forced ({cmd[0]})"
+                how = forced if how == "not mounted" else f"{how}, {forced}"
                 break
         else:
             raise SnapstoreError(f"cannot unmount {mountpoint}; is it busy? see `lsof +f -- "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fusefs.mount import MountPaths, access_path, is_mounted, read_state
+from fusefs.mount import MountPaths, access_path, is_mounted, read_state, unmount
 from snapstore.chunker_params import ChunkerParams
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
@@ -726,6 +727,36 @@ def test_umount_of_a_stopped_daemon_leaves_no_process(
         for p in group:
             if alive(p):
                 os.kill(p, signal.SIGKILL)
+
+
+PTRACE_SEIZE, PTRACE_INTERRUPT, WAIT_ALL = 0x4206, 0x4207, 0x40000000
+
+
+def test_umount_kills_a_daemon_that_does_not_stop(mount: Callable[..., Mount]) -> None:
+    """A daemon held in a ptrace stop, which SIGCONT does not end (as a debugger would
+    hold it), is killed with its loaders once the wait is over, and the mount forced."""
+    m = mount()
+    (m.path / "checkpoint.img").read_bytes()
+    daemon = m.pid
+    group = [daemon, *descendants(daemon)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
+        assert libc.ptrace(request, daemon, None, None) == 0, os.strerror(ctypes.get_errno())
+    try:
+        os.waitpid(daemon, WAIT_ALL)
+        assert process_state(daemon) == "t"
+        assert unmount(m.path, m.paths, timeout=2).startswith("daemon killed, forced")
+        assert not is_mounted(m.path)
+        wait_until(lambda: not any(alive(p) for p in group), "the daemon and its loaders to end")
+        assert os.listdir(m.path) == []
+        assert read_state(m.paths) is None
+    finally:
+        for p in group:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        # The tracer reaps the traced daemon; its parent never sees it otherwise.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(daemon, WAIT_ALL)
 
 
 def test_sigterm_with_the_store_disk_full_still_unmounts(
