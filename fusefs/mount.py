@@ -157,9 +157,10 @@ async def _terminate_on(signals: Any) -> None:
 async def _raise_read_ahead(ops: SnapshotOps, mountpoint: Path) -> None:
     # The kernel sets the mount's read-ahead from the INIT reply, so this comes after it.
     await ops.initialized.wait()
-    dev = _mount_device(mountpoint)
-    if dev is None:
+    found = _mount_at(mountpoint)
+    if found is None:
         return
+    dev = found.device
     try:
         Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
     except OSError as e:
@@ -332,7 +333,7 @@ def is_mounted(mountpoint: Path) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _MountEntry:
-    device: str
+    device: str  # major:minor
     fstype: str
 
 
@@ -348,12 +349,6 @@ def _mount_at(mountpoint: Path) -> _MountEntry | None:
                 # Optional fields, then "-", then the filesystem type.
                 found = _MountEntry(fields[2], fields[fields.index("-", 6) + 1])
     return found
-
-
-def _mount_device(mountpoint: Path) -> str | None:
-    """major:minor of the mount at `mountpoint`."""
-    found = _mount_at(mountpoint)
-    return found.device if found is not None else None
 
 
 def _unescape(field: str) -> str:

@@ -171,7 +171,9 @@ class SnapshotOps(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: FileHandleT) -> None:
-        self._files.pop(fh, None)
+        f = self._files.pop(fh, None)
+        if f is not None:
+            self._reader.forget(f[1])
 
     def _open_file(self, fh: int) -> tuple[Node, Stream]:
         f = self._files.get(fh)
