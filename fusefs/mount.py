@@ -316,7 +316,11 @@ def write_state(paths: MountPaths, mountpoint: Path, snapshot: ChunkId) -> None:
     pid = os.getpid()
     doc = {"pid": pid, "start_time": _start_time(pid), "mountpoint": str(resolve(mountpoint)),
            "snapshot": snapshot.hex, "log": str(paths.log), "stats": str(paths.stats)}
-    write_atomic(paths.state, json.dumps(doc, sort_keys=True).encode() + b"\n")
+    try:
+        write_atomic(paths.state, json.dumps(doc, sort_keys=True).encode() + b"\n")
+    except OSError as e:
+        raise SnapstoreError(f"cannot record the mount in {paths.state}: "
+                             f"{e.strerror or e}") from None
 
 
 def read_state(paths: MountPaths) -> dict[str, Any] | None:

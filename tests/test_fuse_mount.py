@@ -786,6 +786,29 @@ def test_sigterm_with_the_store_disk_full_still_unmounts(
                 subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
+def test_mount_with_the_store_disk_full_fails_in_one_line(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "disk", "48m") as disk:
+        store = LocalStore.open(disk / "store")
+        ingest(store, image_dir, "t", params=PARAMS)
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            while True:
+                f.write(b"\xff" * 4096)
+                f.flush()
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        out = snapstore(store, "mount", "t", str(mountpoint), check=False)
+        try:
+            assert out.returncode == 1, out.stderr
+            assert len(out.stderr.splitlines()) == 1, out.stderr
+            assert "No space left on device" in out.stderr and "Trio" not in out.stderr
+            assert not is_mounted(mountpoint)
+        finally:
+            if is_mounted(mountpoint):
+                subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
 def test_metrics_on_a_busy_port_fails_the_mount_in_one_line(
     mount: Callable[..., Mount], store: LocalStore, tmp_path: Path
 ) -> None:
