@@ -781,6 +781,8 @@ def test_sigterm_with_the_store_disk_full_still_unmounts(
             wait_until(lambda: not alive(pid), "the daemon to end")
             assert not is_mounted(mountpoint)
             assert os.listdir(mountpoint) == []
+            # The fault did happen: the access order could not be written.
+            assert not access_path(store.root, snapshot).exists()
         finally:
             if is_mounted(mountpoint):
                 subprocess.run(["umount", "-l", str(mountpoint)], check=False)
