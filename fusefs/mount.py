@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 # (1 MiB) whatever this says; a larger window keeps several of them in flight.
 READ_AHEAD_KB = 4096
 
-# The filesystem type of every snapstore mount in mountinfo: how umount tells them from
-# anything else mounted.
-FSTYPE = "fuse.snapstore"
+# Every snapstore mount has this FUSE subtype, which mountinfo shows in its type: how
+# umount tells snapstore's mounts from anything else mounted.
+SUBTYPE = "snapstore"
+FSTYPE = f"fuse.{SUBTYPE}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ def fuse_options(options: MountOptions) -> set[str]:
     # No max_read=: libfuse ends the session when it differs from the max_read that
     # pyfuse3's init handler leaves at 0. Without it requests are bounded only by
     # max_pages, which libfuse negotiates at its 1 MiB maximum (docs/mount.md).
-    opts |= {"ro", f"fsname={options.fsname}", f"subtype={FSTYPE.removeprefix('fuse.')}"}
+    opts |= {"ro", f"fsname={options.fsname}", f"subtype={SUBTYPE}"}
     if options.allow_other:
         opts.add("allow_other")
     return opts
