@@ -685,7 +685,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
     try:
         yield path
     finally:
-        while is_mounted(path):
+        if is_mounted(path):
             subprocess.run(["umount", "-l", str(path)], check=False)
 
 
