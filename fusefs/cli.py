@@ -110,16 +110,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
 
     def run(ready: Callable[[], None]) -> None:
-        def on_ready() -> None:
-            write_state(paths, mountpoint, mid)
-            ready()
-
         try:
+            # Recorded before mounting: a record that cannot be written (a full disk)
+            # fails the mount before there is a mount to take down.
+            write_state(paths, mountpoint, mid)
             if remote is not None:
-                trio.run(serve_remote, store, remote, mountpoint, options, on_ready)
+                trio.run(serve_remote, store, remote, mountpoint, options, ready)
             else:
                 trio.run(_serve_local, store, m, mountpoint, options, args.load_processes,
-                         on_ready)
+                         ready)
         finally:
             state = read_state(paths)
             if state and state.get("pid") == os.getpid():

@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 # (1 MiB) whatever this says; a larger window keeps several of them in flight.
 READ_AHEAD_KB = 4096
 
+# Every snapstore mount has this FUSE subtype, which mountinfo shows in its type: how
+# umount tells snapstore's mounts from anything else mounted.
+SUBTYPE = "snapstore"
+FSTYPE = f"fuse.{SUBTYPE}"
+
 
 @dataclass(frozen=True, slots=True)
 class MountOptions:
@@ -68,7 +73,7 @@ def fuse_options(options: MountOptions) -> set[str]:
     # No max_read=: libfuse ends the session when it differs from the max_read that
     # pyfuse3's init handler leaves at 0. Without it requests are bounded only by
     # max_pages, which libfuse negotiates at its 1 MiB maximum (docs/mount.md).
-    opts |= {"ro", f"fsname={options.fsname}", "subtype=snapstore"}
+    opts |= {"ro", f"fsname={options.fsname}", f"subtype={SUBTYPE}"}
     if options.allow_other:
         opts.add("allow_other")
     return opts
@@ -92,6 +97,9 @@ async def serve(
     table = InodeTable(manifest)
     stats = MountStats()
     cache = ChunkCache(reader, options.cache_bytes, stats)
+    # Bound before mounting: an address in use fails the mount with its own error, before
+    # there is a mount to take down.
+    listeners = await _metrics_listeners(options.metrics)
     with _signal_receiver() as signals:
         try:
             async with trio.open_nursery() as nursery:
@@ -105,8 +113,8 @@ async def serve(
                     nursery.start_soon(_terminate_on, signals)
                 if options.stats_path is not None:
                     nursery.start_soon(_write_stats_every, stats, options)
-                if options.metrics is not None:
-                    await nursery.start(_serve_metrics, stats, options.metrics)
+                if listeners:
+                    await nursery.start(_serve_metrics, stats, listeners)
                 if options.warm:
                     nursery.start_soon(cache.warm, options.warm)
                 if ready is not None:
@@ -115,14 +123,17 @@ async def serve(
                 # Unmounted: stop the stats writer, metrics and any prefetch still running.
                 nursery.cancel_scope.cancel()
         finally:
-            # Recorded before the unmount, so whoever sees the mount gone finds them written.
+            for listener in listeners:
+                listener.socket.close()
+            # Unmounted before anything is recorded: a record that fails (a full disk)
+            # must not leave readers a dead mount. Whoever waits for the records waits
+            # for the daemon to exit, as umount does.
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s: %s", mountpoint, json.dumps(stats.as_dict()))
             if options.stats_path is not None:
                 _write_stats(stats, options.stats_path)
             if options.access_path is not None and cache.access_order:
-                write_atomic(options.access_path,
-                             "".join(c.hex + "\n" for c in cache.access_order).encode())
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s: %s", mountpoint, json.dumps(stats.as_dict()))
+                _write_access_order(cache.access_order, options.access_path)
     return stats
 
 
@@ -147,9 +158,10 @@ async def _terminate_on(signals: Any) -> None:
 async def _raise_read_ahead(ops: SnapshotOps, mountpoint: Path) -> None:
     # The kernel sets the mount's read-ahead from the INIT reply, so this comes after it.
     await ops.initialized.wait()
-    dev = _mount_device(mountpoint)
-    if dev is None:
+    found = _mount_at(mountpoint)
+    if found is None:
         return
+    dev = found.device
     try:
         Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{READ_AHEAD_KB}\n")
     except OSError as e:
@@ -175,9 +187,28 @@ def _write_stats(stats: MountStats, path: Path) -> None:
         log.warning("cannot write stats to %s: %s", path, e.strerror)
 
 
+def _write_access_order(order: list[ChunkId], path: Path) -> None:
+    try:
+        write_atomic(path, "".join(c.hex + "\n" for c in order).encode())
+    except OSError as e:
+        # Only the next --prefetch loses its order; the mount is already gone.
+        log.warning("cannot record the access order in %s: %s", path, e.strerror)
+
+
+async def _metrics_listeners(where: tuple[str, int] | None) -> list[trio.SocketListener]:
+    if where is None:
+        return []
+    host, port = where
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise SnapstoreError(f"cannot serve metrics on {host}:{port}: "
+                             f"{e.strerror or e}") from None
+
+
 async def _serve_metrics(
     stats: MountStats,
-    where: tuple[str, int],
+    listeners: list[trio.SocketListener],
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     async def handle(stream: trio.SocketStream) -> None:
@@ -190,9 +221,9 @@ async def _serve_metrics(
                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
             await stream.aclose()
 
-    host, port = where
-    listeners = await trio.open_tcp_listeners(port, host=host)
-    log.info("metrics on http://%s:%d/metrics", host, port)
+    for listener in listeners:
+        host, port = listener.socket.getsockname()[:2]
+        log.info("metrics on http://%s:%d/metrics", host, port)
     task_status.started()
     await trio.serve_listeners(handle, listeners)
 
@@ -286,7 +317,11 @@ def write_state(paths: MountPaths, mountpoint: Path, snapshot: ChunkId) -> None:
     pid = os.getpid()
     doc = {"pid": pid, "start_time": _start_time(pid), "mountpoint": str(resolve(mountpoint)),
            "snapshot": snapshot.hex, "log": str(paths.log), "stats": str(paths.stats)}
-    write_atomic(paths.state, json.dumps(doc, sort_keys=True).encode() + b"\n")
+    try:
+        write_atomic(paths.state, json.dumps(doc, sort_keys=True).encode() + b"\n")
+    except OSError as e:
+        raise SnapstoreError(f"cannot record the mount in {paths.state}: "
+                             f"{e.strerror or e}") from None
 
 
 def read_state(paths: MountPaths) -> dict[str, Any] | None:
@@ -298,19 +333,26 @@ def read_state(paths: MountPaths) -> dict[str, Any] | None:
 
 
 def is_mounted(mountpoint: Path) -> bool:
-    return _mount_device(mountpoint) is not None
+    return _mount_at(mountpoint) is not None
 
 
-def _mount_device(mountpoint: Path) -> str | None:
-    """major:minor of the mount at `mountpoint`, read from mountinfo (a stat could hang
-    on a FUSE mount whose daemon is stuck)."""
+@dataclass(frozen=True, slots=True)
+class _MountEntry:
+    device: str  # major:minor
+    fstype: str
+
+
+def _mount_at(mountpoint: Path) -> _MountEntry | None:
+    """The mount on top at `mountpoint` (the last one mounted there), read from mountinfo:
+    a stat could hang on a FUSE mount whose daemon is stuck."""
     want = str(resolve(mountpoint))
     found = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             if _unescape(fields[4]) == want:
-                found = fields[2]
+                # Optional fields, then "-", then the filesystem type.
+                found = _MountEntry(fields[2], fields[fields.index("-", 6) + 1])
     return found
 
 
@@ -319,26 +361,29 @@ def _unescape(field: str) -> str:
 
 
 def unmount(mountpoint: Path, paths: MountPaths, timeout: float = 30.0) -> str:
-    """End the mount at `mountpoint`: ask its daemon (SIGTERM), then force what is left.
+    """End the snapstore mount at `mountpoint`: ask its daemon (SIGTERM), then force
+    what is left. Anything else mounted there is refused (SnapstoreError), untouched.
 
     Returns how it ended. Works after the daemon crashed ("Transport endpoint is not
-    connected"): fusermount3 -u, then a lazy umount.
+    connected"): fusermount3 -u, then a lazy umount; and when it was stopped (SIGSTOP):
+    it and its loaders are continued, so that they see the SIGTERM and end; a daemon that
+    has not ended after `timeout` seconds is killed with its loaders.
     """
+    mountpoint = resolve(mountpoint)
+    _check_ours(mountpoint)
     how = "not mounted"
-    state = read_state(paths)
-    pid = int(state["pid"]) if state and isinstance(state.get("pid"), int) else None
-    if pid is not None and state and _start_time(pid) == state.get("start_time"):
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _start_time(pid) is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        how = "daemon stopped"
+    pid = _daemon_pid(read_state(paths), mountpoint)
+    if pid is not None:
+        how = _stop_daemon(pid, timeout)
     if is_mounted(mountpoint):
         for cmd in (["fusermount3", "-u", "-q"], ["umount", "-l"]):
+            # Checked again before each: the mount on top may have changed meanwhile.
+            _check_ours(mountpoint)
             with contextlib.suppress(OSError):
                 subprocess.run([*cmd, str(mountpoint)], check=False, capture_output=True)
             if not is_mounted(mountpoint):
-                how = f"forced ({cmd[0]})"
+                forced = f"forced ({cmd[0]})"
+                how = forced if how == "not mounted" else f"{how}, {forced}"
                 break
         else:
             raise SnapstoreError(f"cannot unmount {mountpoint}; is it busy? see `lsof +f -- "
@@ -347,6 +392,73 @@ def unmount(mountpoint: Path, paths: MountPaths, timeout: float = 30.0) -> str:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return how
+
+
+def _check_ours(mountpoint: Path) -> None:
+    """Refuse unless what is mounted on top at `mountpoint`, if anything, is a snapstore
+    mount: every mount snapstore makes has the FUSE subtype "snapstore", and the kernel
+    shows it as the type, whatever state its daemon is in."""
+    found = _mount_at(mountpoint)
+    if found is not None and found.fstype != FSTYPE:
+        raise SnapstoreError(f"{mountpoint} is not a snapstore mount ({found.fstype}); "
+                             "nothing unmounted")
+
+
+def _daemon_pid(state: dict[str, Any] | None, mountpoint: Path) -> int | None:
+    """The pid of the daemon `state` records for `mountpoint`, if that very process (the
+    same start time, so not a reused pid) still runs."""
+    if not state or state.get("mountpoint") != str(mountpoint):
+        return None
+    pid = state.get("pid")
+    if not isinstance(pid, int) or _start_time(pid) != state.get("start_time"):
+        return None
+    return pid
+
+
+def _stop_daemon(pid: int, timeout: float) -> str:
+    loaders = _descendants(pid)
+    os.kill(pid, signal.SIGTERM)
+    # A stopped process acts on SIGTERM only once continued, and a daemon can end only
+    # once its loaders (stopped with it, by a signal to its process group) let go.
+    for p in (pid, *loaders):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGCONT)
+    if _wait_gone(pid, timeout):
+        return "daemon stopped"
+    # Stuck (or stopped again): it would serve nothing more, and its loaders serve only it.
+    for p in (pid, *loaders):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+    _wait_gone(pid, timeout)
+    return "daemon killed"
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _start_time(pid) is not None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes below `pid`: a daemon's loaders (the first one forks the others)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except FileNotFoundError:
+            continue
+        for task in tasks:
+            with contextlib.suppress(FileNotFoundError):
+                children = [int(c) for c in
+                            Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
+                found += children
+                todo += children
+    return found
 
 
 # -- daemon ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The pyfuse3 request handlers: look up the inode table, delegate reads, refuse writes.
+"""The pyfuse3 request handlers: look up the inode table, delegate reads.
 
 Every handler goes through `_handler`, the one place where errors become FUSEError:
 an exception escaping a pyfuse3 handler would end the whole mount.
@@ -26,7 +26,6 @@ from pyfuse3 import (
     ModeT,
     ReaddirToken,
     RequestContext,
-    SetattrFields,
     StatvfsData,
     XAttrNameT,
 )
@@ -68,10 +67,6 @@ def _handler(
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper
-
-
-def _read_only() -> OSError:
-    return OSError(errno.EROFS, os.strerror(errno.EROFS))
 
 
 class SnapshotOps(pyfuse3.Operations):
@@ -161,8 +156,6 @@ class SnapshotOps(pyfuse3.Operations):
     @_handler
     async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         node = self._table.file(inode)
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
-            raise _read_only()
         fh = next(self._handles)
         self._files[fh] = (node, Stream())
         # keep_cache: the bytes never change, so pages cached by an earlier open stay valid.
@@ -178,91 +171,15 @@ class SnapshotOps(pyfuse3.Operations):
 
     @_handler
     async def release(self, fh: FileHandleT) -> None:
-        self._files.pop(fh, None)
+        f = self._files.pop(fh, None)
+        if f is not None:
+            self._reader.forget(f[1])
 
     def _open_file(self, fh: int) -> tuple[Node, Stream]:
         f = self._files.get(fh)
         if f is None:
             raise OSError(errno.EBADF, f"no open file {fh}")
         return f
-
-    # -- everything that would change the snapshot -------------------------------------
-
-    @_handler
-    async def setattr(
-        self,
-        inode: InodeT,
-        attr: EntryAttributes,
-        fields: SetattrFields,
-        fh: FileHandleT | None,
-        ctx: RequestContext,
-    ) -> EntryAttributes:
-        raise _read_only()
-
-    @_handler
-    async def mknod(
-        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _read_only()
-
-    @_handler
-    async def mkdir(
-        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _read_only()
-
-    @_handler
-    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        raise _read_only()
-
-    @_handler
-    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
-        raise _read_only()
-
-    @_handler
-    async def symlink(
-        self, parent_inode: InodeT, name: FileNameT, target: FileNameT, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _read_only()
-
-    @_handler
-    async def rename(
-        self,
-        parent_inode_old: InodeT,
-        name_old: FileNameT,
-        parent_inode_new: InodeT,
-        name_new: FileNameT,
-        flags: FlagT,
-        ctx: RequestContext,
-    ) -> None:
-        raise _read_only()
-
-    @_handler
-    async def link(
-        self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT, ctx: RequestContext
-    ) -> EntryAttributes:
-        raise _read_only()
-
-    @_handler
-    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
-        raise _read_only()
-
-    @_handler
-    async def create(
-        self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
-        ctx: RequestContext,
-    ) -> tuple[FileInfo, EntryAttributes]:
-        raise _read_only()
-
-    @_handler
-    async def setxattr(
-        self, inode: InodeT, name: XAttrNameT, value: bytes, ctx: RequestContext
-    ) -> None:
-        raise _read_only()
-
-    @_handler
-    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
-        raise _read_only()
 
     @_handler
     async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:

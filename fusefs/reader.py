@@ -88,7 +88,8 @@ class _Load:
 
 
 class ChunkCache:
-    """Decompressed, hash-checked chunks, at most `capacity` bytes, least recently used out.
+    """Decompressed, hash-checked chunks, at most `capacity` bytes (or the one chunk last
+    loaded, if it alone is larger), least recently used out.
 
     Any number of tasks may ask for the same chunk at once: one loads it, the others wait
     for that load's Event and share its bytes or its error.
@@ -103,6 +104,13 @@ class ChunkCache:
         self._loading: dict[ChunkId, _Load] = {}
         self._seen: set[ChunkId] = set()
         self.access_order: list[ChunkId] = []
+        # Chunks read ahead that no read has asked for yet: their sizes from the moment
+        # they are reserved, their bytes once loaded. Those bytes stay out of the LRU
+        # until a read asks for them, so that nothing read ahead is evicted before its
+        # read (and then loaded again).
+        self._ahead: dict[ChunkId, int] = {}
+        self._ahead_data: dict[ChunkId, Chunk] = {}
+        self._ahead_bytes = 0
 
     def record(self, cid: ChunkId) -> None:
         """Note that `cid` is wanted, if it is the first time. Callers record before any
@@ -113,10 +121,42 @@ class ChunkCache:
 
     def present(self, cid: ChunkId) -> bool:
         """Cached or being loaded: asking for it now would start no new load."""
-        return cid in self._lru or cid in self._loading
+        return cid in self._lru or cid in self._loading or cid in self._ahead_data
+
+    def reserved(self, cid: ChunkId) -> bool:
+        return cid in self._ahead
+
+    def reserve_ahead(self, cid: ChunkId, size: int, serving: int) -> bool:
+        """Claim room to read `cid` ahead of the reads, if what is read ahead and not yet
+        read fits in the cache beside what reads are using: half the cache, or the
+        `serving` bytes of the chunk a read is in the middle of if that is more, so that
+        the chunk being read is not evicted for what is read ahead of it either."""
+        if self._ahead_bytes + size > self._capacity - max(serving, self._capacity // 2):
+            return False
+        self._ahead[cid] = size
+        self._ahead_bytes += size
+        return True
+
+    def release_ahead(self, cid: ChunkId, used: bool) -> None:
+        """End the reservation of `cid`: a read asks for it (`used`), and it becomes the
+        chunk used last; or no read will (its load failed, the stream that read it ahead
+        went elsewhere or was closed), and it becomes the next chunk to evict."""
+        size = self._ahead.pop(cid, None)
+        if size is None:
+            return
+        self._ahead_bytes -= size
+        data = self._ahead_data.pop(cid, None)
+        if data is None:
+            return
+        self._lru[cid] = data
+        if not used:
+            self._lru.move_to_end(cid, last=False)
+        self._evict()
 
     async def get(self, cid: ChunkId, size: int, counted: bool = True) -> Chunk:
         self.record(cid)
+        if counted:
+            self.release_ahead(cid, used=True)
         data = self._lru.get(cid)
         if data is not None:
             self._lru.move_to_end(cid)
@@ -158,7 +198,12 @@ class ChunkCache:
         self._stats.chunk_loads += 1
         self._stats.bytes_loaded += size
         load.data = data
-        self._insert(cid, data)
+        if cid in self._ahead:
+            self._ahead_data[cid] = data
+        else:
+            self._lru[cid] = data
+        self._bytes += len(data)
+        self._evict()
         return data
 
     async def warm(self, order: Sequence[tuple[ChunkId, int]], parallel: int = 2) -> None:
@@ -185,25 +230,26 @@ class ChunkCache:
         finally:
             gate.release()
 
-    def _insert(self, cid: ChunkId, data: Chunk) -> None:
-        if len(data) > self._capacity:
-            return
-        self._lru[cid] = data
-        self._bytes += len(data)
-        while self._bytes > self._capacity:
+    def _evict(self) -> None:
+        # The chunk used last stays even when it alone is larger than the cache: the next
+        # requests of a sequential read are most likely in it, and without it each would
+        # load the whole chunk again.
+        while self._bytes > self._capacity and len(self._lru) > 1:
             _, old = self._lru.popitem(last=False)
             self._bytes -= len(old)
         self._stats.cache_bytes = self._bytes
-        self._stats.cache_chunks = len(self._lru)
+        self._stats.cache_chunks = len(self._lru) + len(self._ahead_data)
 
 
 @dataclass(slots=True)
 class Stream:
-    """Per open file: the furthest a sequential run has read, and how far read-ahead has
-    been issued (an extent index)."""
+    """Per open file: the furthest a sequential run has read, how far read-ahead has
+    been issued (an extent index), and the chunks it read ahead that may still hold a
+    reservation in the cache."""
 
     next_offset: int = 0
     ahead_until: int = 0
+    ahead: set[ChunkId] = field(default_factory=set)
 
 
 class SnapshotReader:
@@ -256,6 +302,7 @@ class SnapshotReader:
             stream.next_offset = max(stream.next_offset, hi) if sequential else hi
             if not sequential:
                 stream.ahead_until = node.extent_at(lo)
+                self.forget(stream)
         pieces: list[bytes | memoryview] = []
         for seg in segments:
             if isinstance(seg, tuple):
@@ -293,12 +340,18 @@ class SnapshotReader:
     def _prefetch_until(self, node: Node, stream: Stream) -> None:
         assert self._nursery is not None
         limit = stream.next_offset + self._read_ahead
+        last = node.extents[node.extent_at(max(min(stream.next_offset, node.stored_size) - 1, 0))]
+        serving = last.size if last.chunk is not None else 0
+        stream.ahead = {c for c in stream.ahead if self.cache.reserved(c)}
         i = max(node.extent_at(min(stream.next_offset, node.stored_size - 1)),
                 stream.ahead_until)
         while (i < len(node.extents) and node.starts[i] < limit
                and self._prefetching < self._max_prefetch):
             x = node.extents[i]
             if x.chunk is not None and not self.cache.present(x.chunk):
+                if not self.cache.reserve_ahead(x.chunk, x.size, serving):
+                    break
+                stream.ahead.add(x.chunk)
                 self._prefetching += 1
                 self._stats.prefetches += 1
                 self.cache.record(x.chunk)
@@ -306,10 +359,18 @@ class SnapshotReader:
             i += 1
         stream.ahead_until = i
 
+    def forget(self, stream: Stream) -> None:
+        """Give up what `stream` read ahead and no read has asked for: it went elsewhere,
+        or its file was closed. Those chunks stay cached, first in line for eviction."""
+        for cid in stream.ahead:
+            self.cache.release_ahead(cid, used=False)
+        stream.ahead.clear()
+
     async def _prefetch(self, cid: ChunkId, size: int) -> None:
         try:
             await self.cache.get(cid, size, counted=False)
         except ChunkError as e:
+            self.cache.release_ahead(cid, used=False)
             log.debug("prefetch failed: %s", e)
         finally:
             self._prefetching -= 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fusefs.mount import MountPaths, access_path, is_mounted, read_state
+from fusefs.mount import MountPaths, access_path, is_mounted, read_state, unmount
 from snapstore.chunker_params import ChunkerParams
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
@@ -161,18 +162,38 @@ def test_32_concurrent_reader_threads(mount: Callable[..., Mount], image_dir: Pa
         assert sum(pool.map(reader, range(32))) == 32
 
 
-def test_writes_are_refused(mount: Callable[..., Mount]) -> None:
+def test_every_change_is_refused_with_erofs(
+    mount: Callable[..., Mount], image_dir: Path
+) -> None:
+    """The mount is `ro`: the kernel refuses every change itself, before any request
+    reaches the daemon, whatever the operation."""
     m = mount()
-    for attempt in (
-        lambda: (m.path / "checkpoint.img").open("r+b"),
-        lambda: (m.path / "new").write_bytes(b"x"),
-        lambda: (m.path / "dir").mkdir(),
-        lambda: (m.path / "empty").unlink(),
-        lambda: os.chmod(m.path / "empty", 0o777),
-    ):
+    f, d = m.path / "checkpoint.img", m.path / "sub"
+    attempts: list[Callable[[], object]] = [
+        lambda: os.open(f, os.O_WRONLY),
+        lambda: os.open(f, os.O_RDWR),
+        lambda: os.open(f, os.O_RDONLY | os.O_TRUNC),
+        lambda: os.open(m.path / "new", os.O_WRONLY | os.O_CREAT, 0o644),
+        lambda: os.truncate(f, 0),
+        lambda: os.mkdir(m.path / "dir"),
+        lambda: os.rmdir(d / "deeper"),
+        lambda: os.unlink(m.path / "empty"),
+        lambda: os.rename(m.path / "empty", m.path / "moved"),
+        lambda: os.link(f, m.path / "hard"),
+        lambda: os.symlink("checkpoint.img", m.path / "soft"),
+        lambda: os.mknod(m.path / "node", 0o600 | stat.S_IFIFO),
+        lambda: os.chmod(f, 0o777),
+        lambda: os.chown(f, 65534, 65534),
+        lambda: os.utime(f, (0, 0)),
+        lambda: os.setxattr(f, "user.x", b"1"),
+        lambda: os.removexattr(f, "user.x"),
+    ]
+    for i, attempt in enumerate(attempts):
         with pytest.raises(OSError) as e:
             attempt()
-        assert e.value.errno == errno.EROFS
+        assert e.value.errno == errno.EROFS, (i, e.value)
+    assert sorted(os.listdir(m.path)) == sorted(os.listdir(image_dir))
+    assert "Traceback" not in m.paths.log.read_text()
 
 
 def test_a_corrupt_chunk_gives_eio_and_the_mount_stays_up(
@@ -227,8 +248,11 @@ def test_sigterm_unmounts_and_records_the_access_order(
 ) -> None:
     m = mount()
     (m.path / "checkpoint.img").read_bytes()
-    os.kill(m.pid, signal.SIGTERM)
-    wait_until(lambda: not is_mounted(m.path), "the unmount")
+    pid = m.pid
+    os.kill(pid, signal.SIGTERM)
+    # The daemon records the order after it unmounted, before it exits.
+    wait_until(lambda: not alive(pid), "the daemon to exit")
+    assert not is_mounted(m.path)
     order = access_path(store.root, m.snapshot).read_text().split()
     assert order
     assert len(set(order)) == len(order)
@@ -367,6 +391,38 @@ def test_64_readers_sustained_with_bounded_memory_and_fds(
     assert fds < peaks[0][1] + 32, f"daemon held {fds} descriptors"
     assert chunks <= (8 << 20) // PARAMS.min_size + 8, f"daemon held {chunks} chunk memfds"
     assert is_mounted(m.path)
+
+
+def test_read_ahead_loads_no_more_than_a_small_cache_holds(
+    store: LocalStore, tmp_path: Path
+) -> None:
+    """With the default chunk sizes (1 MiB average, up to 4) and a 1 MiB cache, a
+    sequential read in 1 MiB requests loads each chunk about once: read-ahead that the
+    cache cannot hold would be evicted before it is read, and loaded again. The kernel's
+    own read-ahead is off, so the requests are the reads, one at a time."""
+    src = tmp_path / "image"
+    src.mkdir()
+    size = 48 << 20
+    (src / "checkpoint.img").write_bytes(random.Random(5).randbytes(size))
+    snapshot = ingest(store, src, "big").snapshot
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    snapstore(store, "mount", "big", str(mountpoint), "--cache-mem", "1M")
+    try:
+        m = Mount(store, mountpoint, snapshot)
+        with open(m.path / "checkpoint.img", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            while f.read(1 << 20):
+                pass
+        wait_until(lambda: json.loads(m.paths.stats.read_text())["bytes_served"] >= size,
+                   "the stats to count the whole read")
+        stats = json.loads(m.paths.stats.read_text())
+        assert stats["bytes_loaded"] <= 1.25 * size, stats
+    finally:
+        snapstore(store, "umount", str(mountpoint), check=False)
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
 
 
 # -- SIGKILL in the middle of reads ----------------------------------------------------
@@ -594,3 +650,180 @@ def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
     assert "forced" not in out.stderr, out.stderr
     assert not alive(pid)
     assert snapstore(store, "verify").returncode == 0
+
+
+# -- hostile and unlucky: other mounts, a stopped daemon, a full disk, a busy port ----
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`: a daemon's loaders (the first loader forks the others)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        with contextlib.suppress(FileNotFoundError):
+            for task in os.listdir(f"/proc/{parent}/task"):
+                text = Path(f"/proc/{parent}/task/{task}/children").read_text()
+                children = [int(c) for c in text.split()]
+                found += children
+                todo += children
+    return found
+
+
+def process_state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        if is_mounted(path):
+            subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_umount_refuses_a_mount_that_is_not_snapstores(
+    mount: Callable[..., Mount], store: LocalStore, tmp_path: Path
+) -> None:
+    m = mount()
+    with tmpfs(tmp_path / "tmpfs", "1m") as other:
+        (other / "keep").write_text("kept")
+        # A stale record of a snapstore mount at the same path makes no difference.
+        shutil.copy(m.paths.state, MountPaths.of(store.root, other).state)
+        out = snapstore(store, "umount", str(other), check=False)
+        assert out.returncode == 1, out.stderr
+        assert len(out.stderr.splitlines()) == 1, out.stderr
+        assert "not a snapstore mount" in out.stderr and str(other) in out.stderr
+        assert is_mounted(other) and (other / "keep").read_text() == "kept"
+        # The snapstore mount that record named is untouched too.
+        assert alive(m.pid) and is_mounted(m.path)
+    assert "forced" not in snapstore(store, "umount", str(m.path)).stderr
+
+
+def test_umount_of_a_stopped_daemon_leaves_no_process(
+    mount: Callable[..., Mount], store: LocalStore
+) -> None:
+    m = mount()
+    (m.path / "checkpoint.img").read_bytes()
+    daemon = m.pid
+    group = [daemon, *descendants(daemon)]
+    assert len(group) > 1, "the daemon started no loader"
+    os.killpg(os.getpgid(daemon), signal.SIGSTOP)
+    try:
+        wait_until(lambda: all(process_state(p) == "T" for p in group), "every process to stop")
+        snapstore(store, "umount", str(m.path))
+        assert not is_mounted(m.path)
+        wait_until(lambda: not any(alive(p) for p in group), "the daemon and its loaders to end")
+        assert os.listdir(m.path) == []
+        assert read_state(m.paths) is None
+    finally:
+        for p in group:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+
+
+PTRACE_SEIZE, PTRACE_INTERRUPT, WAIT_ALL = 0x4206, 0x4207, 0x40000000
+
+
+def test_umount_kills_a_daemon_that_does_not_stop(mount: Callable[..., Mount]) -> None:
+    """A daemon held in a ptrace stop, which SIGCONT does not end (as a debugger would
+    hold it), is killed with its loaders once the wait is over, and the mount forced."""
+    m = mount()
+    (m.path / "checkpoint.img").read_bytes()
+    daemon = m.pid
+    group = [daemon, *descendants(daemon)]
+    libc = ctypes.CDLL(None, use_errno=True)
+    for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
+        assert libc.ptrace(request, daemon, None, None) == 0, os.strerror(ctypes.get_errno())
+    try:
+        os.waitpid(daemon, WAIT_ALL)
+        assert process_state(daemon) == "t"
+        assert unmount(m.path, m.paths, timeout=2).startswith("daemon killed, forced")
+        assert not is_mounted(m.path)
+        wait_until(lambda: not any(alive(p) for p in group), "the daemon and its loaders to end")
+        assert os.listdir(m.path) == []
+        assert read_state(m.paths) is None
+    finally:
+        for p in group:
+            if alive(p):
+                os.kill(p, signal.SIGKILL)
+        # The tracer reaps the traced daemon; its parent never sees it otherwise.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(daemon, WAIT_ALL)
+
+
+def test_sigterm_with_the_store_disk_full_still_unmounts(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "disk", "48m") as disk:
+        store = LocalStore.open(disk / "store")
+        snapshot = ingest(store, image_dir, "t", params=PARAMS).snapshot
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        snapstore(store, "mount", "t", str(mountpoint))
+        try:
+            m = Mount(store, mountpoint, snapshot)
+            pid = m.pid
+            assert (m.path / "checkpoint.img").read_bytes() == (
+                image_dir / "checkpoint.img").read_bytes()
+            with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+                while True:
+                    f.write(b"\xff" * 4096)
+                    f.flush()
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: not alive(pid), "the daemon to end")
+            assert not is_mounted(mountpoint)
+            assert os.listdir(mountpoint) == []
+            # The fault did happen: the access order could not be written.
+            assert not access_path(store.root, snapshot).exists()
+        finally:
+            if is_mounted(mountpoint):
+                subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_mount_with_the_store_disk_full_fails_in_one_line(
+    image_dir: Path, tmp_path: Path
+) -> None:
+    with tmpfs(tmp_path / "disk", "48m") as disk:
+        store = LocalStore.open(disk / "store")
+        ingest(store, image_dir, "t", params=PARAMS)
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+            while True:
+                f.write(b"\xff" * 4096)
+                f.flush()
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        out = snapstore(store, "mount", "t", str(mountpoint), check=False)
+        try:
+            assert out.returncode == 1, out.stderr
+            assert len(out.stderr.splitlines()) == 1, out.stderr
+            assert "No space left on device" in out.stderr and "Trio" not in out.stderr
+            assert not is_mounted(mountpoint)
+        finally:
+            if is_mounted(mountpoint):
+                subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+def test_metrics_on_a_busy_port_fails_the_mount_in_one_line(
+    mount: Callable[..., Mount], store: LocalStore, tmp_path: Path
+) -> None:
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = snapstore(store, "mount", "t", str(mountpoint), "--metrics",
+                        f"127.0.0.1:{port}", check=False)
+    assert out.returncode == 1, out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr
+    assert f"127.0.0.1:{port}" in out.stderr and "Trio" not in out.stderr, out.stderr
+    assert not is_mounted(mountpoint)
+    assert read_state(MountPaths.of(store.root, mountpoint)) is None
