@@ -1,0 +1,356 @@
+"""Restore of a GPU model process checkpointed with CRIU: upstream `criu restore` from a
+plain image directory followed by the CUDA restore, against `snapstore restore` from the
+store, eager and lazy, in one run; and what a second process of the same model adds.
+
+Two processes build the same Qwen2-architecture model from a config with seed 0 (nothing
+is downloaded; the default shapes are Qwen3-8B's: 36 layers, hidden 4096, intermediate
+12288, vocabulary 151936, 8.2 B parameters, 16.4 GB in bf16 on the GPU) and generate
+greedily from one seeded prompt. Process A is checkpointed into the store (`snapstore
+checkpoint`: CUDA Lock and Checkpoint, `criu dump`, ingest); the snapshot is exported to a
+plain directory; then A is restored three ways, the page cache dropped before each, the
+restored process killed and reaped after each (this process is the subreaper, so A's pid
+is free again):
+
+- upstream: `criu restore -D PLAIN -d`, then CUDA Restore and Unlock through
+  snapstore.gpu.cuda, as a script driving CRIU would;
+- `snapstore restore --from T` (eager: CRIU reads the images through a mount);
+- `snapstore restore --from T --lazy` (snapstore is CRIU's lazy-pages daemon).
+
+Each is timed from the start of its command to the process running with its GPU state back
+(the command's return; for `--lazy`, also all its memory in), and to its next token (the
+answer to a one-token request). Then 15 more tokens are asked for, and the 16 must equal
+the reference: process B, started fresh beside A, asked the same two requests while A was
+checkpointed. A also predicts its own 16 before the checkpoint, from a copy of its state
+(the same two calls on a copy of its token ids), as a second check that needs no second
+process to agree. Last, B is checkpointed into the same store: how much does it add?
+
+Needs a CUDA GPU with the driver's checkpoint API, torch and transformers, CRIU >= 4 and a
+FUSE mount; run as root (benchmarks/gpu_kit.sh carries what a GPU host lacks):
+
+    python -m benchmarks.gpu_restore --workdir /var/tmp/gr [--layers 36] [--out r.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import drop_caches, du, gb, snapstore_cmd, table
+from snapstore.criu.binary import Criu
+from snapstore.criu.images import PAGE_SIZE, read_pagemap
+from snapstore.export import export
+from snapstore.gpu.cuda import CheckpointApi, open_api
+from snapstore.store.local import LocalStore
+
+PR_SET_CHILD_SUBREAPER = 36
+# The restored process is asked for one token (its "next token", timed), then this many.
+MORE_TOKENS = 15
+
+# argv: answer request log layers hidden intermediate vocab prompt warm more.
+# On SIGUSR1 it reads a token count from REQUEST, generates that many tokens greedily after
+# all it has generated so far, and writes them as JSON to ANSWER (written whole, renamed).
+CHILD = r"""
+import json, os, signal, sys, time
+# Requests arrive as SIGUSR1, taken with sigwait in the main thread: blocked before torch
+# starts a thread, so that every thread inherits the mask and none runs a handler.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+answer_path, request_path, log_path = sys.argv[1:4]
+layers, hidden, inter, vocab, prompt, warm, more = map(int, sys.argv[4:11])
+log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+os.dup2(log, 1)
+os.dup2(log, 2)
+os.close(log)
+
+def answer(doc):
+    with open(answer_path + ".tmp", "w") as f:
+        json.dump(doc, f)
+    os.rename(answer_path + ".tmp", answer_path)
+
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+torch.manual_seed(0)
+torch.set_default_dtype(torch.bfloat16)
+cfg = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                  num_hidden_layers=layers, num_attention_heads=hidden // 128,
+                  num_key_value_heads=8, max_position_embeddings=8192,
+                  tie_word_embeddings=False)
+with torch.device("cuda"):
+    model = Qwen2ForCausalLM(cfg).eval()
+gen = torch.Generator(device="cuda").manual_seed(1)
+ids = torch.randint(0, vocab, (1, prompt), device="cuda", generator=gen)
+
+def generate(ids, n):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=0)
+
+ids = generate(ids, warm)
+# The answers to the next two requests, computed as they will be, on a copy of the ids.
+predicted = generate(generate(ids.clone(), 1), more)[0, ids.shape[1]:].tolist()
+torch.cuda.synchronize()
+answer({"pid": os.getpid(), "params": sum(p.numel() for p in model.parameters()),
+        "gpu_reserved": torch.cuda.memory_reserved(), "warm": ids[0, prompt:].tolist(),
+        "predicted": predicted})
+# From here on nothing is written to the log: CRIU refuses to restore a file whose size
+# changed since the dump, and every restore starts from the same image.
+null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(null, 1)
+os.dup2(null, 2)
+os.close(null)
+while True:
+    signal.sigwait({signal.SIGUSR1})
+    try:
+        with open(request_path) as f:
+            n = int(f.read())
+        start = time.perf_counter()
+        ids = generate(ids, n)
+        torch.cuda.synchronize()
+        answer({"tokens": ids[0, -n:].tolist(), "seconds": time.perf_counter() - start})
+    except Exception as e:
+        answer({"error": repr(e)})
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class Model:
+    """One model process, started in its own session with no terminal and its standard
+    streams on files (CRIU dumps neither a terminal nor a pipe to a process outside)."""
+
+    def __init__(self, work: Path, name: str, args: argparse.Namespace) -> None:
+        self.answer = work / f"{name}.answer"
+        self.request = work / f"{name}.request"
+        self.log = work / f"{name}.log"
+        env = dict(os.environ)
+        # The model needs nothing of snapstore's: it gets the host's own packages.
+        env.pop("PYTHONPATH", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(self.answer), str(self.request), str(self.log),
+             str(args.layers), str(args.hidden), str(args.intermediate), str(args.vocab),
+             str(args.prompt), str(args.warm), str(MORE_TOKENS)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, env=env)
+        self.pid = self.proc.pid
+        self.ready: dict[str, Any] = {}
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not self.answer.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+                raise RuntimeError(f"model process {self.pid} did not start:\n{tail}")
+            time.sleep(0.1)
+        self.ready = json.loads(self.answer.read_text())
+        return self.ready
+
+    def ask(self, pid: int, n: int, timeout: float = 300) -> list[int]:
+        """Have process `pid` (this model, or a restore of it) generate `n` more tokens."""
+        self.answer.unlink(missing_ok=True)
+        self.request.write_text(str(n))
+        os.kill(pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while not self.answer.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pid {pid} did not answer")
+            time.sleep(0.001)
+        doc = json.loads(self.answer.read_text())
+        if "error" in doc:
+            raise RuntimeError(f"pid {pid} failed to generate: {doc['error']}")
+        tokens: list[int] = doc["tokens"]
+        return tokens
+
+
+def kill_and_reap(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(-1, os.WNOHANG)
+        time.sleep(0.01)
+
+
+def checkpoint(store: Path, model: Model, tag: str) -> dict[str, Any]:
+    start = time.perf_counter()
+    proc = subprocess.run(snapstore_cmd(store, "checkpoint", "--pid", str(model.pid), "--tag",
+                                        tag, "--json"),
+                          capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"checkpoint of pid {model.pid} failed: {proc.stderr.strip()}")
+    model.proc.wait(timeout=60)  # CRIU killed it after the dump: reap it, its pid is free
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    doc["wall_seconds"] = seconds
+    return doc
+
+
+def lazy_bytes(images: Path) -> int:
+    """Bytes of the pages CRIU leaves to a lazy-pages daemon (private anonymous memory)."""
+    return sum(x.nr_pages * PAGE_SIZE for p in images.glob("pagemap-*.img")
+               for x in read_pagemap(p).lazy_extents())
+
+
+def restore_upstream(criu: Criu, plain: Path, work: Path, api: CheckpointApi) -> int:
+    """`criu restore -d` from the plain directory, then the CUDA restore."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    pid = criu.restore(plain, work)
+    api.restore(pid)
+    api.unlock(pid)
+    return pid
+
+
+def restore_snapstore(store: Path, tag: str, lazy: bool) -> tuple[int, dict[str, float]]:
+    cmd = snapstore_cmd(store, "restore", "--from", tag, "--json") + (["--lazy"] if lazy else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[3:])} failed ({proc.returncode}): "
+                           f"{proc.stderr.strip()[-1500:]}")
+    doc = json.loads(proc.stdout)
+    return int(doc["pid"]), dict(doc["stages"])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="write the results here as JSON")
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--intermediate", type=int, default=12288)
+    ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
+    ap.add_argument("--warm", type=int, default=32, help="tokens generated before the checkpoint")
+    ap.add_argument("--runs", type=int, default=1, help="restores of each kind")
+    ap.add_argument("--cases", default="upstream,eager,lazy",
+                    help="which restores, in the order of each round")
+    args = ap.parse_args()
+    cases = args.cases.split(",")
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    # What CRIU restores detached is left to the nearest subreaper: this process, so that
+    # it can reap each restored tree and the pid is free for the next restore.
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    api = open_api()
+    info = api.describe()
+    criu = Criu.find()
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    store = work / "store"
+    res: dict[str, Any] = {
+        "gpu": info.to_json() if info else None, "criu": criu.version,
+        "config": {k: v for k, v in vars(args).items() if k not in ("workdir", "out")}}
+
+    def save() -> None:
+        if args.out:
+            args.out.write_text(json.dumps(res, indent=1))
+
+    log(f"GPU {info.gpus[0].name if info and info.gpus else '?'}, CRIU {criu.version}; "
+        "starting two model processes")
+    a, b = Model(work, "a", args), Model(work, "b", args)
+    a.wait_ready(900)
+    b.wait_ready(900)
+    res["params"] = a.ready["params"]
+    res["gpu_reserved"] = a.ready["gpu_reserved"]
+    log(f"models ready: {a.ready['params'] / 1e9:.2f} B parameters, "
+        f"{gb(a.ready['gpu_reserved'])} reserved on the GPU each")
+    if a.ready["warm"] != b.ready["warm"]:
+        raise RuntimeError("the two model processes generated different tokens")
+    reference = b.ask(b.pid, 1) + b.ask(b.pid, MORE_TOKENS)
+    res["reference"] = reference
+    res["a_predicted_equal"] = a.ready["predicted"] == reference
+    log(f"reference next tokens from fresh process B: {reference}; "
+        f"A's own prediction equal: {res['a_predicted_equal']}")
+
+    ck_a = checkpoint(store, a, "gpu-a")
+    res["checkpoint_a"] = ck_a
+    log(f"checkpoint A: {ck_a['wall_seconds']:.1f} s, {gb(ck_a['logical_bytes'])} image, "
+        f"{gb(ck_a['new_stored_bytes'])} stored (ingest {ck_a['seconds']:.1f} s)")
+    save()
+    local = LocalStore.open(store)
+    plain = work / "plain"
+    start = time.perf_counter()
+    export(local, local.get_manifest(local.resolve("gpu-a")), plain)
+    res["export_seconds"] = time.perf_counter() - start
+    image_bytes = du(plain)
+    lazy = lazy_bytes(plain)
+    res["image_bytes"], res["lazy_bytes"] = image_bytes, lazy
+    log(f"exported to a plain directory in {res['export_seconds']:.1f} s: {gb(image_bytes)}, "
+        f"{gb(lazy)} of it private anonymous memory (lazy)")
+
+    runs: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
+    res["restores"] = runs
+    for _ in range(args.runs):
+        for case in cases:
+            drop_caches()
+            stages: dict[str, float] = {}
+            start = time.perf_counter()
+            if case == "upstream":
+                pid = restore_upstream(criu, plain, work / "criu-work", api)
+            else:
+                pid, stages = restore_snapstore(store, "gpu-a", lazy=case == "lazy")
+            running = time.perf_counter() - start
+            if pid != a.pid:
+                raise RuntimeError(f"{case}: restored pid {pid}, not {a.pid}")
+            tokens = a.ask(pid, 1)
+            first_token = time.perf_counter() - start
+            tokens += a.ask(pid, MORE_TOKENS)
+            kill_and_reap(pid)
+            run = {"running": running, "first_token": first_token, "stages": stages,
+                   "tokens_equal": tokens == reference}
+            runs[case].append(run)
+            log(f"{case}: running with its GPU state in {running:.2f} s, next token at "
+                f"{first_token:.2f} s, stages {stages}, tokens equal: {run['tokens_equal']}")
+            save()
+    shutil.rmtree(plain)
+
+    ck_b = checkpoint(store, b, "gpu-b")
+    res["checkpoint_b"] = ck_b
+    added = ck_b["new_stored_bytes"] / ck_b["logical_bytes"]
+    log(f"checkpoint B: {ck_b['wall_seconds']:.1f} s, {gb(ck_b['logical_bytes'])} image, "
+        f"added {gb(ck_b['new_stored_bytes'])} = {added:.1%} of it")
+    save()
+
+    print(f"GPU: {info.gpus[0].name if info and info.gpus else '?'} (driver "
+          f"{info.driver_version if info else '?'}), CRIU {criu.version}; model "
+          f"{res['params'] / 1e9:.2f} B parameters, {gb(res['gpu_reserved'])} on the GPU; "
+          f"image {gb(image_bytes)} ({gb(lazy)} lazy); cold page cache before each restore")
+    base = min(r["running"] for r in runs["upstream"]) if runs.get("upstream") else None
+    base_token = min(r["first_token"] for r in runs["upstream"]) if base else None
+    rows = []
+    for case, case_runs in runs.items():
+        for r in case_runs:
+            rows.append([
+                case, f"{r['running']:.2f}", f"{r['first_token']:.2f}",
+                f"{base / r['running']:.2f}x" if base else "",
+                f"{base_token / r['first_token']:.2f}x" if base_token else "",
+                " ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()),
+                "yes" if r["tokens_equal"] else "NO"])
+    print(table(["restore", "to running, GPU state back (s)", "to next token (s)",
+                 "speed vs upstream (running)", "speed vs upstream (token)",
+                 "stages (s)", "16 tokens = reference"], rows))
+    print(f"checkpoint A {ck_a['wall_seconds']:.1f} s ({gb(ck_a['logical_bytes'])} image, "
+          f"{gb(ck_a['new_stored_bytes'])} stored); checkpoint B of the same model added "
+          f"{gb(ck_b['new_stored_bytes'])} = {added:.1%} of its "
+          f"{gb(ck_b['logical_bytes'])} image; A's own prediction = reference: "
+          f"{res['a_predicted_equal']}")
+    save()
+    ok = all(r["tokens_equal"] for case_runs in runs.values() for r in case_runs)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
