@@ -9,10 +9,12 @@ import platform
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from snapstore.criu import staging
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError
-from snapstore.errors import RestoreError
+from snapstore.errors import RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, ingest
 from snapstore.store.local import LocalStore
@@ -93,61 +95,91 @@ class RestoreReport:
     mount_left: str | None = None
 
 
+class _Stages:
+    """The time of each stage of a restore, in order."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.monotonic()
+        self.times: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.monotonic()
+        self.times[name] = round(now - self.last, 4)
+        self.last = now
+
+
 def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str],
             remote: str | None = None, lazy: bool = False,
             api: cuda.CheckpointApi | None = None) -> RestoreReport:
     """Restore the newest snapshot matching `match` (or `ref`) and return once its root
     process runs, its CUDA state back on the GPU, and all its memory in.
 
-    CRIU reads the images through a lazy mount of the snapshot. With `lazy`, CRIU restores
-    everything but the private anonymous memory, which snapstore's lazy-pages daemon
-    installs: demand faults first, the rest in large parallel copies once the tree runs.
+    Eager, CRIU reads the images through a lazy mount of the snapshot. With `lazy`, CRIU
+    restores everything but the private anonymous memory, which snapstore's lazy-pages
+    daemon installs: demand faults first, the rest in large parallel copies once the tree
+    runs. A local snapshot needs no mount then: CRIU reads a working directory holding
+    every file but the lazy pages (`staging`), and the daemon reads those from the store.
     A tree that was restored but cannot get its memory or GPU state back is killed, never
     left half restored.
     """
-    start = time.monotonic()
-    stages: dict[str, float] = {}
-
-    def stage(name: str, since: float) -> float:
-        now = time.monotonic()
-        stages[name] = round(now - since, 4)
-        return now
-
+    stages = _Stages()
     # A match never picks a gVisor snapshot that happens to carry the same labels.
     snapshot, source = pick(store, ref, {**match, RUNTIME_LABEL: "criu"} if match else match,
                             remote)
-    t = stage("find", start)
+    stages.done("find")
+    api = api or cuda.open_api()
+    if lazy and source == "local":
+        with store.work_dir("criu-restore") as work:
+            try:
+                sources = staging.stage(store, store.get_manifest(store.resolve(snapshot)),
+                                        work / "images")
+            except SnapstoreError as e:
+                raise RestoreError(f"cannot stage snapshot {snapshot[:12]}: {e}") from None
+            stages.done("stage")
+            pid = _restore_from(criu, work / "images", work,
+                                LazyPagesDaemon(work / "images", work, sources), api,
+                                stages)
+        return RestoreReport(pid, snapshot, source, time.monotonic() - stages.start,
+                             stages.times)
     with mounted(store, snapshot, source, allow_other=False) as mnt:
-        t = stage("mount", t)
+        stages.done("mount")
         if not (mnt / "inventory.img").is_file():
             raise RestoreError(f"snapshot {snapshot[:12]} is not a CRIU checkpoint "
                                "(no inventory.img)")
         with store.work_dir("criu-restore") as work:
-            daemon = LazyPagesDaemon(mnt, work) if lazy else None
-            try:
-                if daemon is not None:
-                    daemon.start()
-                try:
-                    pid = criu.restore(mnt, work, lazy_pages=lazy)
-                except CriuError as e:
-                    raise RestoreError(str(e)) from None
-                t = stage("criu_restore", t)
-                api = api or cuda.open_api()
-                if _has_cuda(api, pid):
-                    _cuda_restore(api, pid)
-                    t = stage("cuda_restore", t)
-                if daemon is not None:
-                    try:
-                        daemon.wait(LAZY_TIMEOUT)
-                    except LazyPagesError as e:
-                        raise RestoreError(f"restored pid {pid} but not its memory ({e}); "
-                                           "killed it") from None
-                    t = stage("memory_complete", t)
-            finally:
-                if daemon is not None:
-                    daemon.close()
+            pid = _restore_from(criu, mnt, work, LazyPagesDaemon(mnt, work) if lazy else None,
+                                api, stages)
         mount_left = None if release(mnt) else str(mnt)
-    return RestoreReport(pid, snapshot, source, time.monotonic() - start, stages, mount_left)
+    return RestoreReport(pid, snapshot, source, time.monotonic() - stages.start,
+                         stages.times, mount_left)
+
+
+def _restore_from(criu: Criu, images: Path, work: Path, daemon: LazyPagesDaemon | None,
+                  api: cuda.CheckpointApi, stages: _Stages) -> int:
+    """criu restore from `images` (with `daemon` serving the lazy pages), then the CUDA
+    state; the restored root's pid once all of it is back."""
+    try:
+        if daemon is not None:
+            daemon.start()
+        try:
+            pid = criu.restore(images, work, lazy_pages=daemon is not None)
+        except CriuError as e:
+            raise RestoreError(str(e)) from None
+        stages.done("criu_restore")
+        if _has_cuda(api, pid):
+            _cuda_restore(api, pid)
+            stages.done("cuda_restore")
+        if daemon is not None:
+            try:
+                daemon.wait(LAZY_TIMEOUT)
+            except LazyPagesError as e:
+                raise RestoreError(f"restored pid {pid} but not its memory ({e}); "
+                                   "killed it") from None
+            stages.done("memory_complete")
+        return pid
+    finally:
+        if daemon is not None:
+            daemon.close()
 
 
 def _cuda_restore(api: cuda.CheckpointApi, pid: int) -> None:
