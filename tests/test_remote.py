@@ -26,6 +26,7 @@ from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import MAX_CHUNK
+from snapstore.remote.catalog import find_remote
 from snapstore.remote.gc import remote_gc
 from snapstore.remote.reader import PriorityLimiter, RemoteChunkReader, open_remote_snapshot
 from snapstore.remote.transfer import pull, push, remote_chunks
@@ -835,3 +836,38 @@ def test_tampered_pack_through_a_real_lazy_mount(
     check_store(empty)
     code, _, err = _cli(["--store", str(empty.root), "verify"], capsys)
     assert code == 0, err
+
+
+# -- attack round 2: the remote ----------------------------------------------------------
+
+
+def test_stray_keys_under_refs_tags_are_skipped_and_reported(
+        moto_port: int, remote: str, loaded: LocalStore, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 console's zero-byte "folder" marker and a nested key under refs/tags/ are no
+    tags: listings skip them and say so, and never fail."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    mid = loaded.resolve("t1")
+
+    async def setup() -> None:
+        async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+            await push(loaded, "t1", s3)
+            await s3.put("refs/tags/", b"")
+            await s3.put("refs/tags/x/y", (mid.hex + "\n").encode())
+
+    trio.run(setup)
+    code, out, err = _cli(["remote", "ls", remote, "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["tags"] == {"t1": mid.hex}
+    assert doc["foreign_tag_keys"] == ["refs/tags/", "refs/tags/x/y"]
+    assert "refs/tags/x/y" in err and "warning" in err
+    code, out, err = _cli(["remote", "ls", remote], capsys)
+    assert code == 0 and "refs/tags/x/y" in err, err
+    code, out, err = _cli(["gc", "--remote", remote, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["tags"] == 1 and report["foreign_tag_keys"] == ["refs/tags/",
+                                                                  "refs/tags/x/y"]
+    assert "refs/tags/x/y" in err
+    assert find_remote(remote, {}) == mid.hex

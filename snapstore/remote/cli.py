@@ -94,13 +94,18 @@ def cmd_pull(args: argparse.Namespace) -> int:
 async def remote_listing(s3: S3Store) -> dict[str, Any]:
     """Tags and snapshots of a remote with their sizes (what `remote ls --json` prints)."""
     from snapstore.ids import ChunkId
-    from snapstore.remote.fetch import fetch_locator, fetch_manifest, get_remote_tag
+    from snapstore.remote.fetch import (
+        fetch_locator,
+        fetch_manifest,
+        get_remote_tag,
+        list_remote_tags,
+    )
     from snapstore.store.s3 import id_of_key
 
     packs = {p: o.size async for o in s3.list("packs/") if (p := id_of_key(o.key, "packs/"))}
     tags: dict[str, str] = {}
-    async for o in s3.list("refs/tags/"):
-        name = o.key.removeprefix("refs/tags/")
+    names, foreign = await list_remote_tags(s3)
+    for name in names:
         try:
             tags[name] = (await get_remote_tag(s3, name)).hex
         except (CorruptError, NotFoundError) as e:
@@ -123,12 +128,20 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
                    missing_chunks=sum(1 for loc in where.values() if loc.pack not in packs))
         snaps.append(doc)
     return {"remote": str(s3.url), "tags": tags, "snapshots": snaps,
-            "packs": len(packs), "stored_bytes": sum(packs.values())}
+            "packs": len(packs), "stored_bytes": sum(packs.values()),
+            "foreign_tag_keys": foreign}
+
+
+def _warn_foreign_tag_keys(remote: str, keys: list[str]) -> None:
+    for key in keys:
+        print(f"snapstore: warning: skipped {remote}/{key}: not a tag snapstore writes",
+              file=sys.stderr)
 
 
 def cmd_remote_ls(args: argparse.Namespace) -> int:
     async def run(s3: S3Store) -> int:
         doc = await remote_listing(s3)
+        _warn_foreign_tag_keys(doc["remote"], doc["foreign_tag_keys"])
         if args.json:
             print_json(doc)
             return 0
@@ -161,6 +174,7 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
 
     async def run(s3: S3Store) -> int:
         r = await remote_gc(s3, store, grace_s=args.grace, dry_run=args.dry_run)
+        _warn_foreign_tag_keys(str(s3.url), r.foreign_tag_keys)
         if args.json:
             print_json(r.as_dict())
             return 0

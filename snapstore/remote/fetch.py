@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import trio
 
 from snapstore import codec, manifest
-from snapstore.errors import CorruptError, NotFoundError
+from snapstore.errors import CorruptError, NotFoundError, UsageError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.remote.packs import (
     MAX_INDEX_BYTES,
@@ -26,7 +26,15 @@ from snapstore.remote.packs import (
     locator_max_bytes,
 )
 from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore, check_tag
-from snapstore.store.s3 import S3Store, index_key, locator_key, manifest_key, pack_key, tag_key
+from snapstore.store.s3 import (
+    TAGS_PREFIX,
+    S3Store,
+    index_key,
+    locator_key,
+    manifest_key,
+    pack_key,
+    tag_key,
+)
 
 # A chunk whose bytes fail their hash is fetched this often in all before it is reported.
 HASH_ATTEMPTS = 3
@@ -49,6 +57,21 @@ async def get_remote_tag(s3: S3Store, tag: str) -> ChunkId:
         return ChunkId.parse(text)
     except CorruptError:
         raise CorruptError(f"remote tag {tag!r} in {s3.url} is not a snapshot id") from None
+
+
+async def list_remote_tags(s3: S3Store) -> tuple[list[str], list[str]]:
+    """The remote's tag names, and the keys under refs/tags/ that name no tag (an S3
+    console's zero-byte folder marker, a nested key): someone else's objects, which a
+    listing skips and reports instead of failing on."""
+    names: list[str] = []
+    foreign: list[str] = []
+    async for o in s3.list(TAGS_PREFIX):
+        name = o.key.removeprefix(TAGS_PREFIX)
+        try:
+            names.append(check_tag(name))
+        except UsageError:
+            foreign.append(o.key)
+    return names, foreign
 
 
 async def resolve_remote(s3: S3Store, ref: str) -> tuple[ChunkId, str | None]:

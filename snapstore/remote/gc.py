@@ -16,7 +16,13 @@ from typing import Any
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.remote.fetch import fetch_index, fetch_locator, fetch_manifest, get_remote_tag
+from snapstore.remote.fetch import (
+    fetch_index,
+    fetch_locator,
+    fetch_manifest,
+    get_remote_tag,
+    list_remote_tags,
+)
 from snapstore.remote.packs import PackIndex
 from snapstore.remote.settings import DEFAULT_GRACE_S
 from snapstore.store.local import LocalStore
@@ -37,6 +43,8 @@ class RemoteGcReport:
     dead_bytes_in_kept_packs: int
     young_unreferenced: int
     dry_run: bool
+    # Keys under refs/tags/ that name no tag: not roots, never deleted, reported.
+    foreign_tag_keys: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,12 +65,11 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     snapshots = await _listing(s3, "snapshots/")
     locators = await _listing(s3, "locate/")
     access = await _listing(s3, "access/")
-    tags = [o async for o in s3.list("refs/tags/")]
+    tags, foreign_tag_keys = await list_remote_tags(s3)
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
 
     roots: set[ChunkId] = set()
-    for t in tags:
-        name = t.key.removeprefix("refs/tags/")
+    for name in tags:
         try:
             roots.add(await get_remote_tag(s3, name))
         except (CorruptError, NotFoundError) as e:
@@ -129,6 +136,7 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
         dead_bytes_in_kept_packs=dead_bytes,
         young_unreferenced=len(unreferenced) - len(dead_packs),
         dry_run=dry_run,
+        foreign_tag_keys=foreign_tag_keys,
     )
 
 

@@ -91,8 +91,11 @@ def manifest_key(mid: ChunkId) -> str:
     return f"snapshots/{mid.hex}"
 
 
+TAGS_PREFIX = "refs/tags/"
+
+
 def tag_key(name: str) -> str:
-    return f"refs/tags/{name}"
+    return f"{TAGS_PREFIX}{name}"
 
 
 def access_key(mid: ChunkId) -> str:
