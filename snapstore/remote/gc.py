@@ -24,7 +24,7 @@ from snapstore.remote.fetch import (
     list_remote_tags,
 )
 from snapstore.remote.packs import PackIndex
-from snapstore.remote.settings import DEFAULT_GRACE_S
+from snapstore.remote.settings import DEFAULT_GRACE_S, check_grace
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import ObjectInfo, S3Store, id_of_key, index_key
 
@@ -55,8 +55,11 @@ async def _listing(s3: S3Store, prefix: str) -> dict[ChunkId, ObjectInfo]:
 
 
 async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
-                    grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> RemoteGcReport:
-    """Collect `s3`'s garbage; `store`, if given, lends its copies of pack indexes."""
+                    grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
+                    force: bool = False) -> RemoteGcReport:
+    """Collect `s3`'s garbage; `store`, if given, lends its copies of pack indexes. A
+    grace below MIN_GRACE_S is refused (UsageError) unless `force`."""
+    check_grace(grace_s, force)
     # Listings come first: an object written after them is not swept by this run at all.
     # Indexes before packs: a push writes a pack before its index, so every index listed
     # here has its pack listed below unless the pack was deleted behind gc's back.
