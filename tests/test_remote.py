@@ -851,7 +851,8 @@ def test_stray_keys_under_refs_tags_are_skipped_and_reported(
         moto_port: int, remote: str, loaded: LocalStore, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
     """An S3 console's zero-byte "folder" marker and a nested key under refs/tags/ are no
-    tags: listings skip them and say so, and never fail."""
+    tags (nor are such keys under snapshots/ or packs/ snapshots or packs): listings skip
+    them and say so, and never fail."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
     mid = loaded.resolve("t1")
 
@@ -860,22 +861,24 @@ def test_stray_keys_under_refs_tags_are_skipped_and_reported(
             await push(loaded, "t1", s3)
             await s3.put("refs/tags/", b"")
             await s3.put("refs/tags/x/y", (mid.hex + "\n").encode())
+            await s3.put("snapshots/", b"")
+            await s3.put("packs/readme.txt", b"hello")
 
     trio.run(setup)
     code, out, err = _cli(["remote", "ls", remote, "--json"], capsys)
     assert code == 0, err
     doc = json.loads(out)
     assert doc["tags"] == {"t1": mid.hex}
-    assert doc["foreign_tag_keys"] == ["refs/tags/", "refs/tags/x/y"]
+    foreign = ["packs/readme.txt", "refs/tags/", "refs/tags/x/y", "snapshots/"]
+    assert doc["foreign_keys"] == foreign and [s["id"] for s in doc["snapshots"]] == [mid.hex]
     assert "refs/tags/x/y" in err and "warning" in err
     code, out, err = _cli(["remote", "ls", remote], capsys)
     assert code == 0 and "refs/tags/x/y" in err, err
     code, out, err = _cli(["gc", "--remote", remote, "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)
-    assert report["tags"] == 1 and report["foreign_tag_keys"] == ["refs/tags/",
-                                                                  "refs/tags/x/y"]
-    assert "refs/tags/x/y" in err
+    assert report["tags"] == 1 and report["foreign_keys"] == foreign
+    assert "refs/tags/x/y" in err and "snapshots/" in err
     assert find_remote(remote, {}) == mid.hex
 
 

@@ -109,9 +109,16 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
     )
     from snapstore.store.s3 import id_of_key
 
-    packs = {p: o.size async for o in s3.list("packs/") if (p := id_of_key(o.key, "packs/"))}
+    foreign: list[str] = []
+    packs: dict[ChunkId, int] = {}
+    async for o in s3.list("packs/"):
+        if (p := id_of_key(o.key, "packs/")) is None:
+            foreign.append(o.key)
+        else:
+            packs[p] = o.size
     tags: dict[str, str] = {}
-    names, foreign = await list_remote_tags(s3)
+    names, foreign_tags = await list_remote_tags(s3)
+    foreign += foreign_tags
     for name in names:
         try:
             tags[name] = (await get_remote_tag(s3, name)).hex
@@ -119,11 +126,13 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
             tags[name] = f"unreadable: {e}"
     snaps: list[dict[str, Any]] = []
     async for o in s3.list("snapshots/"):
-        name = o.key.removeprefix("snapshots/")
+        if (mid := id_of_key(o.key, "snapshots/")) is None:
+            foreign.append(o.key)
+            continue
+        name = mid.hex
         doc: dict[str, Any] = {"id": name, "tags": sorted(t for t, m in tags.items()
                                                          if m == name)}
         try:
-            mid = ChunkId.parse(name)
             _, m = await fetch_manifest(s3, mid)
             where = (await fetch_locator(s3, mid, m.chunk_ids())).chunks
         except (CorruptError, NotFoundError) as e:
@@ -136,19 +145,19 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
         snaps.append(doc)
     return {"remote": str(s3.url), "tags": tags, "snapshots": snaps,
             "packs": len(packs), "stored_bytes": sum(packs.values()),
-            "foreign_tag_keys": foreign}
+            "foreign_keys": sorted(foreign)}
 
 
-def _warn_foreign_tag_keys(remote: str, keys: list[str]) -> None:
+def _warn_foreign_keys(remote: str, keys: list[str]) -> None:
     for key in keys:
-        print(f"snapstore: warning: skipped {remote}/{key}: not a tag snapstore writes",
+        print(f"snapstore: warning: skipped {remote}/{key}: not an object snapstore writes",
               file=sys.stderr)
 
 
 def cmd_remote_ls(args: argparse.Namespace) -> int:
     async def run(s3: S3Store) -> int:
         doc = await remote_listing(s3)
-        _warn_foreign_tag_keys(doc["remote"], doc["foreign_tag_keys"])
+        _warn_foreign_keys(doc["remote"], doc["foreign_keys"])
         if args.json:
             print_json(doc)
             return 0
@@ -181,7 +190,7 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
     async def run(s3: S3Store) -> int:
         r = await remote_gc(s3, store, grace_s=args.grace, dry_run=args.dry_run,
                             force=args.force)
-        _warn_foreign_tag_keys(str(s3.url), r.foreign_tag_keys)
+        _warn_foreign_keys(str(s3.url), r.foreign_keys)
         if args.json:
             print_json(r.as_dict())
             return 0

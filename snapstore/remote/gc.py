@@ -43,15 +43,24 @@ class RemoteGcReport:
     dead_bytes_in_kept_packs: int
     young_unreferenced: int
     dry_run: bool
-    # Keys under refs/tags/ that name no tag: not roots, never deleted, reported.
-    foreign_tag_keys: list[str]
+    # Keys under the layout's prefixes that name nothing snapstore writes (a folder
+    # marker, a nested or misnamed key): not roots, never deleted, reported.
+    foreign_keys: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-async def _listing(s3: S3Store, prefix: str) -> dict[ChunkId, ObjectInfo]:
-    return {i: o async for o in s3.list(prefix) if (i := id_of_key(o.key, prefix))}
+async def _listing(s3: S3Store, prefix: str, foreign: list[str]) -> dict[ChunkId, ObjectInfo]:
+    """The objects under `prefix` by id; keys that are no id go to `foreign`."""
+    out: dict[ChunkId, ObjectInfo] = {}
+    async for o in s3.list(prefix):
+        i = id_of_key(o.key, prefix)
+        if i is None:
+            foreign.append(o.key)
+        else:
+            out[i] = o
+    return out
 
 
 async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
@@ -63,12 +72,13 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     # Listings come first: an object written after them is not swept by this run at all.
     # Indexes before packs: a push writes a pack before its index, so every index listed
     # here has its pack listed below unless the pack was deleted behind gc's back.
-    indexes = await _listing(s3, "index/")
-    packs = await _listing(s3, "packs/")
-    snapshots = await _listing(s3, "snapshots/")
-    locators = await _listing(s3, "locate/")
-    access = await _listing(s3, "access/")
-    tags, foreign_tag_keys = await list_remote_tags(s3)
+    foreign: list[str] = []
+    indexes = await _listing(s3, "index/", foreign)
+    packs = await _listing(s3, "packs/", foreign)
+    snapshots = await _listing(s3, "snapshots/", foreign)
+    locators = await _listing(s3, "locate/", foreign)
+    access = await _listing(s3, "access/", foreign)
+    tags, foreign_tags = await list_remote_tags(s3)
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
 
     roots: set[ChunkId] = set()
@@ -139,7 +149,7 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
         dead_bytes_in_kept_packs=dead_bytes,
         young_unreferenced=len(unreferenced) - len(dead_packs),
         dry_run=dry_run,
-        foreign_tag_keys=foreign_tag_keys,
+        foreign_keys=sorted(foreign + foreign_tags),
     )
 
 
