@@ -29,7 +29,8 @@ DEFAULT_PACK_BYTES = 16 << 20
 MAX_PACK_TARGET = 256 << 20
 # One read from a remote (a GET, its retries included) fails after this many seconds:
 # a mount's reader waits at most this long for an endpoint that stopped answering. A pull
-# reads up to 16 MiB per GET, so this asks for at least ~0.6 MB/s; raise it on slower links.
+# reads up to 16 MiB per GET, --jobs (16) at a time, so it needs about 9 MB/s in all (a
+# 100 Mbit/s link); slower links need a longer --read-timeout or fewer --jobs.
 DEFAULT_READ_TIMEOUT_S = 30.0
 MAX_READ_TIMEOUT_S = 24 * 3600.0
 
