@@ -1124,3 +1124,36 @@ def test_pull_onto_a_full_disk_names_the_store_and_the_cause(
     other = LocalStore.open(root)
     assert other.get_tag("t1") is None
     check_store(other)
+
+
+async def test_gc_takes_a_second_look_before_it_sweeps(
+        proxy: FaultProxy, moto_port: int, remote: str, loaded: LocalStore,
+        tmp_path: Path) -> None:
+    """The window a push's own check leaves: gc found a snapshot untagged and its packs
+    old, then (held by the proxy at its last index GET, as a long gc is busy reading) a
+    push tags that snapshot again, reusing those packs, and checks them: all there. gc
+    looks at the tags and manifests again right before it deletes anything, so it keeps
+    what the new tag reaches."""
+    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as direct:
+        await push(loaded, "t1", direct, pack_size=SMALL_PACKS)
+        await direct.delete_many([tag_key("t1")])
+        last = max((await remote_chunks(direct, None)).pack_sizes)
+        proxy.inject("gate", "GET", f"/index/{last.hex}")
+        report: list[int] = []
+
+        async def collecting() -> None:
+            async with s3_at(proxy.endpoint, remote) as s3:
+                report.append((await remote_gc(s3, grace_s=0, force=True)).deleted_packs)
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as n:
+                n.start_soon(collecting)
+                while proxy.gated == 0:
+                    await trio.sleep(0.05)
+                again = await push(loaded, "t1", direct, pack_size=SMALL_PACKS)
+                assert (again.chunks_sent, again.tag_status) == (0, "created")
+                proxy.open_gate()
+        assert report == [0]
+        other = LocalStore.open(tmp_path / "other")
+        await pull(other, "t1", direct)
+    check_store(other)

@@ -4,8 +4,10 @@ The grace period is what makes it safe next to pushes that run at the same time:
 writes packs and their indexes, then the locator, the manifest and the tag, so its
 objects are unreachable until it ends. gc never deletes a pack younger than the grace
 (by its LastModified), and treats every manifest younger than the grace as a root, so a
-push that finishes within the grace never loses a chunk. docs/remote.md states the one
-case that is left, and that packs are not rewritten (dead chunks in live packs stay).
+push that finishes within the grace never loses a chunk. Right before it deletes, gc looks
+at the tags and manifests again, for a push that reused old packs while gc read the
+bucket. docs/remote.md states the one case that is left, and that packs are not
+rewritten (dead chunks in live packs stay).
 """
 
 from __future__ import annotations
@@ -81,31 +83,27 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     tags, foreign_tags = await list_remote_tags(s3)
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
 
-    roots: set[ChunkId] = set()
-    for name in tags:
-        try:
-            roots.add(await get_remote_tag(s3, name))
-        except (CorruptError, NotFoundError) as e:
-            raise _stop(f"tag {name!r} is unreadable ({e})") from None
     # A push in progress: its tag comes after its manifest.
-    roots |= {mid for mid, o in snapshots.items() if o.last_modified > cutoff}
+    roots = await _tagged(s3, tags) | {mid for mid, o in snapshots.items()
+                                       if o.last_modified > cutoff}
     live_chunks: set[ChunkId] = set()
     live_packs: set[ChunkId] = set()
-    for mid in sorted(roots):
-        try:
-            _, m = await fetch_manifest(s3, mid)
-            live_chunks |= m.chunk_ids()
-            # The packs a root's locator names stay even if their index is gone.
-            live_packs |= set((await fetch_locator(s3, mid, m.chunk_ids())).packs)
-        except (CorruptError, NotFoundError) as e:
-            # Sweeping with an incomplete mark would delete live chunks.
-            raise _stop(f"snapshot {mid.short()} is unreadable ({e})") from None
+    await _mark(s3, roots, live_chunks, live_packs)
     contents: dict[ChunkId, PackIndex] = {}
     for pack in sorted(set(indexes) & set(packs)):
         try:
             contents[pack] = await fetch_index(s3, store, pack)
         except (CorruptError, NotFoundError) as e:
             raise _stop(f"the index of pack {pack.short()} is unreadable ({e})") from None
+    # A second look at the tags and manifests, right before the sweep: a push that ran
+    # while gc read the bucket may have tagged a snapshot whose old packs it reused (the
+    # first look found them dead) and checked them already. Its tag or manifest shows
+    # now, so what it reaches stays; docs/remote.md says what is left.
+    tags_now, _ = await list_remote_tags(s3)
+    later = await _tagged(s3, tags_now) | {
+        mid for mid in await _listing(s3, "snapshots/", []) if mid not in snapshots}
+    await _mark(s3, later - roots, live_chunks, live_packs)
+    roots |= later
 
     def old(o: ObjectInfo) -> bool:
         return o.last_modified <= cutoff
@@ -151,6 +149,31 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
         dry_run=dry_run,
         foreign_keys=sorted(foreign + foreign_tags),
     )
+
+
+async def _tagged(s3: S3Store, tags: list[str]) -> set[ChunkId]:
+    """The snapshots `tags` name."""
+    out: set[ChunkId] = set()
+    for name in tags:
+        try:
+            out.add(await get_remote_tag(s3, name))
+        except (CorruptError, NotFoundError) as e:
+            raise _stop(f"tag {name!r} is unreadable ({e})") from None
+    return out
+
+
+async def _mark(s3: S3Store, roots: set[ChunkId], live_chunks: set[ChunkId],
+                live_packs: set[ChunkId]) -> None:
+    """Add the chunks of `roots` and the packs their locators name to the live sets."""
+    for mid in sorted(roots):
+        try:
+            _, m = await fetch_manifest(s3, mid)
+            live_chunks |= m.chunk_ids()
+            # The packs a root's locator names stay even if their index is gone.
+            live_packs |= set((await fetch_locator(s3, mid, m.chunk_ids())).packs)
+        except (CorruptError, NotFoundError) as e:
+            # Sweeping with an incomplete mark would delete live chunks.
+            raise _stop(f"snapshot {mid.short()} is unreadable ({e})") from None
 
 
 def _stop(why: str) -> SnapstoreError:
