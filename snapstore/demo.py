@@ -72,7 +72,7 @@ def criu_round_trip(store: Path, work: Path) -> None:
     stopped = int(counter.read_text())
     # The restored shell is left to the nearest subreaper: this process, which reaps it.
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    pid = int(run(store, "restore", "--from", "shell-counter", "--lazy").split()[-1])
+    pid = int(run(store, "restore", "--from", "shell-counter").split()[-1])
     try:
         print(f"counter stopped at {stopped}; restored as pid {pid}, it went on to "
               f"{wait_count_above(counter, stopped + 5)}")

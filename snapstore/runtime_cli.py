@@ -52,8 +52,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="look there when the local store has no match; mount lazily")
     sp.add_argument("--no-fallback", action="store_true",
                     help="gVisor: fail instead of starting the container cold")
-    sp.add_argument("--lazy", action="store_true",
-                    help="CRIU: snapstore serves the memory as CRIU's lazy-pages daemon")
+    sp.add_argument("--eager", action="store_true",
+                    help="CRIU: let criu read every page itself through a mount, instead of "
+                         "snapstore serving the memory as CRIU's lazy-pages daemon")
     _runsc_options(sp)
     _criu_options(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")
@@ -145,7 +146,7 @@ def _restore_process(args: argparse.Namespace) -> int:
     store = open_store(args, create=True)
     r = criu_workflow.restore(store, Criu.find(args.criu), args.ref,
                               parse_labels(args.match or []), remote=args.remote,
-                              lazy=args.lazy)
+                              lazy=not args.eager)
     if args.json:
         print_json({k: getattr(r, k) for k in r.__slots__})
     else:

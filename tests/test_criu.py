@@ -178,7 +178,7 @@ def test_checkpoint_and_restore_a_python_process(
     assert {e.path for e in manifest.files()} >= {"inventory.img", "pstree.img"}
 
     r = snapstore(store, "restore", "--match", "app=numpy",
-                  *(["--lazy"] if mode == "lazy" else []))
+                  *(["--eager"] if mode == "eager" else []))
     assert r.returncode == 0, r.stderr
     pid = int(r.stdout.strip())
     assert ("memory_complete" in r.stderr) == (mode == "lazy")
@@ -223,7 +223,7 @@ def test_restore_from_the_remote_alone(criu: Criu, reaper: None, store: LocalSto
         assert push.returncode == 0, push.stderr
         empty = LocalStore.open(tmp_path / "empty")
         r = snapstore(empty, "restore", "--match", "app=remote", "--remote", remote,
-                      "--lazy", "--json", env=env)
+                      "--json", env=env)
         assert r.returncode == 0, r.stderr
         pid = int(json.loads(r.stdout)["pid"])
         try:
@@ -256,15 +256,21 @@ def test_failures_are_one_line_and_leave_nothing(
     finally:
         kill(child.pid)
 
-    # A damaged chunk at the start of the pages file (pages CRIU restores itself): CRIU
-    # reads EIO through the mount, the restore fails and no task of the tree is left.
+    # A damaged chunk at the start of the pages file (pages CRIU restores itself). Eager:
+    # CRIU reads EIO through the mount, the restore fails and no task of the tree is left.
+    # Lazy: staging the pages CRIU reads meets it before CRIU starts.
     manifest = store.get_manifest(store.resolve("py"))
     pages = next(e for e in manifest.files() if e.path.startswith("pages-"))
-    corrupt(store, next(x.chunk for x in pages.extents if x.chunk is not None))
-    bad = snapstore(store, "restore", "--from", "py")
+    damaged = next(x.chunk for x in pages.extents if x.chunk is not None)
+    corrupt(store, damaged)
+    bad = snapstore(store, "restore", "--from", "py", "--eager")
     assert bad.returncode == 4, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "criu restore failed: Can't read pages data (-5)" in bad.stderr
+    lazy = snapstore(store, "restore", "--from", "py")
+    assert lazy.returncode == 4, lazy.stderr
+    assert lazy.stderr.strip().startswith("snapstore: error: cannot stage snapshot ")
+    assert damaged.hex in lazy.stderr and len(lazy.stderr.strip().splitlines()) == 1
     assert not alive(child.pid)
     assert list(store.work_root.iterdir()) == []
     missing = snapstore(store, "restore", "--from", "py", "--criu", str(tmp_path / "nope"))
@@ -301,7 +307,7 @@ def test_a_damaged_lazy_page_kills_the_restored_tree(
     assert victim is not None, "no chunk of lazy pages only"
     corrupt(store, victim)
 
-    r = snapstore(store, "restore", "--from", "py", "--lazy")
+    r = snapstore(store, "restore", "--from", "py")
     assert r.returncode == 4, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "not its memory" in r.stderr and "killed it" in r.stderr, r.stderr
@@ -354,7 +360,7 @@ def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
     child.wait_dead()
     restore = subprocess.Popen(
         [sys.executable, "-m", "snapstore", "--store", str(store.root), "restore", "--from",
-         "big", "--lazy"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "big"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # CRIU exits once the tree runs; the daemon is still installing pages then.
         wait_until(lambda: processes_named("--lazy-pages") != [], "criu restore to start")
