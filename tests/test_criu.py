@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -465,3 +466,62 @@ def test_a_failed_dump_gives_the_gpu_back(criu: Criu, store: LocalStore) -> None
         workflow.checkpoint(store, criu, gone, "gone", {}, api=api)
     assert [c for c, _ in api.calls] == ["lock", "checkpoint", "restore", "unlock"]
     assert "gone" not in store.tags() and list(store.work_root.iterdir()) == []
+
+
+# Counts into $0 every 0.05 s with `sleep` as a child: a tree of two processes.
+SHELL_COUNTER = ('i=0; while :; do i=$((i+1)); echo $i > "$0.tmp"; mv "$0.tmp" "$0"; '
+                 'sleep 0.05; done')
+
+
+def counters_gone() -> bool:
+    reap()
+    return not processes_named(SHELL_COUNTER)
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_a_shell_counter_counts_on_after_restore(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path, mode: str) -> None:
+    counter = tmp_path / "count"
+    shell = subprocess.Popen(["sh", "-c", SHELL_COUNTER, str(counter)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: counter.exists() and int(counter.read_text() or 0) > 3, "counting")
+    ck = snapstore(store, "checkpoint", "--pid", str(shell.pid), "--tag", "sh")
+    assert ck.returncode == 0, ck.stderr
+    shell.wait(timeout=30)
+    # The dumped tree's sleep, killed with it, is a zombie of this subreaper: reap it too.
+    wait_until(counters_gone, "the tree to be gone")
+    stopped = int(counter.read_text())
+    r = snapstore(store, "restore", "--from", "sh", *(["--eager"] if mode == "eager" else []))
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout)
+    try:
+        assert pid == shell.pid
+        wait_until(lambda: int(counter.read_text() or 0) > stopped + 3, "counting on")
+    finally:
+        kill(pid)
+        wait_until(counters_gone, "the tree to end")
+
+
+def test_cold_start_when_there_is_nothing_to_restore(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+    cmd = shlex.join(["sh", "-c", SHELL_COUNTER, str(counter)])
+    r = snapstore(store, "restore", "--match", "app=none", "--cold-start", cmd, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["path"] == "cold" and doc["snapshot"] is None
+    assert doc["reason"] == "no snapshot matches app=none runtime=criu"
+    try:
+        wait_until(lambda: counter.exists(), "the cold-started command to run")
+    finally:
+        kill(doc["pid"])
+        wait_until(counters_gone, "the tree to end")
+
+    # No fallback is silent, and a cold start that cannot start is an error of its own.
+    bad = snapstore(store, "restore", "--match", "app=none", "--cold-start",
+                    str(tmp_path / "no-such-program"))
+    assert bad.returncode == 4
+    assert bad.stderr.strip() == (
+        "snapstore: error: no snapshot matches app=none runtime=criu; and the cold start "
+        f"failed: No such file or directory: {tmp_path / 'no-such-program'}")

@@ -7,14 +7,16 @@ import contextlib
 import os
 import platform
 import signal
+import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapstore.criu import staging
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError
-from snapstore.errors import RestoreError, SnapstoreError
+from snapstore.errors import NoMatchError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, ingest
 from snapstore.store.local import LocalStore
@@ -88,11 +90,13 @@ def _give_gpu_back(api: cuda.CheckpointApi, pid: int) -> None:
 @dataclass(slots=True)
 class RestoreReport:
     pid: int
-    snapshot: str
-    source: str  # "local" or the remote
+    snapshot: str | None
+    source: str | None  # "local" or the remote
     seconds: float
     stages: dict[str, float] = field(default_factory=dict)
     mount_left: str | None = None
+    path: str = "restore"  # or "cold"
+    reason: str | None = None  # why it started cold
 
 
 class _Stages:
@@ -106,6 +110,29 @@ class _Stages:
         now = time.monotonic()
         self.times[name] = round(now - self.last, 4)
         self.last = now
+
+
+def restore_or_start(store: LocalStore, criu_path: str | None, ref: str | None,
+                     match: dict[str, str], cold_start: Sequence[str],
+                     remote: str | None = None, lazy: bool = False) -> RestoreReport:
+    """`restore`, and if there is no usable CRIU, no snapshot matches or the restore
+    fails, start `cold_start` (a command and its arguments) instead: detached, in a
+    session of its own, its standard streams on /dev/null. The report says which
+    happened, and why."""
+    start = time.monotonic()
+    try:
+        return restore(store, Criu.find(criu_path), ref, match, remote, lazy)
+    except (CriuError, NoMatchError, RestoreError) as e:
+        reason = str(e)
+    try:
+        proc = subprocess.Popen(list(cold_start), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    except OSError as e:
+        raise RestoreError(f"{reason}; and the cold start failed: {e.strerror}: "
+                           f"{cold_start[0]}") from None
+    return RestoreReport(proc.pid, None, None, time.monotonic() - start, path="cold",
+                         reason=reason)
 
 
 def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str],
