@@ -216,11 +216,15 @@ class LazyPagesDaemon:
             os.close(work_fd)
         self._listener.listen(1)
         self._watchdog, self._watchdog_proc = watchdog.start()
+        self._kill_root: int | None = None
         self._watchdog_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, kill_root: int | None = None) -> None:
+        """Serve CRIU's connection. `kill_root` is the process to kill (with everything
+        below it) instead of the tasks' own pids, when those are another pid namespace's."""
+        self._kill_root = kill_root
         self._spawn(self._accept, "lazy-accept")
 
     def wait(self, timeout: float) -> None:
@@ -279,9 +283,10 @@ class LazyPagesDaemon:
         """Never leave a restored task waiting on a page nobody will install."""
         if self.error is None:
             self.error = why
-        for task in self._tasks:
+        for pid in {self._kill_root} if self._kill_root else {t.pid for t in self._tasks}:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(task.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+        for task in self._tasks:
             task.gone = True
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
@@ -329,7 +334,7 @@ class LazyPagesDaemon:
 
     def _guard_uffd(self, pid: int, uffd: int) -> None:
         with self._watchdog_lock:
-            watchdog.guard(self._watchdog, pid, uffd)
+            watchdog.guard(self._watchdog, self._kill_root or pid, uffd)
 
     def _source(self, pagemap: Pagemap) -> PageSource:
         name = pagemap.pages_file

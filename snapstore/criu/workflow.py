@@ -1,5 +1,6 @@
-"""Checkpoint a process tree with CRIU into the store, and restore it from a lazy mount of
-the snapshot, moving the tree's CUDA state to host memory and back around CRIU."""
+"""Checkpoint a process tree with CRIU into the store, and restore it from the snapshot
+(lazily by default, with snapstore as CRIU's lazy-pages daemon), moving the tree's CUDA
+state to host memory and back around CRIU; or start it cold when it cannot be restored."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import platform
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapstore.criu import staging
 from snapstore.criu.binary import Criu, CriuError
-from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError
+from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError, PageSource
 from snapstore.errors import NoMatchError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, ingest
@@ -41,7 +42,7 @@ def compat_labels(criu: Criu) -> dict[str, str]:
     }
 
 
-def _has_cuda(api: cuda.CheckpointApi, pid: int) -> bool:
+def has_cuda(api: cuda.CheckpointApi, pid: int) -> bool:
     try:
         api.get_state(pid)
     except cuda.NoCudaContext:
@@ -59,7 +60,7 @@ def checkpoint(store: LocalStore, criu: Criu, pid: int, tag: str, labels: dict[s
     when `leave_running`. Without `leave_running` CRIU kills the tree after the dump.
     """
     api = api or cuda.open_api()
-    with_cuda = _has_cuda(api, pid)
+    with_cuda = has_cuda(api, pid)
     all_labels = {**compat_labels(criu), CUDA_LABEL: "1" if with_cuda else "0", **labels}
     with store.work_dir("criu-dump") as work:
         images = work / "images"
@@ -99,17 +100,56 @@ class RestoreReport:
     reason: str | None = None  # why it started cold
 
 
-class _Stages:
-    """The time of each stage of a restore, in order."""
+class Stages:
+    """The time of each stage of a restore, in order, and a mount it had to leave."""
 
     def __init__(self) -> None:
         self.start = self.last = time.monotonic()
         self.times: dict[str, float] = {}
+        self.mount_left: str | None = None
 
     def done(self, name: str) -> None:
         now = time.monotonic()
         self.times[name] = round(now - self.last, 4)
         self.last = now
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+def pick_criu(store: LocalStore, ref: str | None, match: dict[str, str],
+              remote: str | None) -> tuple[str, str]:
+    """The CRIU snapshot to restore and where it is (`workflow.pick`); a match never picks
+    a gVisor snapshot that happens to carry the same labels."""
+    return pick(store, ref, {**match, RUNTIME_LABEL: "criu"} if match else match, remote)
+
+
+@contextlib.contextmanager
+def images_of(store: LocalStore, snapshot: str, source: str, lazy: bool,
+              stages: Stages) -> Iterator[tuple[Path, Mapping[str, PageSource]]]:
+    """The image directory CRIU restores from, and the lazy pages' sources by file name.
+
+    Lazy from the local store: a staged working directory (no mount), the daemon reading
+    the lazy pages from the store. Otherwise a lazy mount of the snapshot, which CRIU and
+    the daemon both read; released (or left, in `stages.mount_left`) afterwards.
+    """
+    if lazy and source == "local":
+        with store.work_dir("criu-images") as work:
+            try:
+                sources = staging.stage(store, store.get_manifest(store.resolve(snapshot)),
+                                        work / "images")
+            except SnapstoreError as e:
+                raise RestoreError(f"cannot stage snapshot {snapshot[:12]}: {e}") from None
+            stages.done("stage")
+            yield work / "images", sources
+        return
+    with mounted(store, snapshot, source, allow_other=False) as mnt:
+        stages.done("mount")
+        if not (mnt / "inventory.img").is_file():
+            raise RestoreError(f"snapshot {snapshot[:12]} is not a CRIU checkpoint "
+                               "(no inventory.img)")
+        yield mnt, {}
+        stages.mount_left = None if release(mnt) else str(mnt)
 
 
 def restore_or_start(store: LocalStore, criu_path: str | None, ref: str | None,
@@ -144,45 +184,23 @@ def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str
     Eager, CRIU reads the images through a lazy mount of the snapshot. With `lazy`, CRIU
     restores everything but the private anonymous memory, which snapstore's lazy-pages
     daemon installs: demand faults first, the rest in large parallel copies once the tree
-    runs. A local snapshot needs no mount then: CRIU reads a working directory holding
-    every file but the lazy pages (`staging`), and the daemon reads those from the store.
-    A tree that was restored but cannot get its memory or GPU state back is killed, never
-    left half restored.
+    runs (`images_of` says where the pages come from). A tree that was restored but cannot
+    get its memory or GPU state back is killed, never left half restored.
     """
-    stages = _Stages()
-    # A match never picks a gVisor snapshot that happens to carry the same labels.
-    snapshot, source = pick(store, ref, {**match, RUNTIME_LABEL: "criu"} if match else match,
-                            remote)
+    stages = Stages()
+    snapshot, source = pick_criu(store, ref, match, remote)
     stages.done("find")
     api = api or cuda.open_api()
-    if lazy and source == "local":
-        with store.work_dir("criu-restore") as work:
-            try:
-                sources = staging.stage(store, store.get_manifest(store.resolve(snapshot)),
-                                        work / "images")
-            except SnapstoreError as e:
-                raise RestoreError(f"cannot stage snapshot {snapshot[:12]}: {e}") from None
-            stages.done("stage")
-            pid = _restore_from(criu, work / "images", work,
-                                LazyPagesDaemon(work / "images", work, sources), api,
-                                stages)
-        return RestoreReport(pid, snapshot, source, time.monotonic() - stages.start,
-                             stages.times)
-    with mounted(store, snapshot, source, allow_other=False) as mnt:
-        stages.done("mount")
-        if not (mnt / "inventory.img").is_file():
-            raise RestoreError(f"snapshot {snapshot[:12]} is not a CRIU checkpoint "
-                               "(no inventory.img)")
-        with store.work_dir("criu-restore") as work:
-            pid = _restore_from(criu, mnt, work, LazyPagesDaemon(mnt, work) if lazy else None,
-                                api, stages)
-        mount_left = None if release(mnt) else str(mnt)
-    return RestoreReport(pid, snapshot, source, time.monotonic() - stages.start,
-                         stages.times, mount_left)
+    with images_of(store, snapshot, source, lazy, stages) as (images, sources), \
+            store.work_dir("criu-restore") as work:
+        daemon = LazyPagesDaemon(images, work, sources) if lazy else None
+        pid = _restore_from(criu, images, work, daemon, api, stages)
+    return RestoreReport(pid, snapshot, source, stages.elapsed(), stages.times,
+                         stages.mount_left)
 
 
 def _restore_from(criu: Criu, images: Path, work: Path, daemon: LazyPagesDaemon | None,
-                  api: cuda.CheckpointApi, stages: _Stages) -> int:
+                  api: cuda.CheckpointApi, stages: Stages) -> int:
     """criu restore from `images` (with `daemon` serving the lazy pages), then the CUDA
     state; the restored root's pid once all of it is back."""
     try:
@@ -193,8 +211,8 @@ def _restore_from(criu: Criu, images: Path, work: Path, daemon: LazyPagesDaemon 
         except CriuError as e:
             raise RestoreError(str(e)) from None
         stages.done("criu_restore")
-        if _has_cuda(api, pid):
-            _cuda_restore(api, pid)
+        if has_cuda(api, pid):
+            cuda_restore(api, pid)
             stages.done("cuda_restore")
         if daemon is not None:
             try:
@@ -209,7 +227,7 @@ def _restore_from(criu: Criu, images: Path, work: Path, daemon: LazyPagesDaemon 
             daemon.close()
 
 
-def _cuda_restore(api: cuda.CheckpointApi, pid: int) -> None:
+def cuda_restore(api: cuda.CheckpointApi, pid: int) -> None:
     try:
         _give_gpu_back(api, pid)
     except BaseException as e:
