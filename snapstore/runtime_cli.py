@@ -11,8 +11,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from snapstore.cli_common import open_store, parse_labels, print_json
+from snapstore.cli_common import open_store, parse_labels, positive_int, print_json
 from snapstore.errors import UsageError
+from snapstore.store.local import LocalStore
 
 # The runtimes (ingest, the chunker, mounts) are imported by the handlers that use them,
 # so that other commands start without them.
@@ -56,6 +57,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sp.add_argument("--cold-start", metavar="COMMAND",
                     help="CRIU: when no snapshot matches or the restore fails, start COMMAND "
                          "(split like a shell would, not run by one) instead")
+    sp.add_argument("--replicas", type=positive_int, default=1, metavar="N",
+                    help="CRIU: restore N copies side by side, each in a pid and network "
+                         "namespace of its own")
     sp.add_argument("--eager", action="store_true",
                     help="CRIU: let criu read every page itself through a mount, instead of "
                          "snapstore serving the memory as CRIU's lazy-pages daemon")
@@ -149,6 +153,10 @@ def _restore_process(args: argparse.Namespace) -> int:
 
     store = open_store(args, create=True)
     match = parse_labels(args.match or [])
+    if args.replicas > 1:
+        if args.cold_start is not None:
+            raise UsageError("--cold-start restores one process; not with --replicas")
+        return _restore_replicas(args, store, match)
     if args.cold_start is not None:
         try:
             command = shlex.split(args.cold_start)
@@ -171,6 +179,28 @@ def _restore_process(args: argparse.Namespace) -> int:
         print(f"restored pid {r.pid} from snapshot {(r.snapshot or '')[:12]} ({r.source}) "
               f"in {r.seconds:.2f}s: {stages}", file=sys.stderr)
         print(r.pid)
+    _warn_mount_left(r.mount_left)
+    return 0
+
+
+def _restore_replicas(args: argparse.Namespace, store: LocalStore,
+                      match: dict[str, str]) -> int:
+    from snapstore.criu.binary import Criu
+    from snapstore.criu.replicas import restore_replicas
+
+    r = restore_replicas(store, Criu.find(args.criu), args.ref, match, args.replicas,
+                         remote=args.remote, lazy=not args.eager)
+    if args.json:
+        print_json({"snapshot": r.snapshot, "source": r.source, "seconds": r.seconds,
+                    "stages": r.stages, "mount_left": r.mount_left,
+                    "replicas": [{"pid": x.pid, "ns_pid": x.ns_pid, "keeper": x.keeper}
+                                 for x in r.replicas]})
+    else:
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in r.stages.items())
+        print(f"restored {len(r.replicas)} replicas of snapshot {r.snapshot[:12]} "
+              f"({r.source}) in {r.seconds:.2f}s: {stages}", file=sys.stderr)
+        for x in r.replicas:
+            print(x.pid)
     _warn_mount_left(r.mount_left)
     return 0
 

@@ -49,9 +49,13 @@ report()
 n = 0
 while True:
     n += 1
-    with open(counter_path + ".tmp", "w") as f:
-        f.write(str(n))
-    os.rename(counter_path + ".tmp", counter_path)
+    # Replicas of this process share its files: one may rename the other's first.
+    try:
+        with open(counter_path + ".tmp", "w") as f:
+            f.write(str(n))
+        os.rename(counter_path + ".tmp", counter_path)
+    except OSError:
+        pass
     time.sleep(0.02)
 """
 SIZE = 16 << 20
@@ -525,3 +529,30 @@ def test_cold_start_when_there_is_nothing_to_restore(
     assert bad.stderr.strip() == (
         "snapstore: error: no snapshot matches app=none runtime=criu; and the cold start "
         f"failed: No such file or directory: {tmp_path / 'no-such-program'}")
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_replicas_run_side_by_side_in_namespaces_of_their_own(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path, mode: str) -> None:
+    child = Child(tmp_path)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py").returncode == 0
+    child.wait_dead()
+    r = snapstore(store, "restore", "--from", "py", "--replicas", "2", "--json",
+                  *(["--eager"] if mode == "eager" else []))
+    assert r.returncode == 0, r.stderr
+    replicas = json.loads(r.stdout)["replicas"]
+    try:
+        assert len({x["pid"] for x in replicas}) == 2
+        for x in replicas:
+            # Each has the pid it was checkpointed with, inside its own namespace.
+            assert x["ns_pid"] == child.pid
+            assert child.ask(x["pid"]) == (EXPECTED, child.pid)
+    finally:
+        for x in replicas:
+            os.kill(x["keeper"], signal.SIGKILL)
+    for pid in [int(x["pid"]) for x in replicas]:
+        # Ending the keeper ends the replica.
+        wait_until(lambda pid=pid: not alive(pid), "the replica to end with its keeper")
+    reap()
+    assert list(store.work_root.iterdir()) == []
+    assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
