@@ -1,7 +1,6 @@
 """Restore time of a CRIU-checkpointed process: upstream `criu restore` from a plain image
-directory against `snapstore restore` from the store, eager (CRIU reads the images through
-a lazy mount) and lazy (snapstore is CRIU's lazy-pages daemon), with the defaults a user
-gets.
+directory against `snapstore restore` from the store, with its defaults (lazy: snapstore
+is CRIU's lazy-pages daemon) and `--eager` (CRIU reads every page through a mount).
 
 Run as root from the repository: `python -m benchmarks.criu_restore [--size 1G] [--runs 3]`.
 The cases take turns within each round, so they share the machine's noise; the page cache
@@ -127,10 +126,10 @@ def main() -> None:
         cases = {
             "upstream criu restore (plain dir)": (
                 [criu.path, "restore", "-D", str(plain), "-W", str(criu_work), "-d"], False),
-            "snapstore restore (eager)": (snapstore_cmd(store_dir, "restore", "--from",
-                                                        "bench"), True),
-            "snapstore restore --lazy": (snapstore_cmd(store_dir, "restore", "--from", "bench",
-                                                       "--lazy"), True),
+            "snapstore restore (lazy, the default)": (
+                snapstore_cmd(store_dir, "restore", "--from", "bench"), True),
+            "snapstore restore --eager": (
+                snapstore_cmd(store_dir, "restore", "--from", "bench", "--eager"), True),
         }
         results: dict[str, list[tuple[float, float]]] = {name: [] for name in cases}
         for _ in range(args.runs):

@@ -102,7 +102,7 @@ async def moto_ceiling(port: int, mib: int = 256, parallel: int = 16) -> tuple[f
 
         async def get(i: int) -> None:
             async with limiter:
-                await s3.get(f"x/{i}")
+                await s3.get(f"x/{i}", len(data))
 
         times = []
         for op in (put, get):

@@ -241,8 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"snapstore: error: {e}", file=sys.stderr)
         return e.exit_status
     except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        print(f"snapstore: error:{where}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"snapstore: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("snapstore: interrupted", file=sys.stderr)

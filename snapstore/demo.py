@@ -2,8 +2,8 @@
 and a memory image.
 
 It checkpoints a busybox container with runsc, stores the checkpoint, restores the
-container with runsc from a lazy FUSE mount of it; checkpoints a counting shell with CRIU
-and restores it with snapstore as CRIU's lazy-pages daemon; generates a memory-like image
+container with runsc from a lazy FUSE mount of it; checkpoints a counting process with
+CRIU and restores it with snapstore as CRIU's lazy-pages daemon; generates a memory-like image
 and an edited copy, ingests them, shows what was stored and how much deduplicated,
 exports everything back and checks it.
 """
@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,8 +31,19 @@ from snapstore.statefile import memory_of
 
 PAGE = 4096
 PR_SET_CHILD_SUBREAPER = 36
-# Counts into a file, once per 0.1 s; no terminal, nothing open but /dev/null: CRIU dumps it.
-COUNTER = 'i=0; while :; do i=$((i+1)); echo $i > "$0.tmp"; mv "$0.tmp" "$0"; sleep 0.1; done'
+# Counts into a file, once per 0.1 s; no terminal, no child (a dumped child killed with its
+# parent would stay a zombie under an init that does not reap, holding its pid), nothing
+# open but /dev/null: CRIU dumps it.
+COUNTER = """
+import os, sys, time
+i = 0
+while True:
+    i += 1
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(i))
+    os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(0.1)
+"""
 
 
 def step(text: str) -> None:
@@ -60,19 +72,20 @@ def wait_count_above(path: Path, value: int) -> int:
 
 
 def criu_round_trip(store: Path, work: Path) -> None:
-    step("checkpoint a counting shell with CRIU, restore it lazily from the store")
+    step("checkpoint a counting process with CRIU, restore it from the store")
     counter = work / "criu-counter"
-    proc = subprocess.Popen(["sh", "-c", COUNTER, str(counter)], stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-c", COUNTER, str(counter)],
+                            stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     wait_count_above(counter, 5)
-    run(store, "checkpoint", "--pid", str(proc.pid), "--tag", "shell-counter",
+    run(store, "checkpoint", "--pid", str(proc.pid), "--tag", "counter",
         "--label", "kind=criu")
     proc.wait()
     stopped = int(counter.read_text())
     # The restored shell is left to the nearest subreaper: this process, which reaps it.
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    pid = int(run(store, "restore", "--from", "shell-counter", "--lazy").split()[-1])
+    pid = int(run(store, "restore", "--from", "counter").split()[-1])
     try:
         print(f"counter stopped at {stopped}; restored as pid {pid}, it went on to "
               f"{wait_count_above(counter, stopped + 5)}")

@@ -7,11 +7,13 @@ CRIU process tree by `--pid` (and restored with neither).
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
-from snapstore.cli_common import open_store, parse_labels, print_json
+from snapstore.cli_common import open_store, parse_labels, positive_int, print_json
 from snapstore.errors import UsageError
+from snapstore.store.local import LocalStore
 
 # The runtimes (ingest, the chunker, mounts) are imported by the handlers that use them,
 # so that other commands start without them.
@@ -52,8 +54,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="look there when the local store has no match; mount lazily")
     sp.add_argument("--no-fallback", action="store_true",
                     help="gVisor: fail instead of starting the container cold")
-    sp.add_argument("--lazy", action="store_true",
-                    help="CRIU: snapstore serves the memory as CRIU's lazy-pages daemon")
+    sp.add_argument("--cold-start", metavar="COMMAND",
+                    help="CRIU: when no snapshot matches or the restore fails, start COMMAND "
+                         "(split like a shell would, not run by one) instead")
+    sp.add_argument("--replicas", type=positive_int, default=1, metavar="N",
+                    help="CRIU: restore N copies side by side, each in a pid and network "
+                         "namespace of its own")
+    sp.add_argument("--eager", action="store_true",
+                    help="CRIU: let criu read every page itself through a mount, instead of "
+                         "snapstore serving the memory as CRIU's lazy-pages daemon")
     _runsc_options(sp)
     _criu_options(sp)
     sp.add_argument("--json", action="store_true", help="print JSON")
@@ -143,16 +152,55 @@ def _restore_process(args: argparse.Namespace) -> int:
     from snapstore.criu.binary import Criu
 
     store = open_store(args, create=True)
-    r = criu_workflow.restore(store, Criu.find(args.criu), args.ref,
-                              parse_labels(args.match or []), remote=args.remote,
-                              lazy=args.lazy)
+    match = parse_labels(args.match or [])
+    if args.replicas > 1:
+        if args.cold_start is not None:
+            raise UsageError("--cold-start restores one process; not with --replicas")
+        return _restore_replicas(args, store, match)
+    if args.cold_start is not None:
+        try:
+            command = shlex.split(args.cold_start)
+        except ValueError as e:
+            raise UsageError(f"--cold-start: {e}") from None
+        if not command:
+            raise UsageError("--cold-start needs a command")
+        r = criu_workflow.restore_or_start(store, args.criu, args.ref, match, command,
+                                           remote=args.remote, lazy=not args.eager)
+    else:
+        r = criu_workflow.restore(store, Criu.find(args.criu), args.ref, match,
+                                  remote=args.remote, lazy=not args.eager)
     if args.json:
         print_json({k: getattr(r, k) for k in r.__slots__})
+    elif r.path == "cold":
+        print(f"started pid {r.pid} cold in {r.seconds:.2f}s: {r.reason}", file=sys.stderr)
+        print(r.pid)
     else:
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in r.stages.items())
-        print(f"restored pid {r.pid} from snapshot {r.snapshot[:12]} ({r.source}) in "
-              f"{r.seconds:.2f}s: {stages}", file=sys.stderr)
+        print(f"restored pid {r.pid} from snapshot {(r.snapshot or '')[:12]} ({r.source}) "
+              f"in {r.seconds:.2f}s: {stages}", file=sys.stderr)
         print(r.pid)
+    _warn_mount_left(r.mount_left)
+    return 0
+
+
+def _restore_replicas(args: argparse.Namespace, store: LocalStore,
+                      match: dict[str, str]) -> int:
+    from snapstore.criu.binary import Criu
+    from snapstore.criu.replicas import restore_replicas
+
+    r = restore_replicas(store, Criu.find(args.criu), args.ref, match, args.replicas,
+                         remote=args.remote, lazy=not args.eager)
+    if args.json:
+        print_json({"snapshot": r.snapshot, "source": r.source, "seconds": r.seconds,
+                    "stages": r.stages, "mount_left": r.mount_left,
+                    "replicas": [{"pid": x.pid, "ns_pid": x.ns_pid, "keeper": x.keeper}
+                                 for x in r.replicas]})
+    else:
+        stages = ", ".join(f"{k} {v:.2f}s" for k, v in r.stages.items())
+        print(f"restored {len(r.replicas)} replicas of snapshot {r.snapshot[:12]} "
+              f"({r.source}) in {r.seconds:.2f}s: {stages}", file=sys.stderr)
+        for x in r.replicas:
+            print(x.pid)
     _warn_mount_left(r.mount_left)
     return 0
 

@@ -1,7 +1,11 @@
 """A fault-injecting HTTP proxy for tests: sits between an S3 client and a moto server.
 
 Each request is forwarded whole (keep-alive on the client side, a fresh connection to
-the server); queued faults apply to the next requests that match them.
+the server); queued faults apply to the next requests that match them. Besides transient
+faults it plays hostile servers: one that ignores Range and answers 200 with a huge body
+("huge"), one that streams a chunked body without end ("endless"), and one that takes a
+request and never answers ("hang"). "gate" holds a request until `open_gate`, then
+forwards it: a test runs something else at that point of a client's work.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import http.client
 import io
 import os
+import select
 import socket
 import socketserver
 import struct
@@ -21,7 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-FAULTS = ("500", "503", "403", "reset", "slow", "flip")
+FAULTS = ("500", "503", "403", "reset", "slow", "flip", "huge", "endless", "hang", "gate")
+_BLOCK = 1 << 20
 _ERROR_BODIES = {
     "500": (500, "InternalError", "We encountered an internal error."),
     "503": (503, "SlowDown", "Please reduce your request rate."),
@@ -45,6 +51,15 @@ class FaultProxy:
         self.faults: list[Fault] = []
         self.injected: dict[str, int] = {}
         self.requests = 0
+        # What "huge" and "endless" send at most, and what they did send, in all.
+        self.stream_limit = 1 << 30
+        self.streamed = 0
+        # Requests held by "hang" whose client gave up and closed the connection.
+        self.abandoned = 0
+        # Requests "gate" is holding now.
+        self.gated = 0
+        self._gate = threading.Event()
+        self._closed = threading.Event()
         self._lock = threading.Lock()
         proxy = self
 
@@ -69,11 +84,16 @@ class FaultProxy:
         with self._lock:
             self.faults.append(Fault(kind, method, path_part, times))
 
+    def open_gate(self) -> None:
+        self._gate.set()
+
     def clear(self) -> None:
         with self._lock:
             self.faults.clear()
 
     def close(self) -> None:
+        self._closed.set()
+        self._gate.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -107,6 +127,18 @@ class FaultProxy:
                        f"<Message>{message}</Message></Error>").encode()
                 self._send(conn, status, [("Content-Type", "application/xml")], xml)
                 continue
+            if fault == "hang":
+                self._hold(conn)
+                return
+            if fault in ("huge", "endless"):
+                self._stream_zeros(conn, chunked=fault == "endless")
+                return
+            if fault == "gate":
+                with self._lock:
+                    self.gated += 1
+                self._gate.wait(60)
+                with self._lock:
+                    self.gated -= 1
             if fault == "slow":
                 time.sleep(0.3)
             status, out_headers, out_body = self._forward(method, path, headers, body)
@@ -117,7 +149,41 @@ class FaultProxy:
             if fault == "reset":
                 self._send(conn, status, out_headers, out_body, cut=True)
                 return
-            self._send(conn, status, out_headers, out_body)
+            self._send(conn, status, out_headers, out_body, head=method == "HEAD")
+
+    def _hold(self, conn: socket.socket) -> None:
+        """Never answer; return when the client closes the connection or the proxy ends."""
+        while not self._closed.is_set():
+            readable, _, _ = select.select([conn], [], [], 0.1)
+            if readable:
+                try:
+                    gone = conn.recv(1 << 16) == b""
+                except OSError:
+                    gone = True
+                if gone:
+                    with self._lock:
+                        self.abandoned += 1
+                    return
+
+    def _stream_zeros(self, conn: socket.socket, chunked: bool) -> None:
+        """A 200 whose body is zeros up to `stream_limit`: declared at 10 GiB, or chunked
+        with no length at all, whatever the request asked for."""
+        framing = "Transfer-Encoding: chunked" if chunked else f"Content-Length: {10 << 30}"
+        head = ("HTTP/1.1 200 OK\r\nContent-Type: binary/octet-stream\r\n"
+                f"{framing}\r\n\r\n")
+        block = bytes(_BLOCK)
+        if chunked:
+            block = f"{_BLOCK:x}\r\n".encode() + block + b"\r\n"
+        try:
+            conn.sendall(head.encode())
+            sent = 0
+            while sent < self.stream_limit and not self._closed.is_set():
+                conn.sendall(block)
+                sent += _BLOCK
+                with self._lock:
+                    self.streamed += _BLOCK
+        except OSError:
+            return
 
     def _forward(self, method: str, path: str, headers: list[tuple[str, str]],
                  body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -130,24 +196,28 @@ class FaultProxy:
             upstream.endheaders(body)
             resp = upstream.getresponse()
             data = resp.read()
-            out = [(k, v) for k, v in resp.getheaders()
-                   if k.lower() not in ("connection", "transfer-encoding", "content-length")]
+            # A HEAD's Content-Length is the object's size, not that of its (empty) body.
+            dropped = ("connection", "transfer-encoding") + (
+                () if method == "HEAD" else ("content-length",))
+            out = [(k, v) for k, v in resp.getheaders() if k.lower() not in dropped]
             return resp.status, out, data
         finally:
             upstream.close()
 
     @staticmethod
     def _send(conn: socket.socket, status: int, headers: list[tuple[str, str]], body: bytes,
-              cut: bool = False) -> None:
-        head = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-        head += f"Content-Length: {len(body)}\r\n\r\n"
+              cut: bool = False, head: bool = False) -> None:
+        lines = f"HTTP/1.1 {status} X\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+        if not head:
+            lines += f"Content-Length: {len(body)}\r\n"
+        lines += "\r\n"
         if cut:
             # Half the body, then a TCP reset (linger 0): a connection dropped mid-body.
-            conn.sendall(head.encode() + body[: len(body) // 2])
+            conn.sendall(lines.encode() + body[: len(body) // 2])
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()
             return
-        conn.sendall(head.encode() + body)
+        conn.sendall(lines.encode() + body)
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ import ctypes
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -48,9 +49,13 @@ report()
 n = 0
 while True:
     n += 1
-    with open(counter_path + ".tmp", "w") as f:
-        f.write(str(n))
-    os.rename(counter_path + ".tmp", counter_path)
+    # Replicas of this process share its files: one may rename the other's first.
+    try:
+        with open(counter_path + ".tmp", "w") as f:
+            f.write(str(n))
+        os.rename(counter_path + ".tmp", counter_path)
+    except OSError:
+        pass
     time.sleep(0.02)
 """
 SIZE = 16 << 20
@@ -178,7 +183,7 @@ def test_checkpoint_and_restore_a_python_process(
     assert {e.path for e in manifest.files()} >= {"inventory.img", "pstree.img"}
 
     r = snapstore(store, "restore", "--match", "app=numpy",
-                  *(["--lazy"] if mode == "lazy" else []))
+                  *(["--eager"] if mode == "eager" else []))
     assert r.returncode == 0, r.stderr
     pid = int(r.stdout.strip())
     assert ("memory_complete" in r.stderr) == (mode == "lazy")
@@ -223,7 +228,7 @@ def test_restore_from_the_remote_alone(criu: Criu, reaper: None, store: LocalSto
         assert push.returncode == 0, push.stderr
         empty = LocalStore.open(tmp_path / "empty")
         r = snapstore(empty, "restore", "--match", "app=remote", "--remote", remote,
-                      "--lazy", "--json", env=env)
+                      "--json", env=env)
         assert r.returncode == 0, r.stderr
         pid = int(json.loads(r.stdout)["pid"])
         try:
@@ -256,15 +261,21 @@ def test_failures_are_one_line_and_leave_nothing(
     finally:
         kill(child.pid)
 
-    # A damaged chunk at the start of the pages file (pages CRIU restores itself): CRIU
-    # reads EIO through the mount, the restore fails and no task of the tree is left.
+    # A damaged chunk at the start of the pages file (pages CRIU restores itself). Eager:
+    # CRIU reads EIO through the mount, the restore fails and no task of the tree is left.
+    # Lazy: staging the pages CRIU reads meets it before CRIU starts.
     manifest = store.get_manifest(store.resolve("py"))
     pages = next(e for e in manifest.files() if e.path.startswith("pages-"))
-    corrupt(store, next(x.chunk for x in pages.extents if x.chunk is not None))
-    bad = snapstore(store, "restore", "--from", "py")
+    damaged = next(x.chunk for x in pages.extents if x.chunk is not None)
+    corrupt(store, damaged)
+    bad = snapstore(store, "restore", "--from", "py", "--eager")
     assert bad.returncode == 4, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
     assert "criu restore failed: Can't read pages data (-5)" in bad.stderr
+    lazy = snapstore(store, "restore", "--from", "py")
+    assert lazy.returncode == 4, lazy.stderr
+    assert lazy.stderr.strip().startswith("snapstore: error: cannot stage snapshot ")
+    assert damaged.hex in lazy.stderr and len(lazy.stderr.strip().splitlines()) == 1
     assert not alive(child.pid)
     assert list(store.work_root.iterdir()) == []
     missing = snapstore(store, "restore", "--from", "py", "--criu", str(tmp_path / "nope"))
@@ -301,7 +312,7 @@ def test_a_damaged_lazy_page_kills_the_restored_tree(
     assert victim is not None, "no chunk of lazy pages only"
     corrupt(store, victim)
 
-    r = snapstore(store, "restore", "--from", "py", "--lazy")
+    r = snapstore(store, "restore", "--from", "py")
     assert r.returncode == 4, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "not its memory" in r.stderr and "killed it" in r.stderr, r.stderr
@@ -354,7 +365,7 @@ def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
     child.wait_dead()
     restore = subprocess.Popen(
         [sys.executable, "-m", "snapstore", "--store", str(store.root), "restore", "--from",
-         "big", "--lazy"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "big"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         # CRIU exits once the tree runs; the daemon is still installing pages then.
         wait_until(lambda: processes_named("--lazy-pages") != [], "criu restore to start")
@@ -459,3 +470,89 @@ def test_a_failed_dump_gives_the_gpu_back(criu: Criu, store: LocalStore) -> None
         workflow.checkpoint(store, criu, gone, "gone", {}, api=api)
     assert [c for c, _ in api.calls] == ["lock", "checkpoint", "restore", "unlock"]
     assert "gone" not in store.tags() and list(store.work_root.iterdir()) == []
+
+
+# Counts into $0 every 0.05 s with `sleep` as a child: a tree of two processes.
+SHELL_COUNTER = ('i=0; while :; do i=$((i+1)); echo $i > "$0.tmp"; mv "$0.tmp" "$0"; '
+                 'sleep 0.05; done')
+
+
+def counters_gone() -> bool:
+    reap()
+    return not processes_named(SHELL_COUNTER)
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_a_shell_counter_counts_on_after_restore(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path, mode: str) -> None:
+    counter = tmp_path / "count"
+    shell = subprocess.Popen(["sh", "-c", SHELL_COUNTER, str(counter)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_until(lambda: counter.exists() and int(counter.read_text() or 0) > 3, "counting")
+    ck = snapstore(store, "checkpoint", "--pid", str(shell.pid), "--tag", "sh")
+    assert ck.returncode == 0, ck.stderr
+    shell.wait(timeout=30)
+    # The dumped tree's sleep, killed with it, is a zombie of this subreaper: reap it too.
+    wait_until(counters_gone, "the tree to be gone")
+    stopped = int(counter.read_text())
+    r = snapstore(store, "restore", "--from", "sh", *(["--eager"] if mode == "eager" else []))
+    assert r.returncode == 0, r.stderr
+    pid = int(r.stdout)
+    try:
+        assert pid == shell.pid
+        wait_until(lambda: int(counter.read_text() or 0) > stopped + 3, "counting on")
+    finally:
+        kill(pid)
+        wait_until(counters_gone, "the tree to end")
+
+
+def test_cold_start_when_there_is_nothing_to_restore(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    counter = tmp_path / "count"
+    cmd = shlex.join(["sh", "-c", SHELL_COUNTER, str(counter)])
+    r = snapstore(store, "restore", "--match", "app=none", "--cold-start", cmd, "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["path"] == "cold" and doc["snapshot"] is None
+    assert doc["reason"] == "no snapshot matches app=none runtime=criu"
+    try:
+        wait_until(lambda: counter.exists(), "the cold-started command to run")
+    finally:
+        kill(doc["pid"])
+        wait_until(counters_gone, "the tree to end")
+
+    # No fallback is silent, and a cold start that cannot start is an error of its own.
+    bad = snapstore(store, "restore", "--match", "app=none", "--cold-start",
+                    str(tmp_path / "no-such-program"))
+    assert bad.returncode == 4
+    assert bad.stderr.strip() == (
+        "snapstore: error: no snapshot matches app=none runtime=criu; and the cold start "
+        f"failed: No such file or directory: {tmp_path / 'no-such-program'}")
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy"])
+def test_replicas_run_side_by_side_in_namespaces_of_their_own(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path, mode: str) -> None:
+    child = Child(tmp_path)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py").returncode == 0
+    child.wait_dead()
+    r = snapstore(store, "restore", "--from", "py", "--replicas", "2", "--json",
+                  *(["--eager"] if mode == "eager" else []))
+    assert r.returncode == 0, r.stderr
+    replicas = json.loads(r.stdout)["replicas"]
+    try:
+        assert len({x["pid"] for x in replicas}) == 2
+        for x in replicas:
+            # Each has the pid it was checkpointed with, inside its own namespace.
+            assert x["ns_pid"] == child.pid
+            assert child.ask(x["pid"]) == (EXPECTED, child.pid)
+    finally:
+        for x in replicas:
+            os.kill(x["keeper"], signal.SIGKILL)
+    for pid in [int(x["pid"]) for x in replicas]:
+        # Ending the keeper ends the replica.
+        wait_until(lambda pid=pid: not alive(pid), "the replica to end with its keeper")
+    reap()
+    assert list(store.work_root.iterdir()) == []
+    assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()

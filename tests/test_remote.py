@@ -26,13 +26,16 @@ from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import MAX_CHUNK
+from snapstore.remote.catalog import find_remote
 from snapstore.remote.gc import remote_gc
+from snapstore.remote.packs import MAX_PACK_BYTES
 from snapstore.remote.reader import PriorityLimiter, RemoteChunkReader, open_remote_snapshot
 from snapstore.remote.transfer import pull, push, remote_chunks
 from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import (
     RemoteAccessError,
+    RemoteError,
     S3Store,
     id_of_key,
     index_key,
@@ -46,6 +49,8 @@ from tests.conftest import memory_like
 from tests.s3proxy import FaultProxy, free_port, make_bucket, moto_server, s3_env
 
 _buckets = itertools.count()
+# A bound for the objects tests read back whole: any pack fits.
+ANY_SIZE = MAX_PACK_BYTES
 # Small packs, so that the test snapshot (about 8 MB stored) spans several.
 SMALL_PACKS = 1 << 20
 
@@ -175,7 +180,8 @@ async def test_remote_chunks_come_from_indexes_of_present_packs(
         some = sorted(known.pack_sizes)[0]
         loaded.pack_index_path(some).write_bytes(b"junk")
         assert (await remote_chunks(s3, loaded)).where == known.where
-        assert loaded.pack_index_path(some).read_bytes() == await s3.get(index_key(some))
+        assert loaded.pack_index_path(some).read_bytes() == await s3.get(index_key(some),
+                                                                          ANY_SIZE)
         # An index whose pack is gone, and a pack without an index, hold nothing.
         gone, unindexed = sorted(known.pack_sizes)[:2]
         await s3.delete_many([pack_key(gone), index_key(unindexed)])
@@ -208,7 +214,8 @@ async def test_tag_conflict_and_force(moto_port: int, remote: str, loaded: Local
         await push(loaded, "t1", s3)
         with pytest.raises(SnapstoreError, match="already points at"):
             await push(other, "t1", s3)
-        assert (await s3.get(tag_key("t1"))).decode().strip() == loaded.resolve("t1").hex
+        tag = await s3.get(tag_key("t1"), ANY_SIZE)
+        assert tag.decode().strip() == loaded.resolve("t1").hex
         r = await push(other, "t1", s3, force=True)
         assert r.tag_status == "set"
         # Pull refuses to move a local tag that names another snapshot, unless forced.
@@ -302,7 +309,7 @@ async def test_pull_of_a_bad_remote_chunk_fails_and_stores_nothing_wrong(
 async def flip_chunk_in_pack(s3: S3Store, cid: ChunkId) -> None:
     """Rewrite the pack holding `cid` with one bit of that chunk flipped."""
     at = (await remote_chunks(s3, None)).where[cid]
-    data = bytearray(await s3.get(pack_key(at.pack)))
+    data = bytearray(await s3.get(pack_key(at.pack), ANY_SIZE))
     data[at.offset + at.length // 2] ^= 0x10
     await s3.put(pack_key(at.pack), bytes(data))
 
@@ -358,7 +365,7 @@ def test_cli_push_ls_pull_gc(moto_port: int, remote: str, loaded: LocalStore,
     assert code == 0 and out.strip() == pushed["snapshot"], err
     code, out, _ = _cli(["--store", str(other), "verify"], capsys)
     assert code == 0
-    code, out, err = _cli(["gc", "--remote", remote, "--grace", "0", "--json"], capsys)
+    code, out, err = _cli(["gc", "--remote", remote, "--grace", "0", "--force", "--json"], capsys)
     assert code == 0, err
     assert json.loads(out)["deleted_packs"] == 0
     code, _, err = _cli(["--store", str(loaded.root), "push", "t1", remote, "--pack-size",
@@ -566,11 +573,11 @@ async def test_remote_gc_sweeps_only_old_unreferenced_objects(
         await s3.delete_many([tag_key("t2")])
         young = await remote_gc(s3, grace_s=3600)
         assert young.deleted_packs == 0 and young.young_unreferenced == 0  # manifest is a root
-        dry = await remote_gc(s3, loaded, grace_s=0, dry_run=True)
+        dry = await remote_gc(s3, loaded, grace_s=0, dry_run=True, force=True)
         assert (dry.deleted_packs, dry.deleted_chunks) == (t2.packs, len(only_t2))
         assert dry.deleted_snapshots == 1
         assert all([await s3.head(pack_key(p)) is not None for p in t2_packs])
-        r = await remote_gc(s3, loaded, grace_s=0)
+        r = await remote_gc(s3, loaded, grace_s=0, force=True)
         assert (r.deleted_chunks, r.deleted_snapshots, r.tags) == (len(only_t2), 1, 1)
         assert r.deleted_indexes == r.deleted_packs == t2.packs
         for p in t2_packs:
@@ -596,7 +603,7 @@ async def test_remote_gc_keeps_packs_with_live_chunks_and_reports_dead_bytes(
         t1 = await push(loaded, "t1", s3)
         assert t1.chunks_sent == 0  # its chunks lie in the packs of "both"
         await s3.delete_many([tag_key("both")])
-        r = await remote_gc(s3, grace_s=0)
+        r = await remote_gc(s3, grace_s=0, force=True)
         assert (r.deleted_snapshots, r.deleted_packs, r.kept_packs) == (1, 0, first.packs)
         # No repacking: the dead chunks stay inside the live packs, and are reported.
         assert r.dead_bytes_in_kept_packs == sum(
@@ -618,7 +625,7 @@ async def test_remote_gc_deletes_orphans_and_keeps_what_locators_name(
         await s3.delete_many([pack_key(lost_pack)])
         # A pack a killed push left without an index holds nothing anyone names.
         await s3.put(pack_key(ChunkId.of(b"stray")), b"stray")
-        g = await remote_gc(s3, grace_s=0)
+        g = await remote_gc(s3, grace_s=0, force=True)
         assert (g.deleted_packs, g.deleted_indexes, g.kept_packs) == (1, 1, r.packs - 1)
         assert await s3.head(pack_key(lost_index)) is not None
         assert await keys(s3, "index/") == sorted(
@@ -638,7 +645,7 @@ async def test_remote_gc_stops_on_an_unreadable_tag(moto_port: int, remote: str,
         await push(loaded, "t1", s3)
         await s3.put(tag_key("bad"), b"not an id\n")
         with pytest.raises(SnapstoreError, match="without deleting"):
-            await remote_gc(s3, grace_s=0)
+            await remote_gc(s3, grace_s=0, force=True)
 
 
 async def test_remote_gc_stops_on_an_unreadable_locator_or_index(
@@ -647,15 +654,15 @@ async def test_remote_gc_stops_on_an_unreadable_locator_or_index(
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
         await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
         await s3.put(pack_key(ChunkId.of(b"stray")), b"stray")
-        good = await s3.get(locator_key(mid))
+        good = await s3.get(locator_key(mid), ANY_SIZE)
         await s3.put(locator_key(mid), good[:-1])
         with pytest.raises(SnapstoreError, match="without deleting"):
-            await remote_gc(s3, grace_s=0)
+            await remote_gc(s3, grace_s=0, force=True)
         await s3.put(locator_key(mid), good)
         pack = sorted((await remote_chunks(s3, None)).pack_sizes)[0]
         await s3.put(index_key(pack), b"SNAPIDX\x01" + bytes(100))
         with pytest.raises(SnapstoreError, match=f"index of pack {pack.short()}.*without"):
-            await remote_gc(s3, grace_s=0)
+            await remote_gc(s3, grace_s=0, force=True)
         assert await s3.head(pack_key(ChunkId.of(b"stray"))) is not None
 
 
@@ -715,7 +722,7 @@ def test_hostile_locator_or_index_is_refused_with_one_line(
 
     async def tamper(key: str, data: bytes) -> bytes:
         async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
-            old = await s3.get(key)
+            old = await s3.get(key, ANY_SIZE)
             await s3.put(key, data)
             return old
 
@@ -759,7 +766,7 @@ def test_pull_from_a_tampered_bucket_fails_cleanly(
             if damage == "flip":
                 await flip_chunk_in_pack(s3, cid)
             elif damage == "truncate":
-                await s3.put(pack, (await s3.get(pack))[: at.offset + 1])
+                await s3.put(pack, (await s3.get(pack, ANY_SIZE))[: at.offset + 1])
             else:
                 await s3.delete_many([pack if damage == "delete pack" else index_key(at.pack)])
 
@@ -835,3 +842,318 @@ def test_tampered_pack_through_a_real_lazy_mount(
     check_store(empty)
     code, _, err = _cli(["--store", str(empty.root), "verify"], capsys)
     assert code == 0, err
+
+
+# -- attack round 2: the remote ----------------------------------------------------------
+
+
+def test_stray_keys_under_refs_tags_are_skipped_and_reported(
+        moto_port: int, remote: str, loaded: LocalStore, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An S3 console's zero-byte "folder" marker and a nested key under refs/tags/ are no
+    tags (nor are such keys under snapshots/ or packs/ snapshots or packs): listings skip
+    them and say so, and never fail."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    mid = loaded.resolve("t1")
+
+    async def setup() -> None:
+        async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+            await push(loaded, "t1", s3)
+            await s3.put("refs/tags/", b"")
+            await s3.put("refs/tags/x/y", (mid.hex + "\n").encode())
+            await s3.put("snapshots/", b"")
+            await s3.put("packs/readme.txt", b"hello")
+
+    trio.run(setup)
+    code, out, err = _cli(["remote", "ls", remote, "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["tags"] == {"t1": mid.hex}
+    foreign = ["packs/readme.txt", "refs/tags/", "refs/tags/x/y", "snapshots/"]
+    assert doc["foreign_keys"] == foreign and [s["id"] for s in doc["snapshots"]] == [mid.hex]
+    assert "refs/tags/x/y" in err and "warning" in err
+    code, out, err = _cli(["remote", "ls", remote], capsys)
+    assert code == 0 and "refs/tags/x/y" in err, err
+    code, out, err = _cli(["gc", "--remote", remote, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["tags"] == 1 and report["foreign_keys"] == foreign
+    assert "refs/tags/x/y" in err and "snapshots/" in err
+    assert find_remote(remote, {}) == mid.hex
+
+
+async def test_a_range_answered_with_a_huge_200_is_refused_unread(
+        proxy: FaultProxy, remote: str, loaded: LocalStore) -> None:
+    """A server that ignores Range and sends a whole (here 10 GiB) object: the headers
+    are checked before the body, which is never read."""
+    async with s3_at(proxy.endpoint, remote) as s3:
+        await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        pack = sorted((await remote_chunks(s3, None)).pack_sizes)[0]
+        proxy.stream_limit = 512 << 20
+        proxy.inject("huge", "GET", "/packs/")
+        with trio.fail_after(60), pytest.raises(RemoteError, match="ignored the range"):
+            await s3.get_range(pack_key(pack), 0, 4096)
+    assert proxy.injected == {"huge": 1}
+    # What the socket buffers held when the client hung up, not the body.
+    assert proxy.streamed < 64 << 20
+
+
+def test_pull_from_a_server_ignoring_range_fails_with_one_line(
+        proxy: FaultProxy, remote: str, loaded: LocalStore, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    trio.run(_push_via, proxy.endpoint, remote, loaded)
+    proxy.stream_limit = 512 << 20
+    proxy.inject("huge", "GET", "/packs/", times=-1)
+    _cli_fails_with_one_line(["--store", str(tmp_path / "other"), "pull", "t1", remote,
+                              "--endpoint-url", proxy.endpoint], "ignored the range", capsys)
+    assert proxy.streamed < 64 << 20
+
+
+async def _push_via(endpoint: str, remote: str, store: LocalStore) -> None:
+    async with s3_at(endpoint, remote) as s3:
+        await push(store, "t1", s3, pack_size=SMALL_PACKS)
+
+
+async def test_every_whole_object_read_is_bounded(
+        proxy: FaultProxy, remote: str, loaded: LocalStore) -> None:
+    """A body with no length (chunked, without end) in place of a tag, a manifest, a
+    locator or an access list is refused unread: an object's bound is checked against
+    its Content-Length, which the HTTP client then holds the body to. An access list
+    over its bound (only a prefetch hint) is ignored; the others fail the read."""
+    mid = loaded.resolve("t1")
+    access = loaded.root / "access"
+    access.mkdir()
+    (access / mid.hex).write_text("".join(c.hex + "\n" for c in sorted(
+        loaded.get_manifest(mid).chunk_ids())))
+    proxy.stream_limit = 256 << 20
+    async with s3_at(proxy.endpoint, remote) as s3:
+        await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
+        proxy.inject("endless", "GET", "/access/")
+        with trio.fail_after(60):
+            snap = await open_remote_snapshot(s3, "t1")
+        assert len(snap.order) == len(loaded.get_manifest(mid).chunk_ids())
+        for what in ("/refs/tags/", "/snapshots/", "/locate/"):
+            proxy.inject("endless", "GET", what)
+            with trio.fail_after(60), pytest.raises(RemoteError, match="no Content-Length"):
+                await open_remote_snapshot(s3, "t1")
+        # An access list that declares 10 GiB (the issue's was 100 MiB of newlines):
+        # refused from its Content-Length, ignored.
+        proxy.inject("huge", "GET", "/access/")
+        with trio.fail_after(60):
+            assert len((await open_remote_snapshot(s3, "t1")).order) == len(snap.order)
+    assert proxy.injected == {"endless": 4, "huge": 1}
+    assert proxy.streamed < 5 * (64 << 20)
+
+
+def _bounded(proc: subprocess.Popen[str], seconds: float) -> tuple[int, str, str]:
+    """Wait for `proc` at most `seconds`; a process still running fails the test (it is
+    left running: a reader blocked in a FUSE read cannot be killed)."""
+    try:
+        out, err = proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{proc.args!r} still running after {seconds} s")
+    return proc.returncode, out, err
+
+
+def test_a_pull_from_an_endpoint_that_never_answers_ends_with_one_line(
+        proxy: FaultProxy, remote: str, loaded: LocalStore, tmp_path: Path) -> None:
+    trio.run(_push_via, proxy.endpoint, remote, loaded)
+    proxy.inject("hang", "GET", "/packs/", times=-1)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapstore", "--store", str(tmp_path / "other"), "pull", "t1",
+         remote, "--endpoint-url", proxy.endpoint, "--read-timeout", "3"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, out, err = _bounded(proc, 120)
+    lines = err.strip().splitlines()
+    assert code == 1 and out == "" and len(lines) == 1, err
+    assert "no complete answer within 3 s" in lines[0], err
+    assert proxy.injected["hang"] >= 1
+
+
+async def test_cancelling_a_remote_read_cancels_its_request(
+        proxy: FaultProxy, remote: str, loaded: LocalStore, tmp_path: Path) -> None:
+    """A cancelled read (an unmount, a caller's deadline) hangs up on the endpoint instead
+    of leaving the request to run on."""
+    want = await _all_chunks(loaded)
+    cid, raw = next(iter(want.items()))
+    async with open_s3(RemoteURL.parse(remote), proxy.endpoint, read_timeout_s=600) as s3:
+        await push(loaded, "t1", s3)
+        reader = RemoteChunkReader(LocalStore.open(tmp_path / "empty"), s3,
+                                   await open_remote_snapshot(s3, "t1"))
+        proxy.inject("hang", "GET", "/packs/")
+        with trio.fail_after(60):
+            with trio.move_on_after(1):
+                await reader.read_chunk(cid, len(raw))
+            while proxy.abandoned == 0:
+                await trio.sleep(0.05)
+        assert await reader.read_chunk(cid, len(raw)) == raw
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_mounted_read_from_an_endpoint_that_never_answers_fails_with_eio(
+        proxy: FaultProxy, remote: str, loaded: LocalStore, source: Path, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint takes every ranged GET and never answers: a read through a remote mount
+    gets EIO once the read deadline (here 3 s, from the environment) has passed, instead
+    of blocking in D state for every attempt's timeout; the mount stays up."""
+    trio.run(_push_via, proxy.endpoint, remote, loaded)
+    monkeypatch.setenv("SNAPSTORE_READ_TIMEOUT", "3")
+    empty = LocalStore.open(tmp_path / "empty")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    code, _, err = _cli(["--store", str(empty.root), "mount", "t1", str(mnt), "--remote",
+                         remote, "--endpoint-url", proxy.endpoint], capsys)
+    assert code == 0, err
+    read = ("import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+            "try:\n    os.pread(fd, 4096, 0)\n    print('read')\n"
+            "except OSError as e:\n    print(e.errno)\n")
+    try:
+        proxy.inject("hang", "GET", "/packs/", times=-1)
+        proc = subprocess.Popen([sys.executable, "-c", read, str(mnt / "checkpoint.img")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        code, out, err = _bounded(proc, 120)
+        assert (code, out.strip()) == (0, str(errno.EIO)), err
+        proxy.clear()
+        assert (mnt / "note.txt").read_text() == "hello\n"
+        image = (source / "checkpoint.img").read_bytes()
+        with open(mnt / "checkpoint.img", "rb") as f:
+            assert f.read(1 << 20) == image[: 1 << 20]
+    finally:
+        code, _, err = _cli(["--store", str(empty.root), "umount", str(mnt)], capsys)
+    assert code == 0, err
+
+
+def test_pull_replaces_a_damaged_local_chunk_from_the_remote(
+        moto_port: int, remote: str, loaded: LocalStore, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk file of a pulled snapshot damaged on disk (and one deleted): pull fetches
+    both again, and the snapshot verifies."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    code, _, err = _cli(["--store", str(loaded.root), "push", "t1", remote], capsys)
+    assert code == 0, err
+    other = LocalStore.open(tmp_path / "other")
+    code, _, err = _cli(["--store", str(other.root), "pull", "t1", remote], capsys)
+    assert code == 0, err
+    bad, gone = sorted(other.get_manifest(other.resolve("t1")).chunk_ids())[:2]
+    data = bytearray(other.chunk_path(bad).read_bytes())
+    data[len(data) // 2] ^= 0x04
+    other.chunk_path(bad).write_bytes(bytes(data))
+    other.delete_chunk(gone)
+    code, _, _ = _cli(["--store", str(other.root), "verify"], capsys)
+    assert code == 1
+    code, out, err = _cli(["--store", str(other.root), "pull", "t1", remote, "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["chunks_sent"], report["chunks_repaired"]) == (2, 1)
+    code, _, err = _cli(["--store", str(other.root), "verify"], capsys)
+    assert code == 0, err
+    check_store(other)
+
+
+def test_gc_grace_must_be_a_safe_duration(moto_port: int, remote: str,
+                                          capsys: pytest.CaptureFixture[str],
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    for grace in ("nan", "inf", "1e12", "-1", "0", "60"):
+        code, out, err = _cli(["gc", "--remote", remote, "--grace", grace], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2 and out == "" and len(lines) == 1, (grace, err)
+        assert "--grace" in lines[0] and "internal error" not in err, err
+    code, _, err = _cli(["gc", "--remote", remote, "--grace", "60"], capsys)
+    assert "--force" in err
+    code, out, err = _cli(["gc", "--remote", remote, "--grace", "0", "--force", "--json"],
+                          capsys)
+    assert code == 0, err
+    code, out, err = _cli(["gc", "--remote", remote, "--grace", "inf", "--force"], capsys)
+    assert code == 2, err
+
+
+async def test_a_push_beside_a_forced_gc_keeps_its_snapshot_whole(
+        proxy: FaultProxy, moto_port: int, remote: str, loaded: LocalStore,
+        tmp_path: Path) -> None:
+    """gc --grace 0 --force runs while a push waits to write its tag (held by the proxy):
+    gc deletes the push's manifest, locator and packs, which nothing names yet. The push
+    finds that after its tag and sends them again; the tag it exits 0 with pulls whole."""
+    done: list[str] = []
+
+    async def pushing() -> None:
+        async with s3_at(proxy.endpoint, remote) as s3:
+            done.append((await push(loaded, "t1", s3, pack_size=SMALL_PACKS)).tag_status)
+
+    proxy.inject("gate", "PUT", "/refs/tags/")
+    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as direct:
+        with trio.fail_after(120):
+            async with trio.open_nursery() as n:
+                n.start_soon(pushing)
+                while proxy.gated == 0:
+                    await trio.sleep(0.05)
+                g = await remote_gc(direct, grace_s=0, force=True)
+                assert g.deleted_snapshots == 1 and g.deleted_packs > 0
+                proxy.open_gate()
+        assert done == ["created"]
+        other = LocalStore.open(tmp_path / "other")
+        await pull(other, "t1", direct)
+    check_store(other)
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_pull_onto_a_full_disk_names_the_store_and_the_cause(
+        moto_port: int, remote: str, loaded: LocalStore, tiny_fs: Path,
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    code, _, err = _cli(["--store", str(loaded.root), "push", "t1", remote], capsys)
+    assert code == 0, err
+    root = tiny_fs / "store"
+    _cli_fails_with_one_line(["--store", str(root), "pull", "t1", remote],
+                             f"the disk of the store {root} is full", capsys)
+    other = LocalStore.open(root)
+    assert other.get_tag("t1") is None
+    check_store(other)
+
+
+async def test_gc_takes_a_second_look_before_it_sweeps(
+        proxy: FaultProxy, moto_port: int, remote: str, loaded: LocalStore,
+        tmp_path: Path) -> None:
+    """The window a push's own check leaves: gc found a snapshot untagged and its packs
+    old, then (held by the proxy at its last index GET, as a long gc is busy reading) a
+    push tags that snapshot again, reusing those packs, and checks them: all there. gc
+    looks at the tags and manifests again right before it deletes anything, so it keeps
+    what the new tag reaches."""
+    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as direct:
+        await push(loaded, "t1", direct, pack_size=SMALL_PACKS)
+        await direct.delete_many([tag_key("t1")])
+        last = max((await remote_chunks(direct, None)).pack_sizes)
+        proxy.inject("gate", "GET", f"/index/{last.hex}")
+        report: list[int] = []
+
+        async def collecting() -> None:
+            async with s3_at(proxy.endpoint, remote) as s3:
+                report.append((await remote_gc(s3, grace_s=0, force=True)).deleted_packs)
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as n:
+                n.start_soon(collecting)
+                while proxy.gated == 0:
+                    await trio.sleep(0.05)
+                again = await push(loaded, "t1", direct, pack_size=SMALL_PACKS)
+                assert (again.chunks_sent, again.tag_status) == (0, "created")
+                proxy.open_gate()
+        assert report == [0]
+        other = LocalStore.open(tmp_path / "other")
+        await pull(other, "t1", direct)
+    check_store(other)

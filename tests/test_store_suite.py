@@ -26,7 +26,7 @@ from snapstore.ingest import ingest
 from snapstore.remote.packs import Location, build_pack
 from snapstore.remote.transfer import remote_chunks
 from snapstore.remote.url import RemoteURL
-from snapstore.store.local import LocalStore
+from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore
 from snapstore.store.s3 import (
     S3Store,
     index_key,
@@ -117,14 +117,14 @@ class S3Layout:
         await self.s.put(manifest_key(mid), obj)
 
     async def get_manifest_object(self, mid: ChunkId) -> bytes:
-        return await self.s.get(manifest_key(mid))
+        return await self.s.get(manifest_key(mid), MAX_MANIFEST_BYTES + 1)
 
     async def set_tag(self, name: str, mid: ChunkId) -> None:
         await self.s.put(tag_key(name), (mid.hex + "\n").encode())
 
     async def get_tag(self, name: str) -> ChunkId | None:
         try:
-            return ChunkId.parse((await self.s.get(tag_key(name))).decode().strip())
+            return ChunkId.parse((await self.s.get(tag_key(name), 4096)).decode().strip())
         except NotFoundError:
             return None
 

@@ -34,9 +34,10 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from snapstore.criu import watchdog
 from snapstore.criu.images import PAGE_SIZE, Pagemap, read_pagemap, read_vma_bounds
@@ -71,6 +72,33 @@ class LazyPagesError(SnapstoreError):
     """The daemon could not serve a restored task; the task was killed."""
 
 
+class PageSource(Protocol):
+    """Where a pages file's bytes come from: the file on a mount, or the store's chunks."""
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Fill `view` from `offset`; fewer bytes only at the end of the file."""
+        ...
+
+
+class FilePages:
+    """A pages file read with pread (through the snapshot mount, which checks hashes)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        got = 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                break
+            got += n
+        return got
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 @dataclass(slots=True)
 class Span:
     """Pages still to install: [start, end) in the task now, from `offset` of the pages
@@ -86,7 +114,7 @@ class Span:
 class Task:
     pid: int
     uffd: int
-    pages: int  # descriptor of the task's pages file on the mount
+    pages: PageSource
     pending: list[Span]  # sorted by start, disjoint
     inflight: list[Span] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -161,9 +189,15 @@ class LazyPagesDaemon:
     images are in `images` (the snapshot mount). Call `start` before CRIU runs, `wait`
     after it returned, `close` always."""
 
-    def __init__(self, images: Path, work: Path, threads: int | None = None) -> None:
+    def __init__(self, images: Path, work: Path,
+                 sources: Mapping[str, PageSource] | None = None,
+                 threads: int | None = None) -> None:
+        """`sources` gives the bytes of pages files by name; any other is read from
+        `images` (the snapshot mount)."""
         self.images = images
         self.work = work
+        self._sources: dict[str, PageSource] = dict(sources or {})
+        self._opened: list[FilePages] = []
         self.threads = threads or min(8, os.cpu_count() or 2)
         self.stats = Stats()
         self.error: str | None = None
@@ -172,7 +206,6 @@ class LazyPagesDaemon:
         self._finished = threading.Event()  # RSTF received
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._threads: list[threading.Thread] = []
-        self._pages_fds: dict[int, int] = {}
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         # CRIU connects to the name relative to its work directory, which may be deeper
         # than a socket address can name: bind through a descriptor of the directory.
@@ -183,11 +216,15 @@ class LazyPagesDaemon:
             os.close(work_fd)
         self._listener.listen(1)
         self._watchdog, self._watchdog_proc = watchdog.start()
+        self._kill_root: int | None = None
         self._watchdog_lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, kill_root: int | None = None) -> None:
+        """Serve CRIU's connection. `kill_root` is the process to kill (with everything
+        below it) instead of the tasks' own pids, when those are another pid namespace's."""
+        self._kill_root = kill_root
         self._spawn(self._accept, "lazy-accept")
 
     def wait(self, timeout: float) -> None:
@@ -222,8 +259,8 @@ class LazyPagesDaemon:
         for task in self._tasks:
             with contextlib.suppress(OSError):
                 os.close(task.uffd)
-        for fd in self._pages_fds.values():
-            os.close(fd)
+        for f in self._opened:
+            f.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
 
@@ -246,9 +283,10 @@ class LazyPagesDaemon:
         """Never leave a restored task waiting on a page nobody will install."""
         if self.error is None:
             self.error = why
-        for task in self._tasks:
+        for pid in {self._kill_root} if self._kill_root else {t.pid for t in self._tasks}:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(task.pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
+        for task in self._tasks:
             task.gone = True
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
@@ -287,7 +325,7 @@ class LazyPagesDaemon:
     def _add_task(self, pid: int, uffd: int) -> None:
         pagemap = read_pagemap(self.images / f"pagemap-{pid}.img")
         vmas = read_vma_bounds(self.images / f"mm-{pid}.img")
-        task = Task(pid, uffd, self._pages_fd(pagemap), _spans(pagemap, vmas))
+        task = Task(pid, uffd, self._source(pagemap), _spans(pagemap, vmas))
         self._guard_uffd(pid, uffd)
         with self._tasks_lock:
             self._tasks.append(task)
@@ -296,13 +334,15 @@ class LazyPagesDaemon:
 
     def _guard_uffd(self, pid: int, uffd: int) -> None:
         with self._watchdog_lock:
-            watchdog.guard(self._watchdog, pid, uffd)
+            watchdog.guard(self._watchdog, self._kill_root or pid, uffd)
 
-    def _pages_fd(self, pagemap: Pagemap) -> int:
-        if pagemap.pages_id not in self._pages_fds:
-            self._pages_fds[pagemap.pages_id] = os.open(
-                self.images / pagemap.pages_file, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        return self._pages_fds[pagemap.pages_id]
+    def _source(self, pagemap: Pagemap) -> PageSource:
+        name = pagemap.pages_file
+        if name not in self._sources:
+            opened = FilePages(self.images / name)
+            self._opened.append(opened)
+            self._sources[name] = opened
+        return self._sources[name]
 
     # -- faults and events ------------------------------------------------------------
 
@@ -399,10 +439,11 @@ class LazyPagesDaemon:
     def _install(self, task: Task, span: Span, buf: _Buffer, demand: bool) -> None:
         length = span.end - span.start
         try:
-            data = buf.read(task.pages, span.offset, length)
-        except OSError as e:
+            data = task.pages.read_into(buf.view[:length], span.offset)
+        except (OSError, SnapstoreError) as e:
+            why = e.strerror if isinstance(e, OSError) else str(e)
             self._fail(f"cannot read the pages of pid {task.pid} at offset {span.offset}: "
-                       f"{e.strerror} (snapshot damaged or remote unreachable)")
+                       f"{why} (snapshot damaged or remote unreachable)")
             return
         if data < length:
             self._fail(f"the pages file of pid {task.pid} ends before offset "
@@ -505,22 +546,13 @@ def _ioctl_range(uffd: int, request: int, start: int, length: int) -> None:
 
 
 class _Buffer:
-    """A page-aligned buffer of one thread, read into with preadv and copied from by
+    """A page-aligned buffer of one thread, filled by a PageSource and copied from by
     address (UFFDIO_COPY takes a source address)."""
 
     def __init__(self, size: int) -> None:
         self._map = mmap.mmap(-1, size)
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        self._view = memoryview(self._map)
-
-    def read(self, fd: int, offset: int, length: int) -> int:
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [self._view[got:length]], offset + got)
-            if n == 0:
-                break
-            got += n
-        return got
+        self.view = memoryview(self._map)
 
 
 def _spans(pagemap: Pagemap, vmas: list[tuple[int, int]]) -> list[Span]:

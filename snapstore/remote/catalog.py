@@ -8,7 +8,7 @@ import trio
 
 from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
-from snapstore.remote.fetch import fetch_manifest, get_remote_tag
+from snapstore.remote.fetch import fetch_manifest, get_remote_tag, list_remote_tags
 from snapstore.remote.url import RemoteURL
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
 
@@ -17,9 +17,10 @@ async def find_in(s3: S3Store, labels: dict[str, str]) -> ChunkId | None:
     """The newest tagged snapshot of the remote whose labels include `labels`."""
     best: tuple[str, str, ChunkId] | None = None
     seen: set[ChunkId] = set()
-    async for o in s3.list("refs/tags/"):
+    names, _ = await list_remote_tags(s3)
+    for name in names:
         with contextlib.suppress(CorruptError, NotFoundError):
-            mid = await get_remote_tag(s3, o.key.removeprefix("refs/tags/"))
+            mid = await get_remote_tag(s3, name)
             if mid in seen:
                 continue
             seen.add(mid)

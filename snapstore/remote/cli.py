@@ -16,7 +16,10 @@ from snapstore.remote.settings import (
     DEFAULT_GRACE_S,
     DEFAULT_JOBS,
     DEFAULT_PACK_BYTES,
+    DEFAULT_READ_TIMEOUT_S,
     MAX_PACK_TARGET,
+    MIN_GRACE_S,
+    check_grace,
 )
 
 # The S3 client stack takes a large part of a second to import: handlers import it
@@ -41,7 +44,8 @@ def _with_remote(args: argparse.Namespace, remote: str,
 
     async def main() -> int:
         # A connection per job, plus a few so HEADs of the manifest and tag never queue.
-        async with open_s3(url, endpoint_url(args.endpoint_url), connections=jobs + 4) as s3:
+        async with open_s3(url, endpoint_url(args.endpoint_url), connections=jobs + 4,
+                           read_timeout_s=args.read_timeout) as s3:
             return await fn(s3)
 
     return trio.run(main)
@@ -53,12 +57,15 @@ def _report(args: argparse.Namespace, verb: str, r: TransferReport) -> int:
             "snapshot": r.snapshot.hex, "tag": r.tag, "tag_status": r.tag_status,
             "chunks": r.chunks, "chunks_sent": r.chunks_sent, "bytes_sent": r.bytes_sent,
             "packs": r.packs, "seconds": round(r.seconds, 3),
+            "chunks_repaired": r.chunks_repaired,
         })
         return 0
     rate = r.bytes_sent / r.seconds if r.seconds else 0.0
     tag = f", tag {r.tag} {r.tag_status}" if r.tag else ""
+    repaired = (f", {r.chunks_repaired} damaged local copies replaced"
+                if r.chunks_repaired else "")
     print(f"{verb} {r.chunks_sent} of {r.chunks} chunks ({r.packs} packs), "
-          f"{human(r.bytes_sent)} in {r.seconds:.2f}s ({human(int(rate))}/s){tag}",
+          f"{human(r.bytes_sent)} in {r.seconds:.2f}s ({human(int(rate))}/s){tag}{repaired}",
           file=sys.stderr)
     print(r.snapshot.hex)
     return 0
@@ -94,24 +101,38 @@ def cmd_pull(args: argparse.Namespace) -> int:
 async def remote_listing(s3: S3Store) -> dict[str, Any]:
     """Tags and snapshots of a remote with their sizes (what `remote ls --json` prints)."""
     from snapstore.ids import ChunkId
-    from snapstore.remote.fetch import fetch_locator, fetch_manifest, get_remote_tag
+    from snapstore.remote.fetch import (
+        fetch_locator,
+        fetch_manifest,
+        get_remote_tag,
+        list_remote_tags,
+    )
     from snapstore.store.s3 import id_of_key
 
-    packs = {p: o.size async for o in s3.list("packs/") if (p := id_of_key(o.key, "packs/"))}
+    foreign: list[str] = []
+    packs: dict[ChunkId, int] = {}
+    async for o in s3.list("packs/"):
+        if (p := id_of_key(o.key, "packs/")) is None:
+            foreign.append(o.key)
+        else:
+            packs[p] = o.size
     tags: dict[str, str] = {}
-    async for o in s3.list("refs/tags/"):
-        name = o.key.removeprefix("refs/tags/")
+    names, foreign_tags = await list_remote_tags(s3)
+    foreign += foreign_tags
+    for name in names:
         try:
             tags[name] = (await get_remote_tag(s3, name)).hex
         except (CorruptError, NotFoundError) as e:
             tags[name] = f"unreadable: {e}"
     snaps: list[dict[str, Any]] = []
     async for o in s3.list("snapshots/"):
-        name = o.key.removeprefix("snapshots/")
+        if (mid := id_of_key(o.key, "snapshots/")) is None:
+            foreign.append(o.key)
+            continue
+        name = mid.hex
         doc: dict[str, Any] = {"id": name, "tags": sorted(t for t, m in tags.items()
                                                          if m == name)}
         try:
-            mid = ChunkId.parse(name)
             _, m = await fetch_manifest(s3, mid)
             where = (await fetch_locator(s3, mid, m.chunk_ids())).chunks
         except (CorruptError, NotFoundError) as e:
@@ -123,12 +144,20 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
                    missing_chunks=sum(1 for loc in where.values() if loc.pack not in packs))
         snaps.append(doc)
     return {"remote": str(s3.url), "tags": tags, "snapshots": snaps,
-            "packs": len(packs), "stored_bytes": sum(packs.values())}
+            "packs": len(packs), "stored_bytes": sum(packs.values()),
+            "foreign_keys": sorted(foreign)}
+
+
+def _warn_foreign_keys(remote: str, keys: list[str]) -> None:
+    for key in keys:
+        print(f"snapstore: warning: skipped {remote}/{key}: not an object snapstore writes",
+              file=sys.stderr)
 
 
 def cmd_remote_ls(args: argparse.Namespace) -> int:
     async def run(s3: S3Store) -> int:
         doc = await remote_listing(s3)
+        _warn_foreign_keys(doc["remote"], doc["foreign_keys"])
         if args.json:
             print_json(doc)
             return 0
@@ -151,8 +180,7 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
     """`snapstore gc --remote REMOTE`: collect the remote's garbage instead of the store's."""
     from snapstore.remote.gc import remote_gc
 
-    if args.grace < 0:
-        raise UsageError("--grace must not be negative")
+    check_grace(args.grace, args.force)
 
     try:
         store = open_store(args)  # only lends its copies of pack indexes
@@ -160,7 +188,9 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
         store = None
 
     async def run(s3: S3Store) -> int:
-        r = await remote_gc(s3, store, grace_s=args.grace, dry_run=args.dry_run)
+        r = await remote_gc(s3, store, grace_s=args.grace, dry_run=args.dry_run,
+                            force=args.force)
+        _warn_foreign_keys(str(s3.url), r.foreign_keys)
         if args.json:
             print_json(r.as_dict())
             return 0
@@ -178,6 +208,10 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
 def _remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
     sp.add_argument("--endpoint-url", metavar="URL",
                     help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
+    sp.add_argument("--read-timeout", type=float, metavar="SECONDS",
+                    help="fail a read from the remote that takes longer, retries included "
+                    "(default: $SNAPSTORE_READ_TIMEOUT, else "
+                    f"{DEFAULT_READ_TIMEOUT_S:g})")
     if jobs:
         sp.add_argument("--jobs", type=int, default=DEFAULT_JOBS, metavar="N",
                         help=f"parallel requests (default {DEFAULT_JOBS})")
@@ -189,7 +223,10 @@ def add_gc_options(sp: argparse.ArgumentParser) -> None:
                     help="collect this remote's garbage instead of the local store's")
     sp.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
                     help="with --remote: never delete objects younger than this "
-                    f"(default {DEFAULT_GRACE_S}, a day)")
+                    f"(default {DEFAULT_GRACE_S}, a day; at least {MIN_GRACE_S})")
+    sp.add_argument("--force", action="store_true",
+                    help=f"with --remote: allow a grace below {MIN_GRACE_S} s (only when no "
+                    "push to the remote runs)")
     _remote_options(sp)
 
 
@@ -247,5 +284,9 @@ def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
 
     if args.remote is None:
         return None
-    snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url)
-    return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch)
+    from snapstore.store.s3 import read_timeout
+
+    deadline = read_timeout(args.read_timeout)
+    snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url, deadline)
+    return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch,
+                       deadline)

@@ -7,6 +7,7 @@ bytes reach no caller before they hashed to its id.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 import trio
 
 from snapstore import codec, manifest
-from snapstore.errors import CorruptError, NotFoundError
-from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.errors import CorruptError, NotFoundError, UsageError
+from snapstore.ids import ID_BYTES, ChunkId, is_valid_hex_id
 from snapstore.remote.packs import (
     MAX_INDEX_BYTES,
     Location,
@@ -26,7 +27,19 @@ from snapstore.remote.packs import (
     locator_max_bytes,
 )
 from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore, check_tag
-from snapstore.store.s3 import S3Store, index_key, locator_key, manifest_key, pack_key, tag_key
+from snapstore.store.s3 import (
+    TAGS_PREFIX,
+    RemoteError,
+    S3Store,
+    access_key,
+    index_key,
+    locator_key,
+    manifest_key,
+    pack_key,
+    tag_key,
+)
+
+log = logging.getLogger(__name__)
 
 # A chunk whose bytes fail their hash is fetched this often in all before it is reported.
 HASH_ATTEMPTS = 3
@@ -49,6 +62,40 @@ async def get_remote_tag(s3: S3Store, tag: str) -> ChunkId:
         return ChunkId.parse(text)
     except CorruptError:
         raise CorruptError(f"remote tag {tag!r} in {s3.url} is not a snapshot id") from None
+
+
+async def list_remote_tags(s3: S3Store) -> tuple[list[str], list[str]]:
+    """The remote's tag names, and the keys under refs/tags/ that name no tag (an S3
+    console's zero-byte folder marker, a nested key): someone else's objects, which a
+    listing skips and reports instead of failing on."""
+    names: list[str] = []
+    foreign: list[str] = []
+    async for o in s3.list(TAGS_PREFIX):
+        name = o.key.removeprefix(TAGS_PREFIX)
+        try:
+            names.append(check_tag(name))
+        except UsageError:
+            foreign.append(o.key)
+    return names, foreign
+
+
+def access_list_max_bytes(chunks: int) -> int:
+    """The largest access list a snapshot of `chunks` distinct chunks has: one id and a
+    newline per chunk (push writes each once)."""
+    return chunks * (2 * ID_BYTES + 1)
+
+
+async def fetch_access_order(s3: S3Store, mid: ChunkId, chunks: int) -> list[str]:
+    """The lines of snapshot `mid`'s access list, unchecked (callers keep only the ids
+    they know); none when it is absent or over its bound: it is only a prefetch hint."""
+    try:
+        data = await s3.get(access_key(mid), max_bytes=access_list_max_bytes(chunks))
+    except NotFoundError:
+        return []
+    except (CorruptError, RemoteError) as e:
+        log.warning("ignoring the access list: %s", e)
+        return []
+    return data.decode("ascii", "replace").splitlines()
 
 
 async def resolve_remote(s3: S3Store, ref: str) -> tuple[ChunkId, str | None]:

@@ -4,8 +4,10 @@ The grace period is what makes it safe next to pushes that run at the same time:
 writes packs and their indexes, then the locator, the manifest and the tag, so its
 objects are unreachable until it ends. gc never deletes a pack younger than the grace
 (by its LastModified), and treats every manifest younger than the grace as a root, so a
-push that finishes within the grace never loses a chunk. docs/remote.md states the one
-case that is left, and that packs are not rewritten (dead chunks in live packs stay).
+push that finishes within the grace never loses a chunk. Right before it deletes, gc looks
+at the tags and manifests again, for a push that reused old packs while gc read the
+bucket. docs/remote.md states the one case that is left, and that packs are not
+rewritten (dead chunks in live packs stay).
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ from typing import Any
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.remote.fetch import fetch_index, fetch_locator, fetch_manifest, get_remote_tag
+from snapstore.remote.fetch import (
+    fetch_index,
+    fetch_locator,
+    fetch_manifest,
+    get_remote_tag,
+    list_remote_tags,
+)
 from snapstore.remote.packs import PackIndex
-from snapstore.remote.settings import DEFAULT_GRACE_S
+from snapstore.remote.settings import DEFAULT_GRACE_S, check_grace
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import ObjectInfo, S3Store, id_of_key, index_key
 
@@ -37,55 +45,65 @@ class RemoteGcReport:
     dead_bytes_in_kept_packs: int
     young_unreferenced: int
     dry_run: bool
+    # Keys under the layout's prefixes that name nothing snapstore writes (a folder
+    # marker, a nested or misnamed key): not roots, never deleted, reported.
+    foreign_keys: list[str]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-async def _listing(s3: S3Store, prefix: str) -> dict[ChunkId, ObjectInfo]:
-    return {i: o async for o in s3.list(prefix) if (i := id_of_key(o.key, prefix))}
+async def _listing(s3: S3Store, prefix: str, foreign: list[str]) -> dict[ChunkId, ObjectInfo]:
+    """The objects under `prefix` by id; keys that are no id go to `foreign`."""
+    out: dict[ChunkId, ObjectInfo] = {}
+    async for o in s3.list(prefix):
+        i = id_of_key(o.key, prefix)
+        if i is None:
+            foreign.append(o.key)
+        else:
+            out[i] = o
+    return out
 
 
 async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
-                    grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False) -> RemoteGcReport:
-    """Collect `s3`'s garbage; `store`, if given, lends its copies of pack indexes."""
+                    grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False,
+                    force: bool = False) -> RemoteGcReport:
+    """Collect `s3`'s garbage; `store`, if given, lends its copies of pack indexes. A
+    grace below MIN_GRACE_S is refused (UsageError) unless `force`."""
+    check_grace(grace_s, force)
     # Listings come first: an object written after them is not swept by this run at all.
     # Indexes before packs: a push writes a pack before its index, so every index listed
     # here has its pack listed below unless the pack was deleted behind gc's back.
-    indexes = await _listing(s3, "index/")
-    packs = await _listing(s3, "packs/")
-    snapshots = await _listing(s3, "snapshots/")
-    locators = await _listing(s3, "locate/")
-    access = await _listing(s3, "access/")
-    tags = [o async for o in s3.list("refs/tags/")]
+    foreign: list[str] = []
+    indexes = await _listing(s3, "index/", foreign)
+    packs = await _listing(s3, "packs/", foreign)
+    snapshots = await _listing(s3, "snapshots/", foreign)
+    locators = await _listing(s3, "locate/", foreign)
+    access = await _listing(s3, "access/", foreign)
+    tags, foreign_tags = await list_remote_tags(s3)
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
 
-    roots: set[ChunkId] = set()
-    for t in tags:
-        name = t.key.removeprefix("refs/tags/")
-        try:
-            roots.add(await get_remote_tag(s3, name))
-        except (CorruptError, NotFoundError) as e:
-            raise _stop(f"tag {name!r} is unreadable ({e})") from None
     # A push in progress: its tag comes after its manifest.
-    roots |= {mid for mid, o in snapshots.items() if o.last_modified > cutoff}
+    roots = await _tagged(s3, tags) | {mid for mid, o in snapshots.items()
+                                       if o.last_modified > cutoff}
     live_chunks: set[ChunkId] = set()
     live_packs: set[ChunkId] = set()
-    for mid in sorted(roots):
-        try:
-            _, m = await fetch_manifest(s3, mid)
-            live_chunks |= m.chunk_ids()
-            # The packs a root's locator names stay even if their index is gone.
-            live_packs |= set((await fetch_locator(s3, mid, m.chunk_ids())).packs)
-        except (CorruptError, NotFoundError) as e:
-            # Sweeping with an incomplete mark would delete live chunks.
-            raise _stop(f"snapshot {mid.short()} is unreadable ({e})") from None
+    await _mark(s3, roots, live_chunks, live_packs)
     contents: dict[ChunkId, PackIndex] = {}
     for pack in sorted(set(indexes) & set(packs)):
         try:
             contents[pack] = await fetch_index(s3, store, pack)
         except (CorruptError, NotFoundError) as e:
             raise _stop(f"the index of pack {pack.short()} is unreadable ({e})") from None
+    # A second look at the tags and manifests, right before the sweep: a push that ran
+    # while gc read the bucket may have tagged a snapshot whose old packs it reused (the
+    # first look found them dead) and checked them already. Its tag or manifest shows
+    # now, so what it reaches stays; docs/remote.md says what is left.
+    tags_now, _ = await list_remote_tags(s3)
+    later = await _tagged(s3, tags_now) | {
+        mid for mid in await _listing(s3, "snapshots/", []) if mid not in snapshots}
+    await _mark(s3, later - roots, live_chunks, live_packs)
+    roots |= later
 
     def old(o: ObjectInfo) -> bool:
         return o.last_modified <= cutoff
@@ -129,7 +147,33 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
         dead_bytes_in_kept_packs=dead_bytes,
         young_unreferenced=len(unreferenced) - len(dead_packs),
         dry_run=dry_run,
+        foreign_keys=sorted(foreign + foreign_tags),
     )
+
+
+async def _tagged(s3: S3Store, tags: list[str]) -> set[ChunkId]:
+    """The snapshots `tags` name."""
+    out: set[ChunkId] = set()
+    for name in tags:
+        try:
+            out.add(await get_remote_tag(s3, name))
+        except (CorruptError, NotFoundError) as e:
+            raise _stop(f"tag {name!r} is unreadable ({e})") from None
+    return out
+
+
+async def _mark(s3: S3Store, roots: set[ChunkId], live_chunks: set[ChunkId],
+                live_packs: set[ChunkId]) -> None:
+    """Add the chunks of `roots` and the packs their locators name to the live sets."""
+    for mid in sorted(roots):
+        try:
+            _, m = await fetch_manifest(s3, mid)
+            live_chunks |= m.chunk_ids()
+            # The packs a root's locator names stay even if their index is gone.
+            live_packs |= set((await fetch_locator(s3, mid, m.chunk_ids())).packs)
+        except (CorruptError, NotFoundError) as e:
+            # Sweeping with an incomplete mark would delete live chunks.
+            raise _stop(f"snapshot {mid.short()} is unreadable ({e})") from None
 
 
 def _stop(why: str) -> SnapstoreError:

@@ -40,6 +40,7 @@ from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest
 from snapstore.remote.fetch import (
     cpu_limiter,
+    fetch_access_order,
     fetch_locator,
     fetch_manifest,
     fetch_run,
@@ -49,7 +50,7 @@ from snapstore.remote.packs import Location, Locator, coalesce
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
 from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
-from snapstore.store.s3 import S3Store, access_key, endpoint_url, open_s3
+from snapstore.store.s3 import S3Store, endpoint_url, open_s3
 
 log = logging.getLogger(__name__)
 
@@ -395,18 +396,17 @@ async def open_remote_snapshot(s3: S3Store, ref: str) -> RemoteSnapshot:
     mid, _ = await resolve_remote(s3, ref)
     _, m = await fetch_manifest(s3, mid)
     locator = await fetch_locator(s3, mid, m.chunk_ids())
-    try:
-        recorded = (await s3.get(access_key(mid))).decode("ascii", "replace").splitlines()
-    except NotFoundError:
-        recorded = []
+    recorded = await fetch_access_order(s3, mid, len(locator.chunks))
     return RemoteSnapshot(mid, m, locator, prefetch_order(m, recorded))
 
 
-def load_remote_snapshot(ref: str, remote: str, endpoint: str | None) -> RemoteSnapshot:
+def load_remote_snapshot(ref: str, remote: str, endpoint: str | None,
+                         read_timeout_s: float | None = None) -> RemoteSnapshot:
     """Resolve `ref` in `remote` before mounting, so a bad ref or remote fails in the
     foreground with one line."""
     async def main() -> RemoteSnapshot:
-        async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint)) as s3:
+        async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint),
+                           read_timeout_s=read_timeout_s) as s3:
             return await open_remote_snapshot(s3, ref)
 
     return trio.run(main)
@@ -414,20 +414,23 @@ def load_remote_snapshot(ref: str, remote: str, endpoint: str | None) -> RemoteS
 
 @dataclass(frozen=True, slots=True)
 class RemoteMount:
-    """A remote mount's settings: where from, disk cache bound, and whether to prefetch."""
+    """A remote mount's settings: where from, disk cache bound, whether to prefetch, and
+    the deadline of a read (None: the default)."""
 
     snapshot: RemoteSnapshot
     remote: str
     endpoint: str | None
     cache_bytes: int = DEFAULT_CACHE_BYTES
     prefetch: bool = False
+    read_timeout_s: float | None = None
 
 
 async def serve_remote(store: LocalStore, how: RemoteMount, mountpoint: Path,
                        options: MountOptions, ready: Callable[[], None]) -> None:
     """Serve a snapshot of a remote with fusefs until unmounted, prefetching behind it."""
     async with open_s3(RemoteURL.parse(how.remote), endpoint_url(how.endpoint),
-                       connections=DEFAULT_CONNECTIONS + 4) as s3:
+                       connections=DEFAULT_CONNECTIONS + 4,
+                       read_timeout_s=how.read_timeout_s) as s3:
         reader = RemoteChunkReader(store, s3, how.snapshot, how.cache_bytes)
         async with trio.open_nursery() as nursery:
             if how.prefetch:

@@ -8,6 +8,7 @@ Every chunk is hash-checked before it leaves the local store and before it enter
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from snapstore.store.s3 import (
 
 T = TypeVar("T")
 
+# Rounds of a push whose objects a concurrent remote gc deleted before it gives up.
+PUSH_ROUNDS = 3
 # Threads that write pulled chunks into the store.
 WRITE_THREADS = 4
 # Pull reads up to this many bytes it does not need to join two runs into one GET: less
@@ -70,6 +73,8 @@ class TransferReport:
     bytes_sent: int
     packs: int
     seconds: float
+    # Pull: local copies that failed their check and were fetched again.
+    chunks_repaired: int = 0
 
 
 async def run_pool(items: Iterable[T], fn: Callable[[T], Awaitable[None]], jobs: int) -> None:
@@ -172,19 +177,46 @@ def _local_tag(store: LocalStore, ref: str) -> str | None:
 
 async def push(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
                jobs: int = DEFAULT_JOBS, pack_size: int = DEFAULT_PACK_BYTES) -> TransferReport:
-    """Send snapshot `ref` (a tag, which is then set remotely too, or an id) to `s3`."""
+    """Send snapshot `ref` (a tag, which is then set remotely too, or an id) to `s3`.
+
+    After the tag, everything it reaches (manifest, locator, each pack the locator names)
+    is checked to be there: a remote gc running beside the push (with a grace it outlived,
+    or forced) may have deleted some of it. What is lost is sent again, up to PUSH_ROUNDS
+    times; a push that cannot keep its snapshot whole fails instead of exiting 0."""
     start = time.monotonic()
     mid = store.resolve(ref)
     tag = _local_tag(store, ref)
     m = await trio.to_thread.run_sync(store.get_manifest, mid)
     sizes = m.chunk_sizes()  # in manifest order: neighbours in a file share a pack
+    sent = [0, 0, 0]
+    status = "none"
+    for attempt in range(PUSH_ROUNDS):
+        locator = await _send(store, ref, mid, sizes, s3, sent, jobs, pack_size)
+        # Checked after the tag: a gc that lists the tags from then on keeps the snapshot,
+        # so only one that listed before can take anything, and what it took by now is
+        # sent again (docs/remote.md: what is left).
+        if tag is not None and attempt == 0:
+            status = await _set_remote_tag(s3, tag, mid, force)
+        lost = await _lost(s3, mid, locator, jobs)
+        if not lost:
+            return TransferReport(mid, tag, status, len(sizes), sent[0], sent[1], sent[2],
+                                  time.monotonic() - start)
+    raise SnapstoreError(
+        f"{s3.url}/{lost[0]} (and {len(lost) - 1} more objects) of snapshot {mid.short()} "
+        f"vanished after the push wrote them, {PUSH_ROUNDS} times: a remote gc with a "
+        "short --grace is running; push again when it is done")
+
+
+async def _send(store: LocalStore, ref: str, mid: ChunkId, sizes: dict[ChunkId, int],
+                s3: S3Store, sent: list[int], jobs: int, pack_size: int) -> Locator:
+    """Send what the remote lacks of snapshot `mid`: packs of its missing chunks, then its
+    locator, manifest and access list; add to `sent` (chunks, bytes, packs)."""
     remote = await remote_chunks(s3, store, jobs)
     where = {c: remote.where[c] for c in sizes if c in remote.where}
     pack_sizes = {loc.pack: remote.pack_sizes[loc.pack] for loc in where.values()}
     missing = [c for c in sizes if c not in where]
     on_disk = await trio.to_thread.run_sync(_sizes_on_disk, store, missing)
     cpu = cpu_limiter()
-    sent = [0, 0, 0]
     with byte_progress(f"push {ref}", sum(on_disk.values())) as advance:
         async def upload(cids: list[ChunkId]) -> None:
             pack = await trio.to_thread.run_sync(_load_pack, store, cids, sizes, limiter=cpu)
@@ -211,15 +243,32 @@ async def push(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
     if access.is_file():
         # Only a prefetch hint (the last recorded read order); the latest one wins.
         await s3.put(access_key(mid), _checked_access_list(access.read_bytes(), sizes))
-    status = "none" if tag is None else await _set_remote_tag(s3, tag, mid, force)
-    return TransferReport(mid, tag, status, len(sizes), sent[0], sent[1], sent[2],
-                          time.monotonic() - start)
+    return locator
+
+
+async def _lost(s3: S3Store, mid: ChunkId, locator: Locator, jobs: int) -> list[str]:
+    """The keys of what snapshot `mid` needs (its manifest, its locator, the packs the
+    locator names, at their sizes) that are not in the remote now."""
+    lost: list[str] = []
+
+    async def check(key_size: tuple[str, int | None]) -> None:
+        key, size = key_size
+        info = await s3.head(key)
+        if info is None or (size is not None and info.size != size):
+            lost.append(key)
+
+    wanted: list[tuple[str, int | None]] = [(manifest_key(mid), None),
+                                            (locator_key(mid), None)]
+    wanted += [(pack_key(p), n) for p, n in sorted(locator.packs.items())]
+    await run_pool(wanted, check, jobs)
+    return sorted(lost)
 
 
 def _checked_access_list(data: bytes, sizes: dict[ChunkId, int]) -> bytes:
-    """Keep only lines naming chunks of this snapshot: the list is read by other hosts."""
-    lines = [ln for ln in data.decode("ascii", "replace").split()
-             if is_valid_hex_id(ln) and ChunkId.parse(ln) in sizes]
+    """Keep only lines naming chunks of this snapshot, each once: the list is read by
+    other hosts, which refuse one longer than a line per chunk."""
+    lines = list(dict.fromkeys(ln for ln in data.decode("ascii", "replace").split()
+                               if is_valid_hex_id(ln) and ChunkId.parse(ln) in sizes))
     return ("\n".join(lines) + "\n").encode() if lines else b""
 
 
@@ -247,6 +296,14 @@ def _store_chunks(writer: ChunkWriter,
             writer.put(cid, obj)
 
 
+def _intact(store: LocalStore, cid: ChunkId, size: int) -> bool:
+    try:
+        store.get_chunk(cid, size)
+    except (CorruptError, NotFoundError):
+        return False
+    return True
+
+
 def _from_cache(store: LocalStore, writer: ChunkWriter, cid: ChunkId, size: int) -> bool:
     """Move a chunk a remote mount fetched into the store, checked; False if it has none
     (a bad cache entry is of no use: it goes)."""
@@ -265,7 +322,23 @@ def _from_cache(store: LocalStore, writer: ChunkWriter, cid: ChunkId, size: int)
 
 async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
                jobs: int = DEFAULT_JOBS) -> TransferReport:
-    """Fetch snapshot `ref` (a remote tag, then set locally too, or a full id) from `s3`."""
+    try:
+        return await _pull(store, ref, s3, force, jobs)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A writer thread's error names no file; the user needs the store and the cause.
+        raise SnapstoreError(f"the disk of the store {store.root} is full ({e.strerror}): "
+                             "nothing was tagged; free space and pull again (it resumes)"
+                             ) from None
+
+
+async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
+                jobs: int) -> TransferReport:
+    """Fetch snapshot `ref` (a remote tag, then set locally too, or a full id) from `s3`:
+    the chunks the store lacks, and those whose local copy fails its check (a damaged
+    copy is deleted, then fetched like a missing one), so that the snapshot is whole
+    and intact locally once pull returns."""
     start = time.monotonic()
     mid, tag = await resolve_remote(s3, ref)
     if tag is not None:
@@ -290,6 +363,19 @@ async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
     with store.writer_lock():
         missing = await trio.to_thread.run_sync(
             lambda: [c for c in sizes if not store.has_chunk(c)])
+        damaged: list[ChunkId] = []
+
+        async def check_local(cid: ChunkId) -> None:
+            if not await trio.to_thread.run_sync(_intact, store, cid, sizes[cid],
+                                                 limiter=cpu):
+                damaged.append(cid)
+
+        absent = set(missing)
+        await run_pool([c for c in sizes if c not in absent], check_local,
+                       int(cpu.total_tokens))
+        for cid in damaged:
+            store.delete_chunk(cid)
+        missing += damaged
         total = sum(locator.chunks[c].length for c in missing)
         with byte_progress(f"pull {ref}", total) as advance:
             cached: set[ChunkId] = set()
@@ -331,4 +417,4 @@ async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
             status = "unchanged" if store.get_tag(tag) == mid else "set"
             store.set_tag(tag, mid)
     return TransferReport(mid, tag, status, len(sizes), got[0], got[1], len(packs),
-                          time.monotonic() - start)
+                          time.monotonic() - start, len(damaged))

@@ -3,13 +3,20 @@
 Keys are paths relative to the remote's prefix (`pack_key`, `index_key`, `locator_key`,
 `manifest_key`, `tag_key`, `access_key`); docs/remote.md lists them. Contracts:
 
-- `get(key)` returns the object's complete bytes or raises NotFoundError; it never returns
-  a truncated body (a body cut off mid-way, or failing the checksum S3 stored with the
-  object, is fetched again; CorruptError if it keeps failing). With `max_bytes`, a larger
-  object is refused (CorruptError) before its body is read. Callers still check what they
+- `get(key, max_bytes)` returns the object's complete bytes or raises NotFoundError; it
+  never returns a truncated body (a body cut off mid-way, or failing the checksum S3
+  stored with the object, is fetched again; CorruptError if it keeps failing). An object
+  over `max_bytes` is refused (CorruptError) before its body is read, and so is a
+  response without a Content-Length (RemoteError). Every object has a bound: nothing a
+  bucket holds is read whole without one. Callers still check what they
   read themselves: an object without a stored checksum is not checked.
 - `get_range(key, start, end)` returns the bytes [start, end) of the object, fewer when it
   ends before `end` (none when it ends before `start`); a body cut off is fetched again.
+  A response that is not a range (a server ignoring Range) fails before its body is read,
+  and more than `end - start` bytes are never read.
+- Reads (`get`, `get_range`, `head`) have a deadline, retries included (`read_timeout`):
+  an endpoint that stops answering fails the read with RemoteError; cancelling the
+  calling task cancels the request.
   S3 checks only a range that is the whole object against its stored checksum: callers
   hash-check every chunk they take from a range.
 - `put(key, data)` replaces the object atomically: readers see the old or the new bytes.
@@ -40,8 +47,9 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
 
-from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
+from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
 from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.remote.settings import DEFAULT_READ_TIMEOUT_S, MAX_READ_TIMEOUT_S
 from snapstore.remote.url import RemoteURL
 
 T = TypeVar("T")
@@ -51,7 +59,9 @@ MAX_ATTEMPTS = 6
 # A body cut off after the headers is outside botocore's retry loop: fetch it again this often.
 BODY_ATTEMPTS = 4
 CONNECT_TIMEOUT_S = 5.0
-READ_TIMEOUT_S = 60.0
+# Per attempt: how long a response may keep the client waiting for its next bytes. A read
+# as a whole, retries included, has the deadline of `read_timeout` (--read-timeout).
+ATTEMPT_READ_TIMEOUT_S = 10.0
 # DeleteObjects takes at most this many keys per request.
 _DELETE_BATCH = 1000
 # httpx sends a file body by iterating it; a plain BytesIO iterates by lines, which for
@@ -91,8 +101,11 @@ def manifest_key(mid: ChunkId) -> str:
     return f"snapshots/{mid.hex}"
 
 
+TAGS_PREFIX = "refs/tags/"
+
+
 def tag_key(name: str) -> str:
-    return f"refs/tags/{name}"
+    return f"{TAGS_PREFIX}{name}"
 
 
 def access_key(mid: ChunkId) -> str:
@@ -124,67 +137,64 @@ class _Body(io.BytesIO):
 class S3Store:
     """One bucket prefix. Create with `open_s3`."""
 
-    def __init__(self, client: Any, url: RemoteURL, endpoint: str) -> None:
+    def __init__(self, client: Any, url: RemoteURL, endpoint: str,
+                 read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:
         self._client = client
         self.url = url
         self.endpoint = endpoint
+        self.read_timeout_s = read_timeout_s
 
-    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
-        for attempt in range(1, BODY_ATTEMPTS + 1):
-            resp = await self._call("GET", key, self._client.get_object,
-                                    Bucket=self.url.bucket, Key=self.url.key(key))
-            size = int(resp.get("ContentLength", 0))
-            if max_bytes is not None and size > max_bytes:
-                async with resp["Body"]:
-                    pass  # closes the stream unread
-                raise CorruptError(f"{self._where(key)} is {size} bytes, more than the "
-                                   f"{max_bytes} it may have")
-            try:
-                async with resp["Body"] as body:
-                    data: bytes = await body.read()
-                return data
-            except (BotoCoreError, OSError) as e:
-                if attempt < BODY_ATTEMPTS:
-                    await trio.sleep(0.05 * 2**attempt)
-                    continue
-                if isinstance(e, FlexibleChecksumError):
-                    raise CorruptError(f"GET {self._where(key)}: the body failed the object's "
-                                       f"checksum {BODY_ATTEMPTS} times") from None
-                raise RemoteError(f"GET {self._where(key)}: the body was cut off "
-                                  f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
+    async def get(self, key: str, max_bytes: int) -> bytes:
+        with self._deadline("GET", key):
+            for attempt in range(1, BODY_ATTEMPTS + 1):
+                resp = await self._call("GET", key, self._client.get_object,
+                                        Bucket=self.url.bucket, Key=self.url.key(key))
+                try:
+                    return await _read_capped(resp, max_bytes, self._where(key), CorruptError)
+                except (BotoCoreError, OSError) as e:
+                    if attempt < BODY_ATTEMPTS:
+                        await trio.sleep(0.05 * 2**attempt)
+                        continue
+                    if isinstance(e, FlexibleChecksumError):
+                        raise CorruptError(f"GET {self._where(key)}: the body failed the "
+                                           f"object's checksum {BODY_ATTEMPTS} times") from None
+                    raise RemoteError(f"GET {self._where(key)}: the body was cut off "
+                                      f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
         raise AssertionError("unreachable")
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         where = f"{key} [{start}, {end})"
-        for attempt in range(1, BODY_ATTEMPTS + 1):
-            try:
-                resp = await self._client.get_object(
-                    Bucket=self.url.bucket, Key=self.url.key(key),
-                    Range=f"bytes={start}-{end - 1}")
-            except ClientError as e:
-                if _code(e) == "InvalidRange":
-                    return b""  # the object ends before `start`
-                raise self._error("GET", where, e) from None
-            except BotoCoreError as e:
-                raise self._error("GET", where, e) from None
-            try:
-                # One read of the whole body: reading it in pieces costs a copy of what
-                # the client buffered for every piece (measured: 40% more CPU for a pull).
-                async with resp["Body"] as body:
-                    data: bytes = await body.read()
-            except (BotoCoreError, OSError) as e:
-                if attempt < BODY_ATTEMPTS:
-                    await trio.sleep(0.05 * 2**attempt)
-                    continue
-                # S3 checks a range that is the whole object against its stored checksum.
-                if isinstance(e, FlexibleChecksumError):
-                    raise CorruptError(f"GET {self._where(where)}: the body failed the "
-                                       f"object's checksum {BODY_ATTEMPTS} times") from None
-                raise RemoteError(f"GET {self._where(where)}: the body was cut off "
-                                  f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
-            if "ContentRange" not in resp:
-                raise RemoteError(f"GET {self._where(where)}: the server ignored the range")
-            return data[: end - start]
+        with self._deadline("GET", where):
+            for attempt in range(1, BODY_ATTEMPTS + 1):
+                try:
+                    resp = await self._client.get_object(
+                        Bucket=self.url.bucket, Key=self.url.key(key),
+                        Range=f"bytes={start}-{end - 1}")
+                except ClientError as e:
+                    if _code(e) == "InvalidRange":
+                        return b""  # the object ends before `start`
+                    raise self._error("GET", where, e) from None
+                except BotoCoreError as e:
+                    raise self._error("GET", where, e) from None
+                if "ContentRange" not in resp:
+                    # Checked before the body: a server ignoring Range sends the whole
+                    # object, which may be any size.
+                    await resp["Body"].aclose()
+                    raise RemoteError(f"GET {self._where(where)}: the server ignored the "
+                                      "range")
+                try:
+                    return await _read_capped(resp, end - start, self._where(where),
+                                              RemoteError)
+                except (BotoCoreError, OSError) as e:
+                    if attempt < BODY_ATTEMPTS:
+                        await trio.sleep(0.05 * 2**attempt)
+                        continue
+                    # S3 checks a range that is the whole object against its stored checksum.
+                    if isinstance(e, FlexibleChecksumError):
+                        raise CorruptError(f"GET {self._where(where)}: the body failed the "
+                                           f"object's checksum {BODY_ATTEMPTS} times") from None
+                    raise RemoteError(f"GET {self._where(where)}: the body was cut off "
+                                      f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
         raise AssertionError("unreachable")
 
     async def put(self, key: str, data: bytes) -> None:
@@ -208,8 +218,9 @@ class S3Store:
 
     async def head(self, key: str) -> ObjectInfo | None:
         try:
-            r = await self._call("HEAD", key, self._client.head_object,
-                                 Bucket=self.url.bucket, Key=self.url.key(key))
+            with self._deadline("HEAD", key):
+                r = await self._call("HEAD", key, self._client.head_object,
+                                     Bucket=self.url.bucket, Key=self.url.key(key))
         except NotFoundError:
             return None
         return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"])
@@ -242,6 +253,17 @@ class S3Store:
 
     # -- errors --------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _deadline(self, op: str, key: str) -> Iterator[None]:
+        """Bound a read, its retries included: a server that takes the request and never
+        answers fails it, instead of holding a reader (a mount's, in D state) for every
+        attempt's full timeout. Cancelling the block cancels the request on the wire."""
+        with trio.move_on_after(self.read_timeout_s) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise RemoteError(f"{op} {self._where(key)}: no complete answer within "
+                              f"{self.read_timeout_s:g} s (--read-timeout)")
+
     async def _call(self, op: str, key: str, fn: Callable[..., Awaitable[T]],
                     **kwargs: Any) -> T:
         try:
@@ -273,6 +295,24 @@ class S3Store:
         return RemoteError(f"{op} {self._where(key)} failed: {code} (HTTP {status})")
 
 
+async def _read_capped(resp: dict[str, Any], cap: int, where: str,
+                       error: type[SnapstoreError]) -> bytes:
+    """The body of `resp`, refused unread (`error`) when its Content-Length is over `cap`.
+    A body without a Content-Length (chunked, or ended by closing the connection) could
+    be of any size: S3 always sends one, so such a response is refused unread too. With
+    the length checked, the HTTP client ends the body there, so no more is ever read."""
+    async with resp["Body"] as body:
+        length = resp.get("ContentLength")
+        if length is None:
+            raise RemoteError(f"GET {where}: the response has no Content-Length")
+        if int(length) > cap:
+            raise error(f"{where} is {length} bytes, more than the {cap} it may have")
+        # One read of the whole body: reading it in pieces costs a copy of what the
+        # client buffered for every piece (measured: 40% more CPU for a pull).
+        data: bytes = await body.read()
+        return data
+
+
 def _code(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Code", ""))
 
@@ -281,15 +321,36 @@ def endpoint_url(explicit: str | None) -> str | None:
     return explicit or os.environ.get("AWS_ENDPOINT_URL") or None
 
 
+def read_timeout(explicit: float | None) -> float:
+    """The deadline of one read in seconds: --read-timeout, else $SNAPSTORE_READ_TIMEOUT,
+    else the default; UsageError unless it is a number in (0, MAX_READ_TIMEOUT_S]."""
+    text = os.environ.get("SNAPSTORE_READ_TIMEOUT", "") if explicit is None else ""
+    if explicit is not None:
+        value = explicit
+    elif text.strip():
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"SNAPSTORE_READ_TIMEOUT is not a number: {text!r:.40}") from None
+    else:
+        return DEFAULT_READ_TIMEOUT_S
+    if not 0 < value <= MAX_READ_TIMEOUT_S:  # also refuses nan
+        raise UsageError(f"the read timeout must be more than 0 and at most "
+                         f"{MAX_READ_TIMEOUT_S:g} seconds, got {value:g}")
+    return value
+
+
 @contextlib.asynccontextmanager
-async def open_s3(url: RemoteURL, endpoint: str | None = None,
-                  connections: int = 32) -> AsyncIterator[S3Store]:
-    """A store for `url`, its bucket checked; credentials and region the standard AWS ways."""
+async def open_s3(url: RemoteURL, endpoint: str | None = None, connections: int = 32,
+                  read_timeout_s: float | None = None) -> AsyncIterator[S3Store]:
+    """A store for `url`, its bucket checked; credentials and region the standard AWS ways;
+    reads bounded by `read_timeout_s` (None: see `read_timeout`)."""
+    deadline = read_timeout(read_timeout_s)
     config = AioConfig(
         http_session_cls=aiobotocore.httpxsession.HttpxSession,
         retries={"mode": "standard", "max_attempts": MAX_ATTEMPTS},
         connect_timeout=CONNECT_TIMEOUT_S,
-        read_timeout=READ_TIMEOUT_S,
+        read_timeout=ATTEMPT_READ_TIMEOUT_S,
         max_pool_connections=connections,
     )
     session = AioSession()
@@ -301,7 +362,7 @@ async def open_s3(url: RemoteURL, endpoint: str | None = None,
         raise RemoteError(f"cannot set up an S3 client for {url}: {type(e).__name__}: "
                           f"{_safe(str(e))}") from None
     try:
-        store = S3Store(client, url, where)
+        store = S3Store(client, url, where, deadline)
         await _probe(session, url, endpoint, where)
         yield store
     finally:

@@ -1,0 +1,140 @@
+"""A lazy CRIU restore from the local store without a mount: the image directory CRIU
+reads holds every file but the lazy pages, and the lazy-pages daemon reads those straight
+from the store's chunks.
+
+CRIU restores everything but private anonymous memory itself, so it needs the small
+images and the pages that are not lazy. `stage` writes exactly that into a working
+directory: each pages file as a sparse file of its full size whose lazy ranges are left
+as holes (CRIU never reads them with `--lazy-pages`). `StorePages` gives the daemon the
+lazy ranges, each chunk decompressed and hash-checked once by whichever thread needs it
+first (the others wait for it), the last few kept for the neighbouring reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future
+from pathlib import Path
+
+from snapstore.criu.images import PAGE_SIZE, read_pagemap
+from snapstore.errors import CorruptError
+from snapstore.export import export_file
+from snapstore.ids import ChunkId
+from snapstore.manifest import Entry, Manifest
+from snapstore.store.local import LocalStore
+
+# Decompressed chunks kept per pages file: a prefetch thread's 2 MiB read spans two or
+# three average chunks, and 8 threads read neighbouring ranges.
+CACHED_CHUNKS = 32
+
+
+class StorePages:
+    """Bytes of one file of a snapshot, read from the local store's chunks."""
+
+    def __init__(self, store: LocalStore, entry: Entry) -> None:
+        self._store = store
+        self.size = entry.size
+        self._starts: list[int] = []
+        self._extents: list[tuple[ChunkId | None, int]] = []
+        pos = 0
+        for x in entry.extents:
+            self._starts.append(pos)
+            self._extents.append((x.chunk, x.size))
+            pos += x.size
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[ChunkId, Future[bytes]] = OrderedDict()
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        """Fill `view` from `offset`; the bytes filled (fewer only at the end of file)."""
+        want = min(len(view), max(0, self.size - offset))
+        done = 0
+        i = bisect.bisect_right(self._starts, offset) - 1
+        while done < want:
+            start = self._starts[i]
+            chunk, size = self._extents[i]
+            lo = offset + done - start
+            n = min(size - lo, want - done)
+            if chunk is None:
+                view[done:done + n] = bytes(n)
+            else:
+                view[done:done + n] = memoryview(self._chunk(chunk, size))[lo:lo + n]
+            done += n
+            i += 1
+        return done
+
+    def _chunk(self, cid: ChunkId, size: int) -> bytes:
+        with self._lock:
+            fut = self._cache.get(cid)
+            mine = fut is None
+            if fut is None:
+                fut = Future()
+                self._cache[cid] = fut
+                while len(self._cache) > CACHED_CHUNKS:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(cid)
+        if mine:
+            try:
+                fut.set_result(self._store.get_chunk(cid, size))
+            except BaseException as e:
+                # Not cached: a later read tries again and meets the damage itself.
+                with self._lock:
+                    if self._cache.get(cid) is fut:
+                        del self._cache[cid]
+                fut.set_exception(e)
+        return fut.result()
+
+
+def stage(store: LocalStore, manifest: Manifest, dest: Path) -> dict[str, StorePages]:
+    """Write what CRIU reads for a lazy restore into the new directory `dest`; the
+    daemon's source for each pages file, by name."""
+    files = {e.path: e for e in manifest.files()}
+    if any("/" in name for name in files) or "inventory.img" not in files:
+        raise CorruptError("the snapshot is not a CRIU image directory")
+    dest.mkdir()
+    pages = {name: e for name, e in files.items()
+             if name.startswith("pages-") and name.endswith(".img")}
+    for name, entry in files.items():
+        if name not in pages:
+            export_file(store, entry, dest / name)
+    lazy: dict[str, list[tuple[int, int]]] = {name: [] for name in pages}
+    for name in files:
+        if name.startswith("pagemap-") and name.endswith(".img"):
+            pm = read_pagemap(dest / name)
+            if pm.pages_file in lazy:
+                lazy[pm.pages_file] += [(e.offset, e.offset + e.nr_pages * PAGE_SIZE)
+                                        for e in pm.lazy_extents()]
+    sources = {}
+    for name, entry in pages.items():
+        source = StorePages(store, entry)
+        _write_eager_part(source, entry, sorted(lazy[name]), dest / name)
+        sources[name] = source
+    return sources
+
+
+def _write_eager_part(source: StorePages, entry: Entry, lazy: list[tuple[int, int]],
+                      path: Path) -> None:
+    """The file with only its ranges outside `lazy` written; the rest are holes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, entry.size)
+        pos = 0
+        buf = bytearray(4 << 20)
+        for start, end in [*lazy, (entry.size, entry.size)]:
+            while pos < start:
+                n = source.read_into(memoryview(buf)[:min(len(buf), start - pos)], pos)
+                if n == 0:
+                    break
+                view, at = memoryview(buf)[:n], pos
+                while view:
+                    written = os.pwrite(fd, view, at)
+                    view, at = view[written:], at + written
+                pos += n
+            pos = max(pos, end)
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
