@@ -87,7 +87,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
         read_state,
         write_state,
     )
-    from snapstore.remote.reader import serve_remote
 
     store = LocalStore.open(_store_root(args), create=args.remote is not None)
     remote = remote_mount(args)
@@ -115,6 +114,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
             # fails the mount before there is a mount to take down.
             write_state(paths, mountpoint, mid)
             if remote is not None:
+                # Only here: a host without the S3 stack mounts from its local store.
+                from snapstore.remote.reader import serve_remote
+
                 trio.run(serve_remote, store, remote, mountpoint, options, ready)
             else:
                 trio.run(_serve_local, store, m, mountpoint, options, args.load_processes,

@@ -827,3 +827,26 @@ def test_metrics_on_a_busy_port_fails_the_mount_in_one_line(
     assert f"127.0.0.1:{port}" in out.stderr and "Trio" not in out.stderr, out.stderr
     assert not is_mounted(mountpoint)
     assert read_state(MountPaths.of(store.root, mountpoint)) is None
+
+
+def test_a_local_mount_needs_no_s3_client(store: LocalStore, image_dir: Path) -> None:
+    """A host that carries only what a restore needs (a GPU host with no package registry)
+    has no S3 client library: a mount from its local store must not import it."""
+    ingest(store, image_dir, "t", params=PARAMS)
+    base = Path(tempfile.mkdtemp(prefix="snapstore-mnt-"))
+    mnt = base / "mnt"
+    mnt.mkdir()
+    no_s3 = ("import runpy, sys; sys.modules['aiobotocore'] = None; "
+             "runpy.run_module('snapstore', run_name='__main__')")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", no_s3, "--store", str(store.root), "mount", "t", str(mnt)],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert (mnt / "sub" / "deeper" / "note.txt").read_text() == "hello\n"
+    finally:
+        snapstore(store, "umount", str(mnt), check=False)
+        if is_mounted(mnt):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+        shutil.rmtree(base, ignore_errors=True)

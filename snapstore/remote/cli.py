@@ -280,10 +280,10 @@ def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
 
 def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
     """The remote side of a `mount` command line, resolved; None for a local mount."""
-    from snapstore.remote.reader import RemoteMount, load_remote_snapshot
-
     if args.remote is None:
         return None
+    # After the check: a local mount must not need the S3 client library.
+    from snapstore.remote.reader import RemoteMount, load_remote_snapshot
     from snapstore.store.s3 import read_timeout
 
     deadline = read_timeout(args.read_timeout)
