@@ -23,6 +23,7 @@ import pytest
 from snapstore.criu import workflow
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
+from snapstore.criu.lazy import Span, Task
 from snapstore.errors import RestoreError
 from snapstore.export import export
 from snapstore.gpu import cuda
@@ -556,3 +557,47 @@ def test_replicas_run_side_by_side_in_namespaces_of_their_own(
     reap()
     assert list(store.work_root.iterdir()) == []
     assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
+
+
+MIB = 1 << 20
+
+
+def task_of(*ranges: tuple[int, int]) -> Task:
+    """A task whose lazy memory is `ranges` (MiB), stored back to back in its pages file."""
+    spans, offset = [], 0
+    for start, end in ranges:
+        spans.append(Span(start * MIB, end * MIB, offset))
+        offset += (end - start) * MIB
+    return Task(1, -1, None, spans)  # type: ignore[arg-type]  # no pages are read here
+
+
+def test_prefetch_runs_on_from_the_last_fault_then_wraps() -> None:
+    """The CUDA restore reads its staged buffers in order: after a fault, the prefetch
+    copies what follows it, so the reader meets pages already in, and only then goes back
+    for the rest."""
+    task = task_of((0, 4), (8, 12), (16, 20))
+    first = task.take_next(2 * MIB)
+    assert first is not None and (first.start, first.offset) == (0, 0)
+    fault = task.take(9 * MIB, 64 << 10)
+    assert fault is not None and fault.offset == 5 * MIB
+    got = []
+    while (span := task.take_next(2 * MIB)) is not None:
+        got.append((span.start, span.end, span.offset))
+    assert got[:3] == [
+        (9 * MIB + (64 << 10), 11 * MIB + (64 << 10), 5 * MIB + (64 << 10)),
+        (11 * MIB + (64 << 10), 12 * MIB, 7 * MIB + (64 << 10)),
+        (16 * MIB, 18 * MIB, 8 * MIB),
+    ]
+    # Then from the lowest address left: what the first copy and the fault skipped.
+    assert got[4:] == [(2 * MIB, 4 * MIB, 2 * MIB), (8 * MIB, 9 * MIB, 4 * MIB)]
+    assert task.left == 0 and not task.pending
+
+
+def test_dropped_ranges_leave_the_rest_pending() -> None:
+    task = task_of((0, 4), (8, 12), (16, 20), (24, 28))
+    task.drop(2 * MIB, 10 * MIB)  # the end of one span, the start of the next
+    task.drop(17 * MIB, 18 * MIB)  # the middle of one
+    task.drop(30 * MIB, 40 * MIB)  # nothing there
+    assert [(s.start // MIB, s.end // MIB, s.offset // MIB) for s in task.pending] == [
+        (0, 2, 0), (10, 12, 6), (16, 17, 8), (18, 20, 10), (24, 28, 12)]
+    assert task.left == sum(s.end - s.start for s in task.pending)

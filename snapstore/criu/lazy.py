@@ -110,8 +110,16 @@ class Span:
     dropped: bool = False
 
 
+def _start(span: Span) -> int:
+    return span.start
+
+
 @dataclass(slots=True)
 class Task:
+    """What is left to install in one task. A GPU process has tens of thousands of lazy
+    spans (every run of present pages in its areas), and every fault and every prefetch
+    takes from them: each operation finds its place by bisection, never by a walk."""
+
     pid: int
     uffd: int
     pages: PageSource
@@ -119,15 +127,33 @@ class Task:
     inflight: list[Span] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False
+    # Where the next prefetch starts: after the last demand fault, so that the copies run
+    # ahead of a task reading its memory in order (the CUDA restore reads every staged
+    # buffer through) instead of elsewhere while it faults page range by page range.
+    cursor: int = 0
+    left: int = field(init=False)  # bytes pending
 
-    def starts(self) -> list[int]:
-        return [s.start for s in self.pending]
+    def __post_init__(self) -> None:
+        self.left = sum(s.end - s.start for s in self.pending)
 
     def take(self, start: int, length: int) -> Span | None:
         """Cut [start, start+length) clipped to the pending span holding `start`."""
-        i = bisect.bisect_right(self.starts(), start) - 1
+        i = bisect.bisect_right(self.pending, start, key=_start) - 1
         if i < 0 or start >= self.pending[i].end:
             return None
+        return self._cut(i, start, length)
+
+    def take_next(self, length: int) -> Span | None:
+        """The next `length` pending bytes from the cursor on, wrapping to the lowest."""
+        if not self.pending:
+            return None
+        i = bisect.bisect_right(self.pending, self.cursor, key=_start) - 1
+        if i >= 0 and self.cursor < self.pending[i].end:
+            return self._cut(i, self.cursor, length)
+        i = 0 if i + 1 == len(self.pending) else i + 1
+        return self._cut(i, self.pending[i].start, length)
+
+    def _cut(self, i: int, start: int, length: int) -> Span:
         s = self.pending[i]
         end = min(s.end, start + length)
         cut = Span(start, end, s.offset + (start - s.start))
@@ -138,28 +164,28 @@ class Task:
             pieces.append(Span(end, s.end, s.offset + (end - s.start)))
         self.pending[i:i + 1] = pieces
         self.inflight.append(cut)
+        self.left -= end - start
+        self.cursor = end
         return cut
-
-    def take_next(self, length: int) -> Span | None:
-        if not self.pending:
-            return None
-        return self.take(self.pending[0].start, length)
 
     def in_flight(self, addr: int) -> bool:
         return any(s.start <= addr < s.end for s in self.inflight)
 
     def drop(self, start: int, end: int) -> None:
         """The task unmapped or removed [start, end): nothing may be installed there."""
+        i = max(0, bisect.bisect_right(self.pending, start, key=_start) - 1)
+        j = bisect.bisect_left(self.pending, end, key=_start)
         kept: list[Span] = []
-        for s in self.pending:
-            if s.end <= start or s.start >= end:
+        for s in self.pending[i:j]:
+            if s.end <= start:
                 kept.append(s)
                 continue
             if s.start < start:
                 kept.append(Span(s.start, start, s.offset))
             if end < s.end:
                 kept.append(Span(end, s.end, s.offset + (end - s.start)))
-        self.pending = kept
+            self.left -= min(s.end, end) - max(s.start, start)
+        self.pending[i:j] = kept
         for s in self.inflight:
             if s.start < end and start < s.end:
                 s.dropped = True
@@ -429,7 +455,7 @@ class LazyPagesDaemon:
         with self._tasks_lock:
             tasks = [t for t in self._tasks if not t.gone and t.pending]
         # The task with the most left first: the largest tree member dominates the time.
-        for task in sorted(tasks, key=lambda t: -sum(s.end - s.start for s in t.pending)):
+        for task in sorted(tasks, key=lambda t: -t.left):
             with task.lock:
                 span = task.take_next(PREFETCH_BYTES)
             if span is not None:
