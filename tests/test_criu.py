@@ -551,9 +551,9 @@ def test_replicas_run_side_by_side_in_namespaces_of_their_own(
     finally:
         for x in replicas:
             os.kill(x["keeper"], signal.SIGKILL)
-    for pid in [int(x["pid"]) for x in replicas]:
-        # Ending the keeper ends the replica.
-        wait_until(lambda pid=pid: not alive(pid), "the replica to end with its keeper")
+    # Ending the keeper ends the replica.
+    pids = [int(x["pid"]) for x in replicas]
+    wait_until(lambda: not any(alive(p) for p in pids), "the replicas to end with their keepers")
     reap()
     assert list(store.work_root.iterdir()) == []
     assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
