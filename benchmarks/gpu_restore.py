@@ -17,13 +17,15 @@ is free again):
 - `snapstore restore --from T` (lazy, the default: snapstore is CRIU's lazy-pages daemon,
   reading the pages from the store; CRIU reads the rest from a staged directory).
 
-Each is timed from the start of its command to the process running with its GPU state back
-(the command's return; for the lazy restore, also all its memory in), and to its next token (the
-answer to a one-token request). Then 15 more tokens are asked for, and the 16 must equal
-the reference: process B, started fresh beside A, asked the same two requests while A was
-checkpointed. A also predicts its own 16 before the checkpoint, from a copy of its state
-(the same two calls on a copy of its token ids), as a second check that needs no second
-process to agree. Last, B is checkpointed into the same store: how much does it add?
+Each is timed from the start of its command to the process running with its GPU state
+back (the command's return; for the lazy restore, also all its memory in), and to its next
+token (the answer to a one-token request). Then 15 more tokens are asked for, and the 16
+must equal the reference: what A itself generated from a copy of its state before the
+checkpoint (the same two calls on a copy of its token ids), twice, the same both times.
+Process B, started fresh beside A with the same weights, answers the same two requests
+too; that is reported, not required: on the H200 two such processes of the 8 B model, run
+side by side, generated different tokens from the same weights and prompt. Last, B is
+checkpointed into the same store: how much does it add?
 
 Needs a CUDA GPU with the driver's checkpoint API, torch and transformers, CRIU >= 4 and a
 FUSE mount; run as root (benchmarks/gpu_kit.sh carries what a GPU host lacks):
@@ -98,12 +100,17 @@ def generate(ids, n):
                               min_new_tokens=n, do_sample=False, pad_token_id=0)
 
 ids = generate(ids, warm)
-# The answers to the next two requests, computed as they will be, on a copy of the ids.
-predicted = generate(generate(ids.clone(), 1), more)[0, ids.shape[1]:].tolist()
+# The answers to the next two requests, computed as they will be, on a copy of the ids;
+# twice, to show the process computes them the same way each time.
+predicted = [generate(generate(ids.clone(), 1), more)[0, ids.shape[1]:].tolist()
+             for _ in range(2)]
+with torch.no_grad():
+    weights = sum(float(p.float().sum()) for p in model.parameters())
 torch.cuda.synchronize()
 answer({"pid": os.getpid(), "params": sum(p.numel() for p in model.parameters()),
-        "gpu_reserved": torch.cuda.memory_reserved(), "warm": ids[0, prompt:].tolist(),
-        "predicted": predicted})
+        "gpu_reserved": torch.cuda.memory_reserved(), "weights": weights,
+        "warm": ids[0, prompt:].tolist(), "predicted": predicted[0],
+        "self_consistent": predicted[0] == predicted[1]})
 # From here on nothing is written to the log: CRIU refuses to restore a file whose size
 # changed since the dump, and every restore starts from the same image.
 null = os.open(os.devnull, os.O_WRONLY)
@@ -273,13 +280,21 @@ def main() -> int:
     res["gpu_reserved"] = a.ready["gpu_reserved"]
     log(f"models ready: {a.ready['params'] / 1e9:.2f} B parameters, "
         f"{gb(a.ready['gpu_reserved'])} reserved on the GPU each")
-    if a.ready["warm"] != b.ready["warm"]:
-        raise RuntimeError("the two model processes generated different tokens")
-    reference = b.ask(b.pid, 1) + b.ask(b.pid, MORE_TOKENS)
-    res["reference"] = reference
-    res["a_predicted_equal"] = a.ready["predicted"] == reference
-    log(f"reference next tokens from fresh process B: {reference}; "
-        f"A's own prediction equal: {res['a_predicted_equal']}")
+    # The reference is A's own prediction: a fresh process of the same weights need not
+    # generate the same tokens (module docstring), while A computed it twice, the same way.
+    reference: list[int] = a.ready["predicted"]
+    fresh = b.ask(b.pid, 1) + b.ask(b.pid, MORE_TOKENS)
+    res["reference"], res["fresh_process_tokens"] = reference, fresh
+    res["same_weights"] = a.ready["weights"] == b.ready["weights"]
+    res["self_consistent"] = a.ready["self_consistent"]
+    res["same_warm_tokens"] = a.ready["warm"] == b.ready["warm"]
+    log(f"reference (A's own prediction, self-consistent: {a.ready['self_consistent']}): "
+        f"{reference}; fresh process B: {fresh}; same weights {res['same_weights']} "
+        f"(sums {a.ready['weights']} / {b.ready['weights']}), "
+        f"same tokens before: {res['same_warm_tokens']}")
+    if not a.ready["self_consistent"]:
+        log("WARNING: A generated two different continuations of one state: the token "
+            "check below means nothing, the timings still do")
 
     ck_a = checkpoint(store, a, "gpu-a")
     res["checkpoint_a"] = ck_a
@@ -362,8 +377,9 @@ def main() -> int:
     print(f"checkpoint A {ck_a['wall_seconds']:.1f} s ({gb(ck_a['logical_bytes'])} image, "
           f"{gb(ck_a['new_stored_bytes'])} stored); checkpoint B of the same model added "
           f"{gb(ck_b['new_stored_bytes'])} = {added:.1%} of its "
-          f"{gb(ck_b['logical_bytes'])} image; A's own prediction = reference: "
-          f"{res['a_predicted_equal']}")
+          f"{gb(ck_b['logical_bytes'])} image; same weights in A and B: "
+          f"{res['same_weights']}; the fresh process's 16 tokens = the reference: "
+          f"{fresh == reference}")
     save()
     ok = all(r.get("tokens_equal") for case_runs in runs.values() for r in case_runs)
     return 0 if ok else 1
