@@ -19,13 +19,14 @@ is free again):
 
 Each is timed from the start of its command to the process running with its GPU state
 back (the command's return; for the lazy restore, also all its memory in), and to its next
-token (the answer to a one-token request). Then 15 more tokens are asked for, and the 16
-must equal the reference: what A itself generated from a copy of its state before the
-checkpoint (the same two calls on a copy of its token ids), twice, the same both times.
-Process B, started fresh beside A with the same weights, answers the same two requests
-too; that is reported, not required: on the H200 two such processes of the 8 B model, run
-side by side, generated different tokens from the same weights and prompt. Last, B is
-checkpointed into the same store: how much does it add?
+token (the answer to a one-token request). Then 15 more tokens are asked for and compared
+with the reference: what A itself generated from a copy of its state before the checkpoint
+(the same two calls on a copy of its token ids), twice, the same both times. The restored
+process must also hold exactly the state A had: every parameter's sum and the token ids.
+The tokens alone do not prove it either way: on the H200 two processes of the 8 B model,
+run side by side with the same weights and prompt, generated different tokens (process B,
+started fresh beside A, answers the same two requests; reported, not required). Last, B
+is checkpointed into the same store: how much does it add?
 
 Needs a CUDA GPU with the driver's checkpoint API, torch and transformers, CRIU >= 4 and a
 FUSE mount; run as root (benchmarks/gpu_kit.sh carries what a GPU host lacks):
@@ -45,6 +46,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,8 @@ STAGES = ("find", "stage", "mount", "criu_restore", "cuda_restore", "memory_comp
 
 # argv: answer request log layers hidden intermediate vocab prompt warm more.
 # On SIGUSR1 it reads a token count from REQUEST, generates that many tokens greedily after
-# all it has generated so far, and writes them as JSON to ANSWER (written whole, renamed).
+# all it has generated so far, and writes them as JSON to ANSWER (written whole, renamed);
+# for a count of 0 it answers its state instead: every parameter's sum, and its token ids.
 CHILD = r"""
 import json, os, signal, sys, time
 # Requests arrive as SIGUSR1, taken with sigwait in the main thread: blocked before torch
@@ -104,13 +107,17 @@ ids = generate(ids, warm)
 # twice, to show the process computes them the same way each time.
 predicted = [generate(generate(ids.clone(), 1), more)[0, ids.shape[1]:].tolist()
              for _ in range(2)]
-with torch.no_grad():
-    weights = sum(float(p.float().sum()) for p in model.parameters())
+
+def state():
+    with torch.no_grad():
+        weights = [float(p.float().sum()) for p in model.parameters()]
+    return {"weights": weights, "ids": ids[0].tolist()}
+
 torch.cuda.synchronize()
 answer({"pid": os.getpid(), "params": sum(p.numel() for p in model.parameters()),
-        "gpu_reserved": torch.cuda.memory_reserved(), "weights": weights,
-        "warm": ids[0, prompt:].tolist(), "predicted": predicted[0],
-        "self_consistent": predicted[0] == predicted[1]})
+        "gpu_reserved": torch.cuda.memory_reserved(), "warm": ids[0, prompt:].tolist(),
+        "predicted": predicted[0], "self_consistent": predicted[0] == predicted[1],
+        **state()})
 # From here on nothing is written to the log: CRIU refuses to restore a file whose size
 # changed since the dump, and every restore starts from the same image.
 null = os.open(os.devnull, os.O_WRONLY)
@@ -122,6 +129,9 @@ while True:
     try:
         with open(request_path) as f:
             n = int(f.read())
+        if n == 0:
+            answer(state())
+            continue
         start = time.perf_counter()
         ids = generate(ids, n)
         torch.cuda.synchronize()
@@ -167,6 +177,14 @@ class Model:
 
     def ask(self, pid: int, n: int, timeout: float = 300) -> list[int]:
         """Have process `pid` (this model, or a restore of it) generate `n` more tokens."""
+        tokens: list[int] = self.request_answer(pid, n, timeout)["tokens"]
+        return tokens
+
+    def state(self, pid: int) -> dict[str, Any]:
+        """Every parameter's sum and the token ids, as process `pid` holds them now."""
+        return self.request_answer(pid, 0, 300)
+
+    def request_answer(self, pid: int, n: int, timeout: float) -> dict[str, Any]:
         self.answer.unlink(missing_ok=True)
         self.request.write_text(str(n))
         os.kill(pid, signal.SIGUSR1)
@@ -175,11 +193,10 @@ class Model:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"pid {pid} did not answer")
             time.sleep(0.001)
-        doc = json.loads(self.answer.read_text())
+        doc: dict[str, Any] = json.loads(self.answer.read_text())
         if "error" in doc:
-            raise RuntimeError(f"pid {pid} failed to generate: {doc['error']}")
-        tokens: list[int] = doc["tokens"]
-        return tokens
+            raise RuntimeError(f"pid {pid} failed to answer: {doc['error']}")
+        return doc
 
 
 def kill_and_reap(pid: int) -> None:
@@ -209,6 +226,18 @@ def lazy_bytes(images: Path) -> int:
     """Bytes of the pages CRIU leaves to a lazy-pages daemon (private anonymous memory)."""
     return sum(x.nr_pages * PAGE_SIZE for p in images.glob("pagemap-*.img")
                for x in read_pagemap(p).lazy_extents())
+
+
+def read_all(root: Path) -> None:
+    """Read every file under `root` into the page cache (16 at a time)."""
+    def read(path: str) -> None:
+        with open(path, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+    paths = [os.path.join(d, name) for d, _, names in os.walk(root) for name in names]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(read, paths))
 
 
 def restore_upstream(criu: Criu, plain: Path, work: Path, api: CheckpointApi) -> int:
@@ -245,11 +274,12 @@ def main() -> int:
     ap.add_argument("--warm", type=int, default=32, help="tokens generated before the checkpoint")
     ap.add_argument("--runs", type=int, default=1, help="restores of each kind")
     ap.add_argument("--cases", default="upstream,eager,lazy",
-                    help="which restores, in the order of each round")
+                    help="which restores, in the order of each round; lazy-cached is lazy "
+                         "with the store's chunk files read into the page cache first")
     args = ap.parse_args()
     cases = args.cases.split(",")
-    if not set(cases) <= {"upstream", "eager", "lazy"}:
-        ap.error("--cases: a list of upstream, eager, lazy")
+    if not set(cases) <= {"upstream", "eager", "lazy", "lazy-cached"}:
+        ap.error("--cases: a list of upstream, eager, lazy, lazy-cached")
 
     libc = ctypes.CDLL(None, use_errno=True)
     # What CRIU restores detached is left to the nearest subreaper: this process, so that
@@ -289,8 +319,7 @@ def main() -> int:
     res["self_consistent"] = a.ready["self_consistent"]
     res["same_warm_tokens"] = a.ready["warm"] == b.ready["warm"]
     log(f"reference (A's own prediction, self-consistent: {a.ready['self_consistent']}): "
-        f"{reference}; fresh process B: {fresh}; same weights {res['same_weights']} "
-        f"(sums {a.ready['weights']} / {b.ready['weights']}), "
+        f"{reference}; fresh process B: {fresh}; same weights {res['same_weights']}, "
         f"same tokens before: {res['same_warm_tokens']}")
     if not a.ready["self_consistent"]:
         log("WARNING: A generated two different continuations of one state: the token "
@@ -317,17 +346,20 @@ def main() -> int:
     for _ in range(args.runs):
         for case in cases:
             drop_caches()
+            if case == "lazy-cached":
+                read_all(store / "chunks")
             stages: dict[str, float] = {}
             start = time.perf_counter()
             try:
                 if case == "upstream":
                     pid = restore_upstream(criu, plain, work / "criu-work", api)
                 else:
-                    pid, stages = restore_snapstore(store, "gpu-a", lazy=case == "lazy")
+                    pid, stages = restore_snapstore(store, "gpu-a", lazy=case != "eager")
                 running = time.perf_counter() - start
                 tokens = a.ask(pid, 1)
                 first_token = time.perf_counter() - start
                 tokens += a.ask(pid, MORE_TOKENS)
+                restored = a.state(pid)
             except Exception as e:
                 # One way failing says nothing about the others: record it and go on.
                 runs[case].append({"error": str(e)})
@@ -337,11 +369,16 @@ def main() -> int:
             finally:
                 save()
             kill_and_reap(pid)
+            before = a.ready["ids"]
             run = {"running": running, "first_token": first_token, "stages": stages,
-                   "tokens_equal": tokens == reference and pid == a.pid}
+                   "tokens": tokens, "tokens_equal": tokens == reference and pid == a.pid,
+                   # Exact, unlike the tokens: every parameter's sum, and the ids it held.
+                   "weights_equal": restored["weights"] == a.ready["weights"],
+                   "ids_equal": restored["ids"][:len(before)] == before}
             runs[case].append(run)
             log(f"{case}: running with its GPU state in {running:.2f} s, next token at "
-                f"{first_token:.2f} s, stages {stages}, tokens equal: {run['tokens_equal']}")
+                f"{first_token:.2f} s, stages {stages}, tokens equal: {run['tokens_equal']}, "
+                f"weights equal: {run['weights_equal']}, ids equal: {run['ids_equal']}")
             save()
     shutil.rmtree(plain)
 
@@ -355,7 +392,8 @@ def main() -> int:
     print(f"GPU: {info.gpus[0].name if info and info.gpus else '?'} (driver "
           f"{info.driver_version if info else '?'}), CRIU {criu.version}; model "
           f"{res['params'] / 1e9:.2f} B parameters, {gb(res['gpu_reserved'])} on the GPU; "
-          f"image {gb(image_bytes)} ({gb(lazy)} lazy); cold page cache before each restore")
+          f"image {gb(image_bytes)} ({gb(lazy)} lazy); page cache dropped before each "
+          "restore (lazy-cached: then the store's chunk files read in)")
     done = {case: [r for r in case_runs if "error" not in r] for case, case_runs in runs.items()}
     base = min(r["running"] for r in done["upstream"]) if done.get("upstream") else None
     base_token = min(r["first_token"] for r in done["upstream"]) if base else None
@@ -363,17 +401,18 @@ def main() -> int:
     for case, case_runs in runs.items():
         for r in case_runs:
             if "error" in r:
-                rows.append([case, "failed", "", "", "", r["error"][:300], ""])
+                rows.append([case, "failed", "", "", "", r["error"][:300], "", ""])
                 continue
             rows.append([
                 case, f"{r['running']:.2f}", f"{r['first_token']:.2f}",
                 f"{base / r['running']:.2f}x" if base else "",
                 f"{base_token / r['first_token']:.2f}x" if base_token else "",
                 " ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()),
-                "yes" if r["tokens_equal"] else "NO"])
+                "yes" if r["tokens_equal"] else "NO",
+                "yes" if r["weights_equal"] and r["ids_equal"] else "NO"])
     print(table(["restore", "to running, GPU state back (s)", "to next token (s)",
                  "speed vs upstream (running)", "speed vs upstream (token)",
-                 "stages (s)", "16 tokens = reference"], rows))
+                 "stages (s)", "16 tokens = reference", "weights and ids intact"], rows))
     print(f"checkpoint A {ck_a['wall_seconds']:.1f} s ({gb(ck_a['logical_bytes'])} image, "
           f"{gb(ck_a['new_stored_bytes'])} stored); checkpoint B of the same model added "
           f"{gb(ck_b['new_stored_bytes'])} = {added:.1%} of its "
@@ -381,7 +420,8 @@ def main() -> int:
           f"{res['same_weights']}; the fresh process's 16 tokens = the reference: "
           f"{fresh == reference}")
     save()
-    ok = all(r.get("tokens_equal") for case_runs in runs.values() for r in case_runs)
+    ok = all(r.get("weights_equal") and r.get("ids_equal")
+             for case_runs in runs.values() for r in case_runs)
     return 0 if ok else 1
 
 
