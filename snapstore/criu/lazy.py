@@ -120,14 +120,19 @@ class Task:
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False
 
-    def starts(self) -> list[int]:
-        return [s.start for s in self.pending]
-
     def take(self, start: int, length: int) -> Span | None:
-        """Cut [start, start+length) clipped to the pending span holding `start`."""
-        i = bisect.bisect_right(self.starts(), start) - 1
+        """Cut [start, start+length) out of the pending span holding `start`, clipped to
+        it, and mark it in flight."""
+        i = bisect.bisect_right(self.pending, start, key=lambda s: s.start) - 1
         if i < 0 or start >= self.pending[i].end:
             return None
+        return self._cut(i, start, length)
+
+    def take_next(self, length: int) -> Span | None:
+        """The first `length` bytes still pending, in address order."""
+        return self._cut(0, self.pending[0].start, length) if self.pending else None
+
+    def _cut(self, i: int, start: int, length: int) -> Span:
         s = self.pending[i]
         end = min(s.end, start + length)
         cut = Span(start, end, s.offset + (start - s.start))
@@ -139,11 +144,6 @@ class Task:
         self.pending[i:i + 1] = pieces
         self.inflight.append(cut)
         return cut
-
-    def take_next(self, length: int) -> Span | None:
-        if not self.pending:
-            return None
-        return self.take(self.pending[0].start, length)
 
     def in_flight(self, addr: int) -> bool:
         return any(s.start <= addr < s.end for s in self.inflight)
@@ -263,9 +263,6 @@ class LazyPagesDaemon:
             f.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
-
-    def pids(self) -> list[int]:
-        return [t.pid for t in self._tasks]
 
     def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
         t = threading.Thread(target=self._guard, args=(target, *args), name=name, daemon=True)
@@ -428,8 +425,7 @@ class LazyPagesDaemon:
     def _next_prefetch(self) -> tuple[Task, Span] | None:
         with self._tasks_lock:
             tasks = [t for t in self._tasks if not t.gone and t.pending]
-        # The task with the most left first: the largest tree member dominates the time.
-        for task in sorted(tasks, key=lambda t: -sum(s.end - s.start for s in t.pending)):
+        for task in tasks:
             with task.lock:
                 span = task.take_next(PREFETCH_BYTES)
             if span is not None:
