@@ -29,7 +29,7 @@ from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
 from tests.conftest import alive, wait_until
-from tests.s3proxy import make_bucket, moto_server, s3_env
+from tests.s3proxy import FaultProxy, make_bucket, moto_server, s3_env
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -555,4 +555,31 @@ def test_replicas_run_side_by_side_in_namespaces_of_their_own(
     wait_until(lambda: not any(alive(p) for p in pids), "the replicas to end with their keepers")
     reap()
     assert list(store.work_root.iterdir()) == []
+    assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_a_remote_that_stalls_during_a_lazy_restore_fails_it_and_leaves_nothing(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    env = {**os.environ, **s3_env(), "SNAPSTORE_READ_TIMEOUT": "3"}
+    with moto_server() as port:
+        make_bucket(port, "stall")
+        proxy = FaultProxy(port)
+        try:
+            env["AWS_ENDPOINT_URL"] = proxy.endpoint
+            child = Child(tmp_path)
+            assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag",
+                             "py").returncode == 0
+            child.wait_dead()
+            assert snapstore(store, "push", "py", "s3://stall/s", env=env).returncode == 0
+            # Every read of the chunks' packs is taken and never answered.
+            proxy.inject("hang", "GET", "/packs/", times=-1)
+            empty = LocalStore.open(tmp_path / "empty")
+            r = snapstore(empty, "restore", "--from", "py", "--remote", "s3://stall/s",
+                          env=env)
+        finally:
+            proxy.close()
+    assert r.returncode == 4, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not alive(child.pid)
+    assert list(empty.work_root.iterdir()) == []
     assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
