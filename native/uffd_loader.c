@@ -83,7 +83,7 @@ struct stats {
 	uint64_t faults, demand_pages, prefetch_pages, prefetch_bytes, removed_pages;
 	_Atomic uint64_t zero_pages;
 	double prefetch_start, prefetch_end;
-	uint32_t *lat_ns;
+	uint64_t *lat_ns;
 	size_t nlat, cap_lat;
 };
 
@@ -111,6 +111,7 @@ struct loader {
 	_Atomic uint8_t *state;
 	/* connection */
 	int listen_fd, conn_fd, uffd, memfd, errfd;
+	bool client_may_hang;
 	uint8_t *memfd_map;
 	struct region regions[MAX_REGIONS];
 	size_t nregions;
@@ -330,96 +331,89 @@ static int load_hot_list(struct loader *l)
 
 /* ---- handshake ---- */
 
-static const char *skip_ws(const char *p)
+/* Skips white space, then takes `c` if it comes next. */
+static bool eat(const char **p, char c)
 {
-	while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
-		p++;
-	return p;
+	*p += strspn(*p, " \t\n\r");
+	if (**p != c)
+		return false;
+	(*p)++;
+	return true;
 }
 
-/* Parses Firecracker's region list. Only unsigned integer values occur in it, so that is all
- * this parser accepts; unknown keys are ignored so that newer senders keep working. */
+/*
+ * Parses one object of Firecracker's region list. Only unsigned integer values occur in it, so
+ * that is all this accepts; unknown keys are ignored so that newer senders keep working. Keys
+ * with escapes are refused: none of ours has one, and skipping them right would need a string
+ * decoder. Firecracker has sent the page size in bytes under both names; either is accepted.
+ */
+static int parse_region(struct loader *l, const char **p, struct region *r)
+{
+	static const char *const keys[] = { "base_host_virt_addr", "size", "offset", "page_size", "page_size_kib" };
+	uint64_t val[5];
+	bool seen[5] = { false };
+	size_t n = l->nregions;
+
+	if (!eat(p, '{'))
+		return fail(l, EPROTO, "malformed handshake: expected a JSON object");
+	do {
+		const char *key, *end;
+		size_t klen;
+		uint64_t v;
+
+		if (!eat(p, '"'))
+			return fail(l, EPROTO, "malformed handshake: expected a key");
+		key = *p;
+		klen = strcspn(key, "\"\\");
+		if (key[klen] != '"')
+			return fail(l, EPROTO, "malformed handshake: unterminated key or escape in a key");
+		*p = key + klen + 1;
+		if (!eat(p, ':'))
+			return fail(l, EPROTO, "malformed handshake: expected ':'");
+		*p += strspn(*p, " \t\n\r");
+		errno = 0;
+		v = strtoull(*p, (char **)&end, 10);
+		if (**p < '0' || **p > '9' || errno)
+			return fail(l, EPROTO, "malformed handshake: value of %.*s is not an unsigned 64-bit integer",
+				    (int)klen, key);
+		*p = end;
+		for (size_t k = 0; k < 5; k++)
+			if (strlen(keys[k]) == klen && !memcmp(key, keys[k], klen))
+				val[k] = v, seen[k] = true;
+	} while (eat(p, ','));
+	if (!eat(p, '}'))
+		return fail(l, EPROTO, "malformed handshake: expected ',' or '}'");
+	if (!seen[0] || !seen[1] || !seen[2] || !(seen[3] || seen[4]))
+		return fail(l, EPROTO, "malformed handshake: region %zu lacks base_host_virt_addr, size, offset or page_size", n);
+	if (seen[3] && seen[4] && val[3] != val[4])
+		return fail(l, EPROTO, "malformed handshake: region %zu: page_size %" PRIu64 " != page_size_kib %" PRIu64,
+			    n, val[3], val[4]);
+	if (val[seen[3] ? 3 : 4] != l->ps)
+		return fail(l, EINVAL, "region %zu: page size %" PRIu64 " not supported (loader serves %" PRIu64 ")",
+			    n, val[seen[3] ? 3 : 4], l->ps);
+	*r = (struct region){ .base = val[0], .size = val[1], .offset = val[2] };
+	return 0;
+}
+
+/* Parses the handshake: a non-empty JSON array of region objects and nothing after it. */
 static int parse_regions(struct loader *l, const char *p)
 {
-	p = skip_ws(p);
-	if (*p++ != '[')
-		return fail(l, EPROTO, "malformed handshake: expected a JSON array");
-	p = skip_ws(p);
-	if (*p == ']')
-		return fail(l, EPROTO, "malformed handshake: no regions");
-	for (;;) {
-		struct region *r = &l->regions[l->nregions];
-		uint64_t ps = 0, ps_kib = 0;
-		unsigned seen = 0;
+	int ret;
 
+	if (!eat(&p, '['))
+		return fail(l, EPROTO, "malformed handshake: expected a JSON array");
+	if (eat(&p, ']'))
+		return fail(l, EPROTO, "malformed handshake: no regions");
+	do {
 		if (l->nregions == MAX_REGIONS)
 			return fail(l, EPROTO, "malformed handshake: more than %d regions", MAX_REGIONS);
-		if (*p++ != '{')
-			return fail(l, EPROTO, "malformed handshake: expected a JSON object");
-		for (;;) {
-			const char *key, *end;
-			uint64_t v;
-			size_t klen;
-
-			p = skip_ws(p);
-			if (*p++ != '"')
-				return fail(l, EPROTO, "malformed handshake: expected a key");
-			key = p;
-			while (*p && *p != '"')
-				p++;
-			if (!*p)
-				return fail(l, EPROTO, "malformed handshake: unterminated key");
-			klen = p++ - key;
-			p = skip_ws(p);
-			if (*p++ != ':')
-				return fail(l, EPROTO, "malformed handshake: expected ':'");
-			p = skip_ws(p);
-			if (*p < '0' || *p > '9')
-				return fail(l, EPROTO, "malformed handshake: value of %.*s is not an unsigned integer",
-					    (int)klen, key);
-			errno = 0;
-			v = strtoull(p, (char **)&end, 10);
-			if (errno)
-				return fail(l, EPROTO, "malformed handshake: value of %.*s out of range", (int)klen, key);
-			p = skip_ws(end);
-#define KEY(name) (klen == sizeof(name) - 1 && !memcmp(key, name, klen))
-			if (KEY("base_host_virt_addr"))
-				r->base = v, seen |= 1;
-			else if (KEY("size"))
-				r->size = v, seen |= 2;
-			else if (KEY("offset"))
-				r->offset = v, seen |= 4;
-			else if (KEY("page_size"))
-				ps = v, seen |= 8;
-			else if (KEY("page_size_kib"))
-				ps_kib = v, seen |= 16;
-#undef KEY
-			if (*p == '}')
-				break;
-			if (*p++ != ',')
-				return fail(l, EPROTO, "malformed handshake: expected ',' or '}'");
-		}
-		p = skip_ws(p + 1);
-		if ((seen & 7) != 7 || !(seen & 24))
-			return fail(l, EPROTO, "malformed handshake: region %zu lacks base_host_virt_addr, size, offset or page_size",
-				    l->nregions);
-		/* Firecracker has sent the page size in bytes under both names; accept either. */
-		if ((seen & 8) && (seen & 16) && ps != ps_kib)
-			return fail(l, EPROTO, "malformed handshake: region %zu: page_size %" PRIu64 " != page_size_kib %" PRIu64,
-				    l->nregions, ps, ps_kib);
-		if (!(seen & 8))
-			ps = ps_kib;
-		if (ps != l->ps)
-			return fail(l, EINVAL, "region %zu: page size %" PRIu64 " not supported (loader serves %" PRIu64 ")",
-				    l->nregions, ps, l->ps);
+		if ((ret = parse_region(l, &p, &l->regions[l->nregions])))
+			return ret;
 		l->nregions++;
-		if (*p == ']')
-			break;
-		if (*p++ != ',')
-			return fail(l, EPROTO, "malformed handshake: expected ',' or ']'");
-		p = skip_ws(p);
-	}
-	if (*skip_ws(p + 1))
+	} while (eat(&p, ','));
+	if (!eat(&p, ']'))
+		return fail(l, EPROTO, "malformed handshake: expected ',' or ']'");
+	if (*(p + strspn(p, " \t\n\r")))
 		return fail(l, EPROTO, "malformed handshake: trailing data after the array");
 	return 0;
 }
@@ -484,7 +478,7 @@ static int receive_handshake(struct loader *l)
 	char cbuf[CMSG_SPACE(4 * sizeof(int))];
 	struct iovec iov = { buf, HANDSHAKE_MAX };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
-	int nfds = 0, ret;
+	int nfds = 0, ret, err;
 	ssize_t n;
 
 	if (!buf)
@@ -492,6 +486,7 @@ static int receive_handshake(struct loader *l)
 	do
 		n = recvmsg(l->conn_fd, &mh, MSG_CMSG_CLOEXEC);
 	while (n < 0 && errno == EINTR);
+	err = errno;
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); n >= 0 && c; c = CMSG_NXTHDR(&mh, c)) {
 		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
 			continue;
@@ -505,16 +500,20 @@ static int receive_handshake(struct loader *l)
 				close(fd);
 		}
 	}
+	/* Only a client that handed over a uffd can have memory waiting on us (see kill_client). */
+	l->client_may_hang = l->uffd >= 0 && is_userfaultfd(l->uffd);
 	if (n < 0)
-		ret = fail(l, errno, "receiving the handshake: %s", strerror(errno));
+		ret = fail(l, err, "receiving the handshake: %s", strerror(err));
 	else if (n == 0)
 		ret = fail(l, EPROTO, "malformed handshake: client closed the connection without one");
 	else if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || n == HANDSHAKE_MAX)
 		ret = fail(l, EPROTO, "malformed handshake: message too large");
 	else if (nfds != 1)
 		ret = fail(l, EPROTO, "malformed handshake: expected exactly one file descriptor, got %d", nfds);
-	else if (!is_userfaultfd(l->uffd))
+	else if (!l->client_may_hang)
 		ret = fail(l, EPROTO, "malformed handshake: the file descriptor is not a userfaultfd");
+	else if (memchr(buf, '\0', n))
+		ret = fail(l, EPROTO, "malformed handshake: a NUL byte in the region list");
 	else {
 		buf[n] = '\0';
 		ret = parse_regions(l, buf);
@@ -553,14 +552,19 @@ static int accept_client(struct loader *l)
 	return l->memfd_mode ? send_memfd(l) : 0;
 }
 
-/* A pidfd cannot hit a recycled pid; SO_PEERCRED is the fallback for kernels before 6.5. */
+/*
+ * Kills a client that could hang: one that handed over a userfaultfd, and so may have memory
+ * registered that nobody will serve. A peer that sent none (a liveness probe that connected and
+ * closed, a client that got the protocol wrong) has nothing waiting on us and is left alone.
+ * A pidfd cannot hit a recycled pid; SO_PEERCRED is the fallback for kernels before 6.5.
+ */
 static void kill_client(struct loader *l)
 {
 	struct ucred cred;
 	socklen_t len = sizeof(int);
 	int pidfd;
 
-	if (l->conn_fd < 0)
+	if (l->conn_fd < 0 || !l->client_may_hang)
 		return;
 	if (!getsockopt(l->conn_fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len)) {
 		syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
@@ -610,12 +614,15 @@ static bool is_zero(const uint8_t *p, uint64_t len)
  * thread, which faults again after the event has been handled.
  */
 static int install(struct loader *l, unsigned long req, uint64_t dst, const uint8_t *src, uint64_t len,
-		   uint64_t mode, uint64_t *done)
+		   bool dontwake, uint64_t *done)
 {
+	/* COPY, ZEROPAGE and CONTINUE spell DONTWAKE with the same bit. */
+	uint64_t mode = dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0;
+
 	*done = 0;
 	while (*done < len) {
 		int64_t progress;
-		int r;
+		int r, err;
 
 		if (req == UFFDIO_COPY) {
 			struct uffdio_copy a = { dst + *done, (uintptr_t)(src + *done), len - *done, mode, 0 };
@@ -633,6 +640,8 @@ static int install(struct loader *l, unsigned long req, uint64_t dst, const uint
 			r = ioctl(l->uffd, req, &a);
 			progress = a.mapped;
 		}
+		/* Read before anything else can make a system call and overwrite it (the wake below). */
+		err = errno;
 		if (!r) {
 			*done = len;
 			break;
@@ -640,23 +649,23 @@ static int install(struct loader *l, unsigned long req, uint64_t dst, const uint
 		if (progress > 0)
 			*done += progress;
 		/* The kernel wakes nothing when the ioctl fails, so a skipped page needs its own wake. */
-		if (errno == EEXIST && !(mode & UFFDIO_COPY_MODE_DONTWAKE)) {
+		if (err == EEXIST && !dontwake) {
 			struct uffdio_range w = { dst + *done, l->ps };
 
 			ioctl(l->uffd, UFFDIO_WAKE, &w);
 		}
-		if (errno == EEXIST)
+		if (err == EEXIST)
 			*done += l->ps;
-		else if (errno == EAGAIN && progress > 0)
+		else if (err == EAGAIN && progress > 0)
 			continue;
-		else if (errno == EAGAIN || errno == ENOENT)
+		else if (err == EAGAIN || err == ENOENT)
 			/* ENOENT: the client unmapped the range (its UNMAP event may not be read yet).
 			 * Like EAGAIN, not ours to fail on: the pages stay missing until it is. */
 			return -EAGAIN;
-		else if (errno == ESRCH)
+		else if (err == ESRCH)
 			return -ESRCH;
-		else if (errno != EINTR)
-			return fail(l, errno, "installing pages at 0x%" PRIx64 ": %s", dst + *done, strerror(errno));
+		else if (err != EINTR)
+			return fail(l, err, "installing pages at 0x%" PRIx64 ": %s", dst + *done, strerror(err));
 	}
 	return 0;
 }
@@ -671,10 +680,10 @@ static int wake(struct loader *l, uint64_t addr, uint64_t len)
 }
 
 static int install_span(struct loader *l, const struct region *r, uint64_t first, uint64_t n,
-			const uint8_t *buf, unsigned long req, uint64_t mode)
+			const uint8_t *buf, unsigned long req, bool dontwake)
 {
 	uint64_t done;
-	int ret = install(l, req, page_addr(l, r, first), buf, n * l->ps, mode, &done);
+	int ret = install(l, req, page_addr(l, r, first), buf, n * l->ps, dontwake, &done);
 
 	for (uint64_t k = 0; k < done / l->ps; k++)
 		set_state(l, first + k, PRESENT);
@@ -694,28 +703,29 @@ static uint64_t zero_pages_at(const struct loader *l, const uint8_t *buf, uint64
 
 /*
  * Installs pages [first, first+n) of region r whose content sits at buf: CONTINUE for the
- * memfd, otherwise COPY, with ZEROPAGE for zero runs so holes cost no memory. Prefetch batches
- * copy zero runs shorter than PREFETCH_MIN_ZERO: splitting a batch into many small ioctls cost
- * a third of the install rate in measurements.
+ * memfd, otherwise COPY, with ZEROPAGE for zero runs so holes cost no memory. A prefetch batch
+ * installs without waking (its caller wakes the whole read once) and copies zero runs shorter
+ * than PREFETCH_MIN_ZERO: splitting a batch into many small ioctls cost a third of the install
+ * rate in measurements. A demand install wakes the faulting thread and zero-fills every zero page.
  */
 static int install_run(struct loader *l, const struct region *r, uint64_t first, uint64_t n,
-		       const uint8_t *buf, uint64_t mode)
+		       const uint8_t *buf, bool prefetch)
 {
-	uint64_t min_zero = mode ? PREFETCH_MIN_ZERO : 1, i = 0;
+	uint64_t min_zero = prefetch ? PREFETCH_MIN_ZERO : 1, i = 0;
 	int ret;
 
 	if (l->memfd_mode)
-		return install_span(l, r, first, n, buf, UFFDIO_CONTINUE, mode);
+		return install_span(l, r, first, n, buf, UFFDIO_CONTINUE, prefetch);
 	while (i < n) {
 		uint64_t j = i, z = 0;
 
 		while (j < n && (z = zero_pages_at(l, buf, j, n)) < min_zero)
 			j = j + z + 1 < n ? j + z + 1 : n;
-		if (j > i && (ret = install_span(l, r, first + i, j - i, buf + i * l->ps, UFFDIO_COPY, mode)))
+		if (j > i && (ret = install_span(l, r, first + i, j - i, buf + i * l->ps, UFFDIO_COPY, prefetch)))
 			return ret;
 		if (j == n)
 			break;
-		if ((ret = install_span(l, r, first + j, z, buf + j * l->ps, UFFDIO_ZEROPAGE, mode)))
+		if ((ret = install_span(l, r, first + j, z, buf + j * l->ps, UFFDIO_ZEROPAGE, prefetch)))
 			return ret;
 		i = j + z;
 	}
@@ -842,13 +852,12 @@ static int submit_prefetch(struct worker *w)
 	return 0;
 }
 
-/* Installs the INFLIGHT pages of one finished read with DONTWAKE COPY/CONTINUE (pages a demand
- * fault installed meanwhile are PRESENT and skipped), then wakes the read's range once. */
+/* Installs the INFLIGHT pages of one finished read as a prefetch batch (pages a demand fault
+ * installed meanwhile are PRESENT and skipped), then wakes the read's range once. */
 static int install_read(struct worker *w, struct slot *s, long res)
 {
 	struct loader *l = w->l;
 	const struct region *r = region_of_page(l, s->first);
-	uint64_t mode = l->memfd_mode ? UFFDIO_CONTINUE_MODE_DONTWAKE : UFFDIO_COPY_MODE_DONTWAKE;
 	const uint8_t *buf = l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf;
 	int ret = 0;
 
@@ -863,7 +872,7 @@ static int install_read(struct worker *w, struct slot *s, long res)
 		while (j < s->npages && page_state(l, s->first + j) == INFLIGHT)
 			j++;
 		if (j > i) {
-			ret = install_run(l, r, s->first + i, j - i, buf + i * l->ps, mode);
+			ret = install_run(l, r, s->first + i, j - i, buf + i * l->ps, true);
 			w->pages += j - i;
 		}
 		i = j + (j == i);
@@ -1001,14 +1010,14 @@ static int record_latency(struct loader *l, double start)
 {
 	if (l->st.nlat == l->st.cap_lat) {
 		size_t cap = l->st.cap_lat ? l->st.cap_lat * 2 : 65536;
-		uint32_t *lat = realloc(l->st.lat_ns, cap * sizeof(*lat));
+		uint64_t *lat = realloc(l->st.lat_ns, cap * sizeof(*lat));
 
 		if (!lat)
 			return fail(l, ENOMEM, "out of memory");
 		l->st.lat_ns = lat;
 		l->st.cap_lat = cap;
 	}
-	l->st.lat_ns[l->st.nlat++] = (uint32_t)((now() - start) * 1e9);
+	l->st.lat_ns[l->st.nlat++] = (uint64_t)((now() - start) * 1e9);
 	return 0;
 }
 
@@ -1021,9 +1030,9 @@ static int zero_fill(struct loader *l, const struct region *r, uint64_t page)
 	/* A removed memfd page was either only unmapped (MADV_DONTNEED: content kept in the page
 	 * cache, map it again) or punched out (MADV_REMOVE: it reads as zeros now). */
 	if (l->memfd_mode && !mincore(l->memfd_map + page * l->ps, l->ps, &resident) && (resident & 1))
-		ret = install(l, UFFDIO_CONTINUE, addr, NULL, l->ps, 0, &done);
+		ret = install(l, UFFDIO_CONTINUE, addr, NULL, l->ps, false, &done);
 	else
-		ret = install(l, UFFDIO_ZEROPAGE, addr, NULL, l->ps, 0, &done);
+		ret = install(l, UFFDIO_ZEROPAGE, addr, NULL, l->ps, false, &done);
 	return ret;
 }
 
@@ -1045,9 +1054,9 @@ static int demand_read(struct loader *l, const struct region *r, uint64_t page, 
 	if ((ret = read_full(l, buf, page, n)))
 		return ret;
 	l->st.demand_pages += n;
-	if ((ret = install_run(l, r, page, 1, buf, 0)) || (ret = record_latency(l, start)) || n == 1)
+	if ((ret = install_run(l, r, page, 1, buf, false)) || (ret = record_latency(l, start)) || n == 1)
 		return ret;
-	ret = install_run(l, r, page + 1, n - 1, buf + l->ps, 0);
+	ret = install_run(l, r, page + 1, n - 1, buf + l->ps, false);
 	return ret == -EAGAIN ? 0 : ret;
 }
 
@@ -1071,7 +1080,7 @@ static int serve_fault(struct loader *l, uint64_t addr, double start)
 	if (state == REMOVED)
 		ret = zero_fill(l, r, page);
 	else if (l->memfd_mode && state == PRESENT)
-		ret = install(l, UFFDIO_CONTINUE, page_addr(l, r, page), NULL, l->ps, 0, &done);
+		ret = install(l, UFFDIO_CONTINUE, page_addr(l, r, page), NULL, l->ps, false, &done);
 	else
 		ret = demand_read(l, r, page, start);
 	return ret == -EAGAIN ? wake(l, page_addr(l, r, page), l->ps) : ret;
@@ -1179,9 +1188,9 @@ static int serve(struct loader *l)
 
 /* ---- setup, stats and cleanup ---- */
 
-static int cmp_u32(const void *a, const void *b)
+static int cmp_u64(const void *a, const void *b)
 {
-	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
 
 	return (x > y) - (x < y);
 }
@@ -1207,7 +1216,7 @@ static void write_stats(struct loader *l)
 
 	if (!f)
 		return;
-	qsort(st->lat_ns, st->nlat, sizeof(*st->lat_ns), cmp_u32);
+	qsort(st->lat_ns, st->nlat, sizeof(*st->lat_ns), cmp_u64);
 	fprintf(f,
 		"{\"demand_faults\": %" PRIu64 ", \"demand_pages\": %" PRIu64 ", \"zero_pages\": %" PRIu64
 		", \"removed_pages\": %" PRIu64 ", \"prefetch_pages\": %" PRIu64 ", \"prefetch_bytes\": %" PRIu64

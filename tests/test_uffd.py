@@ -46,11 +46,17 @@ import os, socket, sys, time
 from pathlib import Path
 from snapstore.uffd.client import Client, connect, open_userfaultfd
 mode, path = sys.argv[1], Path(sys.argv[2])
-if mode == "raw":
+if mode in ("probe", "raw"):
     sock = connect(path)
-    fds = {"fd": [open_userfaultfd(0)], "pipe": [os.pipe()[0]], "nofd": []}[sys.argv[4]]
-    socket.send_fds(sock, [sys.argv[3].encode()], fds)
-    time.sleep(60)
+    if mode == "probe":
+        sock.close()
+    else:
+        fds = {"fd": [open_userfaultfd(0)], "pipe": [os.pipe()[0]], "nofd": []}[sys.argv[4]]
+        socket.send_fds(sock, [sys.argv[3].encode()], fds)
+    print("sent", flush=True)
+    sys.stdin.readline()
+    print("alive", flush=True)
+    sys.exit()
 size = int(sys.argv[3])
 client = Client(path, [(0, size)], memfd=sys.argv[4] == "memfd")
 client.connect()
@@ -319,6 +325,18 @@ def spawn_client(*args: str) -> Iterator[subprocess.Popen[str]]:
                 proc.kill()
 
 
+def answers(client: subprocess.Popen[str]) -> bool:
+    """Whether a raw or probe client is still alive once the loader has exited: a SIGKILL the
+    loader sent lands before the client can read its stdin again."""
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write("ping\n")
+        client.stdin.flush()
+    except BrokenPipeError:
+        return False
+    return client.stdout.readline() == "alive\n"
+
+
 def start_loader(tmp_path: Path, image: Path, **options: Any) -> tuple[subprocess.Popen[str], Path]:
     sock = tmp_path / "loader.sock"
     opts = loader.LoaderOptions(image=image, socket=sock, **options)
@@ -356,6 +374,30 @@ BAD_HANDSHAKES = {
         "page size",
     ),
     "unaligned": (region_json([(1 << 30, 100, 0)]).decode(), "fd", "multiples of the page size"),
+    "escape-in-key": (
+        '[{"base_host_virt_addr\\"": 1, "size": 4096, "offset": 0, "page_size": 4096}]',
+        "fd",
+        "escape in a key",
+    ),
+    "signed-value": (
+        '[{"base_host_virt_addr": 1073741824, "size": -4096, "offset": 0, "page_size": 4096}]',
+        "fd",
+        "not an unsigned 64-bit integer",
+    ),
+    "value-past-64-bits": (
+        '[{"base_host_virt_addr": 18446744073709551616, "size": 4096, "offset": 0, '
+        '"page_size": 4096}]',
+        "fd",
+        "not an unsigned 64-bit integer",
+    ),
+    "trailing-data": (region_json([(1 << 30, 4096, 0)]).decode() + " x", "fd", "trailing data"),
+    "no-regions": (" [ ] ", "fd", "no regions"),
+    "page-sizes-differ": (
+        '[{"base_host_virt_addr": 1073741824, "size": 4096, "offset": 0, "page_size": 4096, '
+        '"page_size_kib": 4}]',
+        "fd",
+        "page_size 4096 != page_size_kib 4",
+    ),
 }
 
 
@@ -367,10 +409,53 @@ def test_malformed_handshake_fails_and_kills_client(
     proc, sock = start_loader(tmp_path, image.path)
     with spawn_client("raw", str(sock), payload, fd) as client:
         _, err = proc.communicate(timeout=30)
-        # The client must not be left waiting on a loader that gave up.
-        assert client.wait(timeout=30) == -signal.SIGKILL
+        if fd == "fd":
+            # It handed over its uffd: it must not be left waiting on a loader that gave up.
+            assert client.wait(timeout=30) == -signal.SIGKILL
+        else:
+            # No uffd, so nothing of it waits on the loader: it is left alone.
+            assert client.stdout is not None and client.stdout.readline() == "sent\n"
+            assert answers(client)
     assert proc.returncode == 1
     assert err.count("\n") == 1 and reason in err, err
+
+
+def test_liveness_probe_is_not_killed(tmp_path: Path, image: Image) -> None:
+    """A peer that connects and closes without a handshake registered nothing and cannot
+    hang; the loader gives up on it with one line but must not kill it."""
+    proc, sock = start_loader(tmp_path, image.path)
+    with spawn_client("probe", str(sock)) as probe:
+        assert probe.stdout is not None
+        assert probe.stdout.readline() == "sent\n"
+        _, err = proc.communicate(timeout=30)
+        assert answers(probe)
+    assert proc.returncode == 1
+    assert err.count("\n") == 1 and "without one" in err, err
+
+
+ACCEPTED_HANDSHAKES = {
+    "spaced": ' [ {{ "base_host_virt_addr" : {base} ,\n "size":{size},"offset" : 0,'
+              '"page_size_kib":4096 }} ] \n',
+    "unknown-keys": '[{{"base_host_virt_addr": {base}, "size": {size}, "offset": 0, '
+                    '"page_size": 4096, "mem_slot": 7, "": 0}}]',
+    "page-size-only": '[{{"size": {size}, "base_host_virt_addr": {base}, "offset": 0, '
+                      '"page_size": 4096}}]',
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPTED_HANDSHAKES))
+def test_handshake_spellings_are_accepted(tmp_path: Path, image: Image, case: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key order, white space, unknown keys and either page-size key: all Firecracker sends."""
+    from snapstore.uffd import client as client_module
+
+    def spelled(regions: Any) -> bytes:
+        ((base, size, _),) = list(regions)
+        return ACCEPTED_HANDSHAKES[case].format(base=base, size=size).encode()
+
+    monkeypatch.setattr(client_module, "region_json", spelled)
+    with serving(tmp_path, image.path) as (sock, _), Client(sock, [(0, 1 << 20)]) as client:
+        assert client.read(0, 1 << 20) == image.data[: 1 << 20]
 
 
 def test_image_not_a_whole_number_of_pages(tmp_path: Path) -> None:
