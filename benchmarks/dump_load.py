@@ -55,10 +55,10 @@ def dump_child(image: Path, outdir: Path) -> None:
         child.wait()
 
 
-def cold_load(dump_dir: Path, work: Path, buffered: bool) -> LoadResult:
+def cold_load(dump_dir: Path, work: Path) -> LoadResult:
     drop_caches()
     work.mkdir(exist_ok=True)
-    result = load(read_dump(dump_dir), work, buffered=buffered)
+    result = load(read_dump(dump_dir), work)
     if not result.verified:
         raise RuntimeError(f"the load from {dump_dir} did not verify")
     return result
@@ -86,7 +86,7 @@ def main() -> int:
                                      "FUSE mount": []}
     data: dict[str, int] = {}
     for _ in range(args.repeats):
-        r = cold_load(work / "dump", work / "w-dir", buffered=False)
+        r = cold_load(work / "dump", work / "w-dir")
         times["dump dir"].append(r.load_seconds)
         data["dump dir"] = r.data_bytes
 
@@ -105,7 +105,7 @@ def main() -> int:
         subprocess.run(snapstore_cmd(work / "store", "mount", "dump", str(mnt)), check=True,
                        stdout=subprocess.DEVNULL)
         try:
-            r = cold_load(mnt, work / "w-fuse", buffered=True)
+            r = cold_load(mnt, work / "w-fuse")
         finally:
             subprocess.run(snapstore_cmd(work / "store", "umount", str(mnt)), check=True,
                            stdout=subprocess.DEVNULL)

@@ -47,6 +47,10 @@
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD 77
 #endif
+/* cachestat(2), Linux 6.5; the same number on every architecture. */
+#ifndef SYS_cachestat
+#define SYS_cachestat 451
+#endif
 
 #define MAX_REGIONS 64
 #define HANDSHAKE_MAX 65536
@@ -61,6 +65,20 @@
 
 enum page_state { MISSING, INFLIGHT, PRESENT, REMOVED };
 
+/* How prefetch reads: through the page cache when the range is cached, else O_DIRECT (auto);
+ * or always one way (--buffered, --direct). */
+enum io_mode { IO_AUTO, IO_BUFFERED, IO_DIRECT };
+
+/* The kernel's struct cachestat_range and struct cachestat, under our own names because older
+ * headers lack them. */
+struct cache_range {
+	uint64_t off, len;
+};
+
+struct cache_stat {
+	uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
 struct region {
 	uint64_t base, size, offset;
 };
@@ -69,6 +87,7 @@ struct region {
 struct image {
 	const char *path;
 	int fd, aio_fd;
+	uint8_t *map; /* the file, read-only: cached ranges are installed from it */
 	uint64_t first, npages; /* image pages this file holds */
 };
 
@@ -80,7 +99,7 @@ struct slot {
 };
 
 struct stats {
-	uint64_t faults, demand_pages, prefetch_pages, prefetch_bytes, removed_pages;
+	uint64_t faults, demand_pages, prefetch_pages, prefetch_bytes, direct_bytes, removed_pages;
 	_Atomic uint64_t zero_pages;
 	double prefetch_start, prefetch_end;
 	uint64_t *lat_ns;
@@ -94,7 +113,7 @@ struct worker {
 	aio_context_t aio;
 	struct slot *slots;
 	unsigned nslots, inflight;
-	uint64_t pages, bytes;
+	uint64_t pages, bytes, direct_bytes;
 	double start, end;
 };
 
@@ -103,7 +122,9 @@ struct loader {
 	const char *socket_path, *hot_path, *record_path, *stats_path;
 	uint64_t fault_around;
 	unsigned queue_depth, nworkers;
-	bool memfd_mode, buffered;
+	bool memfd_mode;
+	enum io_mode io_mode;
+	atomic_bool no_cachestat;
 	/* image */
 	struct image *images;
 	size_t nimages;
@@ -204,14 +225,21 @@ static int read_full(struct loader *l, void *buf, uint64_t page, uint64_t n)
 }
 
 /* O_DIRECT keeps prefetch from doubling memory through the page cache; tmpfs and some FUSE
- * mounts refuse it at open or at the first read, so probe once and fall back to buffered I/O. */
+ * mounts refuse it at open or at the first read, so probe once and fall back to buffered I/O.
+ * The mapping serves cached ranges with one copy (page cache to the client's page) where a
+ * buffered read would copy twice (page cache to a staging buffer, then to the client). */
 static int open_aio_fd(struct loader *l, struct image *img)
 {
 	void *probe;
 	int fd;
 
 	img->aio_fd = img->fd;
-	if (l->buffered || img->npages == 0)
+	if (img->npages && !l->memfd_mode && l->io_mode != IO_DIRECT) {
+		img->map = mmap(NULL, img->npages * l->ps, PROT_READ, MAP_SHARED, img->fd, 0);
+		if (img->map == MAP_FAILED)
+			img->map = NULL;
+	}
+	if (l->io_mode == IO_BUFFERED || img->npages == 0)
 		return 0;
 	fd = open(img->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
 	if (fd < 0)
@@ -808,48 +836,117 @@ static bool next_run(struct loader *l, uint64_t *first, uint64_t *n)
 	return false;
 }
 
-/* Fills the worker's free slots with reads, submitted SUBMIT_BATCH at a time: buffered reads
- * are copied inside io_submit, and long submits delay the first completions. */
-static int submit_prefetch(struct worker *w)
+/*
+ * The descriptor a prefetch read of pages [first, first+n) goes through. A range wholly in the
+ * page cache (dirty pages included: an image just written or pulled) is read from it, which is a
+ * copy; O_DIRECT would go to the disk instead, and first write back the dirty pages. A range not
+ * wholly cached is read with O_DIRECT, so prefetch does not double the memory through the page
+ * cache. Where cachestat(2) is missing (before Linux 6.5) every read is O_DIRECT, as before it.
+ */
+static int prefetch_fd(struct loader *l, const struct image *img, uint64_t first, uint64_t n)
+{
+	struct cache_range range = { (first - img->first) * l->ps, n * l->ps };
+	struct cache_stat cs;
+
+	if (l->io_mode != IO_AUTO || img->aio_fd == img->fd || atomic_load(&l->no_cachestat))
+		return img->aio_fd;
+	if (syscall(SYS_cachestat, img->fd, &range, &cs, 0) < 0) {
+		if (errno == ENOSYS)
+			atomic_store(&l->no_cachestat, true);
+		return img->aio_fd;
+	}
+	return cs.nr_cache >= n ? img->fd : img->aio_fd;
+}
+
+static void settle(struct loader *l, uint64_t first, uint64_t n);
+static int install_read(struct worker *w, struct slot *s, long res);
+
+/* Installs a cached run straight from the image's mapping, without a read. */
+static int install_mapped(struct worker *w, const struct image *img, uint64_t first, uint64_t n)
+{
+	struct loader *l = w->l;
+	struct slot s = { .first = first, .npages = n, .buf = img->map + (first - img->first) * l->ps };
+	int ret;
+
+	s.cb.aio_fildes = img->fd;
+	ret = install_read(w, &s, n * l->ps);
+	settle(l, first, n);
+	pthread_mutex_lock(&l->mu);
+	pthread_cond_broadcast(&l->progress);
+	pthread_mutex_unlock(&l->mu);
+	return ret;
+}
+
+/* Takes up to SUBMIT_BATCH runs of the hot list: a cached run that the image's mapping holds is
+ * installed at once, any other fills a free slot, and those reads are submitted together
+ * (buffered reads are copied inside io_submit, and long submits delay the first completions).
+ * *more tells whether any run was left to take. */
+static int submit_prefetch(struct worker *w, bool *more)
 {
 	struct loader *l = w->l;
 	struct iocb *cbs[SUBMIT_BATCH];
-	unsigned nr = 0;
+	unsigned nr = 0, taken = 0;
+	int ret = 0;
 
+	*more = false;
 	pthread_mutex_lock(&l->mu);
-	for (unsigned i = 0; i < w->nslots && nr < SUBMIT_BATCH; i++) {
+	for (unsigned i = 0; i < w->nslots && taken < SUBMIT_BATCH && !ret;) {
 		struct slot *s = &w->slots[i];
 		const struct image *img;
+		uint64_t first, n;
+		int fd;
 
-		if (s->busy)
+		if (s->busy) {
+			i++;
 			continue;
-		if (!next_run(l, &s->first, &s->npages))
+		}
+		if (!next_run(l, &first, &n))
 			break;
-		img = image_of_page(l, s->first);
+		*more = true;
+		taken++;
+		if (w->start == 0)
+			w->start = now();
+		img = image_of_page(l, first);
+		fd = prefetch_fd(l, img, first, n);
+		if (fd == img->fd && img->map) {
+			pthread_mutex_unlock(&l->mu);
+			ret = install_mapped(w, img, first, n);
+			pthread_mutex_lock(&l->mu);
+			continue;
+		}
+		s->first = first;
+		s->npages = n;
 		s->busy = true;
 		memset(&s->cb, 0, sizeof(s->cb));
-		s->cb.aio_data = i;
+		s->cb.aio_data = i++;
 		s->cb.aio_lio_opcode = IOCB_CMD_PREAD;
-		s->cb.aio_fildes = img->aio_fd;
-		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf);
-		s->cb.aio_nbytes = s->npages * l->ps;
-		s->cb.aio_offset = (s->first - img->first) * l->ps;
+		s->cb.aio_fildes = fd;
+		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + first * l->ps : s->buf);
+		s->cb.aio_nbytes = n * l->ps;
+		s->cb.aio_offset = (first - img->first) * l->ps;
 		cbs[nr++] = &s->cb;
 	}
 	pthread_mutex_unlock(&l->mu);
-	if (nr && w->start == 0)
-		w->start = now();
 	for (unsigned done = 0; done < nr;) {
 		long r = syscall(SYS_io_submit, w->aio, nr - done, cbs + done);
 
 		if (r < 0 && (errno == EAGAIN || errno == EINTR))
 			continue;
-		if (r < 0)
+		if (r < 0) {
+			/* Reads not submitted never complete: settle their pages here. */
+			for (unsigned k = done; k < nr; k++) {
+				struct slot *s = &w->slots[cbs[k]->aio_data];
+
+				settle(l, s->first, s->npages);
+				s->busy = false;
+			}
+			w->inflight += done;
 			return fail(l, errno, "io_submit: %s", strerror(errno));
+		}
 		done += r;
 	}
 	w->inflight += nr;
-	return 0;
+	return ret;
 }
 
 /* Installs the INFLIGHT pages of one finished read as a prefetch batch (pages a demand fault
@@ -879,10 +976,20 @@ static int install_read(struct worker *w, struct slot *s, long res)
 	}
 	pthread_rwlock_unlock(&l->events);
 	w->bytes += s->npages * l->ps;
+	if (s->cb.aio_fildes != (uint32_t)image_of_page(l, s->first)->fd)
+		w->direct_bytes += s->npages * l->ps;
 	w->end = now();
 	if (ret && ret != -EAGAIN)
 		return ret;
 	return wake(l, page_addr(l, r, s->first), s->npages * l->ps);
+}
+
+/* Pages of a finished run still INFLIGHT (not installed) go back to MISSING. */
+static void settle(struct loader *l, uint64_t first, uint64_t n)
+{
+	for (uint64_t k = 0; k < n; k++)
+		if (page_state(l, first + k) == INFLIGHT)
+			set_state(l, first + k, MISSING);
 }
 
 /* Reaps at least min_nr finished reads; installs them unless the worker is stopping. Every
@@ -904,9 +1011,7 @@ static int reap(struct worker *w, long min_nr, bool install)
 
 		if (install && !ret)
 			ret = install_read(w, s, evs[i].res);
-		for (uint64_t k = 0; k < s->npages; k++)
-			if (page_state(l, s->first + k) == INFLIGHT)
-				set_state(l, s->first + k, MISSING);
+		settle(l, s->first, s->npages);
 		s->busy = false;
 		w->inflight--;
 	}
@@ -923,9 +1028,14 @@ static void *worker_main(void *arg)
 	int ret = worker_setup(w);
 
 	while (!ret && !atomic_load(&l->stop)) {
-		if ((ret = submit_prefetch(w)) || !w->inflight)
+		bool more;
+
+		if ((ret = submit_prefetch(w, &more)))
 			break;
-		ret = reap(w, 1, true);
+		if (w->inflight)
+			ret = reap(w, 1, true);
+		else if (!more)
+			break;
 	}
 	while (w->inflight && !reap(w, w->inflight, false))
 		;
@@ -987,6 +1097,7 @@ static void stop_workers(struct loader *l)
 			l->st.prefetch_end = w->end;
 		l->st.prefetch_pages += w->pages;
 		l->st.prefetch_bytes += w->bytes;
+		l->st.direct_bytes += w->direct_bytes;
 	}
 }
 
@@ -1200,14 +1311,6 @@ static double percentile_us(const struct stats *st, double q)
 	return st->nlat ? st->lat_ns[(size_t)(q * (st->nlat - 1))] / 1e3 : 0;
 }
 
-static bool all_direct(const struct loader *l)
-{
-	for (size_t i = 0; i < l->nimages; i++)
-		if (l->images[i].aio_fd == l->images[i].fd)
-			return false;
-	return l->nimages > 0;
-}
-
 static void write_stats(struct loader *l)
 {
 	struct stats *st = &l->st;
@@ -1220,11 +1323,11 @@ static void write_stats(struct loader *l)
 	fprintf(f,
 		"{\"demand_faults\": %" PRIu64 ", \"demand_pages\": %" PRIu64 ", \"zero_pages\": %" PRIu64
 		", \"removed_pages\": %" PRIu64 ", \"prefetch_pages\": %" PRIu64 ", \"prefetch_bytes\": %" PRIu64
-		", \"prefetch_seconds\": %.6f, \"prefetch_gbps\": %.3f, \"direct_io\": %s"
+		", \"prefetch_seconds\": %.6f, \"prefetch_gbps\": %.3f, \"direct_bytes\": %" PRIu64
 		", \"fault_latency_us\": {\"samples\": %zu, \"p50\": %.2f, \"p99\": %.2f, \"max\": %.2f}}\n",
 		st->faults, st->demand_pages, st->zero_pages, st->removed_pages, st->prefetch_pages,
 		st->prefetch_bytes, secs, secs > 0 ? st->prefetch_bytes / secs / 1e9 : 0,
-		all_direct(l) ? "true" : "false", st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
+		st->direct_bytes, st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
 		percentile_us(st, 1.0));
 	fclose(f);
 }
@@ -1275,6 +1378,8 @@ static void cleanup(struct loader *l)
 	if (l->record)
 		fclose(l->record);
 	for (size_t i = 0; i < l->nimages; i++) {
+		if (l->images[i].map)
+			munmap(l->images[i].map, l->images[i].npages * l->ps);
 		if (l->images[i].aio_fd >= 0 && l->images[i].aio_fd != l->images[i].fd)
 			close(l->images[i].aio_fd);
 		if (l->images[i].fd >= 0)
@@ -1295,7 +1400,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: uffd_loader --image FILE [--image FILE...] --socket PATH [--hot FILE] [--record FILE] [--memfd]\n"
-		"                   [--fault-around-kib N] [--queue-depth N] [--prefetch-threads N] [--buffered]\n"
+		"                   [--fault-around-kib N] [--queue-depth N] [--prefetch-threads N] [--buffered | --direct]\n"
 		"                   [--stats-json FILE]\n");
 }
 
@@ -1329,8 +1434,10 @@ static int parse_args(struct loader *l, int argc, char **argv)
 
 		if (!strcmp(a, "--memfd"))
 			l->memfd_mode = true;
-		else if (!strcmp(a, "--buffered"))
-			l->buffered = true;
+		else if (!strcmp(a, "--buffered") && l->io_mode != IO_DIRECT)
+			l->io_mode = IO_BUFFERED;
+		else if (!strcmp(a, "--direct") && l->io_mode != IO_BUFFERED)
+			l->io_mode = IO_DIRECT;
 		else if (!val)
 			return -1;
 		else if (!strcmp(a, "--image")) {
@@ -1352,7 +1459,7 @@ static int parse_args(struct loader *l, int argc, char **argv)
 			l->nworkers = v;
 		else
 			return -1;
-		if (strcmp(a, "--memfd") && strcmp(a, "--buffered"))
+		if (strcmp(a, "--memfd") && strcmp(a, "--buffered") && strcmp(a, "--direct"))
 			i++;
 	}
 	return l->nimages && l->socket_path ? 0 : -1;

@@ -269,6 +269,51 @@ def test_removed_pages_read_as_zero(tmp_path: Path, image: Image, memfd: bool) -
     assert stats[0]["removed_pages"] > 0
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_prefetch_picks_the_page_cache_or_o_direct(tmp_path: Path, image: Image,
+                                                   cached: bool) -> None:
+    """Without --buffered or --direct, a prefetch read of a cached range goes through the page
+    cache (O_DIRECT would read the disk instead) and one of an uncached range with O_DIRECT."""
+    size = 32 << 20
+    path = tmp_path / "image.raw"
+    path.write_bytes(image.data[:size])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if cached:
+            os.pread(fd, size, 0)
+        else:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    hot = write_list(tmp_path / "hot", list(range(size // PAGE_SIZE))[::-1])
+    with serving(tmp_path, path, hot=hot) as (sock, stats), Client(sock, [(0, size)]) as c:
+        assert c.read(0, size) == image.data[:size]
+    assert stats[0]["prefetch_bytes"] > 0
+    if cached:
+        assert stats[0]["direct_bytes"] == 0
+    else:
+        assert stats[0]["direct_bytes"] > 0
+
+
+@pytest.mark.parametrize("flag", ["buffered", "direct"])
+def test_io_overrides(tmp_path: Path, image: Image, flag: str) -> None:
+    """--buffered and --direct force one way whatever the page cache holds."""
+    size = 8 << 20
+    path = tmp_path / "image.raw"
+    path.write_bytes(image.data[:size])
+    hot = write_list(tmp_path / "hot", list(range(size // PAGE_SIZE)))
+    opts = {flag: True}
+    with serving(tmp_path, path, hot=hot, **opts) as (sock, stats), Client(sock, [(0, size)]) as c:
+        assert c.read(0, size) == image.data[:size]
+    direct, total = stats[0]["direct_bytes"], stats[0]["prefetch_bytes"]
+    assert total > 0 and direct == (total if flag == "direct" else 0)
+    both = subprocess.run([str(loader.binary_path()), "--image", str(path), "--socket",
+                           str(tmp_path / "s"), "--buffered", "--direct"],
+                          capture_output=True, check=False)
+    assert both.returncode == 2
+
+
 @pytest.mark.parametrize("memfd", [False, True], ids=["anonymous", "memfd"])
 def test_image_in_several_files(tmp_path: Path, image: Image, memfd: bool) -> None:
     # Files of uneven page counts, one of a single page: prefetch reads and fault-around

@@ -103,9 +103,9 @@ def cmd_gpu_load(args: argparse.Namespace) -> int:
         if args.socket is not None:
             print(f"serving {dump.directory} on {args.socket}; regions in "
                   f"{dump.directory / TABLE_FILE}", file=sys.stderr)
-            status = serve(dump, workdir, args.socket, buffered=not args.direct_io)
+            status = serve(dump, workdir, args.socket, direct=args.direct_io)
             return status if status in (0, 1, 2) else 1
-        r = load(dump, workdir, verify=not args.no_verify, buffered=not args.direct_io)
+        r = load(dump, workdir, verify=not args.no_verify, direct=args.direct_io)
     except LoaderNotBuiltError as err:
         raise SnapstoreError(str(err)) from None
     finally:

@@ -168,7 +168,7 @@ def write_hot_list(pages: np.ndarray[Any, np.dtype[np.int64]], path: Path) -> No
     path.write_text("".join(f"{p}\n" for p in pages.tolist()))
 
 
-def load(dump: Dump, workdir: Path, verify: bool = True, buffered: bool = True) -> LoadResult:
+def load(dump: Dump, workdir: Path, verify: bool = True, direct: bool = False) -> LoadResult:
     """Fill a fresh process's anonymous mappings with the dump through the loader, timed.
 
     The restoring process is a child (`python -m snapstore.gpu.load`), because the loader
@@ -182,7 +182,7 @@ def load(dump: Dump, workdir: Path, verify: bool = True, buffered: bool = True) 
     stats_path = workdir / "loader-stats.json"
     log_path = workdir / "loader.log"
     opts = loader.LoaderOptions(image=dump.pages_paths, socket=sock, hot=workdir / "hot.txt",
-                                stats_json=stats_path, buffered=buffered)
+                                stats_json=stats_path, direct=direct)
     with log_path.open("wb") as log:
         proc = loader.start(opts, stderr=log)
     client = subprocess.run(
@@ -254,7 +254,7 @@ def _verify(client: Client, dump: Dump) -> None:
             del mem
 
 
-def serve(dump: Dump, workdir: Path, socket: Path, buffered: bool = True) -> int:
+def serve(dump: Dump, workdir: Path, socket: Path, direct: bool = False) -> int:
     """Run the loader in the foreground for an outside client; returns its exit status.
 
     The client maps the table's regions (anywhere) and sends their page space offsets in the
@@ -263,7 +263,7 @@ def serve(dump: Dump, workdir: Path, socket: Path, buffered: bool = True) -> int
     hot = workdir / "hot.txt"
     write_hot_list(data_pages(dump), hot)
     return loader.run(loader.LoaderOptions(image=dump.pages_paths, socket=socket, hot=hot,
-                                           buffered=buffered))
+                                           direct=direct))
 
 
 if __name__ == "__main__":

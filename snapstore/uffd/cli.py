@@ -47,7 +47,12 @@ def _loader_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help="threads reading and installing prefetched pages (default: CPUs, at most 8)",
     )
-    p.add_argument("--buffered", action="store_true", help="prefetch without O_DIRECT")
+    io = p.add_mutually_exclusive_group()
+    io.add_argument("--buffered", action="store_true",
+                    help="prefetch through the page cache only (default: cached ranges "
+                    "through it, the others with O_DIRECT)")
+    io.add_argument("--direct", action="store_true",
+                    help="prefetch with O_DIRECT only, where the file system allows it")
     p.add_argument("--stats-json", type=Path, help="write fault and prefetch statistics here")
 
 
@@ -87,6 +92,7 @@ def _run(args: argparse.Namespace, image: Path | list[Path]) -> int:
         queue_depth=args.queue_depth,
         prefetch_threads=args.prefetch_threads,
         buffered=args.buffered,
+        direct=args.direct,
         stats_json=args.stats_json,
     )
     try:
