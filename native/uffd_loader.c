@@ -59,6 +59,7 @@
 #define DEFAULT_FAULT_AROUND_KIB 64
 #define DEFAULT_QUEUE_DEPTH 64
 #define PREFETCH_MIN_ZERO 16
+#define HOLE_AROUND 512
 #define SUBMIT_BATCH 8
 #define MAX_PREFETCH_THREADS 64
 #define DEFAULT_PREFETCH_THREADS 8
@@ -83,6 +84,24 @@ struct region {
 	uint64_t base, size, offset;
 };
 
+enum chunk_state { CHUNK_IDLE, CHUNK_REQUESTED, CHUNK_DONE };
+
+/* A data extent of the image in chunk mode: where its bytes go, and what we know of it. */
+struct chunk {
+	uint64_t off, size;
+	double demanded_at; /* when a fault first waited for it, 0 if none is waiting */
+	uint8_t state;
+	bool prefetch, gave_head, gave_tail;
+};
+
+/* A page whose bytes come from more than one chunk (or one chunk and zeros past the file end),
+ * assembled in buf as the chunks arrive. */
+struct split {
+	uint64_t page;
+	uint32_t need, have;
+	uint8_t *buf;
+};
+
 /* One file of the image: the files given with --image, one after another, are the image. */
 struct image {
 	const char *path;
@@ -101,7 +120,8 @@ struct slot {
 struct stats {
 	uint64_t faults, demand_pages, prefetch_pages, prefetch_bytes, direct_bytes, removed_pages;
 	_Atomic uint64_t zero_pages;
-	double prefetch_start, prefetch_end;
+	uint64_t chunks;
+	double prefetch_start, prefetch_end, handshake, first_served, last_install;
 	uint64_t *lat_ns;
 	size_t nlat, cap_lat;
 };
@@ -146,6 +166,14 @@ struct loader {
 	unsigned running;
 	int worker_ret;
 	atomic_bool stop;
+	/* chunk mode: the rules are at its section */
+	int feed_fd, layout_fd;
+	uint64_t file_size;
+	struct chunk *chunks;
+	size_t nchunks, *order, norder, order_pos;
+	unsigned window, inflight_prefetch;
+	struct split *splits;
+	size_t nsplits, cap_splits;
 	/* demand */
 	uint8_t *fault_buf;
 	FILE *record;
@@ -568,9 +596,20 @@ static int accept_client(struct loader *l)
 	unlink(l->socket_path);
 	if (bind(l->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(l->listen_fd, 1) < 0)
 		return fail(l, errno, "listen on %s: %s", l->socket_path, strerror(errno));
-	do
+	/* In chunk mode the feeder may fail before a client comes: its socket closing ends the wait. */
+	for (;;) {
+		struct pollfd pfd[2] = { { l->listen_fd, POLLIN, 0 }, { l->feed_fd, POLLIN, 0 } };
+
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			return fail(l, errno, "poll: %s", strerror(errno));
+		if (pfd[1].revents & (POLLIN | POLLHUP | POLLERR))
+			return fail(l, EPIPE, "the chunk feeder went away before a client connected");
+		if (!(pfd[0].revents & POLLIN))
+			continue;
 		l->conn_fd = accept4(l->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-	while (l->conn_fd < 0 && errno == EINTR);
+		if (l->conn_fd >= 0 || (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED))
+			break;
+	}
 	if (l->conn_fd < 0)
 		return fail(l, errno, "accept: %s", strerror(errno));
 	/* One client per loader: stop accepting so later connects fail fast instead of hanging. */
@@ -1128,6 +1167,8 @@ static int record_latency(struct loader *l, double start)
 		l->st.lat_ns = lat;
 		l->st.cap_lat = cap;
 	}
+	if (!l->st.first_served)
+		l->st.first_served = now();
 	l->st.lat_ns[l->st.nlat++] = (uint64_t)((now() - start) * 1e9);
 	return 0;
 }
@@ -1171,6 +1212,376 @@ static int demand_read(struct loader *l, const struct region *r, uint64_t page, 
 	return ret == -EAGAIN ? 0 : ret;
 }
 
+/* ---- pages from the store's chunks (--chunks) ----
+ *
+ * The image is a file of a snapshot: data extents (chunks) and holes. A feeder process (uffd-serve)
+ * owns the store; we send it a chunk's index and it answers with a sealed memfd of the chunk's
+ * verified bytes, which we map read-only and install from: the bytes never pass through a
+ * buffer of ours except for pages that straddle a chunk cut. docs/uffd.md has the protocol.
+ * Everything here runs on the main thread, which owns the chunk and split-page tables.
+ */
+
+/* Layout memfd, little-endian u64s: file size, chunk count, (offset, size) per chunk in file
+ * order, prefetch count, chunk indices in prefetch order. */
+static int read_u64s(struct loader *l, const uint64_t *words, size_t nwords, size_t *pos, uint64_t *v)
+{
+	if (*pos >= nwords)
+		return fail(l, EPROTO, "chunk layout truncated");
+	*v = words[(*pos)++];
+	return 0;
+}
+
+/* Counts page p as split (its bytes come from more than one chunk, or from one chunk and the
+ * zeros past the file end) and adds a chunk that overlaps it. Chunks come in file order, so the
+ * split pages do too. */
+static int add_split(struct loader *l, uint64_t p)
+{
+	if (l->nsplits && l->splits[l->nsplits - 1].page == p) {
+		l->splits[l->nsplits - 1].need++;
+		return 0;
+	}
+	if (l->nsplits == l->cap_splits) {
+		size_t cap = l->cap_splits ? l->cap_splits * 2 : 1024;
+		struct split *s = realloc(l->splits, cap * sizeof(*s));
+
+		if (!s)
+			return fail(l, ENOMEM, "out of memory");
+		l->splits = s;
+		l->cap_splits = cap;
+	}
+	l->splits[l->nsplits++] = (struct split){ .page = p, .need = 1 };
+	return 0;
+}
+
+static bool whole_in(const struct loader *l, const struct chunk *c, uint64_t p)
+{
+	return c->off <= p * l->ps && (p + 1) * l->ps <= c->off + c->size;
+}
+
+static int load_layout(struct loader *l)
+{
+	struct stat sb;
+	uint64_t *words, n = 0, end = 0;
+	size_t nwords, pos = 0;
+	int ret = 0;
+
+	if (fstat(l->layout_fd, &sb) < 0)
+		return fail(l, errno, "chunk layout: %s", strerror(errno));
+	nwords = sb.st_size / 8;
+	words = malloc(nwords ? nwords * 8 : 1);
+	if (!words)
+		return fail(l, ENOMEM, "out of memory");
+	if (pread(l->layout_fd, words, nwords * 8, 0) != (ssize_t)(nwords * 8))
+		ret = fail(l, EIO, "chunk layout: short read");
+	if (!ret && !(ret = read_u64s(l, words, nwords, &pos, &l->file_size)))
+		ret = read_u64s(l, words, nwords, &pos, &n);
+	if (!ret && n > nwords / 2)
+		ret = fail(l, EPROTO, "chunk layout truncated");
+	if (!ret && !(l->chunks = calloc(n ? n : 1, sizeof(*l->chunks))))
+		ret = fail(l, ENOMEM, "out of memory");
+	for (uint64_t i = 0; !ret && i < n; i++) {
+		struct chunk *c = &l->chunks[i];
+
+		if ((ret = read_u64s(l, words, nwords, &pos, &c->off)) || (ret = read_u64s(l, words, nwords, &pos, &c->size)))
+			break;
+		if (c->off < end || !c->size || c->size > l->file_size - c->off || c->off > l->file_size)
+			ret = fail(l, EPROTO, "chunk layout: chunk %" PRIu64 " overlaps another or the file end", i);
+		end = c->off + c->size;
+		l->nchunks++;
+	}
+	if (!ret)
+		ret = read_u64s(l, words, nwords, &pos, &n);
+	if (!ret && n > nwords - pos)
+		ret = fail(l, EPROTO, "chunk layout truncated");
+	if (!ret && !(l->order = calloc(n ? n : 1, sizeof(*l->order))))
+		ret = fail(l, ENOMEM, "out of memory");
+	for (uint64_t i = 0; !ret && i < n; i++) {
+		l->order[l->norder] = words[pos++];
+		if (l->order[l->norder++] >= l->nchunks)
+			ret = fail(l, EPROTO, "chunk layout: prefetch entry %" PRIu64 " names no chunk", i);
+	}
+	free(words);
+	for (size_t i = 0; !ret && i < l->nchunks; i++) {
+		struct chunk *c = &l->chunks[i];
+		uint64_t head = c->off / l->ps, tail = (c->off + c->size - 1) / l->ps;
+
+		if (!whole_in(l, c, head))
+			ret = add_split(l, head);
+		if (!ret && tail != head && !whole_in(l, c, tail))
+			ret = add_split(l, tail);
+	}
+	if (ret)
+		return ret;
+	l->npages = (l->file_size + l->ps - 1) / l->ps;
+	l->img_size = l->npages * l->ps;
+	l->state = calloc(l->npages ? l->npages : 1, sizeof(*l->state));
+	if (!l->state)
+		return fail(l, ENOMEM, "out of memory");
+	return 0;
+}
+
+static struct split *split_of(struct loader *l, uint64_t page)
+{
+	size_t lo = 0, hi = l->nsplits;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (l->splits[mid].page < page)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < l->nsplits && l->splits[lo].page == page ? &l->splits[lo] : NULL;
+}
+
+/* The first chunk that ends after byte `off` (nchunks if none). */
+static size_t chunk_after(const struct loader *l, uint64_t off)
+{
+	size_t lo = 0, hi = l->nchunks;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (l->chunks[mid].off + l->chunks[mid].size <= off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+static int request_chunk(struct loader *l, size_t i, bool prefetch)
+{
+	uint64_t msg = i;
+
+	if (send(l->feed_fd, &msg, sizeof(msg), MSG_NOSIGNAL) != sizeof(msg))
+		return fail(l, errno, "asking the chunk feeder for chunk %zu: %s", i, strerror(errno));
+	l->chunks[i].state = CHUNK_REQUESTED;
+	l->chunks[i].prefetch = prefetch;
+	l->inflight_prefetch += prefetch;
+	return 0;
+}
+
+/* Whether any byte of the chunk lies in a region the client registered. */
+static bool chunk_wanted(const struct loader *l, const struct chunk *c)
+{
+	for (size_t i = 0; i < l->nregions; i++)
+		if (c->off < l->regions[i].offset + l->regions[i].size && l->regions[i].offset < c->off + c->size)
+			return true;
+	return false;
+}
+
+/* Keeps `window` prefetch requests in flight, in prefetch order. */
+static int top_up_prefetch(struct loader *l)
+{
+	int ret;
+
+	while (l->inflight_prefetch < l->window && l->order_pos < l->norder) {
+		size_t i = l->order[l->order_pos++];
+
+		if (l->chunks[i].state == CHUNK_IDLE && chunk_wanted(l, &l->chunks[i]) && (ret = request_chunk(l, i, true)))
+			return ret;
+	}
+	if (!l->inflight_prefetch && l->st.prefetch_start && !l->st.prefetch_end)
+		l->st.prefetch_end = now();
+	return 0;
+}
+
+/* Installs the MISSING pages of [first, first+n), whose bytes are at src, region by region. An
+ * -EAGAIN (event pending, range unmapped) leaves the rest MISSING: a fault there asks again. */
+static int install_pages(struct loader *l, uint64_t first, uint64_t n, const uint8_t *src, uint64_t *count)
+{
+	for (uint64_t i = 0; i < n;) {
+		const struct region *r = region_of_page(l, first + i);
+		uint64_t j = i + 1, end;
+		int ret;
+
+		if (!r || page_state(l, first + i) != MISSING) {
+			i++;
+			continue;
+		}
+		end = (r->offset + r->size) / l->ps - first;
+		while (j < n && j < end && page_state(l, first + j) == MISSING)
+			j++;
+		if ((ret = install_run(l, r, first + i, j - i, src + i * l->ps, true)))
+			return ret;
+		*count += j - i;
+		i = j;
+	}
+	return 0;
+}
+
+/* Wakes whoever faulted in [first, first+n), region by region. */
+static int wake_pages(struct loader *l, uint64_t first, uint64_t n)
+{
+	for (size_t i = 0; i < l->nregions; i++) {
+		const struct region *r = &l->regions[i];
+		uint64_t lo = r->offset / l->ps, hi = (r->offset + r->size) / l->ps;
+		int ret;
+
+		lo = lo > first ? lo : first;
+		hi = hi < first + n ? hi : first + n;
+		if (lo < hi && (ret = wake(l, page_addr(l, r, lo), (hi - lo) * l->ps)))
+			return ret;
+	}
+	return 0;
+}
+
+static int install_split(struct loader *l, struct split *s, uint64_t *count)
+{
+	int ret = install_pages(l, s->page, 1, s->buf, count);
+
+	if (!ret && page_state(l, s->page) != MISSING) {
+		free(s->buf);
+		s->buf = NULL;
+	}
+	return ret;
+}
+
+/* Adds chunk c's bytes of split page p; installs the page once every chunk of it gave its part.
+ * The buffer stays until the page is in, so asking for a chunk again never counts it twice. */
+static int give_split(struct loader *l, struct chunk *c, const uint8_t *map, uint64_t p, uint64_t *count)
+{
+	struct split *s = split_of(l, p);
+	uint64_t lo = p * l->ps > c->off ? p * l->ps : c->off;
+	uint64_t hi = (p + 1) * l->ps < c->off + c->size ? (p + 1) * l->ps : c->off + c->size;
+
+	if (!s->buf && !(s->buf = calloc(1, l->ps)))
+		return fail(l, ENOMEM, "out of memory");
+	memcpy(s->buf + (lo - p * l->ps), map + (lo - c->off), hi - lo);
+	if (!(lo == c->off ? c->gave_head : c->gave_tail)) {
+		*(lo == c->off ? &c->gave_head : &c->gave_tail) = true;
+		s->have++;
+	}
+	return s->have == s->need ? install_split(l, s, count) : 0;
+}
+
+/* Installs every MISSING page of chunk i from its mapping, then wakes the chunk's pages. */
+static int install_chunk(struct loader *l, size_t i, const uint8_t *map)
+{
+	struct chunk *c = &l->chunks[i];
+	uint64_t head = c->off / l->ps, tail = (c->off + c->size - 1) / l->ps, count = 0;
+	uint64_t first = whole_in(l, c, head) ? head : head + 1, last = whole_in(l, c, tail) ? tail : tail - 1;
+	int ret = 0;
+
+	if (first != head)
+		ret = give_split(l, c, map, head, &count);
+	if (!ret && tail != head && last != tail)
+		ret = give_split(l, c, map, tail, &count);
+	if ((!ret || ret == -EAGAIN) && first <= last && last != UINT64_MAX)
+		ret = install_pages(l, first, last - first + 1, map + (first * l->ps - c->off), &count);
+	if (c->prefetch)
+		l->st.prefetch_pages += count;
+	else
+		l->st.demand_pages += count;
+	if (count)
+		l->st.last_install = now();
+	if (ret && ret != -EAGAIN)
+		return ret;
+	return wake_pages(l, head, tail - head + 1);
+}
+
+/* Takes one answer of the feeder: a sealed memfd of chunk i's bytes, or why it has none. */
+static int receive_chunk(struct loader *l)
+{
+	struct {
+		uint64_t index;
+		uint8_t status;
+		char text[512];
+	} __attribute__((packed)) msg;
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { &msg, sizeof(msg) - 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	struct stat sb;
+	struct chunk *c;
+	uint8_t *map;
+	int fd = -1, ret;
+	ssize_t n = recvmsg(l->feed_fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return -EAGAIN;
+	for (cm = CMSG_FIRSTHDR(&mh); n > 0 && cm; cm = CMSG_NXTHDR(&mh, cm))
+		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+			memcpy(&fd, CMSG_DATA(cm), sizeof(int));
+	if (n < 0)
+		return fail(l, errno, "reading from the chunk feeder: %s", strerror(errno));
+	if (n == 0)
+		return fail(l, EPIPE, "the chunk feeder went away");
+	if (n < 9 || msg.index >= l->nchunks || l->chunks[msg.index].state != CHUNK_REQUESTED) {
+		ret = fail(l, EPROTO, "the chunk feeder answered outside the protocol");
+		goto out;
+	}
+	c = &l->chunks[msg.index];
+	if (msg.status) {
+		msg.text[n - 9] = '\0';
+		ret = fail(l, EIO, "chunk %" PRIu64 " (image bytes %" PRIu64 "-%" PRIu64 "): %s", msg.index, c->off,
+			   c->off + c->size, msg.text);
+		goto out;
+	}
+	/* Sealed against writes and shrinking, the bytes we install are the bytes that were checked. */
+	if (fd < 0 || fstat(fd, &sb) < 0 || (uint64_t)sb.st_size != c->size ||
+	    (fcntl(fd, F_GET_SEALS) & (F_SEAL_WRITE | F_SEAL_SHRINK)) != (F_SEAL_WRITE | F_SEAL_SHRINK)) {
+		ret = fail(l, EPROTO, "the chunk feeder sent chunk %" PRIu64 " without a sealed memfd of its size", msg.index);
+		goto out;
+	}
+	map = mmap(NULL, c->size, PROT_READ, MAP_SHARED, fd, 0);
+	if (map == MAP_FAILED) {
+		ret = fail(l, errno, "mmap of chunk %" PRIu64 ": %s", msg.index, strerror(errno));
+		goto out;
+	}
+	l->inflight_prefetch -= c->prefetch;
+	c->state = CHUNK_DONE;
+	l->st.prefetch_bytes += c->size;
+	l->st.chunks++;
+	ret = install_chunk(l, msg.index, map);
+	munmap(map, c->size);
+	if (!ret && c->demanded_at) {
+		ret = record_latency(l, c->demanded_at);
+		c->demanded_at = 0;
+	}
+	if (!ret)
+		ret = top_up_prefetch(l);
+out:
+	if (fd >= 0)
+		close(fd);
+	return ret;
+}
+
+/* A fault in chunk mode: holes and the tail past the file end are zero pages; a page whose
+ * chunks are all in but is still missing (an install met an unmapped range) is asked for again;
+ * otherwise its chunks are asked for now, ahead of the prefetch, and their arrival wakes it. */
+static int serve_chunk_fault(struct loader *l, const struct region *r, uint64_t page, double start)
+{
+	uint64_t lo = page * l->ps, hi = lo + l->ps, count = 0;
+	struct split *s = split_of(l, page);
+	size_t i = chunk_after(l, lo);
+	int ret;
+
+	if (i == l->nchunks || l->chunks[i].off >= hi) {
+		/* A hole: zero-fill up to HOLE_AROUND of it at once, as a first touch seldom stays alone. */
+		uint64_t end = i == l->nchunks ? l->npages : l->chunks[i].off / l->ps, n = 1;
+
+		end = end < (r->offset + r->size) / l->ps ? end : (r->offset + r->size) / l->ps;
+		while (n < HOLE_AROUND && page + n < end && page_state(l, page + n) == MISSING)
+			n++;
+		return install_span(l, r, page, n, NULL, UFFDIO_ZEROPAGE, false);
+	}
+	if (s && s->buf && s->have == s->need)
+		return (ret = install_split(l, s, &count)) ? ret : wake_pages(l, page, 1);
+	for (; i < l->nchunks && l->chunks[i].off < hi; i++) {
+		struct chunk *c = &l->chunks[i];
+		bool gave = s && (c->off >= lo ? c->gave_head : c->gave_tail);
+
+		if (c->state != CHUNK_REQUESTED && !gave && (ret = request_chunk(l, i, false)))
+			return ret;
+		if (!c->demanded_at)
+			c->demanded_at = start;
+	}
+	return 0;
+}
+
 static int serve_fault(struct loader *l, uint64_t addr, double start)
 {
 	const struct region *r = region_of_addr(l, addr);
@@ -1190,6 +1601,8 @@ static int serve_fault(struct loader *l, uint64_t addr, double start)
 	state = page_state(l, page);
 	if (state == REMOVED)
 		ret = zero_fill(l, r, page);
+	else if (l->feed_fd >= 0)
+		ret = state == PRESENT ? -EAGAIN : serve_chunk_fault(l, r, page, start);
 	else if (l->memfd_mode && state == PRESENT)
 		ret = install(l, UFFDIO_CONTINUE, page_addr(l, r, page), NULL, l->ps, false, &done);
 	else
@@ -1273,14 +1686,20 @@ static int serve(struct loader *l)
 {
 	int ret;
 
+	l->st.handshake = now();
 	if (l->nhot && (ret = start_workers(l)))
 		return ret;
+	if (l->feed_fd >= 0) {
+		l->st.prefetch_start = now();
+		if ((ret = top_up_prefetch(l)))
+			return ret;
+	}
 	for (;;) {
-		struct pollfd pfd[3] = {
-			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { l->errfd, POLLIN, 0 },
+		struct pollfd pfd[4] = {
+			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { l->errfd, POLLIN, 0 }, { l->feed_fd, POLLIN, 0 },
 		};
 
-		if (poll(pfd, 3, -1) < 0 && errno != EINTR)
+		if (poll(pfd, 4, -1) < 0 && errno != EINTR)
 			return fail(l, errno, "poll: %s", strerror(errno));
 		if (pfd[2].revents & POLLIN) {
 			pthread_mutex_lock(&l->mu);
@@ -1294,6 +1713,14 @@ static int serve(struct loader *l)
 			return fail(l, EPROTO, "the uffd reports an error (UFFDIO_API not done?)");
 		if ((pfd[0].revents & POLLIN) && (ret = serve_faults(l)))
 			return ret;
+		/* A few chunks at a time, so that faults waiting in the uffd are read in between. */
+		for (int k = 0; k < 4 && (pfd[3].revents & (POLLIN | POLLHUP | POLLERR)); k++) {
+			ret = receive_chunk(l);
+			if (ret == -EAGAIN)
+				break;
+			if (ret)
+				return ret;
+		}
 	}
 }
 
@@ -1324,10 +1751,11 @@ static void write_stats(struct loader *l)
 		"{\"demand_faults\": %" PRIu64 ", \"demand_pages\": %" PRIu64 ", \"zero_pages\": %" PRIu64
 		", \"removed_pages\": %" PRIu64 ", \"prefetch_pages\": %" PRIu64 ", \"prefetch_bytes\": %" PRIu64
 		", \"prefetch_seconds\": %.6f, \"prefetch_gbps\": %.3f, \"direct_bytes\": %" PRIu64
+		", \"chunks\": %" PRIu64 ", \"handshake_at\": %.6f, \"first_served_at\": %.6f, \"last_install_at\": %.6f"
 		", \"fault_latency_us\": {\"samples\": %zu, \"p50\": %.2f, \"p99\": %.2f, \"max\": %.2f}}\n",
 		st->faults, st->demand_pages, st->zero_pages, st->removed_pages, st->prefetch_pages,
 		st->prefetch_bytes, secs, secs > 0 ? st->prefetch_bytes / secs / 1e9 : 0,
-		st->direct_bytes, st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
+		st->direct_bytes, st->chunks, st->handshake, st->first_served, st->last_install, st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
 		percentile_us(st, 1.0));
 	fclose(f);
 }
@@ -1336,7 +1764,7 @@ static int setup(struct loader *l)
 {
 	int ret;
 
-	if ((ret = open_image(l)))
+	if ((ret = l->feed_fd >= 0 ? load_layout(l) : open_image(l)))
 		return ret;
 	if (l->hot_path && (ret = load_hot_list(l)))
 		return ret;
@@ -1358,7 +1786,7 @@ static int setup(struct loader *l)
 
 static void cleanup(struct loader *l)
 {
-	int fds[] = { l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd };
+	int fds[] = { l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd, l->feed_fd, l->layout_fd };
 
 	for (unsigned i = 0; l->workers && i < l->nworkers; i++) {
 		struct worker *w = &l->workers[i];
@@ -1391,6 +1819,11 @@ static void cleanup(struct loader *l)
 			close(fds[i]);
 	if (l->listen_fd >= 0)
 		unlink(l->socket_path);
+	for (size_t i = 0; i < l->nsplits; i++)
+		free(l->splits[i].buf);
+	free(l->splits);
+	free(l->chunks);
+	free(l->order);
 	free(l->state);
 	free(l->hot);
 	free(l->st.lat_ns);
@@ -1400,6 +1833,7 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: uffd_loader --image FILE [--image FILE...] --socket PATH [--hot FILE] [--record FILE] [--memfd]\n"
+		"       uffd_loader --chunks FD --layout FD --socket PATH [--record FILE] [--queue-depth N]\n"
 		"                   [--fault-around-kib N] [--queue-depth N] [--prefetch-threads N] [--buffered | --direct]\n"
 		"                   [--stats-json FILE]\n");
 }
@@ -1451,6 +1885,10 @@ static int parse_args(struct loader *l, int argc, char **argv)
 			l->record_path = val;
 		else if (!strcmp(a, "--stats-json"))
 			l->stats_path = val;
+		else if (!strcmp(a, "--chunks") && parse_u64(val, &v) && v <= INT32_MAX)
+			l->feed_fd = v;
+		else if (!strcmp(a, "--layout") && parse_u64(val, &v) && v <= INT32_MAX)
+			l->layout_fd = v;
 		else if (!strcmp(a, "--fault-around-kib") && parse_u64(val, &v) && v <= MAX_READ >> 10)
 			l->fault_around = v << 10;
 		else if (!strcmp(a, "--queue-depth") && parse_u64(val, &v) && v >= 1 && v <= 1024)
@@ -1462,7 +1900,11 @@ static int parse_args(struct loader *l, int argc, char **argv)
 		if (strcmp(a, "--memfd") && strcmp(a, "--buffered") && strcmp(a, "--direct"))
 			i++;
 	}
-	return l->nimages && l->socket_path ? 0 : -1;
+	/* Chunk mode takes its image, and its prefetch order, from the layout. */
+	if ((l->feed_fd >= 0) != (l->layout_fd >= 0) ||
+	    (l->feed_fd >= 0 && (l->nimages || l->hot_path || l->memfd_mode)))
+		return -1;
+	return (l->nimages || l->feed_fd >= 0) && l->socket_path ? 0 : -1;
 }
 
 /* One prefetch thread per CPU, up to DEFAULT_PREFETCH_THREADS: see docs/uffd.md for the sweep. */
@@ -1477,7 +1919,7 @@ int main(int argc, char **argv)
 {
 	struct loader l = {
 		.fault_around = DEFAULT_FAULT_AROUND_KIB << 10, .queue_depth = DEFAULT_QUEUE_DEPTH,
-		.listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1,
+		.listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1, .feed_fd = -1, .layout_fd = -1,
 		.mu = PTHREAD_MUTEX_INITIALIZER, .progress = PTHREAD_COND_INITIALIZER,
 		.events = PTHREAD_RWLOCK_INITIALIZER,
 	};
@@ -1492,6 +1934,7 @@ int main(int argc, char **argv)
 		l.fault_around = l.ps;
 	if (!l.nworkers)
 		l.nworkers = default_workers();
+	l.window = l.queue_depth;
 	signal(SIGPIPE, SIG_IGN);
 	ret = setup(&l);
 	if (!ret)

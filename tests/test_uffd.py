@@ -567,33 +567,168 @@ def test_cli_reports_failure(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
     assert "missing" in capfd.readouterr().err
 
 
-def test_uffd_serve_from_the_store(tmp_path: Path, image: Image) -> None:
-    from snapstore.cli import main
+# A restoring process for uffd-serve: it must not share a process with the feeder, whose
+# Python would wait for the GIL that the faulting thread holds.
+SERVE_CLIENT = """
+import random, sys
+from pathlib import Path
+from snapstore.uffd.client import PAGE_SIZE, Client
+sock, image, touch = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), int(sys.argv[3])
+size = -(-len(image) // PAGE_SIZE) * PAGE_SIZE
+image += bytes(size - len(image))
+pages = list(range(size // PAGE_SIZE))
+random.Random(7).shuffle(pages)
+with Client(sock, [(0, size)]) as client:
+    print("connected", flush=True)
+    for n, p in enumerate(pages[:touch] if touch >= 0 else pages):
+        if client.read(p * PAGE_SIZE, PAGE_SIZE) != image[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]:
+            print("bad", p, flush=True)
+    print("done", flush=True)
+"""
+SERVE_IMAGE = 48 << 20
+
+
+@dataclass
+class Served:
+    store: Any
+    image: Path
+    sock: Path
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Served:
     from snapstore.ingest import ingest
     from snapstore.store.local import LocalStore
+    from tests.conftest import memory_like
 
     src = tmp_path / "src"
     src.mkdir()
-    (src / "mem.img").symlink_to(image.path)
-    (src / "copy.img").write_bytes(image.data)
+    # Not a whole number of pages: the last page is the file's tail and zeros.
+    (src / "mem.img").write_bytes(memory_like(SERVE_IMAGE, seed=11) + b"tail")
     store = LocalStore.open(tmp_path / "store")
     ingest(store, src, "mem")
-    sock = tmp_path / "serve.sock"
-    status: list[int] = []
-    argv = ["--store", str(store.root), "uffd-serve", "mem", "copy.img", "--socket", str(sock)]
-    runner = threading.Thread(target=lambda: status.append(main(argv)))
-    runner.start()
-    deadline = time.monotonic() + 60
-    while not sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    with Client(sock, [(0, IMAGE_SIZE)]) as client:
-        client.touch(shuffled_pages(seed=5, fraction=0.1))
-        assert_all_pages(client, image)
-    runner.join(timeout=60)
-    assert status == [0]
-    assert list(store.tmp_files()) == []
-    assert main(["--store", str(store.root), "uffd-serve", "mem", "nope.img", "--socket",
-                 str(sock)]) == 1
+    return Served(store, src / "mem.img", tmp_path / "serve.sock")
+
+
+def start_serve(s: Served, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "snapstore", "--store", str(s.store.root), "uffd-serve", "mem",
+         "mem.img", "--socket", str(s.sock), *args],
+        stderr=subprocess.PIPE, text=True, env=env)
+
+
+def serve_client(s: Served, touch: int = -1) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", SERVE_CLIENT, str(s.sock), str(s.image),
+                             str(touch)], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def loader_pids(s: Served) -> list[int]:
+    """The chunk loader processes serving this test's store."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"snapstore.store.load_worker" in argv and str(s.store.root).encode() in argv:
+            pids.append(int(d.name))
+    return pids
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("hot", [False, True], ids=["recorded-or-file-order", "hot-list"])
+def test_uffd_serve_every_page_from_the_store(tmp_path: Path, served: Served, hot: bool) -> None:
+    npages = -(-(SERVE_IMAGE + 4) // PAGE_SIZE)
+    args = ["--stats-json", str(tmp_path / "stats.json")]
+    if hot:
+        pages = np.random.default_rng(3).permutation(npages)[: npages // 5]
+        args += ["--hot", str(write_list(tmp_path / "hot", [int(p) for p in pages]))]
+    serve = start_serve(served, *args)
+    with serve_client(served) as client:
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    assert out == "connected\ndone\n"
+    assert client.returncode == 0
+    assert status == 0, err
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["chunks"] > 0 and stats["zero_pages"] > 0
+    # Nothing on disk: no export, no working directory.
+    assert list(served.store.tmp_dir.iterdir()) == []
+    assert loader_pids(served) == []
+
+
+def test_uffd_serve_refuses_what_it_cannot_serve(served: Served) -> None:
+    from snapstore.cli import main
+
+    root = str(served.store.root)
+    sock = str(served.sock)
+    assert main(["--store", root, "uffd-serve", "mem", "nope.img", "--socket", sock]) == 1
+    bad = served.sock.with_name("hot")
+    bad.write_text("12\nx\n")
+    assert main(["--store", root, "uffd-serve", "mem", "mem.img", "--socket", sock,
+                 "--hot", str(bad)]) == 2
+
+
+def test_uffd_serve_corrupt_chunk_kills_the_client(served: Served) -> None:
+    """A chunk that fails its hash is never installed: the client that needs it is killed
+    (it cannot go on without the page), never given a wrong byte, never left hanging."""
+    victim = next(served.store.chunk_path(x.chunk) for e in
+                  served.store.get_manifest(served.store.resolve("mem")).files()
+                  for x in e.extents[len(e.extents) // 2:] if x.chunk is not None)
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(blob))
+    serve = start_serve(served)
+    with serve_client(served) as client:
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    assert client.returncode == -signal.SIGKILL
+    assert "bad" not in out
+    assert status == 1
+    assert err.count("\n") == 1 and "uffd_loader: chunk" in err, err
+    assert loader_pids(served) == []
+
+
+def test_uffd_serve_survives_a_killed_loader_process(served: Served) -> None:
+    serve = start_serve(served, "--loaders", "1")
+    with serve_client(served) as client:
+        assert client.stdout is not None
+        assert client.stdout.readline() == "connected\n"
+        # Both started: the first forks the second once it has opened the store.
+        deadline = time.monotonic() + 30
+        while len(pids := loader_pids(served)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    # A load in flight fails once and is tried again on the loader started in its place.
+    assert out == "done\n" and client.returncode == 0, err
+    assert status == 0, err
+
+
+def test_uffd_serve_client_gone_early(served: Served) -> None:
+    serve = start_serve(served)
+    with serve_client(served, touch=50) as client:
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    assert out == "connected\ndone\n" and client.returncode == 0
+    assert status == 0, err
+    assert loader_pids(served) == []
+    assert list(served.store.tmp_dir.iterdir()) == []
 
 
 handshake_fields = st.fixed_dictionaries(

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from snapstore.errors import NotFoundError
+from snapstore.cli_common import positive_int
+from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.store.local import LocalStore
 from snapstore.uffd.loader import LoaderNotBuiltError, LoaderOptions, run
 
 
@@ -26,12 +29,22 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "uffd-serve",
         help="serve page faults from a file of a snapshot in the store",
-        description="Materialise PATH of snapshot REF (hash-checked) beside the store, then "
-        "run the loader on it as uffd-loader does; the copy is removed on exit.",
+        description="Serve PATH of snapshot REF as uffd-loader serves an image, straight from "
+        "the store's chunks: each is decompressed and hash-checked once, in loader processes, "
+        "and nothing is written to disk. Without --hot, every chunk of the file is prefetched: "
+        "those a mount of the snapshot read first (its recorded order), then the rest in file "
+        "order. A fault on a chunk not loaded yet goes ahead of the prefetch.",
     )
     p.add_argument("ref", help="tag or snapshot id")
     p.add_argument("path", help="the memory image's path inside the snapshot")
-    _loader_options(p)
+    p.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
+    p.add_argument("--hot", type=Path,
+                   help="page indices to prefetch, one per line (only their chunks are)")
+    p.add_argument("--record", type=Path, help="write demand-faulted page indices here")
+    p.add_argument("--loaders", type=positive_int,
+                   help="chunk loader processes for the prefetch (default: CPUs, at most 8; "
+                   "one more is kept for faults)")
+    p.add_argument("--stats-json", type=Path, help="write fault and prefetch statistics here")
     p.set_defaults(func=run_serve)
 
 
@@ -57,24 +70,44 @@ def _loader_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Why materialise rather than read through a mount: the loader's prefetch reads with
-    O_DIRECT and deep AIO queues, which a disk serves at 2+ GB/s and a FUSE file at a
-    fraction of that (benchmarks/RESULTS.md), and faults then hit a local file's page
-    cache. The copy costs one sequential write of the image before the loader starts."""
-    import tempfile
+    import trio
 
     from snapstore.cli_common import open_store
-    from snapstore.export import export_file
+    from snapstore.store.loader import ProcessChunkReader
+    from snapstore.uffd import serve
 
     store = open_store(args)
-    m = store.get_manifest(store.resolve(args.ref))
-    entry = next((e for e in m.files() if e.path == args.path), None)
-    if entry is None:
-        raise NotFoundError(f"snapshot {args.ref} has no file {args.path!r}")
-    with tempfile.TemporaryDirectory(prefix="uffd-serve-", dir=store.tmp_dir) as tmp:
-        image = Path(tmp) / "image"
-        export_file(store, entry, image)
-        return _run(args, image)
+    mid = store.resolve(args.ref)
+    layout = serve.Layout.of(serve.find_file(store.get_manifest(mid), args.path))
+    hot = serve.read_hot_list(args.hot, layout.npages) if args.hot is not None else None
+    order = serve.prefetch_order(layout, hot, [] if hot is not None else _recorded(store, mid))
+    loaders = args.loaders or default_loaders()
+    extra: list[str] = []
+    for flag, path in (("--record", args.record), ("--stats-json", args.stats_json)):
+        if path is not None:
+            extra += [flag, str(path)]
+    try:
+        status = trio.run(serve.serve, layout, order, args.socket,
+                          lambda: ProcessChunkReader(store, loaders + 1), loaders, extra)
+    except LoaderNotBuiltError as e:
+        print(f"snapstore: {e}", file=sys.stderr)
+        return 1
+    return status if status in (0, 1, 2) else 1
+
+
+def default_loaders() -> int:
+    return min(os.cpu_count() or 1, 8)
+
+
+def _recorded(store: LocalStore, mid: ChunkId) -> list[ChunkId]:
+    """The chunk order the last mount of the snapshot read, if one recorded it."""
+    from fusefs.mount import access_path
+
+    try:
+        lines = access_path(store.root, mid).read_text().split()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return []
+    return [ChunkId.parse(line) for line in lines if is_valid_hex_id(line)]
 
 
 def run_loader(args: argparse.Namespace) -> int:
