@@ -60,6 +60,7 @@
 #define DEFAULT_QUEUE_DEPTH 64
 #define PREFETCH_MIN_ZERO 16
 #define HOLE_AROUND 512
+#define DEMAND_BIT (1ull << 63)
 #define SUBMIT_BATCH 8
 #define MAX_PREFETCH_THREADS 64
 #define DEFAULT_PREFETCH_THREADS 8
@@ -1353,7 +1354,7 @@ static size_t chunk_after(const struct loader *l, uint64_t off)
 
 static int request_chunk(struct loader *l, size_t i, bool prefetch)
 {
-	uint64_t msg = i;
+	uint64_t msg = i | (prefetch ? 0 : DEMAND_BIT);
 
 	if (send(l->feed_fd, &msg, sizeof(msg), MSG_NOSIGNAL) != sizeof(msg))
 		return fail(l, errno, "asking the chunk feeder for chunk %zu: %s", i, strerror(errno));

@@ -33,9 +33,11 @@ from snapstore.manifest import Entry, Manifest
 from snapstore.store.loader import LoaderError
 from snapstore.uffd.loader import binary_path
 
-# The feeder's side of the protocol: the loader asks with a chunk index; the answer is the
-# index, a status byte and, for OK, the memfd (else a UTF-8 reason).
+# The feeder's side of the protocol: the loader asks with a chunk index, its top bit set
+# when a fault waits for the chunk; the answer is the index, a status byte and, for OK, the
+# memfd (else a UTF-8 reason).
 REQUEST = struct.Struct("<Q")
+DEMAND = 1 << 63
 REPLY = struct.Struct("<QB")
 OK, FAILED = 0, 1
 _MAX_REASON = 500
@@ -156,9 +158,12 @@ def start_loader(layout: Layout, order: Sequence[int], sock_path: Path, window: 
     return proc, ours
 
 
-async def feed(sock: socket.socket, layout: Layout, source: ChunkSource) -> None:
-    """Answers the loader's chunk requests until it closes its end (it exits)."""
+async def feed(sock: socket.socket, layout: Layout, source: ChunkSource, prefetchers: int) -> None:
+    """Answers the loader's chunk requests until it closes its end (it exits). At most
+    `prefetchers` prefetch loads run at once, so a source with one more loader always has
+    one free for a fault."""
     tsock = trio.socket.from_stdlib_socket(sock)
+    prefetch = trio.Semaphore(prefetchers)
     async with trio.open_nursery() as nursery:
         while True:
             try:
@@ -168,16 +173,19 @@ async def feed(sock: socket.socket, layout: Layout, source: ChunkSource) -> None
             if len(msg) != REQUEST.size:
                 break
             (index,) = REQUEST.unpack(msg)
+            limit = None if index & DEMAND else prefetch
+            index &= ~DEMAND
             if index >= len(layout.chunks):
                 break
-            nursery.start_soon(_answer, tsock, index, layout.chunks[index], source)
+            nursery.start_soon(_answer, tsock, index, layout.chunks[index], source, limit)
         nursery.cancel_scope.cancel()
 
 
 async def _answer(sock: trio.socket.SocketType, index: int, chunk: tuple[ChunkId, int],
-                  source: ChunkSource) -> None:
+                  source: ChunkSource, limit: trio.Semaphore | None) -> None:
     try:
-        fd = await _load(source, *chunk)
+        async with limit if limit is not None else contextlib.nullcontext():
+            fd = await _load(source, *chunk)
     except SnapstoreError as e:
         with contextlib.suppress(ConnectionError):
             await sock.send(REPLY.pack(index, FAILED) + str(e).encode()[:_MAX_REASON])
@@ -202,15 +210,17 @@ async def _load(source: ChunkSource, cid: ChunkId, size: int) -> int:
 
 async def serve(layout: Layout, order: Sequence[int], sock_path: Path,
                 open_source: Callable[[], AbstractAsyncContextManager[ChunkSource]],
-                window: int, extra: Sequence[str] = ()) -> int:
-    """Runs the loader in chunk mode fed from the source `open_source` gives; returns the
-    loader's exit status. The loader starts first, so that it listens while the source
-    starts; if the source fails, closing the socket ends the loader (and kills a client
-    that handed it a uffd), and the error propagates."""
-    proc, ours = start_loader(layout, order, sock_path, window, extra)
+                prefetchers: int, extra: Sequence[str] = ()) -> int:
+    """Runs the loader in chunk mode fed from the source `open_source` gives (with one more
+    loader than `prefetchers`); returns the loader's exit status. The loader starts first,
+    so that it listens while the source starts; if the source fails, closing the socket
+    ends the loader (and kills a client that handed it a uffd), and the error propagates.
+    The loader keeps two prefetch requests per prefetcher in flight: one loading, one
+    queued, so no loader waits for the round trip of its next request."""
+    proc, ours = start_loader(layout, order, sock_path, 2 * prefetchers, extra)
     try:
         async with open_source() as source:
-            await feed(ours, layout, source)
+            await feed(ours, layout, source, prefetchers)
     finally:
         ours.close()
         status = await trio.to_thread.run_sync(proc.wait)
