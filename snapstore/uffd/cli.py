@@ -87,7 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if path is not None:
             extra += [flag, str(path)]
     try:
-        status = trio.run(serve.serve, layout, order, args.socket,
+        status = trio.run(serve.serve_chunks, layout, order, args.socket,
                           lambda: ProcessChunkReader(store, loaders + 1), loaders, extra)
     except LoaderNotBuiltError as e:
         print(f"snapstore: {e}", file=sys.stderr)

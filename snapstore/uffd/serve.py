@@ -58,13 +58,32 @@ class Layout:
 
     @classmethod
     def of(cls, entry: Entry) -> Layout:
-        chunks, offsets, pos = [], [], 0
-        for x in entry.extents:
-            if x.chunk is not None:
-                chunks.append((x.chunk, x.size))
-                offsets.append(pos)
-            pos += x.size
-        return cls(entry.size, chunks, np.array(offsets, dtype=np.uint64))
+        return cls.of_files([entry], entry.size)
+
+    @classmethod
+    def of_files(cls, entries: Sequence[Entry], stride: int) -> Layout:
+        """Files one after another, file `i` at `i * stride` (a GPU dump's segments)."""
+        chunks, offsets = [], []
+        for i, entry in enumerate(entries):
+            pos = i * stride
+            for x in entry.extents:
+                if x.chunk is not None:
+                    chunks.append((x.chunk, x.size))
+                    offsets.append(pos)
+                pos += x.size
+        size = (len(entries) - 1) * stride + entries[-1].size if entries else 0
+        return cls(size, chunks, np.array(offsets, dtype=np.uint64))
+
+    def data_pages(self) -> np.ndarray[tuple[int], np.dtype[np.int64]]:
+        """The pages holding chunk bytes, in order."""
+        sizes = np.array([s for _, s in self.chunks], dtype=np.int64)
+        first = self.offsets.astype(np.int64) // PAGE
+        last = (self.offsets.astype(np.int64) + sizes - 1) // PAGE
+        if not len(first):
+            return np.zeros(0, dtype=np.int64)
+        counts = last - first + 1
+        starts = np.repeat(first - np.cumsum(counts) + counts, counts)
+        return np.unique(starts + np.arange(int(counts.sum()), dtype=np.int64))
 
     @property
     def npages(self) -> int:
@@ -208,7 +227,7 @@ async def _load(source: ChunkSource, cid: ChunkId, size: int) -> int:
     return await source.read_chunk_fd(cid, size)
 
 
-async def serve(layout: Layout, order: Sequence[int], sock_path: Path,
+async def serve_chunks(layout: Layout, order: Sequence[int], sock_path: Path,
                 open_source: Callable[[], AbstractAsyncContextManager[ChunkSource]],
                 prefetchers: int, extra: Sequence[str] = ()) -> int:
     """Runs the loader in chunk mode fed from the source `open_source` gives (with one more
