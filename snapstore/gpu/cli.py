@@ -95,6 +95,7 @@ def cmd_gpu_load(args: argparse.Namespace) -> int:
         process_start,
         serve,
         serve_snapshot,
+        start_snapshot_client,
     )
 
     started = process_start()
@@ -111,16 +112,24 @@ def cmd_gpu_load(args: argparse.Namespace) -> int:
                 return _status(serve(dump, workdir, args.socket, direct=args.direct_io))
             r = load(dump, workdir, verify=not args.no_verify, direct=args.direct_io,
                      started=started)
+        elif args.socket is not None:
+            store = open_store(args)
+            _, layout = open_snapshot(store, store.get_manifest(store.resolve(args.ref)))
+            print(f"serving {args.ref} on {args.socket}; regions in its {TABLE_FILE}",
+                  file=sys.stderr)
+            return _status(serve_snapshot(store, layout, args.socket, []))
         else:
             store = open_store(args)
             mid = store.resolve(args.ref)
-            dump, layout = open_snapshot(store, store.get_manifest(mid))
-            if args.socket is not None:
-                print(f"serving {args.ref} on {args.socket}; regions in its {TABLE_FILE}",
-                      file=sys.stderr)
-                return _status(serve_snapshot(store, layout, args.socket, []))
+            client = start_snapshot_client(store.root, mid.hex, workdir, not args.no_verify)
+            try:
+                dump, layout = open_snapshot(store, store.get_manifest(mid))
+            except BaseException:
+                client.kill()
+                client.wait()
+                raise
             r = load_snapshot(store, mid, dump, layout, workdir, verify=not args.no_verify,
-                              started=started)
+                              started=started, client=client)
     except LoaderNotBuiltError as err:
         raise SnapstoreError(str(err)) from None
     finally:

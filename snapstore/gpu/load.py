@@ -53,6 +53,7 @@ from snapstore.uffd.serve import Layout, serve_chunks
 MAX_MAPPINGS = 64
 _VERIFY_SLICE = 64 << 20
 _INFLIGHT_PER_WORKER = 4
+_CONNECT_SECONDS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,15 +248,25 @@ def load(dump: Dump, workdir: Path, verify: bool = True, direct: bool = False,
     return _result(dump, int(hot.size) * PAGE, json.loads(out), stats, started, spawned)
 
 
+def start_snapshot_client(store_root: Path, ref: str, workdir: Path,
+                          verify: bool = True) -> subprocess.Popen[str]:
+    """The restoring process of `load_snapshot`, started on its own: its start-up (an
+    interpreter, numpy, the manifest) then overlaps this process's own."""
+    return _start_client(["store", str(store_root), ref], workdir / "loader.sock", verify)
+
+
 def load_snapshot(store: LocalStore, mid: ChunkId, dump: Dump, layout: Layout, workdir: Path,
-                  verify: bool = True, started: float | None = None) -> LoadResult:
+                  verify: bool = True, started: float | None = None,
+                  client: subprocess.Popen[str] | None = None) -> LoadResult:
     """Fill a fresh process's anonymous mappings with a dump snapshot, served by the loader
-    straight from the store's chunks (snapstore.uffd.serve); timed as `load` is."""
+    straight from the store's chunks (snapstore.uffd.serve); timed as `load` is. `client`:
+    one from start_snapshot_client for the same snapshot and workdir (default: start one)."""
     started = process_start() if started is None else started
     sock = workdir / "loader.sock"
     stats_path = workdir / "loader-stats.json"
     spawned = time.monotonic()
-    client = _start_client(["store", str(store.root), mid.hex], sock, verify)
+    if client is None:
+        client = start_snapshot_client(store.root, mid.hex, workdir, verify)
     try:
         status = serve_snapshot(store, layout, sock, ["--stats-json", str(stats_path)])
     finally:
@@ -310,7 +321,8 @@ def run_client(dump: Dump, sock: Path, verify: bool,
     client = Client(sock, mapped)
     try:
         connected = time.monotonic()
-        client.connect()
+        # The loader's parent may still be starting (the two start side by side).
+        client.connect(timeout=_CONNECT_SECONDS)
         _touch(client, mapped, hot)
         touched = time.monotonic()
         if verify:
@@ -402,8 +414,7 @@ def _client_main(argv: list[str]) -> dict[str, Any]:
     if argv[0] == "dir":
         return run_client(read_dump(Path(argv[1])), Path(argv[2]), argv[3] == "1")
     store = LocalStore.open(Path(argv[1]), create=False)
-    mid = ChunkId.parse(argv[2])
-    dump, layout = open_snapshot(store, store.get_manifest(mid))
+    dump, layout = open_snapshot(store, store.get_manifest(store.resolve(argv[2])))
     return run_client(dump, Path(argv[3]), argv[4] == "1", layout)
 
 
