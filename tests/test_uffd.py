@@ -731,6 +731,29 @@ def test_uffd_serve_client_gone_early(served: Served) -> None:
     assert list(served.store.tmp_dir.iterdir()) == []
 
 
+def test_uffd_serve_from_a_remote(tmp_path: Path, served: Served,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--remote: an empty local store, chunks fetched on demand from the bucket."""
+    from snapstore.cli import main
+    from tests.s3proxy import make_bucket, moto_server, s3_env
+
+    with moto_server() as port:
+        make_bucket(port, "uffd")
+        for k, v in {**s3_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        assert main(["--store", str(served.store.root), "push", "mem", "s3://uffd/x"]) == 0
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "snapstore", "--store", str(tmp_path / "empty"),
+             "uffd-serve", "mem", "mem.img", "--socket", str(served.sock), "--remote",
+             "s3://uffd/x"],
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        with serve_client(served) as client:
+            out, _ = client.communicate(timeout=120)
+        status, err = finish(serve)
+    assert out == "connected\ndone\n" and client.returncode == 0, err
+    assert status == 0, err
+
+
 handshake_fields = st.fixed_dictionaries(
     {},
     optional={

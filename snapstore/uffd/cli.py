@@ -45,6 +45,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="chunk loader processes for the prefetch (default: CPUs, at most 8; "
                    "one more is kept for faults)")
     p.add_argument("--stats-json", type=Path, help="write fault and prefetch statistics here")
+    p.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
+                   help="serve REF of this remote, fetching chunks on demand into the store's "
+                   "cache, as a lazy remote mount does (the local store may be empty)")
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     p.set_defaults(func=run_serve)
 
 
@@ -76,16 +81,25 @@ def run_serve(args: argparse.Namespace) -> int:
     from snapstore.store.loader import ProcessChunkReader
     from snapstore.uffd import serve
 
-    store = open_store(args)
-    mid = store.resolve(args.ref)
-    layout = serve.Layout.of(serve.find_file(store.get_manifest(mid), args.path))
-    hot = serve.read_hot_list(args.hot, layout.npages) if args.hot is not None else None
-    order = serve.prefetch_order(layout, hot, [] if hot is not None else _recorded(store, mid))
     loaders = args.loaders or default_loaders()
     extra: list[str] = []
     for flag, path in (("--record", args.record), ("--stats-json", args.stats_json)):
         if path is not None:
             extra += [flag, str(path)]
+    if args.remote is not None:
+        store = open_store(args, create=True)
+        try:
+            status = trio.run(serve.serve_remote, store, args.remote, args.endpoint_url,
+                              args.ref, args.path, args.hot, args.socket, loaders, extra)
+        except LoaderNotBuiltError as e:
+            print(f"snapstore: {e}", file=sys.stderr)
+            return 1
+        return status if status in (0, 1, 2) else 1
+    store = open_store(args)
+    mid = store.resolve(args.ref)
+    layout = serve.Layout.of(serve.find_file(store.get_manifest(mid), args.path))
+    hot = serve.read_hot_list(args.hot, layout.npages) if args.hot is not None else None
+    order = serve.prefetch_order(layout, hot, [] if hot is not None else _recorded(store, mid))
     try:
         status = trio.run(serve.serve_chunks, layout, order, args.socket,
                           lambda: ProcessChunkReader(store, loaders + 1), loaders, extra)

@@ -17,7 +17,7 @@ import re
 import socket
 import struct
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +30,9 @@ from snapstore.chunker_params import PAGE
 from snapstore.errors import SnapstoreError, UsageError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
+from snapstore.store.load_worker import sealed_memfd
 from snapstore.store.loader import LoaderError
+from snapstore.store.local import LocalStore
 from snapstore.uffd.loader import binary_path
 
 # The feeder's side of the protocol: the loader asks with a chunk index, its top bit set
@@ -46,6 +48,48 @@ _LOAD_ATTEMPTS = 4
 
 class ChunkSource(Protocol):
     async def read_chunk_fd(self, cid: ChunkId, size: int) -> int: ...
+
+
+class BytesReader(Protocol):
+    async def read_chunk(self, cid: ChunkId, size: int) -> bytes: ...
+
+
+class MemfdSource:
+    """A ChunkSource over a reader that gives checked bytes (a remote's): each chunk is
+    written into a sealed memfd in a thread. One copy more than the loader processes make,
+    behind a network fetch that costs far more."""
+
+    def __init__(self, reader: BytesReader) -> None:
+        self.reader = reader
+
+    async def read_chunk_fd(self, cid: ChunkId, size: int) -> int:
+        raw = await self.reader.read_chunk(cid, size)
+        return await trio.to_thread.run_sync(sealed_memfd, raw)
+
+
+async def serve_remote(store: LocalStore, remote: str, endpoint: str | None, ref: str,
+                       path: str, hot: Path | None, sock_path: Path, prefetchers: int,
+                       extra: Sequence[str] = ()) -> int:
+    """Serve file `path` of snapshot `ref` of a remote, chunks fetched on demand as a lazy
+    remote mount fetches them (through the store's disk cache); its own recorded order
+    first when there is no hot list."""
+    # Here, not at the top: the S3 client costs every local load its import time.
+    from snapstore.remote.reader import RemoteChunkReader, open_remote_snapshot
+    from snapstore.remote.url import RemoteURL
+    from snapstore.store.s3 import endpoint_url, open_s3
+
+    async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint)) as s3:
+        snap = await open_remote_snapshot(s3, ref)
+        layout = Layout.of(find_file(snap.manifest, path))
+        pages = read_hot_list(hot, layout.npages) if hot is not None else None
+        order = prefetch_order(layout, pages, [cid for cid, _ in snap.order])
+        source = MemfdSource(RemoteChunkReader(store, s3, snap))
+
+        @contextlib.asynccontextmanager
+        async def opened() -> AsyncIterator[ChunkSource]:
+            yield source
+
+        return await serve_chunks(layout, order, sock_path, opened, prefetchers, extra)
 
 
 @dataclass(frozen=True)
