@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -752,6 +753,55 @@ def test_uffd_serve_from_a_remote(tmp_path: Path, served: Served,
         status, err = finish(serve)
     assert out == "connected\ndone\n" and client.returncode == 0, err
     assert status == 0, err
+
+
+FEEDER_ANSWERS = {
+    "unsealed": "without a sealed memfd of its size",
+    "wrong-size": "without a sealed memfd of its size",
+    "no-memfd": "without a sealed memfd of its size",
+    "unknown-index": "outside the protocol",
+    "closes": "the chunk feeder went away",
+}
+
+
+@pytest.mark.parametrize("answer", sorted(FEEDER_ANSWERS))
+def test_loader_refuses_a_hostile_feeder(tmp_path: Path, served: Served, answer: str) -> None:
+    """The loader installs only from a sealed memfd of the chunk's size that answers a chunk
+    it asked for; anything else ends it with one line and kills the client, never a page
+    from bytes that could change or that belong elsewhere."""
+    import fcntl
+
+    from snapstore.uffd import serve as serve_module
+
+    m = served.store.get_manifest(served.store.resolve("mem"))
+    layout = serve_module.Layout.of(serve_module.find_file(m, "mem.img"))
+    proc, feeder = serve_module.start_loader(layout, [], served.sock, 1,
+                                             stderr=subprocess.PIPE)
+    with serve_client(served, touch=-1) as client:
+        feeder.settimeout(30)
+        (index,) = serve_module.REQUEST.unpack(feeder.recv(8))
+        index &= ~serve_module.DEMAND
+        _, size = layout.chunks[index]
+        fd = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size if answer != "wrong-size" else size + 1)
+        if answer != "unsealed":
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK)
+        reply = serve_module.REPLY.pack(index + len(layout.chunks) * (answer == "unknown-index"),
+                                        serve_module.OK)
+        if answer == "closes":
+            feeder.close()
+        elif answer == "no-memfd":
+            feeder.send(reply)
+        else:
+            socket.send_fds(feeder, [reply], [fd])
+        os.close(fd)
+        out, _ = client.communicate(timeout=60)
+        _, err = proc.communicate(timeout=30)
+    feeder.close()
+    assert proc.returncode == 1
+    assert err.count(b"\n") == 1 and FEEDER_ANSWERS[answer].encode() in err, err
+    assert client.returncode == -signal.SIGKILL
+    assert "bad" not in out
 
 
 handshake_fields = st.fixed_dictionaries(

@@ -204,14 +204,16 @@ def _memfd(data: bytes) -> int:
 
 
 def start_loader(layout: Layout, order: Sequence[int], sock_path: Path, window: int,
-                 extra: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], socket.socket]:
-    """Starts the native loader in chunk mode; returns it and the feeder's end of its socket."""
+                 extra: Sequence[str] = (), stderr: int | None = None,
+                 ) -> tuple[subprocess.Popen[bytes], socket.socket]:
+    """Starts the native loader in chunk mode; returns it and the feeder's end of its socket.
+    Its one-line error goes to `stderr` (default: ours)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     layout_fd = _memfd(layout.encode(order))
     try:
         argv = [str(binary_path()), "--chunks", str(theirs.fileno()), "--layout", str(layout_fd),
                 "--socket", str(sock_path), "--queue-depth", str(window), *extra]
-        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), layout_fd))
+        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), layout_fd), stderr=stderr)
     except BaseException:
         ours.close()
         raise
