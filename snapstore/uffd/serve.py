@@ -196,7 +196,7 @@ def find_file(m: Manifest, path: str) -> Entry:
 
 
 def _memfd(data: bytes) -> int:
-    fd = os.memfd_create("snapstore-layout", 0)
+    fd = os.memfd_create("snapstore-layout", os.MFD_CLOEXEC)
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
