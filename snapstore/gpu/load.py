@@ -47,7 +47,7 @@ from snapstore.store.loader import ProcessChunkReader
 from snapstore.store.local import LocalStore
 from snapstore.uffd import loader
 from snapstore.uffd.client import Client
-from snapstore.uffd.serve import Layout, serve_chunks
+from snapstore.uffd.serve import Layout, default_loaders, serve_chunks
 
 # The loader accepts at most 64 regions in a handshake.
 MAX_MAPPINGS = 64
@@ -282,7 +282,7 @@ def load_snapshot(store: LocalStore, mid: ChunkId, dump: Dump, layout: Layout, w
 def serve_snapshot(store: LocalStore, layout: Layout, sock: Path, extra: list[str]) -> int:
     """Serve a dump snapshot's page space on `sock` from the store's chunks, every chunk
     prefetched in page space order; the loader's exit status."""
-    prefetchers = min(os.cpu_count() or 1, 8)
+    prefetchers = default_loaders()
     return trio.run(serve_chunks, layout, range(len(layout.chunks)), sock,
                     lambda: ProcessChunkReader(store, prefetchers + 1), prefetchers, extra)
 

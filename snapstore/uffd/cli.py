@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -42,8 +41,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="page indices to prefetch, one per line (only their chunks are)")
     p.add_argument("--record", type=Path, help="write demand-faulted page indices here")
     p.add_argument("--loaders", type=positive_int,
-                   help="chunk loader processes for the prefetch (default: CPUs, at most 8; "
-                   "one more is kept for faults)")
+                   help="chunk loader processes for the prefetch (default: two per CPU, at "
+                   "most 16; one more is kept for faults)")
     p.add_argument("--stats-json", type=Path, help="write fault and prefetch statistics here")
     p.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
                    help="serve REF of this remote, fetching chunks on demand into the store's "
@@ -81,7 +80,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from snapstore.store.loader import ProcessChunkReader
     from snapstore.uffd import serve
 
-    loaders = args.loaders or default_loaders()
+    loaders = args.loaders or serve.default_loaders()
     extra: list[str] = []
     for flag, path in (("--record", args.record), ("--stats-json", args.stats_json)):
         if path is not None:
@@ -107,10 +106,6 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"snapstore: {e}", file=sys.stderr)
         return 1
     return status if status in (0, 1, 2) else 1
-
-
-def default_loaders() -> int:
-    return min(os.cpu_count() or 1, 8)
 
 
 def _recorded(store: LocalStore, mid: ChunkId) -> list[ChunkId]:
