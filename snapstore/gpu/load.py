@@ -267,9 +267,13 @@ def load_snapshot(store: LocalStore, mid: ChunkId, dump: Dump, layout: Layout, w
     spawned = time.monotonic()
     if client is None:
         client = start_snapshot_client(store.root, mid.hex, workdir, verify)
+    status = 1
     try:
         status = serve_snapshot(store, layout, sock, ["--stats-json", str(stats_path)])
     finally:
+        # A loader that failed before the child connected leaves it waiting to connect.
+        if status != 0:
+            client.kill()
         out, err = client.communicate()
     if status != 0 or client.returncode != 0:
         raise SnapstoreError(f"load failed: loader exit {status}, client exit "
