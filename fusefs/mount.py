@@ -398,7 +398,14 @@ def _daemon(run: Callable[[Callable[[], None]], None], wfd: int, log_path: Path)
     code = 1
     try:
         null = os.open(os.devnull, os.O_RDWR)
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            # Never through a link: the log is the store's file, not a way out of it.
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                          0o600)
+        except OSError as e:
+            why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            pipe.send(f"cannot open the mount log {log_path}: {why}")
+            return
         os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(out, 2)

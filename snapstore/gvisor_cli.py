@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from snapstore.cli_common import open_store, parse_labels, print_json
+from snapstore.cli_common import open_store, parse_labels, print_json, warn_damaged_tags
 
 # snapstore.gvisor (ingest, the chunker, mounts) is imported by the handlers that use it,
 # so that other commands start without it.
@@ -74,7 +74,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     from snapstore import gvisor
 
-    hits = gvisor.find(open_store(args), parse_labels(args.label))
+    store = open_store(args)
+    warn_damaged_tags(store)
+    hits = gvisor.find(store, parse_labels(args.label))
     if args.json:
         print_json([{"id": f.snapshot.hex, "tags": list(f.tags), "created": f.manifest.created,
                      "labels": f.manifest.labels} for f in hits])

@@ -3,12 +3,14 @@ removes, what a damaged tag breaks, and what ingest refuses to write."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from fusefs.mount import MountPaths, is_mounted
 from snapstore.gc import gc
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
@@ -93,3 +95,87 @@ def test_gc_keeps_working_directories_in_use_and_what_it_did_not_make(
     assert not work.exists()
     assert (outside / "precious").read_bytes() == b"keep me"
     assert (store.work_root / "notes").is_dir()
+
+
+def test_a_linked_tmp_is_refused_and_its_target_untouched(store: LocalStore, image_dir: Path,
+                                                         tmp_path: Path) -> None:
+    ingest(store, image_dir, "keep")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data").write_bytes(b"not the store's")
+    store.tmp_dir.rmdir()
+    store.tmp_dir.symlink_to(victim)
+    done = snapstore(store.root, "gc")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "tmp is a symbolic link" in done.stderr
+    assert (victim / "data").read_bytes() == b"not the store's"
+
+
+def test_a_tag_that_links_to_a_secret_is_not_read(store: LocalStore, image_dir: Path,
+                                                 tmp_path: Path) -> None:
+    ingest(store, image_dir, "good")
+    secret = tmp_path / "secret"
+    secret.write_text("hunter2-" + "s" * 100 + "\n")
+    (store.tags_dir / "leak").symlink_to(secret)
+    for argv in (["list"], ["list", "--json"], ["show", "leak"], ["verify"], ["gc"]):
+        said = snapstore(store.root, *argv)
+        said_all = said.stdout + said.stderr
+        assert "hunter2" not in said_all, argv
+        assert f"tag 'leak' ({store.tags_dir / 'leak'}) is damaged" in said_all, argv
+    assert secret.read_text().startswith("hunter2-")
+
+
+def test_a_mount_log_that_is_a_link_is_not_followed(store: LocalStore, image_dir: Path,
+                                                   tmp_path: Path) -> None:
+    ingest(store, image_dir, "good")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = MountPaths.of(store.root, mnt).log
+    log.parent.mkdir(exist_ok=True)
+    log.symlink_to(victim)
+    try:
+        done = snapstore(store.root, "mount", "good", str(mnt))
+    finally:
+        if is_mounted(mnt):
+            snapstore(store.root, "umount", str(mnt))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and str(log) in done.stderr
+    assert "symbolic link" in done.stderr
+    assert victim.read_bytes() == b"untouched\n"
+
+
+def test_a_damaged_tag_is_named_and_the_others_keep_working(
+        store: LocalStore, image_dir: Path, tmp_path: Path) -> None:
+    ingest(store, image_dir, "good", {"model": "m1"})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f").write_bytes(b"untagged")
+    untagged = ingest(store, other, "gone").snapshot
+    assert store.delete_tag("gone")
+    (store.tags_dir / "bad").write_bytes(b"")
+    named = f"tag 'bad' ({store.tags_dir / 'bad'}) is damaged: empty"
+
+    for argv in (["list"], ["stats", "--json"], ["find", "--label", "model=m1"],
+                 ["show", "good"]):
+        done = snapstore(store.root, *argv)
+        assert done.returncode == 0, (argv, done.stderr)
+        assert "not a valid id" not in done.stderr
+    assert named in snapstore(store.root, "list").stderr
+    assert json.loads(snapstore(store.root, "stats", "--json").stdout)["tags"] == 1
+    assert "good" in snapstore(store.root, "find", "--label", "model=m1").stdout
+
+    shown = snapstore(store.root, "show", "bad")
+    assert shown.returncode == 1 and named in shown.stderr
+
+    checked = snapstore(store.root, "verify", "--json")
+    doc = json.loads(checked.stdout)
+    assert checked.returncode == 1 and doc["snapshots"] == 1
+    assert [(p["kind"], p["affects"]) for p in doc["problems"]] == [("tag", ["bad"])]
+
+    # gc cannot know what the damaged tag reached: it deletes nothing.
+    refused = snapstore(store.root, "gc")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert named in refused.stderr and "without deleting anything" in refused.stderr
+    assert untagged in store.manifest_ids()
