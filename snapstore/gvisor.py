@@ -16,7 +16,7 @@ from pathlib import Path
 
 from snapstore.errors import NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.ingest import IngestResult, ingest
+from snapstore.ingest import IngestResult, check_labels, ingest
 from snapstore.manifest import Manifest
 from snapstore.runsc import Runsc, RunscError
 from snapstore.store.local import LocalStore
@@ -75,7 +75,7 @@ def checkpoint(
 ) -> IngestResult:
     """Checkpoint `container` into a working directory of the store, ingest it and
     remove the working directory, whatever happens (gc removes one a kill left)."""
-    all_labels = {**compat_labels(runsc), **labels}
+    all_labels = check_labels({**compat_labels(runsc), **labels})
     with store.work_dir("checkpoint") as work:
         runsc.checkpoint(container, work, leave_running=leave_running)
         return ingest(store, work, tag, all_labels)

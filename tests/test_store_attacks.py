@@ -10,9 +10,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fusefs.mount import MountPaths, is_mounted
+from snapstore.chunker_params import ChunkerParams
+from snapstore.errors import SnapstoreError
 from snapstore.gc import gc
 from snapstore.ingest import ingest
+from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
 from snapstore.verify import verify
 from tests.conftest import wait_until
@@ -21,6 +26,7 @@ from tests.conftest import wait_until
 # checkpoint, then writes part of an image and waits to be killed, as a slow checkpoint
 # would.
 FAKE_RUNSC = """#!/bin/sh
+echo "$@" >> "$0.calls"
 for a in "$@"; do
   case "$a" in
     --version) echo "runsc version fake"; exit 0;;
@@ -179,3 +185,58 @@ def test_a_damaged_tag_is_named_and_the_others_keep_working(
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert named in refused.stderr and "without deleting anything" in refused.stderr
     assert untagged in store.manifest_ids()
+
+
+@pytest.mark.parametrize("seconds", [-315_619_200, -1, 4_700_000_000, 7_258_118_400,
+                                     10_413_792_000], ids=["1960", "1969", "2118", "2200",
+                                                           "2300"])
+def test_any_mtime_a_file_can_have_is_stored_and_read_back(
+        store: LocalStore, tmp_path: Path, seconds: int) -> None:
+    """2300 is past what int64 nanoseconds hold; ext4 and tmpfs keep it all the same."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    ns = seconds * 10**9 + 123
+    os.utime(src / "f", ns=(ns, ns))
+    ns = (src / "f").stat().st_mtime_ns
+    done = snapstore(store.root, "ingest", str(src), "--tag", "t")
+    assert done.returncode == 0, done.stderr
+    for argv in (["show", "t"], ["verify"], ["export", "t", str(tmp_path / "out")]):
+        done = snapstore(store.root, *argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    assert (tmp_path / "out" / "f").stat().st_mtime_ns == ns
+    assert gc(store).kept_snapshots == 1
+
+
+@pytest.mark.parametrize("labels", [[f"k{i}=v" for i in range(257)], ["k=" + "v" * 4097],
+                                    ["k" * 4097 + "=v"]],
+                         ids=["257-labels", "long-value", "long-key"])
+def test_labels_no_reader_accepts_fail_the_ingest_before_any_chunk(
+        store: LocalStore, image_dir: Path, labels: list[str]) -> None:
+    argv = [a for label in labels for a in ("--label", label)]
+    done = snapstore(store.root, "ingest", str(image_dir), "--tag", "t", *argv)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "label" in done.stderr and "at most" in done.stderr
+    assert store.tags() == {} and list(store.iter_chunks()) == []
+    assert store.manifest_ids() == []
+
+
+def test_checkpoint_refuses_bad_labels_before_runsc_checkpoints(store: LocalStore,
+                                                                tmp_path: Path) -> None:
+    """runsc stops the container it checkpoints: labels are checked before that."""
+    runsc = tmp_path / "runsc"
+    runsc.write_text(FAKE_RUNSC)
+    runsc.chmod(0o755)
+    done = snapstore(store.root, "checkpoint", "c1", "--tag", "t", "--runsc", str(runsc),
+                     "--label", "k=" + "v" * 4097)
+    assert done.returncode == 2 and "at most 4096" in done.stderr, done.stderr
+    assert "checkpoint" not in Path(f"{runsc}.calls").read_text()
+
+
+def test_the_store_writes_no_manifest_its_reader_refuses(store: LocalStore) -> None:
+    """The last line of defence behind ingest's own checks, for any other writer."""
+    hostile = Manifest(created="2026-01-01T00:00:00+00:00", chunker=ChunkerParams(),
+                       entries=(Entry("a/../b", "dir", 0o755, 0),))
+    with pytest.raises(SnapstoreError, match=r"would not read back.*'\.\.' component"):
+        store.put_manifest(hostile)
+    assert store.manifest_ids() == []
