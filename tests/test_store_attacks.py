@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from fusefs.mount import MountPaths, is_mounted
+from fusefs.mount import MountPaths, is_mounted, write_atomic
 from snapstore.chunker_params import ChunkerParams
 from snapstore.chunking import split
 from snapstore.errors import SnapstoreError
@@ -286,3 +286,17 @@ def test_an_ingest_of_small_files_allocates_what_they_hold(store: LocalStore,
     peak = traced_peak(lambda: ingest(store, src, "small", workers=1))
     assert peak < 8 << 20
     assert verify(store, store.tags()).problems == []
+
+
+def test_mount_records_are_not_written_through_a_planted_link(tmp_path: Path) -> None:
+    """The temporary name of a mount's state or stats file is predictable (name, pid):
+    a link planted there must not be written through."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    state = tmp_path / "mounts" / "m.json"
+    state.parent.mkdir()
+    (state.parent / f".m.json.{os.getpid()}.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        write_atomic(state, b"{}\n")
+    assert victim.read_bytes() == b"untouched\n"
+    assert not state.exists()
