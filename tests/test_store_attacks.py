@@ -136,6 +136,9 @@ def test_a_tag_that_links_to_a_secret_is_not_read(store: LocalStore, image_dir: 
     assert secret.read_text().startswith("hunter2-")
 
 
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 def test_a_mount_log_that_is_a_link_is_not_followed(store: LocalStore, image_dir: Path,
                                                    tmp_path: Path) -> None:
     ingest(store, image_dir, "good")
