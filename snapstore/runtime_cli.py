@@ -11,7 +11,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from snapstore.cli_common import open_store, parse_labels, positive_int, print_json
+from snapstore.cli_common import (
+    open_store,
+    parse_labels,
+    positive_int,
+    print_json,
+    warn_damaged_tags,
+)
 from snapstore.errors import UsageError
 from snapstore.store.local import LocalStore
 
@@ -111,7 +117,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     from snapstore import workflow
 
-    hits = workflow.find(open_store(args), parse_labels(args.label))
+    store = open_store(args)
+    warn_damaged_tags(store)
+    hits = workflow.find(store, parse_labels(args.label))
     if args.json:
         print_json([{"id": f.snapshot.hex, "tags": list(f.tags), "created": f.manifest.created,
                      "labels": f.manifest.labels} for f in hits])
