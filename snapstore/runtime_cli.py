@@ -46,9 +46,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_find)
 
-    help = ("restore from the newest matching snapshot through a lazy mount: a gVisor "
-            "container (CONTAINER --bundle), else a CRIU process tree; exit 3 when no "
-            "snapshot matches, 4 when the restore fails")
+    help = ("restore from the newest matching snapshot: a gVisor container (CONTAINER "
+            "--bundle) through a lazy mount, else a CRIU process tree, its memory served by "
+            "snapstore; exit 3 when no snapshot matches, 4 when the restore fails")
     sp = sub.add_parser("restore", help=help, description=help)
     sp.add_argument("container", nargs="?", help="gVisor container id")
     which = sp.add_mutually_exclusive_group(required=True)

@@ -22,7 +22,8 @@ _FATES = {"stop": "left stopped (kill -CONT resumes it)", "run": "resumed", "kil
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "gpu-dump",
-        help="write a process's memory, GPU memory included, as a dump directory",
+        help="write a process's memory, GPU memory included, as a dump directory (memory "
+             "only, to measure loading; `checkpoint --pid` checkpoints the process)",
         description="Checkpoint the CUDA state of process PID into its host memory, stop it, "
         "write its private memory to OUTDIR (segment files pages-NNNN.img + dump.json), then "
         "restore its CUDA state. By default the process is left stopped (SIGCONT resumes it).",
@@ -44,7 +45,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = sub.add_parser(
         "gpu-load",
-        help="fill fresh memory from a GPU dump through the uffd loader, checked",
+        help="fill fresh memory from a GPU dump through the uffd loader, checked (a stand-in "
+             "process; `restore` brings a checkpointed process back)",
         description="Load REF (a snapshot of a gpu-dump directory, or the directory itself) "
         "into a fresh process's memory through the uffd loader and check every byte; with "
         "--socket, serve an outside client instead.",
