@@ -1,35 +1,40 @@
-"""Benchmark of loading a memory dump back through the uffd loader, by where its pages are.
+"""Benchmark of `gpu-load` from the store, end to end, against the ways it compares to.
 
 A CPU process holds a memory-like image (40% zero, 30% random, 30% one repeated page) in
-anonymous memory; it is dumped with `gpu-dump`'s code (no CUDA here) and ingested. Then the
-dump is loaded into a fresh process (snapstore.gpu.load: handshake until every data page is
-installed, every byte checked afterwards), with the page cache dropped before each load:
+anonymous memory; it is dumped with `gpu-dump`'s code (no CUDA here) and ingested. Each
+repeat then times, in one run, from the start of a command to the last data page installed
+in a fresh process (the byte check after it is not counted):
 
-- from the dump directory (local sparse segment files, O_DIRECT prefetch);
-- from the store: materialise the segment files, then load them (end to end, and the load
-  alone, which reads the files just written, from the page cache);
-- from a FUSE mount of the snapshot (`snapstore mount`): the loader reads the segment files
-  through the mount, so chunks are loaded, decompressed and checked as the prefetch asks.
+- `snapstore gpu-load TAG`: the loader serves the page space straight from the store's
+  chunks;
+- materialise, then load: the segment files written from the store, then loaded by the
+  loader (what gpu-load did before), as one command;
+- `snapstore gpu-load DIR` of the exported dump (local segment files);
+- `cat` of the exported segment files to /dev/null: reading the bytes, no restore at all.
 
-The GPU machine has no libfuse, so this runs where the mount does. Run as root:
+The store and the exported files stay in the page cache (as right after a dump or a pull)
+unless `--cold` drops it before every run. Run as root:
 
-    python benchmarks/dump_load.py --workdir DIR [--size-mib 2048] [--repeats 3]
+    python benchmarks/dump_load.py --workdir DIR [--size-mib 1024] [--repeats 3] [--cold]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from benchmarks.common import drop_caches, gb, gbps, median, snapstore_cmd, table
 from snapstore.examples import memory_image
 from snapstore.gpu.cuda import NoCuda
 from snapstore.gpu.dump import After, dump_process, read_dump
-from snapstore.gpu.load import LoadResult, load, materialize
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 
@@ -55,20 +60,56 @@ def dump_child(image: Path, outdir: Path) -> None:
         child.wait()
 
 
-def cold_load(dump_dir: Path, work: Path, buffered: bool) -> LoadResult:
-    drop_caches()
-    work.mkdir(exist_ok=True)
-    result = load(read_dump(dump_dir), work, buffered=buffered)
-    if not result.verified:
-        raise RuntimeError(f"the load from {dump_dir} did not verify")
-    return result
+OLD_PATH = r"""
+import json, sys, time
+from pathlib import Path
+from snapstore.gpu.dump import read_dump
+from snapstore.gpu.load import load, materialize, process_start
+from snapstore.store.local import LocalStore
+started = process_start()
+store = LocalStore.open(Path(sys.argv[1]), create=False)
+work = Path(sys.argv[2])
+m = store.get_manifest(store.resolve("dump"))
+made = time.monotonic()
+dump = materialize(store, m, work / "dump")
+made = time.monotonic() - made
+r = load(dump, work, verify=False, started=started)
+print(json.dumps({"end_to_end_seconds": r.end_to_end, "materialize_seconds": made,
+                  "first_fault_seconds": None}))
+"""
+
+
+def gpu_load(store: Path, ref: str) -> dict[str, float]:
+    out = subprocess.run(snapstore_cmd(store, "gpu-load", ref, "--no-verify", "--json"),
+                         check=True, capture_output=True, text=True).stdout
+    doc = json.loads(out)
+    return {"end_to_end_seconds": doc["end_to_end_seconds"],
+            "first_fault_seconds": doc["stages"].get("first fault served after the handshake")}
+
+
+def old_path(store: Path, work: Path) -> dict[str, float]:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    out = subprocess.run([sys.executable, "-c", OLD_PATH, str(store), str(work)], check=True,
+                         capture_output=True, text=True).stdout
+    shutil.rmtree(work)
+    doc: dict[str, float] = json.loads(out)
+    return doc
+
+
+def cat(files: list[Path]) -> dict[str, float]:
+    start = time.monotonic()
+    with open(os.devnull, "wb") as null:
+        subprocess.run(["cat", *map(str, files)], check=True, stdout=null)
+    return {"end_to_end_seconds": time.monotonic() - start}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, required=True)
-    ap.add_argument("--size-mib", type=int, default=2048)
+    ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before each run")
     args = ap.parse_args()
 
     work: Path = args.workdir
@@ -79,44 +120,39 @@ def main() -> int:
     (work / "memory.raw").unlink()
     store = LocalStore.open(work / "store", create=True)
     ingest(store, work / "dump", "dump")
-    mnt = work / "mnt"
-    mnt.mkdir()
+    shutil.rmtree(work / "dump")
+    subprocess.run(snapstore_cmd(work / "store", "export", "dump", str(work / "exported")),
+                   check=True, stdout=subprocess.DEVNULL)
+    # The first load checks every byte, so the timed ones can skip the check.
+    subprocess.run(snapstore_cmd(work / "store", "gpu-load", "dump"), check=True)
+    dump = read_dump(work / "exported")
 
-    times: dict[str, list[float]] = {"dump dir": [], "store: load": [], "store: end to end": [],
-                                     "FUSE mount": []}
-    data: dict[str, int] = {}
+    methods: dict[str, Callable[[], dict[str, float]]] = {
+        "gpu-load from the store": partial(gpu_load, work / "store", "dump"),
+        "materialise, then load": partial(old_path, work / "store", work / "mat"),
+        "gpu-load of the exported dump": partial(gpu_load, work / "store",
+                                                 str(work / "exported")),
+        "cat of the exported files": partial(cat, dump.pages_paths),
+    }
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in methods}
     for _ in range(args.repeats):
-        r = cold_load(work / "dump", work / "w-dir", buffered=False)
-        times["dump dir"].append(r.load_seconds)
-        data["dump dir"] = r.data_bytes
+        for name, fn in methods.items():
+            if args.cold:
+                drop_caches()
+            runs[name].append(fn())
 
-        drop_caches()
-        shutil.rmtree(work / "mat", ignore_errors=True)
-        start = time.perf_counter()
-        m = store.get_manifest(store.resolve("dump"))
-        materialize(store, m, work / "mat")
-        materialized = time.perf_counter() - start
-        (work / "w-mat").mkdir(exist_ok=True)
-        r = load(read_dump(work / "mat"), work / "w-mat")
-        times["store: load"].append(r.load_seconds)
-        times["store: end to end"].append(materialized + r.load_seconds)
-        data["store: load"] = data["store: end to end"] = r.data_bytes
-
-        subprocess.run(snapstore_cmd(work / "store", "mount", "dump", str(mnt)), check=True,
-                       stdout=subprocess.DEVNULL)
-        try:
-            r = cold_load(mnt, work / "w-fuse", buffered=True)
-        finally:
-            subprocess.run(snapstore_cmd(work / "store", "umount", str(mnt)), check=True,
-                           stdout=subprocess.DEVNULL)
-        times["FUSE mount"].append(r.load_seconds)
-        data["FUSE mount"] = r.data_bytes
-
-    rows = [[name, gb(data[name]), f"{median(ts):.3f} s",
-             f"{gbps(data[name], median(ts)):.2f} GB/s"] for name, ts in times.items()]
-    print(f"dump of a {args.size_mib} MiB memory-like process, cold page cache, "
-          f"medians of {args.repeats}")
-    print(table(["source", "pages loaded", "time", "rate"], rows))
+    size = dump.pages_size
+    rows = []
+    for name, rs in runs.items():
+        t = median([r["end_to_end_seconds"] for r in rs])
+        first = [r["first_fault_seconds"] for r in rs if r.get("first_fault_seconds")]
+        rows.append([name, f"{t:.3f} s", f"{gbps(size, t):.2f} GB/s",
+                     f"{median(first) * 1000:.1f} ms" if first else "-"])
+    cache = "cold" if args.cold else "warm"
+    print(f"dump of a {args.size_mib} MiB memory-like process ({gb(size)} page space), "
+          f"{cache} page cache, medians of {args.repeats}")
+    print(table(["method", "end to end", "page space rate", "first fault after handshake"],
+                rows))
     return 0
 
 

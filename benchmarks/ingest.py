@@ -5,15 +5,18 @@ Scenarios (issue: the store):
   b. two successive runsc checkpoints of one Python process holding 64 MB of numpy data
   c. the image of (a) and a copy with one page inserted at the front and 5 MiB rewritten
   d. peak RSS of snapstore for a 4 GiB input
+  e. 500 files of 2 KiB (a CRIU image directory holds hundreds of small files)
 plus the load time of a manifest of 100k chunks.
 
-Run as root from the repository: `python -m benchmarks.ingest [--quick]`.
+Run as root from the repository: `python -m benchmarks.ingest [--quick]`;
+`--only-small-files` runs (e) alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -132,6 +135,28 @@ def scenario_d(work: Path, size: int) -> list[list[object]]:
              "", "", ""]]
 
 
+def scenario_e(work: Path, repeats: int, files: int = 500, size: int = 2048
+               ) -> list[list[object]]:
+    src = work / "e-image"
+    src.mkdir(exist_ok=True)
+    rng = random.Random(5)
+    for i in range(files):
+        (src / f"f{i:04d}.img").write_bytes(rng.randbytes(size))
+    sstore, cstore = work / "e-snap", work / "e-casync"
+
+    def fresh() -> None:
+        shutil.rmtree(sstore, ignore_errors=True)
+        shutil.rmtree(cstore, ignore_errors=True)
+        (work / "e.caidx").unlink(missing_ok=True)
+
+    snap = median([r.seconds for r in repeat(repeats, fresh,
+                                             lambda: snapstore_ingest(sstore, src, "e"))])
+    cas = median([r.seconds for r in repeat(
+        repeats, fresh, lambda: casync_make(cstore, src, work / "e.caidx"))])
+    return [[f"(e) {files} files of {size} B: ingest time", f"{snap:.2f} s", f"{cas:.2f} s",
+             f"{cas / snap:.2f}x", ""]]
+
+
 def manifest_load_row() -> list[object]:
     cids = [ChunkId.of(i.to_bytes(8, "little")) for i in range(100_000)]
     m = Manifest("2026-01-01T00:00:00+00:00", ChunkerParams(), (
@@ -153,12 +178,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-python", action="store_true", help="skip (b), which needs runsc")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--only-small-files", action="store_true", help="run (e) alone")
     args = ap.parse_args()
     size = (256 << 20) if args.quick else (1 << 30)
     big = (1 << 30) if args.quick else (4 << 30)
     repeats = 1 if args.quick else args.repeats
     work = Path(tempfile.mkdtemp(prefix="snapstore-bench-", dir=args.workdir))
     try:
+        if args.only_small_files:
+            print(table(["measure", "snapstore", "casync make", "ratio", "target"],
+                        scenario_e(work, repeats)))
+            return
         image_dir = work / "a-image"
         image_dir.mkdir()
         # The source stays in the page cache, as right after a checkpoint wrote it.
@@ -168,6 +198,7 @@ def main() -> None:
             rows += scenario_b(work)
         rows += scenario_c(work, image_dir / "mem.img")
         rows += scenario_d(work, big)
+        rows += scenario_e(work, repeats)
         rows.append(manifest_load_row())
         print(f"image {gb(size)}, {repeats} run(s) each, medians; {os.cpu_count()} cores\n")
         print(table(["measure", "snapstore", "casync make", "ratio", "target"], rows))

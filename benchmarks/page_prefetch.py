@@ -3,6 +3,7 @@
 Generates a memory-like image, records the working-set trace once through the loader, then
 times how long a client takes to touch the working set with each method, cold (page cache
 dropped) and warm, for anonymous and memfd targets. Prints a table of medians and ratios.
+The loader runs with its defaults: it picks the page cache or O_DIRECT per prefetch read.
 
     python benchmarks/page_prefetch.py [--quick] [--image-dir DIR] [--repeats N]
 """
@@ -164,9 +165,7 @@ def install_rate(
 ) -> tuple[float, dict[str, Any]]:
     """Prefetch alone from a warm page cache: the client connects and touches nothing."""
     sock, stats = work / "rate.sock", work / "rate.json"
-    opts = loader.LoaderOptions(
-        image, sock, hot=hot, memfd=memfd, buffered=True, stats_json=stats, **extra
-    )
+    opts = loader.LoaderOptions(image, sock, hot=hot, memfd=memfd, stats_json=stats, **extra)
     with loader_running(opts), Client(sock, [(0, image.stat().st_size)], memfd=memfd):
         # Long enough for the whole list at well under the rates measured; stats time the copy.
         time.sleep(0.2 + hot.stat().st_size / 10 / 0.5e9 * PAGE_SIZE)
@@ -239,15 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             pages = working_set(npages, fraction, seed=SEED + int(fraction * 1000))
             hot = record_trace(image, pages, work, f"ws{fraction}")
             for cold in [True, False] if can_drop else [False]:
-                # O_DIRECT bypasses a hot page cache, so warm runs prefetch through it instead.
-                io = {} if cold else {"buffered": True}
                 methods: dict[str, Callable[[], Any]] = {
                     "eager": partial(run_eager, image, pages),
                     "mmap": partial(run_mmap, image, pages),
                     "uffd-lazy": partial(run_uffd, image, pages, work, False, None),
-                    "uffd-prefetch": partial(run_uffd, image, pages, work, False, hot, **io),
+                    "uffd-prefetch": partial(run_uffd, image, pages, work, False, hot),
                     "memfd-lazy": partial(run_uffd, image, pages, work, True, None),
-                    "memfd-prefetch": partial(run_uffd, image, pages, work, True, hot, **io),
+                    "memfd-prefetch": partial(run_uffd, image, pages, work, True, hot),
                 }
                 key = f"{int(fraction * 100)}% {'cold' if cold else 'warm'}"
                 results = {
@@ -281,13 +278,16 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(key: str, npages: int, results: dict[str, Result]) -> None:
     mib = npages * PAGE_SIZE / 2**20
     print(f"\n## working set {key}: {npages} pages ({mib:.0f} MiB)")
-    print("| method | time to WS (s) | demand faults | prefetch GB/s | fault p50 / p99 (µs) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| method | time to WS (s) | demand faults | prefetch GB/s | read O_DIRECT "
+          "| fault p50 / p99 (µs) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
+        direct = [s["direct_bytes"] / s["prefetch_bytes"] for s in r.stats if s["prefetch_bytes"]]
         print(
             f"| {name} | {statistics.median(r.seconds):.3f} "
             f"| {fmt(r.median('demand_faults'), '.0f')} "
             f"| {fmt(r.median('prefetch_gbps'), '.2f')} "
+            f"| {f'{statistics.median(direct):.0%}' if direct else '-'} "
             f"| {fmt(r.latency('p50'), '.1f')} / {fmt(r.latency('p99'), '.1f')} |"
         )
     t = {name: statistics.median(r.seconds) for name, r in results.items()}
@@ -325,7 +325,7 @@ def sweep(
             f"{r.median('prefetch_gbps'):.2f} GB/s"
         )
     for n in (1, 2, 4, 8) if "threads" in which else ():
-        warm = partial(run_uffd, image, pages, work, False, hot, buffered=True, prefetch_threads=n)
+        warm = partial(run_uffd, image, pages, work, False, hot, prefetch_threads=n)
         r = measure(repeats, False, image, warm)
         rated = partial(install_rate, image, hot, work, False, prefetch_threads=n)
         rate = measure(repeats, False, image, rated)

@@ -250,7 +250,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        # Its name is predictable: never write through a link planted there.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+        with open(os.open(tmp, flags, 0o644), "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -510,7 +512,14 @@ def _daemon(run: Callable[[Callable[[], None]], None], wfd: int, log_path: Path)
     code = 1
     try:
         null = os.open(os.devnull, os.O_RDWR)
-        out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            # Never through a link: the log is the store's file, not a way out of it.
+            out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                          0o600)
+        except OSError as e:
+            why = "it is a symbolic link" if e.errno == errno.ELOOP else e.strerror
+            pipe.send(f"cannot open the mount log {log_path}: {why}")
+            return
         os.dup2(null, 0)
         os.dup2(out, 1)
         os.dup2(out, 2)

@@ -47,6 +47,10 @@
 #ifndef SO_PEERPIDFD
 #define SO_PEERPIDFD 77
 #endif
+/* cachestat(2), Linux 6.5; the same number on every architecture. */
+#ifndef SYS_cachestat
+#define SYS_cachestat 451
+#endif
 
 #define MAX_REGIONS 64
 #define HANDSHAKE_MAX 65536
@@ -55,20 +59,55 @@
 #define DEFAULT_FAULT_AROUND_KIB 64
 #define DEFAULT_QUEUE_DEPTH 64
 #define PREFETCH_MIN_ZERO 16
+#define HOLE_AROUND 512
+#define DEMAND_BIT (1ull << 63)
 #define SUBMIT_BATCH 8
 #define MAX_PREFETCH_THREADS 64
 #define DEFAULT_PREFETCH_THREADS 8
 
 enum page_state { MISSING, INFLIGHT, PRESENT, REMOVED };
 
+/* How prefetch reads: through the page cache when the range is cached, else O_DIRECT (auto);
+ * or always one way (--buffered, --direct). */
+enum io_mode { IO_AUTO, IO_BUFFERED, IO_DIRECT };
+
+/* The kernel's struct cachestat_range and struct cachestat, under our own names because older
+ * headers lack them. */
+struct cache_range {
+	uint64_t off, len;
+};
+
+struct cache_stat {
+	uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
 struct region {
 	uint64_t base, size, offset;
+};
+
+enum chunk_state { CHUNK_IDLE, CHUNK_REQUESTED, CHUNK_DONE };
+
+/* A data extent of the image in chunk mode: where its bytes go, and what we know of it. */
+struct chunk {
+	uint64_t off, size;
+	double demanded_at; /* when a fault first waited for it, 0 if none is waiting */
+	uint8_t state;
+	bool prefetch, gave_head, gave_tail;
+};
+
+/* A page whose bytes come from more than one chunk (or one chunk and zeros past the file end),
+ * assembled in buf as the chunks arrive. */
+struct split {
+	uint64_t page;
+	uint32_t need, have;
+	uint8_t *buf;
 };
 
 /* One file of the image: the files given with --image, one after another, are the image. */
 struct image {
 	const char *path;
 	int fd, aio_fd;
+	uint8_t *map; /* the file, read-only: cached ranges are installed from it */
 	uint64_t first, npages; /* image pages this file holds */
 };
 
@@ -80,10 +119,11 @@ struct slot {
 };
 
 struct stats {
-	uint64_t faults, demand_pages, prefetch_pages, prefetch_bytes, removed_pages;
+	uint64_t faults, demand_pages, prefetch_pages, prefetch_bytes, direct_bytes, removed_pages;
 	_Atomic uint64_t zero_pages;
-	double prefetch_start, prefetch_end;
-	uint32_t *lat_ns;
+	uint64_t chunks;
+	double prefetch_start, prefetch_end, handshake, first_served, last_install;
+	uint64_t *lat_ns;
 	size_t nlat, cap_lat;
 };
 
@@ -94,7 +134,7 @@ struct worker {
 	aio_context_t aio;
 	struct slot *slots;
 	unsigned nslots, inflight;
-	uint64_t pages, bytes;
+	uint64_t pages, bytes, direct_bytes;
 	double start, end;
 };
 
@@ -103,7 +143,9 @@ struct loader {
 	const char *socket_path, *hot_path, *record_path, *stats_path;
 	uint64_t fault_around;
 	unsigned queue_depth, nworkers;
-	bool memfd_mode, buffered;
+	bool memfd_mode;
+	enum io_mode io_mode;
+	atomic_bool no_cachestat;
 	/* image */
 	struct image *images;
 	size_t nimages;
@@ -111,6 +153,7 @@ struct loader {
 	_Atomic uint8_t *state;
 	/* connection */
 	int listen_fd, conn_fd, uffd, memfd, errfd;
+	bool client_may_hang;
 	uint8_t *memfd_map;
 	struct region regions[MAX_REGIONS];
 	size_t nregions;
@@ -124,6 +167,14 @@ struct loader {
 	unsigned running;
 	int worker_ret;
 	atomic_bool stop;
+	/* chunk mode: the rules are at its section */
+	int feed_fd, layout_fd;
+	uint64_t file_size;
+	struct chunk *chunks;
+	size_t nchunks, *order, norder, order_pos;
+	unsigned window, inflight_prefetch;
+	struct split *splits;
+	size_t nsplits, cap_splits;
 	/* demand */
 	uint8_t *fault_buf;
 	FILE *record;
@@ -203,14 +254,21 @@ static int read_full(struct loader *l, void *buf, uint64_t page, uint64_t n)
 }
 
 /* O_DIRECT keeps prefetch from doubling memory through the page cache; tmpfs and some FUSE
- * mounts refuse it at open or at the first read, so probe once and fall back to buffered I/O. */
+ * mounts refuse it at open or at the first read, so probe once and fall back to buffered I/O.
+ * The mapping serves cached ranges with one copy (page cache to the client's page) where a
+ * buffered read would copy twice (page cache to a staging buffer, then to the client). */
 static int open_aio_fd(struct loader *l, struct image *img)
 {
 	void *probe;
 	int fd;
 
 	img->aio_fd = img->fd;
-	if (l->buffered || img->npages == 0)
+	if (img->npages && !l->memfd_mode && l->io_mode != IO_DIRECT) {
+		img->map = mmap(NULL, img->npages * l->ps, PROT_READ, MAP_SHARED, img->fd, 0);
+		if (img->map == MAP_FAILED)
+			img->map = NULL;
+	}
+	if (l->io_mode == IO_BUFFERED || img->npages == 0)
 		return 0;
 	fd = open(img->path, O_RDONLY | O_DIRECT | O_CLOEXEC);
 	if (fd < 0)
@@ -330,96 +388,89 @@ static int load_hot_list(struct loader *l)
 
 /* ---- handshake ---- */
 
-static const char *skip_ws(const char *p)
+/* Skips white space, then takes `c` if it comes next. */
+static bool eat(const char **p, char c)
 {
-	while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
-		p++;
-	return p;
+	*p += strspn(*p, " \t\n\r");
+	if (**p != c)
+		return false;
+	(*p)++;
+	return true;
 }
 
-/* Parses Firecracker's region list. Only unsigned integer values occur in it, so that is all
- * this parser accepts; unknown keys are ignored so that newer senders keep working. */
+/*
+ * Parses one object of Firecracker's region list. Only unsigned integer values occur in it, so
+ * that is all this accepts; unknown keys are ignored so that newer senders keep working. Keys
+ * with escapes are refused: none of ours has one, and skipping them right would need a string
+ * decoder. Firecracker has sent the page size in bytes under both names; either is accepted.
+ */
+static int parse_region(struct loader *l, const char **p, struct region *r)
+{
+	static const char *const keys[] = { "base_host_virt_addr", "size", "offset", "page_size", "page_size_kib" };
+	uint64_t val[5];
+	bool seen[5] = { false };
+	size_t n = l->nregions;
+
+	if (!eat(p, '{'))
+		return fail(l, EPROTO, "malformed handshake: expected a JSON object");
+	do {
+		const char *key, *end;
+		size_t klen;
+		uint64_t v;
+
+		if (!eat(p, '"'))
+			return fail(l, EPROTO, "malformed handshake: expected a key");
+		key = *p;
+		klen = strcspn(key, "\"\\");
+		if (key[klen] != '"')
+			return fail(l, EPROTO, "malformed handshake: unterminated key or escape in a key");
+		*p = key + klen + 1;
+		if (!eat(p, ':'))
+			return fail(l, EPROTO, "malformed handshake: expected ':'");
+		*p += strspn(*p, " \t\n\r");
+		errno = 0;
+		v = strtoull(*p, (char **)&end, 10);
+		if (**p < '0' || **p > '9' || errno)
+			return fail(l, EPROTO, "malformed handshake: value of %.*s is not an unsigned 64-bit integer",
+				    (int)klen, key);
+		*p = end;
+		for (size_t k = 0; k < 5; k++)
+			if (strlen(keys[k]) == klen && !memcmp(key, keys[k], klen))
+				val[k] = v, seen[k] = true;
+	} while (eat(p, ','));
+	if (!eat(p, '}'))
+		return fail(l, EPROTO, "malformed handshake: expected ',' or '}'");
+	if (!seen[0] || !seen[1] || !seen[2] || !(seen[3] || seen[4]))
+		return fail(l, EPROTO, "malformed handshake: region %zu lacks base_host_virt_addr, size, offset or page_size", n);
+	if (seen[3] && seen[4] && val[3] != val[4])
+		return fail(l, EPROTO, "malformed handshake: region %zu: page_size %" PRIu64 " != page_size_kib %" PRIu64,
+			    n, val[3], val[4]);
+	if (val[seen[3] ? 3 : 4] != l->ps)
+		return fail(l, EINVAL, "region %zu: page size %" PRIu64 " not supported (loader serves %" PRIu64 ")",
+			    n, val[seen[3] ? 3 : 4], l->ps);
+	*r = (struct region){ .base = val[0], .size = val[1], .offset = val[2] };
+	return 0;
+}
+
+/* Parses the handshake: a non-empty JSON array of region objects and nothing after it. */
 static int parse_regions(struct loader *l, const char *p)
 {
-	p = skip_ws(p);
-	if (*p++ != '[')
-		return fail(l, EPROTO, "malformed handshake: expected a JSON array");
-	p = skip_ws(p);
-	if (*p == ']')
-		return fail(l, EPROTO, "malformed handshake: no regions");
-	for (;;) {
-		struct region *r = &l->regions[l->nregions];
-		uint64_t ps = 0, ps_kib = 0;
-		unsigned seen = 0;
+	int ret;
 
+	if (!eat(&p, '['))
+		return fail(l, EPROTO, "malformed handshake: expected a JSON array");
+	if (eat(&p, ']'))
+		return fail(l, EPROTO, "malformed handshake: no regions");
+	do {
 		if (l->nregions == MAX_REGIONS)
 			return fail(l, EPROTO, "malformed handshake: more than %d regions", MAX_REGIONS);
-		if (*p++ != '{')
-			return fail(l, EPROTO, "malformed handshake: expected a JSON object");
-		for (;;) {
-			const char *key, *end;
-			uint64_t v;
-			size_t klen;
-
-			p = skip_ws(p);
-			if (*p++ != '"')
-				return fail(l, EPROTO, "malformed handshake: expected a key");
-			key = p;
-			while (*p && *p != '"')
-				p++;
-			if (!*p)
-				return fail(l, EPROTO, "malformed handshake: unterminated key");
-			klen = p++ - key;
-			p = skip_ws(p);
-			if (*p++ != ':')
-				return fail(l, EPROTO, "malformed handshake: expected ':'");
-			p = skip_ws(p);
-			if (*p < '0' || *p > '9')
-				return fail(l, EPROTO, "malformed handshake: value of %.*s is not an unsigned integer",
-					    (int)klen, key);
-			errno = 0;
-			v = strtoull(p, (char **)&end, 10);
-			if (errno)
-				return fail(l, EPROTO, "malformed handshake: value of %.*s out of range", (int)klen, key);
-			p = skip_ws(end);
-#define KEY(name) (klen == sizeof(name) - 1 && !memcmp(key, name, klen))
-			if (KEY("base_host_virt_addr"))
-				r->base = v, seen |= 1;
-			else if (KEY("size"))
-				r->size = v, seen |= 2;
-			else if (KEY("offset"))
-				r->offset = v, seen |= 4;
-			else if (KEY("page_size"))
-				ps = v, seen |= 8;
-			else if (KEY("page_size_kib"))
-				ps_kib = v, seen |= 16;
-#undef KEY
-			if (*p == '}')
-				break;
-			if (*p++ != ',')
-				return fail(l, EPROTO, "malformed handshake: expected ',' or '}'");
-		}
-		p = skip_ws(p + 1);
-		if ((seen & 7) != 7 || !(seen & 24))
-			return fail(l, EPROTO, "malformed handshake: region %zu lacks base_host_virt_addr, size, offset or page_size",
-				    l->nregions);
-		/* Firecracker has sent the page size in bytes under both names; accept either. */
-		if ((seen & 8) && (seen & 16) && ps != ps_kib)
-			return fail(l, EPROTO, "malformed handshake: region %zu: page_size %" PRIu64 " != page_size_kib %" PRIu64,
-				    l->nregions, ps, ps_kib);
-		if (!(seen & 8))
-			ps = ps_kib;
-		if (ps != l->ps)
-			return fail(l, EINVAL, "region %zu: page size %" PRIu64 " not supported (loader serves %" PRIu64 ")",
-				    l->nregions, ps, l->ps);
+		if ((ret = parse_region(l, &p, &l->regions[l->nregions])))
+			return ret;
 		l->nregions++;
-		if (*p == ']')
-			break;
-		if (*p++ != ',')
-			return fail(l, EPROTO, "malformed handshake: expected ',' or ']'");
-		p = skip_ws(p);
-	}
-	if (*skip_ws(p + 1))
+	} while (eat(&p, ','));
+	if (!eat(&p, ']'))
+		return fail(l, EPROTO, "malformed handshake: expected ',' or ']'");
+	if (*(p + strspn(p, " \t\n\r")))
 		return fail(l, EPROTO, "malformed handshake: trailing data after the array");
 	return 0;
 }
@@ -484,7 +535,7 @@ static int receive_handshake(struct loader *l)
 	char cbuf[CMSG_SPACE(4 * sizeof(int))];
 	struct iovec iov = { buf, HANDSHAKE_MAX };
 	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
-	int nfds = 0, ret;
+	int nfds = 0, ret, err;
 	ssize_t n;
 
 	if (!buf)
@@ -492,6 +543,7 @@ static int receive_handshake(struct loader *l)
 	do
 		n = recvmsg(l->conn_fd, &mh, MSG_CMSG_CLOEXEC);
 	while (n < 0 && errno == EINTR);
+	err = errno;
 	for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); n >= 0 && c; c = CMSG_NXTHDR(&mh, c)) {
 		if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
 			continue;
@@ -505,16 +557,20 @@ static int receive_handshake(struct loader *l)
 				close(fd);
 		}
 	}
+	/* Only a client that handed over a uffd can have memory waiting on us (see kill_client). */
+	l->client_may_hang = l->uffd >= 0 && is_userfaultfd(l->uffd);
 	if (n < 0)
-		ret = fail(l, errno, "receiving the handshake: %s", strerror(errno));
+		ret = fail(l, err, "receiving the handshake: %s", strerror(err));
 	else if (n == 0)
 		ret = fail(l, EPROTO, "malformed handshake: client closed the connection without one");
 	else if (mh.msg_flags & (MSG_TRUNC | MSG_CTRUNC) || n == HANDSHAKE_MAX)
 		ret = fail(l, EPROTO, "malformed handshake: message too large");
 	else if (nfds != 1)
 		ret = fail(l, EPROTO, "malformed handshake: expected exactly one file descriptor, got %d", nfds);
-	else if (!is_userfaultfd(l->uffd))
+	else if (!l->client_may_hang)
 		ret = fail(l, EPROTO, "malformed handshake: the file descriptor is not a userfaultfd");
+	else if (memchr(buf, '\0', n))
+		ret = fail(l, EPROTO, "malformed handshake: a NUL byte in the region list");
 	else {
 		buf[n] = '\0';
 		ret = parse_regions(l, buf);
@@ -541,9 +597,20 @@ static int accept_client(struct loader *l)
 	unlink(l->socket_path);
 	if (bind(l->listen_fd, (struct sockaddr *)&sa, sizeof(sa)) < 0 || listen(l->listen_fd, 1) < 0)
 		return fail(l, errno, "listen on %s: %s", l->socket_path, strerror(errno));
-	do
+	/* In chunk mode the feeder may fail before a client comes: its socket closing ends the wait. */
+	for (;;) {
+		struct pollfd pfd[2] = { { l->listen_fd, POLLIN, 0 }, { l->feed_fd, POLLIN, 0 } };
+
+		if (poll(pfd, 2, -1) < 0 && errno != EINTR)
+			return fail(l, errno, "poll: %s", strerror(errno));
+		if (pfd[1].revents & (POLLIN | POLLHUP | POLLERR))
+			return fail(l, EPIPE, "the chunk feeder went away before a client connected");
+		if (!(pfd[0].revents & POLLIN))
+			continue;
 		l->conn_fd = accept4(l->listen_fd, NULL, NULL, SOCK_CLOEXEC);
-	while (l->conn_fd < 0 && errno == EINTR);
+		if (l->conn_fd >= 0 || (errno != EINTR && errno != EAGAIN && errno != ECONNABORTED))
+			break;
+	}
 	if (l->conn_fd < 0)
 		return fail(l, errno, "accept: %s", strerror(errno));
 	/* One client per loader: stop accepting so later connects fail fast instead of hanging. */
@@ -553,14 +620,19 @@ static int accept_client(struct loader *l)
 	return l->memfd_mode ? send_memfd(l) : 0;
 }
 
-/* A pidfd cannot hit a recycled pid; SO_PEERCRED is the fallback for kernels before 6.5. */
+/*
+ * Kills a client that could hang: one that handed over a userfaultfd, and so may have memory
+ * registered that nobody will serve. A peer that sent none (a liveness probe that connected and
+ * closed, a client that got the protocol wrong) has nothing waiting on us and is left alone.
+ * A pidfd cannot hit a recycled pid; SO_PEERCRED is the fallback for kernels before 6.5.
+ */
 static void kill_client(struct loader *l)
 {
 	struct ucred cred;
 	socklen_t len = sizeof(int);
 	int pidfd;
 
-	if (l->conn_fd < 0)
+	if (l->conn_fd < 0 || !l->client_may_hang)
 		return;
 	if (!getsockopt(l->conn_fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len)) {
 		syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, NULL, 0);
@@ -610,12 +682,15 @@ static bool is_zero(const uint8_t *p, uint64_t len)
  * thread, which faults again after the event has been handled.
  */
 static int install(struct loader *l, unsigned long req, uint64_t dst, const uint8_t *src, uint64_t len,
-		   uint64_t mode, uint64_t *done)
+		   bool dontwake, uint64_t *done)
 {
+	/* COPY, ZEROPAGE and CONTINUE spell DONTWAKE with the same bit. */
+	uint64_t mode = dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0;
+
 	*done = 0;
 	while (*done < len) {
 		int64_t progress;
-		int r;
+		int r, err;
 
 		if (req == UFFDIO_COPY) {
 			struct uffdio_copy a = { dst + *done, (uintptr_t)(src + *done), len - *done, mode, 0 };
@@ -633,6 +708,8 @@ static int install(struct loader *l, unsigned long req, uint64_t dst, const uint
 			r = ioctl(l->uffd, req, &a);
 			progress = a.mapped;
 		}
+		/* Read before anything else can make a system call and overwrite it (the wake below). */
+		err = errno;
 		if (!r) {
 			*done = len;
 			break;
@@ -640,23 +717,23 @@ static int install(struct loader *l, unsigned long req, uint64_t dst, const uint
 		if (progress > 0)
 			*done += progress;
 		/* The kernel wakes nothing when the ioctl fails, so a skipped page needs its own wake. */
-		if (errno == EEXIST && !(mode & UFFDIO_COPY_MODE_DONTWAKE)) {
+		if (err == EEXIST && !dontwake) {
 			struct uffdio_range w = { dst + *done, l->ps };
 
 			ioctl(l->uffd, UFFDIO_WAKE, &w);
 		}
-		if (errno == EEXIST)
+		if (err == EEXIST)
 			*done += l->ps;
-		else if (errno == EAGAIN && progress > 0)
+		else if (err == EAGAIN && progress > 0)
 			continue;
-		else if (errno == EAGAIN || errno == ENOENT)
+		else if (err == EAGAIN || err == ENOENT)
 			/* ENOENT: the client unmapped the range (its UNMAP event may not be read yet).
 			 * Like EAGAIN, not ours to fail on: the pages stay missing until it is. */
 			return -EAGAIN;
-		else if (errno == ESRCH)
+		else if (err == ESRCH)
 			return -ESRCH;
-		else if (errno != EINTR)
-			return fail(l, errno, "installing pages at 0x%" PRIx64 ": %s", dst + *done, strerror(errno));
+		else if (err != EINTR)
+			return fail(l, err, "installing pages at 0x%" PRIx64 ": %s", dst + *done, strerror(err));
 	}
 	return 0;
 }
@@ -671,10 +748,10 @@ static int wake(struct loader *l, uint64_t addr, uint64_t len)
 }
 
 static int install_span(struct loader *l, const struct region *r, uint64_t first, uint64_t n,
-			const uint8_t *buf, unsigned long req, uint64_t mode)
+			const uint8_t *buf, unsigned long req, bool dontwake)
 {
 	uint64_t done;
-	int ret = install(l, req, page_addr(l, r, first), buf, n * l->ps, mode, &done);
+	int ret = install(l, req, page_addr(l, r, first), buf, n * l->ps, dontwake, &done);
 
 	for (uint64_t k = 0; k < done / l->ps; k++)
 		set_state(l, first + k, PRESENT);
@@ -694,28 +771,29 @@ static uint64_t zero_pages_at(const struct loader *l, const uint8_t *buf, uint64
 
 /*
  * Installs pages [first, first+n) of region r whose content sits at buf: CONTINUE for the
- * memfd, otherwise COPY, with ZEROPAGE for zero runs so holes cost no memory. Prefetch batches
- * copy zero runs shorter than PREFETCH_MIN_ZERO: splitting a batch into many small ioctls cost
- * a third of the install rate in measurements.
+ * memfd, otherwise COPY, with ZEROPAGE for zero runs so holes cost no memory. A prefetch batch
+ * installs without waking (its caller wakes the whole read once) and copies zero runs shorter
+ * than PREFETCH_MIN_ZERO: splitting a batch into many small ioctls cost a third of the install
+ * rate in measurements. A demand install wakes the faulting thread and zero-fills every zero page.
  */
 static int install_run(struct loader *l, const struct region *r, uint64_t first, uint64_t n,
-		       const uint8_t *buf, uint64_t mode)
+		       const uint8_t *buf, bool prefetch)
 {
-	uint64_t min_zero = mode ? PREFETCH_MIN_ZERO : 1, i = 0;
+	uint64_t min_zero = prefetch ? PREFETCH_MIN_ZERO : 1, i = 0;
 	int ret;
 
 	if (l->memfd_mode)
-		return install_span(l, r, first, n, buf, UFFDIO_CONTINUE, mode);
+		return install_span(l, r, first, n, buf, UFFDIO_CONTINUE, prefetch);
 	while (i < n) {
 		uint64_t j = i, z = 0;
 
 		while (j < n && (z = zero_pages_at(l, buf, j, n)) < min_zero)
 			j = j + z + 1 < n ? j + z + 1 : n;
-		if (j > i && (ret = install_span(l, r, first + i, j - i, buf + i * l->ps, UFFDIO_COPY, mode)))
+		if (j > i && (ret = install_span(l, r, first + i, j - i, buf + i * l->ps, UFFDIO_COPY, prefetch)))
 			return ret;
 		if (j == n)
 			break;
-		if ((ret = install_span(l, r, first + j, z, buf + j * l->ps, UFFDIO_ZEROPAGE, mode)))
+		if ((ret = install_span(l, r, first + j, z, buf + j * l->ps, UFFDIO_ZEROPAGE, prefetch)))
 			return ret;
 		i = j + z;
 	}
@@ -798,57 +876,125 @@ static bool next_run(struct loader *l, uint64_t *first, uint64_t *n)
 	return false;
 }
 
-/* Fills the worker's free slots with reads, submitted SUBMIT_BATCH at a time: buffered reads
- * are copied inside io_submit, and long submits delay the first completions. */
-static int submit_prefetch(struct worker *w)
+/*
+ * The descriptor a prefetch read of pages [first, first+n) goes through. A range wholly in the
+ * page cache (dirty pages included: an image just written or pulled) is read from it, which is a
+ * copy; O_DIRECT would go to the disk instead, and first write back the dirty pages. A range not
+ * wholly cached is read with O_DIRECT, so prefetch does not double the memory through the page
+ * cache. Where cachestat(2) is missing (before Linux 6.5) every read is O_DIRECT, as before it.
+ */
+static int prefetch_fd(struct loader *l, const struct image *img, uint64_t first, uint64_t n)
+{
+	struct cache_range range = { (first - img->first) * l->ps, n * l->ps };
+	struct cache_stat cs;
+
+	if (l->io_mode != IO_AUTO || img->aio_fd == img->fd || atomic_load(&l->no_cachestat))
+		return img->aio_fd;
+	if (syscall(SYS_cachestat, img->fd, &range, &cs, 0) < 0) {
+		if (errno == ENOSYS)
+			atomic_store(&l->no_cachestat, true);
+		return img->aio_fd;
+	}
+	return cs.nr_cache >= n ? img->fd : img->aio_fd;
+}
+
+static void settle(struct loader *l, uint64_t first, uint64_t n);
+static int install_read(struct worker *w, struct slot *s, long res);
+
+/* Installs a cached run straight from the image's mapping, without a read. */
+static int install_mapped(struct worker *w, const struct image *img, uint64_t first, uint64_t n)
+{
+	struct loader *l = w->l;
+	struct slot s = { .first = first, .npages = n, .buf = img->map + (first - img->first) * l->ps };
+	int ret;
+
+	s.cb.aio_fildes = img->fd;
+	ret = install_read(w, &s, n * l->ps);
+	settle(l, first, n);
+	pthread_mutex_lock(&l->mu);
+	pthread_cond_broadcast(&l->progress);
+	pthread_mutex_unlock(&l->mu);
+	return ret;
+}
+
+/* Takes up to SUBMIT_BATCH runs of the hot list: a cached run that the image's mapping holds is
+ * installed at once, any other fills a free slot, and those reads are submitted together
+ * (buffered reads are copied inside io_submit, and long submits delay the first completions).
+ * *more tells whether any run was left to take. */
+static int submit_prefetch(struct worker *w, bool *more)
 {
 	struct loader *l = w->l;
 	struct iocb *cbs[SUBMIT_BATCH];
-	unsigned nr = 0;
+	unsigned nr = 0, taken = 0;
+	int ret = 0;
 
+	*more = false;
 	pthread_mutex_lock(&l->mu);
-	for (unsigned i = 0; i < w->nslots && nr < SUBMIT_BATCH; i++) {
+	for (unsigned i = 0; i < w->nslots && taken < SUBMIT_BATCH && !ret;) {
 		struct slot *s = &w->slots[i];
 		const struct image *img;
+		uint64_t first, n;
+		int fd;
 
-		if (s->busy)
+		if (s->busy) {
+			i++;
 			continue;
-		if (!next_run(l, &s->first, &s->npages))
+		}
+		if (!next_run(l, &first, &n))
 			break;
-		img = image_of_page(l, s->first);
+		*more = true;
+		taken++;
+		if (w->start == 0)
+			w->start = now();
+		img = image_of_page(l, first);
+		fd = prefetch_fd(l, img, first, n);
+		if (fd == img->fd && img->map) {
+			pthread_mutex_unlock(&l->mu);
+			ret = install_mapped(w, img, first, n);
+			pthread_mutex_lock(&l->mu);
+			continue;
+		}
+		s->first = first;
+		s->npages = n;
 		s->busy = true;
 		memset(&s->cb, 0, sizeof(s->cb));
-		s->cb.aio_data = i;
+		s->cb.aio_data = i++;
 		s->cb.aio_lio_opcode = IOCB_CMD_PREAD;
-		s->cb.aio_fildes = img->aio_fd;
-		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf);
-		s->cb.aio_nbytes = s->npages * l->ps;
-		s->cb.aio_offset = (s->first - img->first) * l->ps;
+		s->cb.aio_fildes = fd;
+		s->cb.aio_buf = (uintptr_t)(l->memfd_mode ? l->memfd_map + first * l->ps : s->buf);
+		s->cb.aio_nbytes = n * l->ps;
+		s->cb.aio_offset = (first - img->first) * l->ps;
 		cbs[nr++] = &s->cb;
 	}
 	pthread_mutex_unlock(&l->mu);
-	if (nr && w->start == 0)
-		w->start = now();
 	for (unsigned done = 0; done < nr;) {
 		long r = syscall(SYS_io_submit, w->aio, nr - done, cbs + done);
 
 		if (r < 0 && (errno == EAGAIN || errno == EINTR))
 			continue;
-		if (r < 0)
+		if (r < 0) {
+			/* Reads not submitted never complete: settle their pages here. */
+			for (unsigned k = done; k < nr; k++) {
+				struct slot *s = &w->slots[cbs[k]->aio_data];
+
+				settle(l, s->first, s->npages);
+				s->busy = false;
+			}
+			w->inflight += done;
 			return fail(l, errno, "io_submit: %s", strerror(errno));
+		}
 		done += r;
 	}
 	w->inflight += nr;
-	return 0;
+	return ret;
 }
 
-/* Installs the INFLIGHT pages of one finished read with DONTWAKE COPY/CONTINUE (pages a demand
- * fault installed meanwhile are PRESENT and skipped), then wakes the read's range once. */
+/* Installs the INFLIGHT pages of one finished read as a prefetch batch (pages a demand fault
+ * installed meanwhile are PRESENT and skipped), then wakes the read's range once. */
 static int install_read(struct worker *w, struct slot *s, long res)
 {
 	struct loader *l = w->l;
 	const struct region *r = region_of_page(l, s->first);
-	uint64_t mode = l->memfd_mode ? UFFDIO_CONTINUE_MODE_DONTWAKE : UFFDIO_COPY_MODE_DONTWAKE;
 	const uint8_t *buf = l->memfd_mode ? l->memfd_map + s->first * l->ps : s->buf;
 	int ret = 0;
 
@@ -863,17 +1009,27 @@ static int install_read(struct worker *w, struct slot *s, long res)
 		while (j < s->npages && page_state(l, s->first + j) == INFLIGHT)
 			j++;
 		if (j > i) {
-			ret = install_run(l, r, s->first + i, j - i, buf + i * l->ps, mode);
+			ret = install_run(l, r, s->first + i, j - i, buf + i * l->ps, true);
 			w->pages += j - i;
 		}
 		i = j + (j == i);
 	}
 	pthread_rwlock_unlock(&l->events);
 	w->bytes += s->npages * l->ps;
+	if (s->cb.aio_fildes != (uint32_t)image_of_page(l, s->first)->fd)
+		w->direct_bytes += s->npages * l->ps;
 	w->end = now();
 	if (ret && ret != -EAGAIN)
 		return ret;
 	return wake(l, page_addr(l, r, s->first), s->npages * l->ps);
+}
+
+/* Pages of a finished run still INFLIGHT (not installed) go back to MISSING. */
+static void settle(struct loader *l, uint64_t first, uint64_t n)
+{
+	for (uint64_t k = 0; k < n; k++)
+		if (page_state(l, first + k) == INFLIGHT)
+			set_state(l, first + k, MISSING);
 }
 
 /* Reaps at least min_nr finished reads; installs them unless the worker is stopping. Every
@@ -895,9 +1051,7 @@ static int reap(struct worker *w, long min_nr, bool install)
 
 		if (install && !ret)
 			ret = install_read(w, s, evs[i].res);
-		for (uint64_t k = 0; k < s->npages; k++)
-			if (page_state(l, s->first + k) == INFLIGHT)
-				set_state(l, s->first + k, MISSING);
+		settle(l, s->first, s->npages);
 		s->busy = false;
 		w->inflight--;
 	}
@@ -914,9 +1068,14 @@ static void *worker_main(void *arg)
 	int ret = worker_setup(w);
 
 	while (!ret && !atomic_load(&l->stop)) {
-		if ((ret = submit_prefetch(w)) || !w->inflight)
+		bool more;
+
+		if ((ret = submit_prefetch(w, &more)))
 			break;
-		ret = reap(w, 1, true);
+		if (w->inflight)
+			ret = reap(w, 1, true);
+		else if (!more)
+			break;
 	}
 	while (w->inflight && !reap(w, w->inflight, false))
 		;
@@ -978,6 +1137,7 @@ static void stop_workers(struct loader *l)
 			l->st.prefetch_end = w->end;
 		l->st.prefetch_pages += w->pages;
 		l->st.prefetch_bytes += w->bytes;
+		l->st.direct_bytes += w->direct_bytes;
 	}
 }
 
@@ -1001,14 +1161,16 @@ static int record_latency(struct loader *l, double start)
 {
 	if (l->st.nlat == l->st.cap_lat) {
 		size_t cap = l->st.cap_lat ? l->st.cap_lat * 2 : 65536;
-		uint32_t *lat = realloc(l->st.lat_ns, cap * sizeof(*lat));
+		uint64_t *lat = realloc(l->st.lat_ns, cap * sizeof(*lat));
 
 		if (!lat)
 			return fail(l, ENOMEM, "out of memory");
 		l->st.lat_ns = lat;
 		l->st.cap_lat = cap;
 	}
-	l->st.lat_ns[l->st.nlat++] = (uint32_t)((now() - start) * 1e9);
+	if (!l->st.first_served)
+		l->st.first_served = now();
+	l->st.lat_ns[l->st.nlat++] = (uint64_t)((now() - start) * 1e9);
 	return 0;
 }
 
@@ -1021,9 +1183,9 @@ static int zero_fill(struct loader *l, const struct region *r, uint64_t page)
 	/* A removed memfd page was either only unmapped (MADV_DONTNEED: content kept in the page
 	 * cache, map it again) or punched out (MADV_REMOVE: it reads as zeros now). */
 	if (l->memfd_mode && !mincore(l->memfd_map + page * l->ps, l->ps, &resident) && (resident & 1))
-		ret = install(l, UFFDIO_CONTINUE, addr, NULL, l->ps, 0, &done);
+		ret = install(l, UFFDIO_CONTINUE, addr, NULL, l->ps, false, &done);
 	else
-		ret = install(l, UFFDIO_ZEROPAGE, addr, NULL, l->ps, 0, &done);
+		ret = install(l, UFFDIO_ZEROPAGE, addr, NULL, l->ps, false, &done);
 	return ret;
 }
 
@@ -1045,10 +1207,381 @@ static int demand_read(struct loader *l, const struct region *r, uint64_t page, 
 	if ((ret = read_full(l, buf, page, n)))
 		return ret;
 	l->st.demand_pages += n;
-	if ((ret = install_run(l, r, page, 1, buf, 0)) || (ret = record_latency(l, start)) || n == 1)
+	if ((ret = install_run(l, r, page, 1, buf, false)) || (ret = record_latency(l, start)) || n == 1)
 		return ret;
-	ret = install_run(l, r, page + 1, n - 1, buf + l->ps, 0);
+	ret = install_run(l, r, page + 1, n - 1, buf + l->ps, false);
 	return ret == -EAGAIN ? 0 : ret;
+}
+
+/* ---- pages from the store's chunks (--chunks) ----
+ *
+ * The image is a file of a snapshot: data extents (chunks) and holes. A feeder process (uffd-serve)
+ * owns the store; we send it a chunk's index and it answers with a sealed memfd of the chunk's
+ * verified bytes, which we map read-only and install from: the bytes never pass through a
+ * buffer of ours except for pages that straddle a chunk cut. docs/uffd.md has the protocol.
+ * Everything here runs on the main thread, which owns the chunk and split-page tables.
+ */
+
+/* Layout memfd, little-endian u64s: file size, chunk count, (offset, size) per chunk in file
+ * order, prefetch count, chunk indices in prefetch order. */
+static int read_u64s(struct loader *l, const uint64_t *words, size_t nwords, size_t *pos, uint64_t *v)
+{
+	if (*pos >= nwords)
+		return fail(l, EPROTO, "chunk layout truncated");
+	*v = words[(*pos)++];
+	return 0;
+}
+
+/* Counts page p as split (its bytes come from more than one chunk, or from one chunk and the
+ * zeros past the file end) and adds a chunk that overlaps it. Chunks come in file order, so the
+ * split pages do too. */
+static int add_split(struct loader *l, uint64_t p)
+{
+	if (l->nsplits && l->splits[l->nsplits - 1].page == p) {
+		l->splits[l->nsplits - 1].need++;
+		return 0;
+	}
+	if (l->nsplits == l->cap_splits) {
+		size_t cap = l->cap_splits ? l->cap_splits * 2 : 1024;
+		struct split *s = realloc(l->splits, cap * sizeof(*s));
+
+		if (!s)
+			return fail(l, ENOMEM, "out of memory");
+		l->splits = s;
+		l->cap_splits = cap;
+	}
+	l->splits[l->nsplits++] = (struct split){ .page = p, .need = 1 };
+	return 0;
+}
+
+static bool whole_in(const struct loader *l, const struct chunk *c, uint64_t p)
+{
+	return c->off <= p * l->ps && (p + 1) * l->ps <= c->off + c->size;
+}
+
+static int load_layout(struct loader *l)
+{
+	struct stat sb;
+	uint64_t *words, n = 0, end = 0;
+	size_t nwords, pos = 0;
+	int ret = 0;
+
+	if (fstat(l->layout_fd, &sb) < 0)
+		return fail(l, errno, "chunk layout: %s", strerror(errno));
+	nwords = sb.st_size / 8;
+	words = malloc(nwords ? nwords * 8 : 1);
+	if (!words)
+		return fail(l, ENOMEM, "out of memory");
+	if (pread(l->layout_fd, words, nwords * 8, 0) != (ssize_t)(nwords * 8))
+		ret = fail(l, EIO, "chunk layout: short read");
+	if (!ret && !(ret = read_u64s(l, words, nwords, &pos, &l->file_size)))
+		ret = read_u64s(l, words, nwords, &pos, &n);
+	if (!ret && n > nwords / 2)
+		ret = fail(l, EPROTO, "chunk layout truncated");
+	if (!ret && !(l->chunks = calloc(n ? n : 1, sizeof(*l->chunks))))
+		ret = fail(l, ENOMEM, "out of memory");
+	for (uint64_t i = 0; !ret && i < n; i++) {
+		struct chunk *c = &l->chunks[i];
+
+		if ((ret = read_u64s(l, words, nwords, &pos, &c->off)) || (ret = read_u64s(l, words, nwords, &pos, &c->size)))
+			break;
+		if (c->off < end || !c->size || c->size > l->file_size - c->off || c->off > l->file_size)
+			ret = fail(l, EPROTO, "chunk layout: chunk %" PRIu64 " overlaps another or the file end", i);
+		end = c->off + c->size;
+		l->nchunks++;
+	}
+	if (!ret)
+		ret = read_u64s(l, words, nwords, &pos, &n);
+	if (!ret && n > nwords - pos)
+		ret = fail(l, EPROTO, "chunk layout truncated");
+	if (!ret && !(l->order = calloc(n ? n : 1, sizeof(*l->order))))
+		ret = fail(l, ENOMEM, "out of memory");
+	for (uint64_t i = 0; !ret && i < n; i++) {
+		l->order[l->norder] = words[pos++];
+		if (l->order[l->norder++] >= l->nchunks)
+			ret = fail(l, EPROTO, "chunk layout: prefetch entry %" PRIu64 " names no chunk", i);
+	}
+	free(words);
+	for (size_t i = 0; !ret && i < l->nchunks; i++) {
+		struct chunk *c = &l->chunks[i];
+		uint64_t head = c->off / l->ps, tail = (c->off + c->size - 1) / l->ps;
+
+		if (!whole_in(l, c, head))
+			ret = add_split(l, head);
+		if (!ret && tail != head && !whole_in(l, c, tail))
+			ret = add_split(l, tail);
+	}
+	if (ret)
+		return ret;
+	l->npages = (l->file_size + l->ps - 1) / l->ps;
+	l->img_size = l->npages * l->ps;
+	l->state = calloc(l->npages ? l->npages : 1, sizeof(*l->state));
+	if (!l->state)
+		return fail(l, ENOMEM, "out of memory");
+	return 0;
+}
+
+static struct split *split_of(struct loader *l, uint64_t page)
+{
+	size_t lo = 0, hi = l->nsplits;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (l->splits[mid].page < page)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < l->nsplits && l->splits[lo].page == page ? &l->splits[lo] : NULL;
+}
+
+/* The first chunk that ends after byte `off` (nchunks if none). */
+static size_t chunk_after(const struct loader *l, uint64_t off)
+{
+	size_t lo = 0, hi = l->nchunks;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (l->chunks[mid].off + l->chunks[mid].size <= off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo;
+}
+
+static int request_chunk(struct loader *l, size_t i, bool prefetch)
+{
+	uint64_t msg = i | (prefetch ? 0 : DEMAND_BIT);
+
+	if (send(l->feed_fd, &msg, sizeof(msg), MSG_NOSIGNAL) != sizeof(msg))
+		return fail(l, errno, "asking the chunk feeder for chunk %zu: %s", i, strerror(errno));
+	l->chunks[i].state = CHUNK_REQUESTED;
+	l->chunks[i].prefetch = prefetch;
+	l->inflight_prefetch += prefetch;
+	return 0;
+}
+
+/* Whether any byte of the chunk lies in a region the client registered. */
+static bool chunk_wanted(const struct loader *l, const struct chunk *c)
+{
+	for (size_t i = 0; i < l->nregions; i++)
+		if (c->off < l->regions[i].offset + l->regions[i].size && l->regions[i].offset < c->off + c->size)
+			return true;
+	return false;
+}
+
+/* Keeps `window` prefetch requests in flight, in prefetch order. */
+static int top_up_prefetch(struct loader *l)
+{
+	int ret;
+
+	while (l->inflight_prefetch < l->window && l->order_pos < l->norder) {
+		size_t i = l->order[l->order_pos++];
+
+		if (l->chunks[i].state == CHUNK_IDLE && chunk_wanted(l, &l->chunks[i]) && (ret = request_chunk(l, i, true)))
+			return ret;
+	}
+	if (!l->inflight_prefetch && l->st.prefetch_start && !l->st.prefetch_end)
+		l->st.prefetch_end = now();
+	return 0;
+}
+
+/* Installs the MISSING pages of [first, first+n), whose bytes are at src, region by region. An
+ * -EAGAIN (event pending, range unmapped) leaves the rest MISSING: a fault there asks again. */
+static int install_pages(struct loader *l, uint64_t first, uint64_t n, const uint8_t *src, uint64_t *count)
+{
+	for (uint64_t i = 0; i < n;) {
+		const struct region *r = region_of_page(l, first + i);
+		uint64_t j = i + 1, end;
+		int ret;
+
+		if (!r || page_state(l, first + i) != MISSING) {
+			i++;
+			continue;
+		}
+		end = (r->offset + r->size) / l->ps - first;
+		while (j < n && j < end && page_state(l, first + j) == MISSING)
+			j++;
+		if ((ret = install_run(l, r, first + i, j - i, src + i * l->ps, true)))
+			return ret;
+		*count += j - i;
+		i = j;
+	}
+	return 0;
+}
+
+/* Wakes whoever faulted in [first, first+n), region by region. */
+static int wake_pages(struct loader *l, uint64_t first, uint64_t n)
+{
+	for (size_t i = 0; i < l->nregions; i++) {
+		const struct region *r = &l->regions[i];
+		uint64_t lo = r->offset / l->ps, hi = (r->offset + r->size) / l->ps;
+		int ret;
+
+		lo = lo > first ? lo : first;
+		hi = hi < first + n ? hi : first + n;
+		if (lo < hi && (ret = wake(l, page_addr(l, r, lo), (hi - lo) * l->ps)))
+			return ret;
+	}
+	return 0;
+}
+
+static int install_split(struct loader *l, struct split *s, uint64_t *count)
+{
+	int ret = install_pages(l, s->page, 1, s->buf, count);
+
+	if (!ret && page_state(l, s->page) != MISSING) {
+		free(s->buf);
+		s->buf = NULL;
+	}
+	return ret;
+}
+
+/* Adds chunk c's bytes of split page p; installs the page once every chunk of it gave its part.
+ * The buffer stays until the page is in, so asking for a chunk again never counts it twice. */
+static int give_split(struct loader *l, struct chunk *c, const uint8_t *map, uint64_t p, uint64_t *count)
+{
+	struct split *s = split_of(l, p);
+	uint64_t lo = p * l->ps > c->off ? p * l->ps : c->off;
+	uint64_t hi = (p + 1) * l->ps < c->off + c->size ? (p + 1) * l->ps : c->off + c->size;
+
+	if (!s->buf && !(s->buf = calloc(1, l->ps)))
+		return fail(l, ENOMEM, "out of memory");
+	memcpy(s->buf + (lo - p * l->ps), map + (lo - c->off), hi - lo);
+	if (!(lo == c->off ? c->gave_head : c->gave_tail)) {
+		*(lo == c->off ? &c->gave_head : &c->gave_tail) = true;
+		s->have++;
+	}
+	return s->have == s->need ? install_split(l, s, count) : 0;
+}
+
+/* Installs every MISSING page of chunk i from its mapping, then wakes the chunk's pages. */
+static int install_chunk(struct loader *l, size_t i, const uint8_t *map)
+{
+	struct chunk *c = &l->chunks[i];
+	uint64_t head = c->off / l->ps, tail = (c->off + c->size - 1) / l->ps, count = 0;
+	uint64_t first = whole_in(l, c, head) ? head : head + 1, last = whole_in(l, c, tail) ? tail : tail - 1;
+	int ret = 0;
+
+	if (first != head)
+		ret = give_split(l, c, map, head, &count);
+	if (!ret && tail != head && last != tail)
+		ret = give_split(l, c, map, tail, &count);
+	if ((!ret || ret == -EAGAIN) && first <= last && last != UINT64_MAX)
+		ret = install_pages(l, first, last - first + 1, map + (first * l->ps - c->off), &count);
+	if (c->prefetch)
+		l->st.prefetch_pages += count;
+	else
+		l->st.demand_pages += count;
+	if (count)
+		l->st.last_install = now();
+	if (ret && ret != -EAGAIN)
+		return ret;
+	return wake_pages(l, head, tail - head + 1);
+}
+
+/* Takes one answer of the feeder: a sealed memfd of chunk i's bytes, or why it has none. */
+static int receive_chunk(struct loader *l)
+{
+	struct {
+		uint64_t index;
+		uint8_t status;
+		char text[512];
+	} __attribute__((packed)) msg;
+	char cbuf[CMSG_SPACE(sizeof(int))];
+	struct iovec iov = { &msg, sizeof(msg) - 1 };
+	struct msghdr mh = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+	struct cmsghdr *cm;
+	struct stat sb;
+	struct chunk *c;
+	uint8_t *map;
+	int fd = -1, ret;
+	ssize_t n = recvmsg(l->feed_fd, &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+
+	if (n < 0 && (errno == EAGAIN || errno == EINTR))
+		return -EAGAIN;
+	for (cm = CMSG_FIRSTHDR(&mh); n > 0 && cm; cm = CMSG_NXTHDR(&mh, cm))
+		if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len == CMSG_LEN(sizeof(int)))
+			memcpy(&fd, CMSG_DATA(cm), sizeof(int));
+	if (n < 0)
+		return fail(l, errno, "reading from the chunk feeder: %s", strerror(errno));
+	if (n == 0)
+		return fail(l, EPIPE, "the chunk feeder went away");
+	if (n < 9 || msg.index >= l->nchunks || l->chunks[msg.index].state != CHUNK_REQUESTED) {
+		ret = fail(l, EPROTO, "the chunk feeder answered outside the protocol");
+		goto out;
+	}
+	c = &l->chunks[msg.index];
+	if (msg.status) {
+		msg.text[n - 9] = '\0';
+		ret = fail(l, EIO, "chunk %" PRIu64 " (image bytes %" PRIu64 "-%" PRIu64 "): %s", msg.index, c->off,
+			   c->off + c->size, msg.text);
+		goto out;
+	}
+	/* Sealed against writes and shrinking, the bytes we install are the bytes that were checked. */
+	if (fd < 0 || fstat(fd, &sb) < 0 || (uint64_t)sb.st_size != c->size ||
+	    (fcntl(fd, F_GET_SEALS) & (F_SEAL_WRITE | F_SEAL_SHRINK)) != (F_SEAL_WRITE | F_SEAL_SHRINK)) {
+		ret = fail(l, EPROTO, "the chunk feeder sent chunk %" PRIu64 " without a sealed memfd of its size", msg.index);
+		goto out;
+	}
+	/* Populated: one call maps the chunk's pages instead of a fault per few pages in the copy. */
+	map = mmap(NULL, c->size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+	if (map == MAP_FAILED) {
+		ret = fail(l, errno, "mmap of chunk %" PRIu64 ": %s", msg.index, strerror(errno));
+		goto out;
+	}
+	l->inflight_prefetch -= c->prefetch;
+	c->state = CHUNK_DONE;
+	l->st.prefetch_bytes += c->size;
+	l->st.chunks++;
+	ret = install_chunk(l, msg.index, map);
+	munmap(map, c->size);
+	if (!ret && c->demanded_at) {
+		ret = record_latency(l, c->demanded_at);
+		c->demanded_at = 0;
+	}
+	if (!ret)
+		ret = top_up_prefetch(l);
+out:
+	if (fd >= 0)
+		close(fd);
+	return ret;
+}
+
+/* A fault in chunk mode: holes and the tail past the file end are zero pages; a page whose
+ * chunks are all in but is still missing (an install met an unmapped range) is asked for again;
+ * otherwise its chunks are asked for now, ahead of the prefetch, and their arrival wakes it. */
+static int serve_chunk_fault(struct loader *l, const struct region *r, uint64_t page, double start)
+{
+	uint64_t lo = page * l->ps, hi = lo + l->ps, count = 0;
+	struct split *s = split_of(l, page);
+	size_t i = chunk_after(l, lo);
+	int ret;
+
+	if (i == l->nchunks || l->chunks[i].off >= hi) {
+		/* A hole: zero-fill up to HOLE_AROUND of it at once, as a first touch seldom stays alone. */
+		uint64_t end = i == l->nchunks ? l->npages : l->chunks[i].off / l->ps, n = 1;
+
+		end = end < (r->offset + r->size) / l->ps ? end : (r->offset + r->size) / l->ps;
+		while (n < HOLE_AROUND && page + n < end && page_state(l, page + n) == MISSING)
+			n++;
+		return install_span(l, r, page, n, NULL, UFFDIO_ZEROPAGE, false);
+	}
+	if (s && s->buf && s->have == s->need)
+		return (ret = install_split(l, s, &count)) ? ret : wake_pages(l, page, 1);
+	for (; i < l->nchunks && l->chunks[i].off < hi; i++) {
+		struct chunk *c = &l->chunks[i];
+		bool gave = s && (c->off >= lo ? c->gave_head : c->gave_tail);
+
+		if (c->state != CHUNK_REQUESTED && !gave && (ret = request_chunk(l, i, false)))
+			return ret;
+		if (!c->demanded_at)
+			c->demanded_at = start;
+	}
+	return 0;
 }
 
 static int serve_fault(struct loader *l, uint64_t addr, double start)
@@ -1070,8 +1603,10 @@ static int serve_fault(struct loader *l, uint64_t addr, double start)
 	state = page_state(l, page);
 	if (state == REMOVED)
 		ret = zero_fill(l, r, page);
+	else if (l->feed_fd >= 0)
+		ret = state == PRESENT ? -EAGAIN : serve_chunk_fault(l, r, page, start);
 	else if (l->memfd_mode && state == PRESENT)
-		ret = install(l, UFFDIO_CONTINUE, page_addr(l, r, page), NULL, l->ps, 0, &done);
+		ret = install(l, UFFDIO_CONTINUE, page_addr(l, r, page), NULL, l->ps, false, &done);
 	else
 		ret = demand_read(l, r, page, start);
 	return ret == -EAGAIN ? wake(l, page_addr(l, r, page), l->ps) : ret;
@@ -1153,14 +1688,20 @@ static int serve(struct loader *l)
 {
 	int ret;
 
+	l->st.handshake = now();
 	if (l->nhot && (ret = start_workers(l)))
 		return ret;
+	if (l->feed_fd >= 0) {
+		l->st.prefetch_start = now();
+		if ((ret = top_up_prefetch(l)))
+			return ret;
+	}
 	for (;;) {
-		struct pollfd pfd[3] = {
-			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { l->errfd, POLLIN, 0 },
+		struct pollfd pfd[4] = {
+			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { l->errfd, POLLIN, 0 }, { l->feed_fd, POLLIN, 0 },
 		};
 
-		if (poll(pfd, 3, -1) < 0 && errno != EINTR)
+		if (poll(pfd, 4, -1) < 0 && errno != EINTR)
 			return fail(l, errno, "poll: %s", strerror(errno));
 		if (pfd[2].revents & POLLIN) {
 			pthread_mutex_lock(&l->mu);
@@ -1174,14 +1715,22 @@ static int serve(struct loader *l)
 			return fail(l, EPROTO, "the uffd reports an error (UFFDIO_API not done?)");
 		if ((pfd[0].revents & POLLIN) && (ret = serve_faults(l)))
 			return ret;
+		/* A few chunks at a time, so that faults waiting in the uffd are read in between. */
+		for (int k = 0; k < 4 && (pfd[3].revents & (POLLIN | POLLHUP | POLLERR)); k++) {
+			ret = receive_chunk(l);
+			if (ret == -EAGAIN)
+				break;
+			if (ret)
+				return ret;
+		}
 	}
 }
 
 /* ---- setup, stats and cleanup ---- */
 
-static int cmp_u32(const void *a, const void *b)
+static int cmp_u64(const void *a, const void *b)
 {
-	uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
 
 	return (x > y) - (x < y);
 }
@@ -1189,14 +1738,6 @@ static int cmp_u32(const void *a, const void *b)
 static double percentile_us(const struct stats *st, double q)
 {
 	return st->nlat ? st->lat_ns[(size_t)(q * (st->nlat - 1))] / 1e3 : 0;
-}
-
-static bool all_direct(const struct loader *l)
-{
-	for (size_t i = 0; i < l->nimages; i++)
-		if (l->images[i].aio_fd == l->images[i].fd)
-			return false;
-	return l->nimages > 0;
 }
 
 static void write_stats(struct loader *l)
@@ -1207,15 +1748,16 @@ static void write_stats(struct loader *l)
 
 	if (!f)
 		return;
-	qsort(st->lat_ns, st->nlat, sizeof(*st->lat_ns), cmp_u32);
+	qsort(st->lat_ns, st->nlat, sizeof(*st->lat_ns), cmp_u64);
 	fprintf(f,
 		"{\"demand_faults\": %" PRIu64 ", \"demand_pages\": %" PRIu64 ", \"zero_pages\": %" PRIu64
 		", \"removed_pages\": %" PRIu64 ", \"prefetch_pages\": %" PRIu64 ", \"prefetch_bytes\": %" PRIu64
-		", \"prefetch_seconds\": %.6f, \"prefetch_gbps\": %.3f, \"direct_io\": %s"
+		", \"prefetch_seconds\": %.6f, \"prefetch_gbps\": %.3f, \"direct_bytes\": %" PRIu64
+		", \"chunks\": %" PRIu64 ", \"handshake_at\": %.6f, \"first_served_at\": %.6f, \"last_install_at\": %.6f"
 		", \"fault_latency_us\": {\"samples\": %zu, \"p50\": %.2f, \"p99\": %.2f, \"max\": %.2f}}\n",
 		st->faults, st->demand_pages, st->zero_pages, st->removed_pages, st->prefetch_pages,
 		st->prefetch_bytes, secs, secs > 0 ? st->prefetch_bytes / secs / 1e9 : 0,
-		all_direct(l) ? "true" : "false", st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
+		st->direct_bytes, st->chunks, st->handshake, st->first_served, st->last_install, st->nlat, percentile_us(st, 0.5), percentile_us(st, 0.99),
 		percentile_us(st, 1.0));
 	fclose(f);
 }
@@ -1224,7 +1766,7 @@ static int setup(struct loader *l)
 {
 	int ret;
 
-	if ((ret = open_image(l)))
+	if ((ret = l->feed_fd >= 0 ? load_layout(l) : open_image(l)))
 		return ret;
 	if (l->hot_path && (ret = load_hot_list(l)))
 		return ret;
@@ -1246,7 +1788,7 @@ static int setup(struct loader *l)
 
 static void cleanup(struct loader *l)
 {
-	int fds[] = { l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd };
+	int fds[] = { l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd, l->feed_fd, l->layout_fd };
 
 	for (unsigned i = 0; l->workers && i < l->nworkers; i++) {
 		struct worker *w = &l->workers[i];
@@ -1266,6 +1808,8 @@ static void cleanup(struct loader *l)
 	if (l->record)
 		fclose(l->record);
 	for (size_t i = 0; i < l->nimages; i++) {
+		if (l->images[i].map)
+			munmap(l->images[i].map, l->images[i].npages * l->ps);
 		if (l->images[i].aio_fd >= 0 && l->images[i].aio_fd != l->images[i].fd)
 			close(l->images[i].aio_fd);
 		if (l->images[i].fd >= 0)
@@ -1277,6 +1821,11 @@ static void cleanup(struct loader *l)
 			close(fds[i]);
 	if (l->listen_fd >= 0)
 		unlink(l->socket_path);
+	for (size_t i = 0; i < l->nsplits; i++)
+		free(l->splits[i].buf);
+	free(l->splits);
+	free(l->chunks);
+	free(l->order);
 	free(l->state);
 	free(l->hot);
 	free(l->st.lat_ns);
@@ -1286,7 +1835,8 @@ static void usage(void)
 {
 	fprintf(stderr,
 		"usage: uffd_loader --image FILE [--image FILE...] --socket PATH [--hot FILE] [--record FILE] [--memfd]\n"
-		"                   [--fault-around-kib N] [--queue-depth N] [--prefetch-threads N] [--buffered]\n"
+		"       uffd_loader --chunks FD --layout FD --socket PATH [--record FILE] [--queue-depth N]\n"
+		"                   [--fault-around-kib N] [--queue-depth N] [--prefetch-threads N] [--buffered | --direct]\n"
 		"                   [--stats-json FILE]\n");
 }
 
@@ -1320,8 +1870,10 @@ static int parse_args(struct loader *l, int argc, char **argv)
 
 		if (!strcmp(a, "--memfd"))
 			l->memfd_mode = true;
-		else if (!strcmp(a, "--buffered"))
-			l->buffered = true;
+		else if (!strcmp(a, "--buffered") && l->io_mode != IO_DIRECT)
+			l->io_mode = IO_BUFFERED;
+		else if (!strcmp(a, "--direct") && l->io_mode != IO_BUFFERED)
+			l->io_mode = IO_DIRECT;
 		else if (!val)
 			return -1;
 		else if (!strcmp(a, "--image")) {
@@ -1335,6 +1887,10 @@ static int parse_args(struct loader *l, int argc, char **argv)
 			l->record_path = val;
 		else if (!strcmp(a, "--stats-json"))
 			l->stats_path = val;
+		else if (!strcmp(a, "--chunks") && parse_u64(val, &v) && v <= INT32_MAX)
+			l->feed_fd = v;
+		else if (!strcmp(a, "--layout") && parse_u64(val, &v) && v <= INT32_MAX)
+			l->layout_fd = v;
 		else if (!strcmp(a, "--fault-around-kib") && parse_u64(val, &v) && v <= MAX_READ >> 10)
 			l->fault_around = v << 10;
 		else if (!strcmp(a, "--queue-depth") && parse_u64(val, &v) && v >= 1 && v <= 1024)
@@ -1343,10 +1899,14 @@ static int parse_args(struct loader *l, int argc, char **argv)
 			l->nworkers = v;
 		else
 			return -1;
-		if (strcmp(a, "--memfd") && strcmp(a, "--buffered"))
+		if (strcmp(a, "--memfd") && strcmp(a, "--buffered") && strcmp(a, "--direct"))
 			i++;
 	}
-	return l->nimages && l->socket_path ? 0 : -1;
+	/* Chunk mode takes its image, and its prefetch order, from the layout. */
+	if ((l->feed_fd >= 0) != (l->layout_fd >= 0) ||
+	    (l->feed_fd >= 0 && (l->nimages || l->hot_path || l->memfd_mode)))
+		return -1;
+	return (l->nimages || l->feed_fd >= 0) && l->socket_path ? 0 : -1;
 }
 
 /* One prefetch thread per CPU, up to DEFAULT_PREFETCH_THREADS: see docs/uffd.md for the sweep. */
@@ -1361,7 +1921,7 @@ int main(int argc, char **argv)
 {
 	struct loader l = {
 		.fault_around = DEFAULT_FAULT_AROUND_KIB << 10, .queue_depth = DEFAULT_QUEUE_DEPTH,
-		.listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1,
+		.listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1, .feed_fd = -1, .layout_fd = -1,
 		.mu = PTHREAD_MUTEX_INITIALIZER, .progress = PTHREAD_COND_INITIALIZER,
 		.events = PTHREAD_RWLOCK_INITIALIZER,
 	};
@@ -1376,6 +1936,7 @@ int main(int argc, char **argv)
 		l.fault_around = l.ps;
 	if (!l.nworkers)
 		l.nworkers = default_workers();
+	l.window = l.queue_depth;
 	signal(SIGPIPE, SIG_IGN);
 	ret = setup(&l);
 	if (!ret)

@@ -4,11 +4,15 @@ Cut points are byte granular (FastCDC 2020 via pyfastcdc), so content shifted by
 number of bytes still dedups. Page-aligned runs of zero bytes of at least `hole_min`
 bytes become holes and are never stored; shorter zero runs stay inside chunks, where
 zstd shrinks a zero page to a few bytes (docs/format.md says why the threshold exists).
-Memory stays bounded: at most one read window plus one max-size chunk is buffered.
+Memory stays bounded: at most one read window plus one max-size chunk is buffered, and
+no more than the file holds: a small file costs buffers of its size, not the 52 MiB a
+large one gets.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -45,14 +49,19 @@ class _Splitter:
     stream), so its length is counted, not buffered.
     """
 
-    def __init__(self, params: ChunkerParams) -> None:
+    def __init__(self, params: ChunkerParams, window: int, size: int | None) -> None:
         self._cdc = FastCDC(params.avg_size, min_size=params.min_size, max_size=params.max_size)
         self._flush_at = WINDOW + params.max_size
         self._hole_min = params.hole_min
         self.hole_pages = params.hole_min // PAGE
         # One buffer for the whole stream: growing a bytearray would fault in fresh
         # pages on every resize, and first-touch page faults cost more than the copy.
-        self._buf = bytearray(self._flush_at + WINDOW + PAGE)
+        # It never holds more than the stream, so a known size bounds it; a stream that
+        # outgrows its size only makes the bytearray grow.
+        capacity = self._flush_at + window + PAGE
+        if size is not None:
+            capacity = min(capacity, _round_up(size) + PAGE)
+        self._buf = bytearray(capacity)
         self._len = 0
         self._zeros = 0
 
@@ -132,12 +141,32 @@ class Readable(Protocol):
 
 def split(f: Readable, params: ChunkerParams) -> Iterator[Piece]:
     """Split the rest of `f` into pieces whose sizes add up to its length."""
-    splitter = _Splitter(params)
-    buf = bytearray(WINDOW)
+    size = _size_left(f)
+    window = WINDOW if size is None else min(WINDOW, _round_up(size))
+    splitter = _Splitter(params, window, size)
+    buf = bytearray(window)
     view = memoryview(buf)
     while n := f.readinto(view):
         yield from _classify(splitter, view[:n])
     yield from splitter.end()
+
+
+def _size_left(f: Readable) -> int | None:
+    """The bytes left in `f` if it is a regular file, else None (no bound known)."""
+    fileno = getattr(f, "fileno", None)
+    tell = getattr(f, "tell", None)
+    if fileno is None or tell is None:
+        return None
+    try:
+        st = os.fstat(fileno())
+        return max(st.st_size - tell(), 0) if stat.S_ISREG(st.st_mode) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _round_up(n: int) -> int:
+    """`n` up to whole pages, at least one: windows are read and classified by page."""
+    return max(-(-n // PAGE), 1) * PAGE
 
 
 def _classify(splitter: _Splitter, window: memoryview) -> Iterator[Piece]:

@@ -16,7 +16,7 @@ from rich.filesize import decimal as human
 
 from fusefs.cli import add_commands as add_mount_commands
 from snapstore import catalog
-from snapstore.cli_common import open_store, parse_labels, print_json
+from snapstore.cli_common import open_store, parse_labels, print_json, warn_damaged_tags
 from snapstore.errors import SnapstoreError
 from snapstore.export import export
 from snapstore.gc import gc
@@ -26,7 +26,7 @@ from snapstore.remote.cli import add_gc_options, cmd_remote_gc
 from snapstore.runtime_cli import add_commands as add_runtime_commands
 from snapstore.store.local import check_tag
 from snapstore.uffd.cli import add_commands as add_uffd_commands
-from snapstore.verify import verify
+from snapstore.verify import verify, verify_tags
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -59,7 +59,9 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    snaps = catalog.list_snapshots(open_store(args))
+    store = open_store(args)
+    warn_damaged_tags(store)
+    snaps = catalog.list_snapshots(store)
     if args.json:
         print_json(snaps)
         return 0
@@ -111,22 +113,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     store = open_store(args)
-    if args.ref:
-        mid = store.resolve(args.ref)
-        snaps = {args.ref: mid}
-    else:
-        snaps = store.tags()
-    report = verify(store, snaps)
+    report = (verify(store, {args.ref: store.resolve(args.ref)}) if args.ref
+              else verify_tags(store))
     if args.json:
         print_json({
             "snapshots": report.snapshots, "chunks": report.chunks,
             "bytes_checked": report.bytes_checked,
-            "problems": [{"kind": p.what, "id": p.object_id.hex, "reason": p.reason,
-                          "affects": list(p.affects)} for p in report.problems],
+            "problems": [{"kind": p.what, "id": p.object_id.hex if p.object_id else None,
+                          "reason": p.reason, "affects": list(p.affects)}
+                         for p in report.problems],
         })
     else:
         for p in report.problems:
-            print(f"BAD {p.what} {p.object_id}: {p.reason}")
+            what = f"{p.what} {p.object_id}" if p.object_id else p.what
+            print(f"BAD {what}: {p.reason}")
             for where in p.affects:
                 print(f"    affects {where}")
         state = f"{len(report.problems)} problems" if report.problems else "all good"
@@ -171,7 +171,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    s = catalog.store_stats(open_store(args))
+    store = open_store(args)
+    warn_damaged_tags(store)
+    s = catalog.store_stats(store)
     if args.json:
         print_json(s)
         return 0

@@ -19,6 +19,12 @@ def open_store(args: argparse.Namespace, create: bool = False) -> LocalStore:
     return LocalStore.open(root, create=create)
 
 
+def warn_damaged_tags(store: LocalStore) -> None:
+    """Name each damaged tag on stderr; the command goes on with the others."""
+    for bad in store.damaged_tags():
+        print(f"snapstore: warning: {bad}; left out", file=sys.stderr)
+
+
 def print_json(doc: Any) -> None:
     json.dump(doc, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapstore.errors import SnapstoreError
-from snapstore.ingest import IngestResult, ingest
+from snapstore.ingest import IngestResult, check_labels, ingest
 from snapstore.runsc import Runsc, RunscError
 from snapstore.store.local import LocalStore
 from snapstore.workflow import gpu_labels, mounted, pick, release
@@ -51,7 +51,7 @@ def checkpoint(
 ) -> IngestResult:
     """Checkpoint `container` into a working directory of the store, ingest it and
     remove the working directory, whatever happens (gc removes one a kill left)."""
-    all_labels = {**compat_labels(runsc), **labels}
+    all_labels = check_labels({**compat_labels(runsc), **labels})
     with store.work_dir("checkpoint") as work:
         runsc.checkpoint(container, work, leave_running=leave_running)
         return ingest(store, work, tag, all_labels)

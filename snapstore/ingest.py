@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from snapstore import codec, statefile
+from snapstore import codec, manifest, statefile
 from snapstore.chunker_params import ChunkerParams
 from snapstore.chunking import Data, Readable, split
-from snapstore.errors import SnapstoreError
+from snapstore.errors import ManifestError, SnapstoreError, UsageError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest
 from snapstore.progress import Advance, byte_progress
@@ -48,8 +48,18 @@ class _Stored:
     written: int
 
 
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """The labels, if a manifest reader accepts them; else a UsageError saying why.
+    Called before anything is written (and, by checkpoint, before runsc runs)."""
+    try:
+        return manifest.check_labels(labels)
+    except ManifestError as e:
+        raise UsageError(f"cannot store these labels: {e}") from None
+
+
 def scan(src: Path) -> list[tuple[str, os.stat_result]]:
-    """List the tree under `src` (parents first, sorted); refuse what cannot be stored."""
+    """List the tree under `src` (parents first, sorted); refuse what cannot be stored,
+    with the manifest reader's own checks, before any chunk is written."""
     try:
         top = src.stat()
     except OSError as err:
@@ -67,6 +77,11 @@ def scan(src: Path) -> list[tuple[str, os.stat_result]]:
         for item in items:
             rel = prefix + item.name
             st = item.stat(follow_symlinks=False)
+            try:
+                manifest.check_path(rel)
+                manifest.check_mtime(st.st_mtime_ns, rel)
+            except ManifestError as e:
+                raise SnapstoreError(f"cannot store {Path(item.path)}: {e}") from None
             if stat.S_ISDIR(st.st_mode):
                 out.append((rel, st))
                 walk(Path(item.path), rel + "/")
@@ -79,6 +94,9 @@ def scan(src: Path) -> list[tuple[str, os.stat_result]]:
                 )
 
     walk(src, "")
+    if len(out) > manifest.MAX_ENTRIES:
+        raise SnapstoreError(f"{src} holds {len(out)} entries; a snapshot holds at most "
+                             f"{manifest.MAX_ENTRIES}")
     return out
 
 
@@ -97,6 +115,7 @@ def ingest(
     is false; anything else, or a statefile that does not parse, is stored byte-exact.
     """
     check_tag(tag)
+    labels = check_labels(labels or {})
     params = params or ChunkerParams()
     workers = workers or os.cpu_count() or 2
     start = time.monotonic()
@@ -122,7 +141,7 @@ def ingest(
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             chunker=params,
             entries=tuple(entries),
-            labels=dict(labels or {}),
+            labels=labels,
         )
         # Write order: chunks durable, then the manifest, then the tag.
         writer.close()

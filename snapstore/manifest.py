@@ -1,6 +1,9 @@
 """The snapshot manifest: its data model, canonical encoding and hostile-input validation.
 
-docs/format.md is the specification; this module is its only implementation.
+docs/format.md is the specification; this module is its only implementation. The checks
+a reader applies to labels, paths and times are public (`check_labels`, `check_path`,
+`check_mtime`) so that ingest refuses up front, with the same rules, what no reader would
+accept.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ MAX_LABELS = 256
 MAX_TEXT = 4096
 MAX_CHUNK = 16 << 20
 MAX_EXTENT = 1 << 62
+# Any time a file can have: time_t seconds (int64) and nanoseconds. Wider than int64
+# nanoseconds, which end in 2262; ext4 stores times up to 2446.
+MIN_MTIME_NS = -(1 << 63) * 10**9
+MAX_MTIME_NS = ((1 << 63) - 1) * 10**9 + 999_999_999
 
 Kind = Literal["file", "dir", "symlink"]
 Form = Literal["exact", "transcoded"]
@@ -133,7 +140,7 @@ def decode(data: bytes) -> Manifest:
         created=created,
         chunker=_chunker(doc.get("chunker")),
         entries=tuple(_entries(doc.get("entries"))),
-        labels=_labels(doc.get("labels")),
+        labels=check_labels(doc.get("labels")),
     )
 
 
@@ -150,11 +157,16 @@ def _chunker(d: Any) -> ChunkerParams:
         raise ManifestError(f"bad chunker parameters: {e}") from None
 
 
-def _labels(d: Any) -> dict[str, str]:
-    _require(isinstance(d, dict) and len(d) <= MAX_LABELS, "bad 'labels' field")
+def check_labels(d: Any) -> dict[str, str]:
+    """Labels are at most MAX_LABELS string pairs, keys not empty, neither over MAX_TEXT."""
+    _require(isinstance(d, dict), "bad 'labels' field")
+    _require(len(d) <= MAX_LABELS, f"{len(d)} labels: at most {MAX_LABELS} are allowed")
     for k, v in d.items():
-        ok = isinstance(k, str) and isinstance(v, str) and 0 < len(k) <= MAX_TEXT
-        _require(ok and len(v) <= MAX_TEXT, f"bad label {k!r:.40}")
+        _require(isinstance(k, str) and isinstance(v, str) and len(k) > 0,
+                 f"bad label {k!r:.40}")
+        _require(len(k) <= MAX_TEXT and len(v) <= MAX_TEXT,
+                 f"label {k!r:.40} is too long: a key or value has at most {MAX_TEXT} "
+                 "characters")
     return dict(d)
 
 
@@ -167,6 +179,12 @@ def check_path(path: Any) -> str:
     _require(all(p not in ("", ".", "..") for p in parts),
              f"path with an empty, '.' or '..' component in manifest: {path!r:.80}")
     return str(path)
+
+
+def check_mtime(v: Any, path: str) -> int:
+    _require(isinstance(v, int) and not isinstance(v, bool)
+             and MIN_MTIME_NS <= v <= MAX_MTIME_NS, f"bad mtime of {path!r:.80}")
+    return int(v)
 
 
 def _int(v: Any, what: str, hi: int = 1 << 62) -> int:
@@ -187,7 +205,7 @@ def _entries(items: Any) -> Iterable[Entry]:
                  f"{path!r:.80} comes before its parent directory in the manifest")
         kind = d.get("type")
         mode = _int(d.get("mode"), f"mode of {path!r:.80}", 0o7777)
-        mtime = _int(d.get("mtime_ns"), f"mtime of {path!r:.80}")
+        mtime = check_mtime(d.get("mtime_ns"), path)
         seen[path] = kind
         if kind == "dir":
             yield Entry(path, "dir", mode, mtime)

@@ -11,7 +11,13 @@ import shlex
 import sys
 from pathlib import Path
 
-from snapstore.cli_common import open_store, parse_labels, positive_int, print_json
+from snapstore.cli_common import (
+    open_store,
+    parse_labels,
+    positive_int,
+    print_json,
+    warn_damaged_tags,
+)
 from snapstore.errors import UsageError
 from snapstore.store.local import LocalStore
 
@@ -40,9 +46,9 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sp.add_argument("--json", action="store_true", help="print JSON")
     sp.set_defaults(func=cmd_find)
 
-    help = ("restore from the newest matching snapshot through a lazy mount: a gVisor "
-            "container (CONTAINER --bundle), else a CRIU process tree; exit 3 when no "
-            "snapshot matches, 4 when the restore fails")
+    help = ("restore from the newest matching snapshot: a gVisor container (CONTAINER "
+            "--bundle) through a lazy mount, else a CRIU process tree, its memory served by "
+            "snapstore; exit 3 when no snapshot matches, 4 when the restore fails")
     sp = sub.add_parser("restore", help=help, description=help)
     sp.add_argument("container", nargs="?", help="gVisor container id")
     which = sp.add_mutually_exclusive_group(required=True)
@@ -111,7 +117,9 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     from snapstore import workflow
 
-    hits = workflow.find(open_store(args), parse_labels(args.label))
+    store = open_store(args)
+    warn_damaged_tags(store)
+    hits = workflow.find(store, parse_labels(args.label))
     if args.json:
         print_json([{"id": f.snapshot.hex, "tags": list(f.tags), "created": f.manifest.created,
                      "labels": f.manifest.labels} for f in hits])

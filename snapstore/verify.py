@@ -19,7 +19,7 @@ class Problem:
     """A bad or missing chunk (or manifest) and the files it affects."""
 
     what: str
-    object_id: ChunkId
+    object_id: ChunkId | None  # None for a damaged tag, which names no object
     reason: str
     affects: tuple[str, ...] = ()
 
@@ -30,6 +30,18 @@ class VerifyReport:
     chunks: int = 0
     bytes_checked: int = 0
     problems: list[Problem] = field(default_factory=list)
+
+
+def verify_tags(
+    store: LocalStore,
+    workers: int | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    """Check every tag: a damaged tag file is a problem, the others' snapshots are checked."""
+    tags, damaged = store.scan_tags()
+    report = verify(store, tags, workers, on_chunk)
+    report.problems[:0] = [Problem("tag", None, str(bad), (bad.name,)) for bad in damaged]
+    return report
 
 
 def verify(

@@ -30,7 +30,7 @@ from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
 from tests.conftest import alive, wait_until
-from tests.s3proxy import make_bucket, moto_server, s3_env
+from tests.s3proxy import FaultProxy, make_bucket, moto_server, s3_env
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -559,6 +559,33 @@ def test_replicas_run_side_by_side_in_namespaces_of_their_own(
     assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
 
 
+def test_a_remote_that_stalls_during_a_lazy_restore_fails_it_and_leaves_nothing(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    env = {**os.environ, **s3_env(), "SNAPSTORE_READ_TIMEOUT": "3"}
+    with moto_server() as port:
+        make_bucket(port, "stall")
+        proxy = FaultProxy(port)
+        try:
+            env["AWS_ENDPOINT_URL"] = proxy.endpoint
+            child = Child(tmp_path)
+            assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag",
+                             "py").returncode == 0
+            child.wait_dead()
+            assert snapstore(store, "push", "py", "s3://stall/s", env=env).returncode == 0
+            # Every read of the chunks' packs is taken and never answered.
+            proxy.inject("hang", "GET", "/packs/", times=-1)
+            empty = LocalStore.open(tmp_path / "empty")
+            r = snapstore(empty, "restore", "--from", "py", "--remote", "s3://stall/s",
+                          env=env)
+        finally:
+            proxy.close()
+    assert r.returncode == 4, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not alive(child.pid)
+    assert list(empty.work_root.iterdir()) == []
+    assert "snapstore-restore-" not in Path("/proc/self/mountinfo").read_text()
+
+
 MIB = 1 << 20
 
 
@@ -590,7 +617,7 @@ def test_prefetch_runs_on_from_the_last_fault_then_wraps() -> None:
     ]
     # Then from the lowest address left: what the first copy and the fault skipped.
     assert got[4:] == [(2 * MIB, 4 * MIB, 2 * MIB), (8 * MIB, 9 * MIB, 4 * MIB)]
-    assert task.left == 0 and not task.pending
+    assert not task.pending
 
 
 def test_dropped_ranges_leave_the_rest_pending() -> None:
@@ -600,4 +627,3 @@ def test_dropped_ranges_leave_the_rest_pending() -> None:
     task.drop(30 * MIB, 40 * MIB)  # nothing there
     assert [(s.start // MIB, s.end // MIB, s.offset // MIB) for s in task.pending] == [
         (0, 2, 0), (10, 12, 6), (16, 17, 8), (18, 20, 10), (24, 28, 12)]
-    assert task.left == sum(s.end - s.start for s in task.pending)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from snapstore import cli
@@ -35,10 +37,20 @@ from snapstore.gpu.dump import (
     plan,
     read_dump,
 )
-from snapstore.gpu.load import load, mappings, materialize
+from snapstore.gpu.load import (
+    _verify_chunks,
+    load,
+    load_snapshot,
+    mappings,
+    materialize,
+    open_snapshot,
+)
+from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 from snapstore.uffd import loader
+from snapstore.uffd.client import MappedRegion
+from snapstore.uffd.serve import Layout
 
 # Segments of an odd size: blocks are cut at segment ends in the middle of regions.
 SMALL_SEGMENT = (3 << 20) + 5 * PAGE
@@ -422,9 +434,79 @@ def test_cli_dump_and_load(child: Child, tmp_path: Path, capsys: pytest.CaptureF
     assert cli.main(["--store", st, "ingest", str(tmp_path / "d"), "--tag", "g"]) == 0
     capsys.readouterr()
     assert cli.main(["--store", st, "gpu-load", "g", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["verified"] is True
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["verified"] is True
+    assert 0 < doc["load_seconds"] < doc["end_to_end_seconds"]
+    assert cli.main(["--store", st, "gpu-load", "g"]) == 0
+    assert "end to end" in capsys.readouterr().err
     assert cli.main(["gpu-dump", "999999999", str(tmp_path / "e")]) == 1
     assert "no process 999999999" in capsys.readouterr().err
+
+
+def test_load_from_the_store_without_materialising(child: Child, tmp_path: Path,
+                                                   store: LocalStore) -> None:
+    """Served from the chunks: page exact (checked against the chunk ids), segments in
+    several files, end-to-end time with its stages, nothing written under the store."""
+    _need_loader()
+    dump_process(child.pid, tmp_path / "s", after=After.RUN, api=no_cuda(),
+                 segment_size=SMALL_SEGMENT)
+    ingest(store, tmp_path / "s", "gpu")
+    mid = store.resolve("gpu")
+    dump, layout = open_snapshot(store, store.get_manifest(mid))
+    assert len(dump.pages_paths) > 1
+    work = tmp_path / "w"
+    work.mkdir()
+    r = load_snapshot(store, mid, dump, layout, work)
+    assert r.verified and r.data_bytes == sum(size for _, size in layout.chunks) > 0
+    assert r.loader_stats["chunks"] == len(layout.chunks)
+    assert 0 < r.load_seconds < r.end_to_end
+    assert "install (handshake to last page)" in r.stages
+    assert list(store.tmp_dir.iterdir()) == []
+
+
+class _Memory:
+    """Stands in for a client: two mappings, one after the other in the page space."""
+
+    def __init__(self, data: bytes) -> None:
+        half = len(data) // 2 // PAGE * PAGE
+        self.regions = []
+        for off, part in ((0, data[:half]), (half, data[half:])):
+            mm = mmap.mmap(-1, len(part))
+            mm[:] = part
+            self.regions.append(MappedRegion(off, len(part), mm, 0))
+
+
+def test_chunk_verification_catches_a_wrong_byte() -> None:
+    rng = np.random.default_rng(5)
+    a, b = rng.bytes(5000), rng.bytes(7000)
+    image = bytearray(a + bytes(3192) + b + bytes(4096 * 4 - 5000 - 3192 - 7000 + 4096))
+    layout = Layout(len(image), [(ChunkId.of(a), len(a)), (ChunkId.of(b), len(b))],
+                    np.array([0, 8192], dtype=np.uint64))
+    _verify_chunks(_Memory(bytes(image)), layout)  # type: ignore[arg-type]
+    for pos in (4999, 8192 + 6000, 6000, len(image) - 1):
+        bad = bytearray(image)
+        bad[pos] ^= 1
+        with pytest.raises(SnapstoreError, match=r"differs|not zero"):
+            _verify_chunks(_Memory(bytes(bad)), layout)  # type: ignore[arg-type]
+
+
+def test_cli_load_from_a_corrupt_store_fails_with_one_line(
+        child: Child, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _need_loader()
+    st = tmp_path / "store"
+    dump_process(child.pid, tmp_path / "d", after=After.RUN, api=no_cuda())
+    assert cli.main(["--store", str(st), "ingest", str(tmp_path / "d"), "--tag", "g"]) == 0
+    store = LocalStore.open(st)
+    _, layout = open_snapshot(store, store.get_manifest(store.resolve("g")))
+    victim = store.chunk_path(layout.chunks[len(layout.chunks) // 2][0])
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(blob))
+    capsys.readouterr()
+    assert cli.main(["--store", str(st), "gpu-load", "g"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "load failed" in err, err
 
 
 # -- a real GPU ----------------------------------------------------------------------------

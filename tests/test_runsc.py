@@ -11,7 +11,7 @@ import pytest
 
 from snapstore import examples
 from snapstore.runsc import Runsc, RunscError, new_container_id
-from tests.conftest import wait_counter_above
+from tests.conftest import alive, wait_counter_above, wait_until
 
 MiB = 2**20
 
@@ -97,8 +97,26 @@ def test_run_error_from_detached_start_is_reported(rs: Runsc, tmp_path: Path) ->
 
 
 @pytest.mark.runsc
-def test_destroy_tolerates_missing_container(rs: Runsc) -> None:
-    rs.destroy("never-created")
+def test_destroy_tolerates_missing_container(rs: Runsc, tmp_path: Path) -> None:
+    """Destroying a container that never existed, or one already destroyed, raises
+    nothing and leaves the others alone; destroying a running one removes it, its
+    sandbox process and its cgroups."""
+    bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+    with rs.container(bundle) as cid:
+        wait_counter_above(bundle, 0)
+        rs.destroy("never-created")
+        rs.destroy(new_container_id())
+        assert rs.containers() == [cid] and rs.state(cid).status == "running"
+        wait_counter_above(bundle, examples.read_counter(bundle))
+        sandbox = rs.state(cid).pid
+        rs.destroy(cid)
+        assert rs.containers() == []
+        wait_until(lambda: not alive(sandbox), "the sandbox process to exit")
+        assert not any(Path("/sys/fs/cgroup").glob(f"*/{cid}"))
+        rs.destroy(cid)
+    with pytest.raises(RunscError) as info:
+        rs.state(cid)
+    assert info.value.not_found
 
 
 @pytest.mark.runsc

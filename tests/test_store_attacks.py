@@ -3,22 +3,35 @@ removes, what a damaged tag breaks, and what ingest refuses to write."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+from fusefs.mount import MountPaths, is_mounted, write_atomic
+from snapstore.chunker_params import ChunkerParams
+from snapstore.chunking import split
+from snapstore.errors import SnapstoreError
 from snapstore.gc import gc
 from snapstore.ingest import ingest
+from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
 from snapstore.verify import verify
-from tests.conftest import wait_until
+from tests.conftest import memory_like, wait_until
 
 # Stands in for runsc in `snapstore checkpoint`: answers the calls made before the
 # checkpoint, then writes part of an image and waits to be killed, as a slow checkpoint
 # would.
 FAKE_RUNSC = """#!/bin/sh
+echo "$@" >> "$0.calls"
 for a in "$@"; do
   case "$a" in
     --version) echo "runsc version fake"; exit 0;;
@@ -93,3 +106,200 @@ def test_gc_keeps_working_directories_in_use_and_what_it_did_not_make(
     assert not work.exists()
     assert (outside / "precious").read_bytes() == b"keep me"
     assert (store.work_root / "notes").is_dir()
+
+
+def test_a_linked_tmp_is_refused_and_its_target_untouched(store: LocalStore, image_dir: Path,
+                                                         tmp_path: Path) -> None:
+    ingest(store, image_dir, "keep")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "data").write_bytes(b"not the store's")
+    store.tmp_dir.rmdir()
+    store.tmp_dir.symlink_to(victim)
+    done = snapstore(store.root, "gc")
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and "tmp is a symbolic link" in done.stderr
+    assert (victim / "data").read_bytes() == b"not the store's"
+
+
+def test_a_tag_that_links_to_a_secret_is_not_read(store: LocalStore, image_dir: Path,
+                                                 tmp_path: Path) -> None:
+    ingest(store, image_dir, "good")
+    secret = tmp_path / "secret"
+    secret.write_text("hunter2-" + "s" * 100 + "\n")
+    (store.tags_dir / "leak").symlink_to(secret)
+    for argv in (["list"], ["list", "--json"], ["show", "leak"], ["verify"], ["gc"]):
+        said = snapstore(store.root, *argv)
+        said_all = said.stdout + said.stderr
+        assert "hunter2" not in said_all, argv
+        assert f"tag 'leak' ({store.tags_dir / 'leak'}) is damaged" in said_all, argv
+    assert secret.read_text().startswith("hunter2-")
+
+
+@pytest.mark.fuse
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_mount_log_that_is_a_link_is_not_followed(store: LocalStore, image_dir: Path,
+                                                   tmp_path: Path) -> None:
+    ingest(store, image_dir, "good")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = MountPaths.of(store.root, mnt).log
+    log.parent.mkdir(exist_ok=True)
+    log.symlink_to(victim)
+    try:
+        done = snapstore(store.root, "mount", "good", str(mnt))
+    finally:
+        if is_mounted(mnt):
+            snapstore(store.root, "umount", str(mnt))
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1 and str(log) in done.stderr
+    assert "symbolic link" in done.stderr
+    assert victim.read_bytes() == b"untouched\n"
+
+
+def test_a_damaged_tag_is_named_and_the_others_keep_working(
+        store: LocalStore, image_dir: Path, tmp_path: Path) -> None:
+    ingest(store, image_dir, "good", {"model": "m1"})
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f").write_bytes(b"untagged")
+    untagged = ingest(store, other, "gone").snapshot
+    assert store.delete_tag("gone")
+    (store.tags_dir / "bad").write_bytes(b"")
+    named = f"tag 'bad' ({store.tags_dir / 'bad'}) is damaged: empty"
+
+    for argv in (["list"], ["stats", "--json"], ["find", "--label", "model=m1"],
+                 ["show", "good"]):
+        done = snapstore(store.root, *argv)
+        assert done.returncode == 0, (argv, done.stderr)
+        assert "not a valid id" not in done.stderr
+    assert named in snapstore(store.root, "list").stderr
+    assert json.loads(snapstore(store.root, "stats", "--json").stdout)["tags"] == 1
+    assert "good" in snapstore(store.root, "find", "--label", "model=m1").stdout
+
+    shown = snapstore(store.root, "show", "bad")
+    assert shown.returncode == 1 and named in shown.stderr
+
+    checked = snapstore(store.root, "verify", "--json")
+    doc = json.loads(checked.stdout)
+    assert checked.returncode == 1 and doc["snapshots"] == 1
+    assert [(p["kind"], p["affects"]) for p in doc["problems"]] == [("tag", ["bad"])]
+
+    # gc cannot know what the damaged tag reached: it deletes nothing.
+    refused = snapstore(store.root, "gc")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert named in refused.stderr and "without deleting anything" in refused.stderr
+    assert untagged in store.manifest_ids()
+
+
+@pytest.mark.parametrize("seconds", [-315_619_200, -1, 4_700_000_000, 7_258_118_400,
+                                     10_413_792_000], ids=["1960", "1969", "2118", "2200",
+                                                           "2300"])
+def test_any_mtime_a_file_can_have_is_stored_and_read_back(
+        store: LocalStore, tmp_path: Path, seconds: int) -> None:
+    """2300 is past what int64 nanoseconds hold; ext4 and tmpfs keep it all the same."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    ns = seconds * 10**9 + 123
+    os.utime(src / "f", ns=(ns, ns))
+    ns = (src / "f").stat().st_mtime_ns
+    done = snapstore(store.root, "ingest", str(src), "--tag", "t")
+    assert done.returncode == 0, done.stderr
+    for argv in (["show", "t"], ["verify"], ["export", "t", str(tmp_path / "out")]):
+        done = snapstore(store.root, *argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    assert (tmp_path / "out" / "f").stat().st_mtime_ns == ns
+    assert gc(store).kept_snapshots == 1
+
+
+@pytest.mark.parametrize("labels", [[f"k{i}=v" for i in range(257)], ["k=" + "v" * 4097],
+                                    ["k" * 4097 + "=v"]],
+                         ids=["257-labels", "long-value", "long-key"])
+def test_labels_no_reader_accepts_fail_the_ingest_before_any_chunk(
+        store: LocalStore, image_dir: Path, labels: list[str]) -> None:
+    argv = [a for label in labels for a in ("--label", label)]
+    done = snapstore(store.root, "ingest", str(image_dir), "--tag", "t", *argv)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "label" in done.stderr and "at most" in done.stderr
+    assert store.tags() == {} and list(store.iter_chunks()) == []
+    assert store.manifest_ids() == []
+
+
+def test_checkpoint_refuses_bad_labels_before_runsc_checkpoints(store: LocalStore,
+                                                                tmp_path: Path) -> None:
+    """runsc stops the container it checkpoints: labels are checked before that."""
+    runsc = tmp_path / "runsc"
+    runsc.write_text(FAKE_RUNSC)
+    runsc.chmod(0o755)
+    done = snapstore(store.root, "checkpoint", "c1", "--tag", "t", "--runsc", str(runsc),
+                     "--label", "k=" + "v" * 4097)
+    assert done.returncode == 2 and "at most 4096" in done.stderr, done.stderr
+    assert "checkpoint" not in Path(f"{runsc}.calls").read_text()
+
+
+def test_the_store_writes_no_manifest_its_reader_refuses(store: LocalStore) -> None:
+    """The last line of defence behind ingest's own checks, for any other writer."""
+    hostile = Manifest(created="2026-01-01T00:00:00+00:00", chunker=ChunkerParams(),
+                       entries=(Entry("a/../b", "dir", 0o755, 0),))
+    with pytest.raises(SnapstoreError, match=r"would not read back.*'\.\.' component"):
+        store.put_manifest(hostile)
+    assert store.manifest_ids() == []
+
+
+def traced_peak(run: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_small_file_costs_buffers_of_its_size(tmp_path: Path) -> None:
+    """Each file once got 52 MiB of fresh, zero-filled buffers: ~25 ms a file whatever
+    its size. A file's buffers are now bounded by its size (up to the read window)."""
+    small = tmp_path / "small"
+    small.write_bytes(random.Random(1).randbytes(2048))
+    with small.open("rb", buffering=0) as f:
+        peak = traced_peak(lambda: list(split(f, ChunkerParams())))
+    assert peak < 64 << 10
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 4097, 3 << 20, (20 << 20) + 5])
+def test_buffers_sized_to_the_file_cut_the_same_pieces(tmp_path: Path, size: int) -> None:
+    """A file (its size known) and a stream of the same bytes (no size): same pieces."""
+    path = tmp_path / "f"
+    path.write_bytes(memory_like(size, seed=size))
+    with path.open("rb", buffering=0) as f:
+        sized = list(split(f, ChunkerParams()))
+    assert sized == list(split(io.BytesIO(path.read_bytes()), ChunkerParams()))
+
+
+def test_an_ingest_of_small_files_allocates_what_they_hold(store: LocalStore,
+                                                           tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(3)
+    for i in range(50):
+        (src / f"f{i:02d}").write_bytes(rng.randbytes(2048))
+    peak = traced_peak(lambda: ingest(store, src, "small", workers=1))
+    assert peak < 8 << 20
+    assert verify(store, store.tags()).problems == []
+
+
+def test_mount_records_are_not_written_through_a_planted_link(tmp_path: Path) -> None:
+    """The temporary name of a mount's state or stats file is predictable (name, pid):
+    a link planted there must not be written through."""
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"untouched\n")
+    state = tmp_path / "mounts" / "m.json"
+    state.parent.mkdir()
+    (state.parent / f".m.json.{os.getpid()}.tmp").symlink_to(victim)
+    with pytest.raises(OSError):
+        write_atomic(state, b"{}\n")
+    assert victim.read_bytes() == b"untouched\n"
+    assert not state.exists()

@@ -11,6 +11,7 @@ import os
 import platform
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,11 +47,17 @@ import os, socket, sys, time
 from pathlib import Path
 from snapstore.uffd.client import Client, connect, open_userfaultfd
 mode, path = sys.argv[1], Path(sys.argv[2])
-if mode == "raw":
+if mode in ("probe", "raw"):
     sock = connect(path)
-    fds = {"fd": [open_userfaultfd(0)], "pipe": [os.pipe()[0]], "nofd": []}[sys.argv[4]]
-    socket.send_fds(sock, [sys.argv[3].encode()], fds)
-    time.sleep(60)
+    if mode == "probe":
+        sock.close()
+    else:
+        fds = {"fd": [open_userfaultfd(0)], "pipe": [os.pipe()[0]], "nofd": []}[sys.argv[4]]
+        socket.send_fds(sock, [sys.argv[3].encode()], fds)
+    print("sent", flush=True)
+    sys.stdin.readline()
+    print("alive", flush=True)
+    sys.exit()
 size = int(sys.argv[3])
 client = Client(path, [(0, size)], memfd=sys.argv[4] == "memfd")
 client.connect()
@@ -263,6 +270,51 @@ def test_removed_pages_read_as_zero(tmp_path: Path, image: Image, memfd: bool) -
     assert stats[0]["removed_pages"] > 0
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_prefetch_picks_the_page_cache_or_o_direct(tmp_path: Path, image: Image,
+                                                   cached: bool) -> None:
+    """Without --buffered or --direct, a prefetch read of a cached range goes through the page
+    cache (O_DIRECT would read the disk instead) and one of an uncached range with O_DIRECT."""
+    size = 32 << 20
+    path = tmp_path / "image.raw"
+    path.write_bytes(image.data[:size])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if cached:
+            os.pread(fd, size, 0)
+        else:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    hot = write_list(tmp_path / "hot", list(range(size // PAGE_SIZE))[::-1])
+    with serving(tmp_path, path, hot=hot) as (sock, stats), Client(sock, [(0, size)]) as c:
+        assert c.read(0, size) == image.data[:size]
+    assert stats[0]["prefetch_bytes"] > 0
+    if cached:
+        assert stats[0]["direct_bytes"] == 0
+    else:
+        assert stats[0]["direct_bytes"] > 0
+
+
+@pytest.mark.parametrize("flag", ["buffered", "direct"])
+def test_io_overrides(tmp_path: Path, image: Image, flag: str) -> None:
+    """--buffered and --direct force one way whatever the page cache holds."""
+    size = 8 << 20
+    path = tmp_path / "image.raw"
+    path.write_bytes(image.data[:size])
+    hot = write_list(tmp_path / "hot", list(range(size // PAGE_SIZE)))
+    opts = {flag: True}
+    with serving(tmp_path, path, hot=hot, **opts) as (sock, stats), Client(sock, [(0, size)]) as c:
+        assert c.read(0, size) == image.data[:size]
+    direct, total = stats[0]["direct_bytes"], stats[0]["prefetch_bytes"]
+    assert total > 0 and direct == (total if flag == "direct" else 0)
+    both = subprocess.run([str(loader.binary_path()), "--image", str(path), "--socket",
+                           str(tmp_path / "s"), "--buffered", "--direct"],
+                          capture_output=True, check=False)
+    assert both.returncode == 2
+
+
 @pytest.mark.parametrize("memfd", [False, True], ids=["anonymous", "memfd"])
 def test_image_in_several_files(tmp_path: Path, image: Image, memfd: bool) -> None:
     # Files of uneven page counts, one of a single page: prefetch reads and fault-around
@@ -319,6 +371,18 @@ def spawn_client(*args: str) -> Iterator[subprocess.Popen[str]]:
                 proc.kill()
 
 
+def answers(client: subprocess.Popen[str]) -> bool:
+    """Whether a raw or probe client is still alive once the loader has exited: a SIGKILL the
+    loader sent lands before the client can read its stdin again."""
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write("ping\n")
+        client.stdin.flush()
+    except BrokenPipeError:
+        return False
+    return client.stdout.readline() == "alive\n"
+
+
 def start_loader(tmp_path: Path, image: Path, **options: Any) -> tuple[subprocess.Popen[str], Path]:
     sock = tmp_path / "loader.sock"
     opts = loader.LoaderOptions(image=image, socket=sock, **options)
@@ -356,6 +420,30 @@ BAD_HANDSHAKES = {
         "page size",
     ),
     "unaligned": (region_json([(1 << 30, 100, 0)]).decode(), "fd", "multiples of the page size"),
+    "escape-in-key": (
+        '[{"base_host_virt_addr\\"": 1, "size": 4096, "offset": 0, "page_size": 4096}]',
+        "fd",
+        "escape in a key",
+    ),
+    "signed-value": (
+        '[{"base_host_virt_addr": 1073741824, "size": -4096, "offset": 0, "page_size": 4096}]',
+        "fd",
+        "not an unsigned 64-bit integer",
+    ),
+    "value-past-64-bits": (
+        '[{"base_host_virt_addr": 18446744073709551616, "size": 4096, "offset": 0, '
+        '"page_size": 4096}]',
+        "fd",
+        "not an unsigned 64-bit integer",
+    ),
+    "trailing-data": (region_json([(1 << 30, 4096, 0)]).decode() + " x", "fd", "trailing data"),
+    "no-regions": (" [ ] ", "fd", "no regions"),
+    "page-sizes-differ": (
+        '[{"base_host_virt_addr": 1073741824, "size": 4096, "offset": 0, "page_size": 4096, '
+        '"page_size_kib": 4}]',
+        "fd",
+        "page_size 4096 != page_size_kib 4",
+    ),
 }
 
 
@@ -367,10 +455,53 @@ def test_malformed_handshake_fails_and_kills_client(
     proc, sock = start_loader(tmp_path, image.path)
     with spawn_client("raw", str(sock), payload, fd) as client:
         _, err = proc.communicate(timeout=30)
-        # The client must not be left waiting on a loader that gave up.
-        assert client.wait(timeout=30) == -signal.SIGKILL
+        if fd == "fd":
+            # It handed over its uffd: it must not be left waiting on a loader that gave up.
+            assert client.wait(timeout=30) == -signal.SIGKILL
+        else:
+            # No uffd, so nothing of it waits on the loader: it is left alone.
+            assert client.stdout is not None and client.stdout.readline() == "sent\n"
+            assert answers(client)
     assert proc.returncode == 1
     assert err.count("\n") == 1 and reason in err, err
+
+
+def test_liveness_probe_is_not_killed(tmp_path: Path, image: Image) -> None:
+    """A peer that connects and closes without a handshake registered nothing and cannot
+    hang; the loader gives up on it with one line but must not kill it."""
+    proc, sock = start_loader(tmp_path, image.path)
+    with spawn_client("probe", str(sock)) as probe:
+        assert probe.stdout is not None
+        assert probe.stdout.readline() == "sent\n"
+        _, err = proc.communicate(timeout=30)
+        assert answers(probe)
+    assert proc.returncode == 1
+    assert err.count("\n") == 1 and "without one" in err, err
+
+
+ACCEPTED_HANDSHAKES = {
+    "spaced": ' [ {{ "base_host_virt_addr" : {base} ,\n "size":{size},"offset" : 0,'
+              '"page_size_kib":4096 }} ] \n',
+    "unknown-keys": '[{{"base_host_virt_addr": {base}, "size": {size}, "offset": 0, '
+                    '"page_size": 4096, "mem_slot": 7, "": 0}}]',
+    "page-size-only": '[{{"size": {size}, "base_host_virt_addr": {base}, "offset": 0, '
+                      '"page_size": 4096}}]',
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPTED_HANDSHAKES))
+def test_handshake_spellings_are_accepted(tmp_path: Path, image: Image, case: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key order, white space, unknown keys and either page-size key: all Firecracker sends."""
+    from snapstore.uffd import client as client_module
+
+    def spelled(regions: Any) -> bytes:
+        ((base, size, _),) = list(regions)
+        return ACCEPTED_HANDSHAKES[case].format(base=base, size=size).encode()
+
+    monkeypatch.setattr(client_module, "region_json", spelled)
+    with serving(tmp_path, image.path) as (sock, _), Client(sock, [(0, 1 << 20)]) as client:
+        assert client.read(0, 1 << 20) == image.data[: 1 << 20]
 
 
 def test_image_not_a_whole_number_of_pages(tmp_path: Path) -> None:
@@ -437,33 +568,240 @@ def test_cli_reports_failure(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
     assert "missing" in capfd.readouterr().err
 
 
-def test_uffd_serve_from_the_store(tmp_path: Path, image: Image) -> None:
-    from snapstore.cli import main
+# A restoring process for uffd-serve: it must not share a process with the feeder, whose
+# Python would wait for the GIL that the faulting thread holds.
+SERVE_CLIENT = """
+import random, sys
+from pathlib import Path
+from snapstore.uffd.client import PAGE_SIZE, Client
+sock, image, touch = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes(), int(sys.argv[3])
+size = -(-len(image) // PAGE_SIZE) * PAGE_SIZE
+image += bytes(size - len(image))
+pages = list(range(size // PAGE_SIZE))
+random.Random(7).shuffle(pages)
+with Client(sock, [(0, size)]) as client:
+    print("connected", flush=True)
+    for n, p in enumerate(pages[:touch] if touch >= 0 else pages):
+        if client.read(p * PAGE_SIZE, PAGE_SIZE) != image[p * PAGE_SIZE:(p + 1) * PAGE_SIZE]:
+            print("bad", p, flush=True)
+    print("done", flush=True)
+"""
+SERVE_IMAGE = 48 << 20
+
+
+@dataclass
+class Served:
+    store: Any
+    image: Path
+    sock: Path
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Served:
     from snapstore.ingest import ingest
     from snapstore.store.local import LocalStore
+    from tests.conftest import memory_like
 
     src = tmp_path / "src"
     src.mkdir()
-    (src / "mem.img").symlink_to(image.path)
-    (src / "copy.img").write_bytes(image.data)
+    # Not a whole number of pages: the last page is the file's tail and zeros.
+    (src / "mem.img").write_bytes(memory_like(SERVE_IMAGE, seed=11) + b"tail")
     store = LocalStore.open(tmp_path / "store")
     ingest(store, src, "mem")
-    sock = tmp_path / "serve.sock"
-    status: list[int] = []
-    argv = ["--store", str(store.root), "uffd-serve", "mem", "copy.img", "--socket", str(sock)]
-    runner = threading.Thread(target=lambda: status.append(main(argv)))
-    runner.start()
-    deadline = time.monotonic() + 60
-    while not sock.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    with Client(sock, [(0, IMAGE_SIZE)]) as client:
-        client.touch(shuffled_pages(seed=5, fraction=0.1))
-        assert_all_pages(client, image)
-    runner.join(timeout=60)
-    assert status == [0]
-    assert list(store.tmp_files()) == []
-    assert main(["--store", str(store.root), "uffd-serve", "mem", "nope.img", "--socket",
-                 str(sock)]) == 1
+    return Served(store, src / "mem.img", tmp_path / "serve.sock")
+
+
+def start_serve(s: Served, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "snapstore", "--store", str(s.store.root), "uffd-serve", "mem",
+         "mem.img", "--socket", str(s.sock), *args],
+        stderr=subprocess.PIPE, text=True, env=env)
+
+
+def serve_client(s: Served, touch: int = -1) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", SERVE_CLIENT, str(s.sock), str(s.image),
+                             str(touch)], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def loader_pids(s: Served) -> list[int]:
+    """The chunk loader processes serving this test's store."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"snapstore.store.load_worker" in argv and str(s.store.root).encode() in argv:
+            pids.append(int(d.name))
+    return pids
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("hot", [False, True], ids=["recorded-or-file-order", "hot-list"])
+def test_uffd_serve_every_page_from_the_store(tmp_path: Path, served: Served, hot: bool) -> None:
+    npages = -(-(SERVE_IMAGE + 4) // PAGE_SIZE)
+    args = ["--stats-json", str(tmp_path / "stats.json")]
+    if hot:
+        pages = np.random.default_rng(3).permutation(npages)[: npages // 5]
+        args += ["--hot", str(write_list(tmp_path / "hot", [int(p) for p in pages]))]
+    serve = start_serve(served, *args)
+    with serve_client(served) as client:
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    assert out == "connected\ndone\n"
+    assert client.returncode == 0
+    assert status == 0, err
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["chunks"] > 0 and stats["zero_pages"] > 0
+    # Nothing on disk: no export, no working directory.
+    assert list(served.store.tmp_dir.iterdir()) == []
+    assert loader_pids(served) == []
+
+
+def test_uffd_serve_refuses_what_it_cannot_serve(served: Served) -> None:
+    from snapstore.cli import main
+
+    root = str(served.store.root)
+    sock = str(served.sock)
+    assert main(["--store", root, "uffd-serve", "mem", "nope.img", "--socket", sock]) == 1
+    bad = served.sock.with_name("hot")
+    bad.write_text("12\nx\n")
+    assert main(["--store", root, "uffd-serve", "mem", "mem.img", "--socket", sock,
+                 "--hot", str(bad)]) == 2
+
+
+def test_uffd_serve_corrupt_chunk_kills_the_client(served: Served) -> None:
+    """A chunk that fails its hash is never installed: the client that needs it is killed
+    (it cannot go on without the page), never given a wrong byte, never left hanging."""
+    victim = next(served.store.chunk_path(x.chunk) for e in
+                  served.store.get_manifest(served.store.resolve("mem")).files()
+                  for x in e.extents[len(e.extents) // 2:] if x.chunk is not None)
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.chmod(0o644)
+    victim.write_bytes(bytes(blob))
+    serve = start_serve(served)
+    with serve_client(served) as client:
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    assert client.returncode == -signal.SIGKILL
+    assert "bad" not in out
+    assert status == 1
+    assert err.count("\n") == 1 and "uffd_loader: chunk" in err, err
+    assert loader_pids(served) == []
+
+
+def test_uffd_serve_survives_a_killed_loader_process(served: Served) -> None:
+    serve = start_serve(served, "--loaders", "1")
+    with serve_client(served) as client:
+        assert client.stdout is not None
+        assert client.stdout.readline() == "connected\n"
+        # Both started: the first forks the second once it has opened the store.
+        deadline = time.monotonic() + 30
+        while len(pids := loader_pids(served)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(pids) == 2
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    # A load in flight fails once and is tried again on the loader started in its place.
+    assert out == "done\n" and client.returncode == 0, err
+    assert status == 0, err
+
+
+def test_uffd_serve_client_gone_early(served: Served) -> None:
+    serve = start_serve(served)
+    with serve_client(served, touch=50) as client:
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    assert out == "connected\ndone\n" and client.returncode == 0
+    assert status == 0, err
+    assert loader_pids(served) == []
+    assert list(served.store.tmp_dir.iterdir()) == []
+
+
+def test_uffd_serve_from_a_remote(tmp_path: Path, served: Served,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """--remote: an empty local store, chunks fetched on demand from the bucket."""
+    from snapstore.cli import main
+    from tests.s3proxy import make_bucket, moto_server, s3_env
+
+    with moto_server() as port:
+        make_bucket(port, "uffd")
+        for k, v in {**s3_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+            monkeypatch.setenv(k, v)
+        assert main(["--store", str(served.store.root), "push", "mem", "s3://uffd/x"]) == 0
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "snapstore", "--store", str(tmp_path / "empty"),
+             "uffd-serve", "mem", "mem.img", "--socket", str(served.sock), "--remote",
+             "s3://uffd/x"],
+            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        with serve_client(served) as client:
+            out, _ = client.communicate(timeout=120)
+        status, err = finish(serve)
+    assert out == "connected\ndone\n" and client.returncode == 0, err
+    assert status == 0, err
+
+
+FEEDER_ANSWERS = {
+    "unsealed": "without a sealed memfd of its size",
+    "wrong-size": "without a sealed memfd of its size",
+    "no-memfd": "without a sealed memfd of its size",
+    "unknown-index": "outside the protocol",
+    "closes": "the chunk feeder went away",
+}
+
+
+@pytest.mark.parametrize("answer", sorted(FEEDER_ANSWERS))
+def test_loader_refuses_a_hostile_feeder(tmp_path: Path, served: Served, answer: str) -> None:
+    """The loader installs only from a sealed memfd of the chunk's size that answers a chunk
+    it asked for; anything else ends it with one line and kills the client, never a page
+    from bytes that could change or that belong elsewhere."""
+    import fcntl
+
+    from snapstore.uffd import serve as serve_module
+
+    m = served.store.get_manifest(served.store.resolve("mem"))
+    layout = serve_module.Layout.of(serve_module.find_file(m, "mem.img"))
+    proc, feeder = serve_module.start_loader(layout, [], served.sock, 1,
+                                             stderr=subprocess.PIPE)
+    with serve_client(served, touch=-1) as client:
+        feeder.settimeout(30)
+        (index,) = serve_module.REQUEST.unpack(feeder.recv(8))
+        index &= ~serve_module.DEMAND
+        _, size = layout.chunks[index]
+        fd = os.memfd_create("x", os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size if answer != "wrong-size" else size + 1)
+        if answer != "unsealed":
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK)
+        reply = serve_module.REPLY.pack(index + len(layout.chunks) * (answer == "unknown-index"),
+                                        serve_module.OK)
+        if answer == "closes":
+            feeder.close()
+        elif answer == "no-memfd":
+            feeder.send(reply)
+        else:
+            socket.send_fds(feeder, [reply], [fd])
+        os.close(fd)
+        out, _ = client.communicate(timeout=60)
+        _, err = proc.communicate(timeout=30)
+    feeder.close()
+    assert proc.returncode == 1
+    assert err.count(b"\n") == 1 and FEEDER_ANSWERS[answer].encode() in err, err
+    assert client.returncode == -signal.SIGKILL
+    assert "bad" not in out
 
 
 handshake_fields = st.fixed_dictionaries(

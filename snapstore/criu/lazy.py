@@ -131,13 +131,10 @@ class Task:
     # ahead of a task reading its memory in order (the CUDA restore reads every staged
     # buffer through) instead of elsewhere while it faults page range by page range.
     cursor: int = 0
-    left: int = field(init=False)  # bytes pending
-
-    def __post_init__(self) -> None:
-        self.left = sum(s.end - s.start for s in self.pending)
 
     def take(self, start: int, length: int) -> Span | None:
-        """Cut [start, start+length) clipped to the pending span holding `start`."""
+        """Cut [start, start+length) out of the pending span holding `start`, clipped to
+        it, and mark it in flight."""
         i = bisect.bisect_right(self.pending, start, key=_start) - 1
         if i < 0 or start >= self.pending[i].end:
             return None
@@ -164,7 +161,6 @@ class Task:
             pieces.append(Span(end, s.end, s.offset + (end - s.start)))
         self.pending[i:i + 1] = pieces
         self.inflight.append(cut)
-        self.left -= end - start
         self.cursor = end
         return cut
 
@@ -184,7 +180,6 @@ class Task:
                 kept.append(Span(s.start, start, s.offset))
             if end < s.end:
                 kept.append(Span(end, s.end, s.offset + (end - s.start)))
-            self.left -= min(s.end, end) - max(s.start, start)
         self.pending[i:j] = kept
         for s in self.inflight:
             if s.start < end and start < s.end:
@@ -289,9 +284,6 @@ class LazyPagesDaemon:
             f.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
-
-    def pids(self) -> list[int]:
-        return [t.pid for t in self._tasks]
 
     def _spawn(self, target: Callable[..., None], name: str, *args: object) -> None:
         t = threading.Thread(target=self._guard, args=(target, *args), name=name, daemon=True)
@@ -454,8 +446,7 @@ class LazyPagesDaemon:
     def _next_prefetch(self) -> tuple[Task, Span] | None:
         with self._tasks_lock:
             tasks = [t for t in self._tasks if not t.gone and t.pending]
-        # The task with the most left first: the largest tree member dominates the time.
-        for task in sorted(tasks, key=lambda t: -t.left):
+        for task in tasks:
             with task.lock:
                 span = task.take_next(PREFETCH_BYTES)
             if span is not None:

@@ -19,7 +19,7 @@ from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError, PageSource
 from snapstore.errors import NoMatchError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
-from snapstore.ingest import IngestResult, ingest
+from snapstore.ingest import IngestResult, check_labels, ingest
 from snapstore.store.local import LocalStore
 from snapstore.workflow import gpu_labels, mounted, pick, release
 
@@ -61,7 +61,9 @@ def checkpoint(store: LocalStore, criu: Criu, pid: int, tag: str, labels: dict[s
     """
     api = api or cuda.open_api()
     with_cuda = has_cuda(api, pid)
-    all_labels = {**compat_labels(criu), CUDA_LABEL: "1" if with_cuda else "0", **labels}
+    # Labels no reader would accept fail here, before the process is touched.
+    all_labels = check_labels({**compat_labels(criu), CUDA_LABEL: "1" if with_cuda else "0",
+                               **labels})
     with store.work_dir("criu-dump") as work:
         images = work / "images"
         images.mkdir()

@@ -6,9 +6,7 @@ import argparse
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from rich.filesize import decimal as human
 
@@ -18,16 +16,14 @@ from snapstore.uffd.loader import LoaderNotBuiltError
 
 # The dump and load modules (numpy, the CUDA bindings) are imported by the handlers, so
 # that other commands start without them.
-if TYPE_CHECKING:
-    from snapstore.gpu.dump import Dump
-
 _FATES = {"stop": "left stopped (kill -CONT resumes it)", "run": "resumed", "kill": "killed"}
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "gpu-dump",
-        help="write a process's memory, GPU memory included, as a dump directory",
+        help="write a process's memory, GPU memory included, as a dump directory (memory "
+             "only, to measure loading; `checkpoint --pid` checkpoints the process)",
         description="Checkpoint the CUDA state of process PID into its host memory, stop it, "
         "write its private memory to OUTDIR (segment files pages-NNNN.img + dump.json), then "
         "restore its CUDA state. By default the process is left stopped (SIGCONT resumes it).",
@@ -49,7 +45,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
 
     p = sub.add_parser(
         "gpu-load",
-        help="fill fresh memory from a GPU dump through the uffd loader, checked",
+        help="fill fresh memory from a GPU dump through the uffd loader, checked (a stand-in "
+             "process; `restore` brings a checkpointed process back)",
         description="Load REF (a snapshot of a gpu-dump directory, or the directory itself) "
         "into a fresh process's memory through the uffd loader and check every byte; with "
         "--socket, serve an outside client instead.",
@@ -58,11 +55,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--socket", type=Path,
                    help="serve an outside client on this Unix socket (runs until it leaves)")
     p.add_argument("--workdir", type=Path,
-                   help="where the dump is materialised (default: a temporary directory, "
-                   "removed afterwards)")
+                   help="where the loader's socket and statistics go (default: a temporary "
+                   "directory, removed afterwards)")
     p.add_argument("--no-verify", action="store_true", help="skip the byte check")
     p.add_argument("--direct-io", action="store_true",
-                   help="let the loader read with O_DIRECT (the segment files are not cached)")
+                   help="prefetch a dump directory with O_DIRECT only (default: O_DIRECT "
+                   "where its pages are not cached)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_gpu_load)
 
@@ -91,21 +89,49 @@ def cmd_gpu_dump(args: argparse.Namespace) -> int:
 
 
 def cmd_gpu_load(args: argparse.Namespace) -> int:
-    from snapstore.gpu.dump import TABLE_FILE
-    from snapstore.gpu.load import load, serve
+    from snapstore.gpu.dump import TABLE_FILE, read_dump
+    from snapstore.gpu.load import (
+        load,
+        load_snapshot,
+        open_snapshot,
+        process_start,
+        serve,
+        serve_snapshot,
+        start_snapshot_client,
+    )
 
+    started = process_start()
     own_workdir = args.workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="snapstore-gpu-load-")) if own_workdir \
         else args.workdir
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        dump, seconds = _open(args, workdir)
-        if args.socket is not None:
-            print(f"serving {dump.directory} on {args.socket}; regions in "
-                  f"{dump.directory / TABLE_FILE}", file=sys.stderr)
-            status = serve(dump, workdir, args.socket, buffered=not args.direct_io)
-            return status if status in (0, 1, 2) else 1
-        r = load(dump, workdir, verify=not args.no_verify, buffered=not args.direct_io)
+        if (Path(args.ref) / TABLE_FILE).is_file():
+            dump = read_dump(Path(args.ref))
+            if args.socket is not None:
+                print(f"serving {dump.directory} on {args.socket}; regions in "
+                      f"{dump.directory / TABLE_FILE}", file=sys.stderr)
+                return _status(serve(dump, workdir, args.socket, direct=args.direct_io))
+            r = load(dump, workdir, verify=not args.no_verify, direct=args.direct_io,
+                     started=started)
+        elif args.socket is not None:
+            store = open_store(args)
+            _, layout = open_snapshot(store, store.get_manifest(store.resolve(args.ref)))
+            print(f"serving {args.ref} on {args.socket}; regions in its {TABLE_FILE}",
+                  file=sys.stderr)
+            return _status(serve_snapshot(store, layout, args.socket, []))
+        else:
+            store = open_store(args)
+            mid = store.resolve(args.ref)
+            client = start_snapshot_client(store.root, mid.hex, workdir, not args.no_verify)
+            try:
+                dump, layout = open_snapshot(store, store.get_manifest(mid))
+            except BaseException:
+                client.kill()
+                client.wait()
+                raise
+            r = load_snapshot(store, mid, dump, layout, workdir, verify=not args.no_verify,
+                              started=started, client=client)
     except LoaderNotBuiltError as err:
         raise SnapstoreError(str(err)) from None
     finally:
@@ -113,28 +139,19 @@ def cmd_gpu_load(args: argparse.Namespace) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         print_json({"bytes": r.bytes, "data_bytes": r.data_bytes, "mappings": r.mappings,
-                    "materialize_seconds": seconds, "load_seconds": round(r.load_seconds, 4),
-                    "verified": r.verified, "loader": r.loader_stats})
+                    "end_to_end_seconds": round(r.end_to_end, 4),
+                    "stages": {k: round(v, 4) for k, v in r.stages.items()},
+                    "load_seconds": round(r.load_seconds, 4), "verified": r.verified,
+                    "loader": r.loader_stats})
         return 0
-    made = f"materialised in {seconds:.2f}s, " if seconds is not None else ""
-    rate = r.data_bytes / r.load_seconds if r.load_seconds else 0.0
+    rate = r.bytes / r.end_to_end if r.end_to_end else 0.0
     check = "every byte checked" if r.verified else "not checked"
-    print(f"loaded {human(r.bytes)} ({human(r.data_bytes)} data) into {r.mappings} mappings: "
-          f"{made}loaded in {r.load_seconds:.2f}s ({human(int(rate))}/s), {check}",
-          file=sys.stderr)
+    print(f"loaded {human(r.bytes)} ({human(r.data_bytes)} data) into {r.mappings} mappings "
+          f"in {r.end_to_end:.2f}s end to end ({human(int(rate))}/s), {check}; "
+          + ", ".join(f"{k} {v:.3f}s" for k, v in r.stages.items()), file=sys.stderr)
     return 0
 
 
-def _open(args: argparse.Namespace, workdir: Path) -> tuple[Dump, float | None]:
-    """The dump REF names: a dump directory as is, else a snapshot materialised in workdir."""
-    from snapstore.gpu.dump import TABLE_FILE, read_dump
-    from snapstore.gpu.load import materialize
-
-    ref = Path(args.ref)
-    if (ref / TABLE_FILE).is_file():
-        return read_dump(ref), None
-    store = open_store(args)
-    m = store.get_manifest(store.resolve(args.ref))
-    t = time.perf_counter()
-    dump = materialize(store, m, workdir / "dump")
-    return dump, round(time.perf_counter() - t, 4)
+def _status(status: int) -> int:
+    # The loader's convention is the CLI's (0 ok, 1 failure, 2 usage); a signal is a failure.
+    return status if status in (0, 1, 2) else 1

@@ -575,13 +575,21 @@ def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
 def load_table(path: Path) -> dict[str, Any]:
     """A dump table's JSON, checked for its format and version only."""
     try:
-        doc = json.loads(path.read_text())
+        return parse_table(path.read_bytes(), path)
     except FileNotFoundError:
         raise SnapstoreError(f"{path.parent} holds no {path.name}; is it a gpu-dump?") from None
-    except (OSError, ValueError) as err:
+    except OSError as err:
         raise SnapstoreError(f"cannot read {path}: {err}") from None
+
+
+def parse_table(text: bytes, where: Path) -> dict[str, Any]:
+    """The JSON of a dump table read from `where`, checked for its format and version only."""
+    try:
+        doc = json.loads(text)
+    except ValueError as err:
+        raise SnapstoreError(f"cannot read {where}: {err}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise SnapstoreError(f"{path} is not a {FORMAT} version {VERSION}")
+        raise SnapstoreError(f"{where} is not a {FORMAT} version {VERSION}")
     return doc
 
 
@@ -606,7 +614,19 @@ def segment_files(doc: dict[str, Any], where: Path) -> list[str]:
 def read_dump(directory: Path) -> Dump:
     """A dump directory's table, checked: regions tile the page space in order, page aligned,
     and the segment files are the ones the sizes call for, each of its size."""
-    doc = load_table(directory / TABLE_FILE)
+    def size_of(name: str) -> int | None:
+        try:
+            return (directory / name).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    return check_dump(load_table(directory / TABLE_FILE), directory, size_of)
+
+
+def check_dump(doc: dict[str, Any], directory: Path,
+               size_of: Callable[[str], int | None]) -> Dump:
+    """A dump's table `doc`, checked as `read_dump` says, where `size_of` gives the size of a
+    file of the dump (None if it has none)."""
     if doc.get("page_size") != PAGE:
         raise SnapstoreError(f"dump page size {doc.get('page_size')} differs from this "
                              f"system's {PAGE}")
@@ -630,10 +650,9 @@ def read_dump(directory: Path) -> Dump:
                              f"pages_size says {pages_size}")
     for i, name in enumerate(names):
         want = segment_bytes(i, pages_size, segment_size)
-        try:
-            actual = (directory / name).stat().st_size
-        except FileNotFoundError:
-            raise SnapstoreError(f"{directory} holds no {name}") from None
+        actual = size_of(name)
+        if actual is None:
+            raise SnapstoreError(f"{directory} holds no {name}")
         if actual != want:
             raise SnapstoreError(f"{directory / name} is {actual} bytes, the table says {want}")
     return Dump(directory, pages_size, segment_size, tuple(regions), doc)

@@ -1,9 +1,12 @@
 """Loading a GPU dump back: fill a fresh process's memory from it through the uffd loader.
 
-The dump's segment files (materialised from the store when the dump is a snapshot), one
-after another, are the native loader's image; every data page is on its hot list, so the
-loader prefetches them all while the client (snapstore.uffd.client) maps the dump's regions,
-touches every data page and then checks each byte against the page space.
+The page space is the dump's segment files one after another. From a snapshot, the loader
+serves it straight from the store's chunks (snapstore.uffd.serve: nothing is written, the
+manifest gives the data extents); from a dump directory, it reads the segment files. Every
+data page is prefetched while the client (snapstore.uffd.client, in a child process) maps
+the dump's regions, touches every data page and then checks each byte: against the chunk ids
+(BLAKE3 of the bytes) and zero holes from a snapshot, against the files from a directory.
+The time that counts is end to end: from the command's start to the last page installed.
 """
 
 from __future__ import annotations
@@ -17,11 +20,13 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
 import numpy as np
+import trio
 
 from snapstore.errors import SnapstoreError
 from snapstore.gpu.dump import (
@@ -29,19 +34,26 @@ from snapstore.gpu.dump import (
     TABLE_FILE,
     Dump,
     allow_open_files,
+    check_dump,
     load_table,
+    parse_table,
     read_dump,
     segment_files,
+    segment_names,
 )
+from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
+from snapstore.store.loader import ProcessChunkReader
 from snapstore.store.local import LocalStore
 from snapstore.uffd import loader
 from snapstore.uffd.client import Client
+from snapstore.uffd.serve import Layout, default_loaders, serve_chunks
 
 # The loader accepts at most 64 regions in a handshake.
 MAX_MAPPINGS = 64
 _VERIFY_SLICE = 64 << 20
 _INFLIGHT_PER_WORKER = 4
+_CONNECT_SECONDS = 120
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +61,44 @@ class LoadResult:
     bytes: int
     data_bytes: int
     mappings: int
+    # Handshake to the last data page installed.
     load_seconds: float
     verified: bool
     loader_stats: dict[str, Any]
+    # From the command's start (see process_start) to the last data page installed, and
+    # the stages it breaks into, in order, each in seconds.
+    end_to_end: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)
+
+
+def process_start() -> float:
+    """This process's start on the time.monotonic() clock (10 ms resolution): the kernel
+    records it in clock ticks since boot."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    return time.monotonic() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+
+
+def open_snapshot(store: LocalStore, m: Manifest) -> tuple[Dump, Layout]:
+    """A dump snapshot's table (checked as read_dump checks a directory) and the layout of
+    its page space, from the manifest and the table's chunks alone."""
+    files = {e.path: e for e in m.files()}
+    if TABLE_FILE not in files:
+        raise SnapstoreError(f"the snapshot holds no {TABLE_FILE}; is it a gpu-dump?")
+    table = files[TABLE_FILE]
+    text = b"".join(bytes(x.size) if x.chunk is None else store.get_chunk(x.chunk, x.size)
+                    for x in table.extents)
+    where = Path(TABLE_FILE)
+    dump = check_dump(parse_table(text, where), where.parent,
+                      lambda n: files[n].size if n in files else None)
+    entries = [files[n] for n in segment_names(dump.pages_size, dump.segment_size)]
+    return dump, Layout.of_files(entries, dump.segment_size)
 
 
 def materialize(store: LocalStore, m: Manifest, dest: Path, workers: int | None = None) -> Dump:
-    """Write a dump snapshot's table and segment files into the new directory `dest`.
+    """Write a dump snapshot's table and segment files into the new directory `dest`: the way
+    a snapshot was loaded before the loader served the store's chunks, kept as the baseline
+    of benchmarks/dump_load.py.
 
     Unlike `snapstore export`, all workers write at once, each chunk with a pwrite at its
     offset, taking the segment files round robin so that they write to different files.
@@ -168,59 +211,133 @@ def write_hot_list(pages: np.ndarray[Any, np.dtype[np.int64]], path: Path) -> No
     path.write_text("".join(f"{p}\n" for p in pages.tolist()))
 
 
-def load(dump: Dump, workdir: Path, verify: bool = True, buffered: bool = True) -> LoadResult:
-    """Fill a fresh process's anonymous mappings with the dump through the loader, timed.
+def load(dump: Dump, workdir: Path, verify: bool = True, direct: bool = False,
+         started: float | None = None) -> LoadResult:
+    """Fill a fresh process's anonymous mappings with a dump directory through the loader.
 
     The restoring process is a child (`python -m snapstore.gpu.load`), because the loader
-    kills its client when it fails rather than leave it hanging. The time runs from the
-    handshake until every data page has been touched (installed); the byte check against the
-    page space comes after it and is not timed.
+    kills its client when it fails rather than leave it hanging. The load time runs from
+    the handshake until every data page has been touched (installed); the byte check against
+    the page space comes after it and is not timed. `started`: the command's start, for the
+    end-to-end time (default: this process's start).
     """
+    started = process_start() if started is None else started
     hot = data_pages(dump)
     write_hot_list(hot, workdir / "hot.txt")
     sock = workdir / "loader.sock"
     stats_path = workdir / "loader-stats.json"
     log_path = workdir / "loader.log"
     opts = loader.LoaderOptions(image=dump.pages_paths, socket=sock, hot=workdir / "hot.txt",
-                                stats_json=stats_path, buffered=buffered)
+                                stats_json=stats_path, direct=direct)
+    spawned = time.monotonic()
     with log_path.open("wb") as log:
         proc = loader.start(opts, stderr=log)
-    client = subprocess.run(
-        [sys.executable, "-m", "snapstore.gpu.load", str(dump.directory), str(sock),
-         "1" if verify else "0"],
-        capture_output=True, text=True, check=False)
+    client = _start_client(["dir", str(dump.directory)], sock, verify)
     try:
-        status = proc.wait(timeout=60)
+        status = proc.wait(timeout=600)
     except subprocess.TimeoutExpired:
         proc.kill()
         status = proc.wait()
+    out, err = client.communicate()
     if status != 0 or client.returncode != 0:
         why = log_path.read_text(errors="replace").strip().splitlines()
-        err = client.stderr.strip().splitlines()
         raise SnapstoreError(
             f"load failed: loader exit {status} ({why[-1] if why else 'no message'}), "
-            f"client exit {client.returncode} ({err[-1] if err else 'no message'})")
-    report = json.loads(client.stdout)
+            f"client exit {client.returncode} ({_last_line(err)})")
     stats: dict[str, Any] = json.loads(stats_path.read_text()) if stats_path.exists() else {}
-    return LoadResult(dump.pages_size, int(hot.size) * PAGE, int(report["mappings"]),
-                      float(report["seconds"]), bool(report["verified"]), stats)
+    return _result(dump, int(hot.size) * PAGE, json.loads(out), stats, started, spawned)
 
 
-def run_client(dump: Dump, sock: Path, verify: bool) -> dict[str, Any]:
-    """The restoring process's side of `load`: map, touch every data page, check."""
-    layout = mappings(dump)
-    hot = data_pages(dump)
-    client = Client(sock, layout)
+def start_snapshot_client(store_root: Path, ref: str, workdir: Path,
+                          verify: bool = True) -> subprocess.Popen[str]:
+    """The restoring process of `load_snapshot`, started on its own: its start-up (an
+    interpreter, numpy, the manifest) then overlaps this process's own."""
+    return _start_client(["store", str(store_root), ref], workdir / "loader.sock", verify)
+
+
+def load_snapshot(store: LocalStore, mid: ChunkId, dump: Dump, layout: Layout, workdir: Path,
+                  verify: bool = True, started: float | None = None,
+                  client: subprocess.Popen[str] | None = None) -> LoadResult:
+    """Fill a fresh process's anonymous mappings with a dump snapshot, served by the loader
+    straight from the store's chunks (snapstore.uffd.serve); timed as `load` is. `client`:
+    one from start_snapshot_client for the same snapshot and workdir (default: start one)."""
+    started = process_start() if started is None else started
+    sock = workdir / "loader.sock"
+    stats_path = workdir / "loader-stats.json"
+    spawned = time.monotonic()
+    if client is None:
+        client = start_snapshot_client(store.root, mid.hex, workdir, verify)
+    status = 1
     try:
-        t = time.perf_counter()
-        client.connect()
-        _touch(client, layout, hot)
-        seconds = time.perf_counter() - t
+        status = serve_snapshot(store, layout, sock, ["--stats-json", str(stats_path)])
+    finally:
+        # A loader that failed before the child connected leaves it waiting to connect.
+        if status != 0:
+            client.kill()
+        out, err = client.communicate()
+    if status != 0 or client.returncode != 0:
+        raise SnapstoreError(f"load failed: loader exit {status}, client exit "
+                             f"{client.returncode} ({_last_line(err)})")
+    stats: dict[str, Any] = json.loads(stats_path.read_text())
+    data = sum(size for _, size in layout.chunks)
+    return _result(dump, data, json.loads(out), stats, started, spawned)
+
+
+def serve_snapshot(store: LocalStore, layout: Layout, sock: Path, extra: list[str]) -> int:
+    """Serve a dump snapshot's page space on `sock` from the store's chunks, every chunk
+    prefetched in page space order; the loader's exit status."""
+    prefetchers = default_loaders()
+    return trio.run(serve_chunks, layout, range(len(layout.chunks)), sock,
+                    lambda: ProcessChunkReader(store, prefetchers + 1), prefetchers, extra)
+
+
+def _start_client(source: list[str], sock: Path, verify: bool) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "snapstore.gpu.load", *source, str(sock), "1" if verify else "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else "no message"
+
+
+def _result(dump: Dump, data_bytes: int, report: dict[str, Any], stats: dict[str, Any],
+            started: float, spawned: float) -> LoadResult:
+    handshake = float(stats.get("handshake_at") or report["connected_at"])
+    touched = float(report["touched_at"])
+    stages = {"start-up and opening the dump": spawned - started,
+              "until the handshake": handshake - spawned,
+              "install (handshake to last page)": touched - handshake}
+    if stats.get("first_served_at"):
+        stages["first fault served after the handshake"] = stats["first_served_at"] - handshake
+    stages["verify (not counted)"] = float(report["verify_seconds"])
+    return LoadResult(dump.pages_size, data_bytes, int(report["mappings"]), touched - handshake,
+                      bool(report["verified"]), stats, touched - started, stages)
+
+
+def run_client(dump: Dump, sock: Path, verify: bool,
+               layout: Layout | None = None) -> dict[str, Any]:
+    """The restoring process's side of a load: map, touch every data page, check (against the
+    layout's chunk ids and zero holes, else against the dump's files)."""
+    mapped = mappings(dump)
+    hot = layout.data_pages() if layout is not None else data_pages(dump)
+    client = Client(sock, mapped)
+    try:
+        connected = time.monotonic()
+        # The loader's parent may still be starting (the two start side by side).
+        client.connect(timeout=_CONNECT_SECONDS)
+        _touch(client, mapped, hot)
+        touched = time.monotonic()
         if verify:
-            _verify(client, dump)
+            if layout is not None:
+                _verify_chunks(client, layout)
+            else:
+                _verify(client, dump)
     finally:
         client.close()
-    return {"mappings": len(layout), "seconds": seconds, "verified": verify}
+    return {"mappings": len(mapped), "connected_at": connected, "touched_at": touched,
+            "verify_seconds": time.monotonic() - touched, "verified": verify}
 
 
 def _touch(
@@ -254,7 +371,7 @@ def _verify(client: Client, dump: Dump) -> None:
             del mem
 
 
-def serve(dump: Dump, workdir: Path, socket: Path, buffered: bool = True) -> int:
+def serve(dump: Dump, workdir: Path, socket: Path, direct: bool = False) -> int:
     """Run the loader in the foreground for an outside client; returns its exit status.
 
     The client maps the table's regions (anywhere) and sends their page space offsets in the
@@ -263,12 +380,51 @@ def serve(dump: Dump, workdir: Path, socket: Path, buffered: bool = True) -> int
     hot = workdir / "hot.txt"
     write_hot_list(data_pages(dump), hot)
     return loader.run(loader.LoaderOptions(image=dump.pages_paths, socket=socket, hot=hot,
-                                           buffered=buffered))
+                                           direct=direct))
+
+
+def _verify_chunks(client: Client, layout: Layout) -> None:
+    """Every chunk's bytes hash to its id, and every other byte is zero."""
+    pos = 0
+    for (cid, size), off in zip(layout.chunks, layout.offsets.tolist(), strict=True):
+        _check_zero(client, pos, off - pos)
+        digest = blake3.blake3()
+        for piece in _pieces(client, off, size):
+            digest.update(piece)
+        if digest.digest() != cid.digest:
+            raise SnapstoreError(f"loaded memory differs from chunk {cid} at page space "
+                                 f"offset {off}")
+        pos = off + size
+    _check_zero(client, pos, sum(r.size for r in client.regions) - pos)
+
+
+def _check_zero(client: Client, off: int, size: int) -> None:
+    for piece in _pieces(client, off, size):
+        if np.frombuffer(piece, dtype=np.uint8).any():
+            raise SnapstoreError(f"loaded memory is not zero in the hole at page space offset "
+                                 f"{off}")
+
+
+def _pieces(client: Client, off: int, size: int) -> Iterator[bytes]:
+    """The page space bytes [off, off + size) from the client's mappings, a slice at a time."""
+    for r in client.regions:
+        lo, hi = max(off, r.offset), min(off + size, r.offset + r.size)
+        for pos in range(lo, hi, _VERIFY_SLICE):
+            n = min(_VERIFY_SLICE, hi - pos)
+            yield r.mm[pos - r.offset : pos - r.offset + n]
+
+
+def _client_main(argv: list[str]) -> dict[str, Any]:
+    if argv[0] == "dir":
+        return run_client(read_dump(Path(argv[1])), Path(argv[2]), argv[3] == "1")
+    store = LocalStore.open(Path(argv[1]), create=False)
+    dump, layout = open_snapshot(store, store.get_manifest(store.resolve(argv[2])))
+    return run_client(dump, Path(argv[3]), argv[4] == "1", layout)
 
 
 if __name__ == "__main__":
     try:
-        doc = run_client(read_dump(Path(sys.argv[1])), Path(sys.argv[2]), sys.argv[3] == "1")
+        doc = _client_main(sys.argv[1:])
     except SnapstoreError as e:
         print(f"snapstore: error: {e}", file=sys.stderr)
         sys.exit(1)

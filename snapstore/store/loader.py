@@ -34,7 +34,9 @@ import socket
 import subprocess
 import sys
 import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -52,6 +54,8 @@ _STOP_SECONDS = 5
 # Descriptors kept free for everything else the mount opens (each mapping holds one).
 _FD_RESERVE = 256
 
+_T = TypeVar("_T")
+
 
 class LoaderError(SnapstoreError):
     """A loader process failed: it died, or answered outside the protocol."""
@@ -65,11 +69,7 @@ class _Mapper:
         self.budget = budget
 
     def map(self, fd: int, size: int) -> Chunk:
-        # Sealed, or whoever holds the memfd could change or shrink it under the mapping.
-        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
-            raise LoaderError("a loader returned an unsealed chunk")
-        if os.fstat(fd).st_size != size:
-            raise LoaderError(f"a loader returned {os.fstat(fd).st_size} bytes, expected {size}")
+        _check_sealed(fd, size)
         if self.budget <= 0:
             return os.pread(fd, size, 0)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
@@ -79,6 +79,19 @@ class _Mapper:
 
     def _unmapped(self) -> None:
         self.budget += 1
+
+
+def _check_sealed(fd: int, size: int) -> None:
+    # Sealed, or whoever holds the memfd could change or shrink it under the mapping.
+    if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS != SEALS:
+        raise LoaderError("a loader returned an unsealed chunk")
+    if os.fstat(fd).st_size != size:
+        raise LoaderError(f"a loader returned {os.fstat(fd).st_size} bytes, expected {size}")
+
+
+def _sealed_dup(fd: int, size: int) -> int:
+    _check_sealed(fd, size)
+    return os.dup(fd)
 
 
 def _mapping_budget() -> int:
@@ -147,7 +160,9 @@ class _Loader:
     def exited(self) -> bool:
         return self.pidfd is not None and _readable(self.pidfd, 0)
 
-    async def load(self, cid: ChunkId, size: int, mapper: _Mapper) -> Chunk:
+    async def load(self, cid: ChunkId, size: int, take: Callable[[int, int], _T]) -> _T:
+        """Load a chunk; `take` turns the loader's checked memfd into the result (the memfd
+        itself is closed after it)."""
         self.seq += 1
         seq = self.seq
         try:
@@ -171,7 +186,7 @@ class _Loader:
                     continue
                 text = msg[REPLY.size:].decode(errors="replace")
                 if status == OK and len(fds) == 1:
-                    return mapper.map(fds[0], size)
+                    return take(fds[0], size)
                 if status == NOT_FOUND:
                     raise NotFoundError(text)
                 if status == CORRUPT:
@@ -283,6 +298,14 @@ class ProcessChunkReader:
     async def read_chunk(self, cid: ChunkId, size: int) -> Chunk:
         if size == 0:
             return b""
+        return await self._load(cid, size, self._mapper.map)
+
+    async def read_chunk_fd(self, cid: ChunkId, size: int) -> int:
+        """The chunk as a sealed memfd of its checked bytes, for another process to map; the
+        caller closes it. It counts against no mapping budget."""
+        return await self._load(cid, size, _sealed_dup)
+
+    async def _load(self, cid: ChunkId, size: int, take: Callable[[int, int], _T]) -> _T:
         # A slot per loader: every loader is idle or serves the holder of a slot.
         async with self._slots:
             loader = self._idle.pop()
@@ -291,7 +314,7 @@ class ProcessChunkReader:
                     loader = self._replace(loader)
                 if not loader.ready:
                     await loader.started()
-                return await loader.load(cid, size, self._mapper)
+                return await loader.load(cid, size, take)
             finally:
                 self._idle.append(loader)
 

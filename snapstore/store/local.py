@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapstore import codec, manifest
-from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
+from snapstore.errors import (
+    CorruptError,
+    ManifestError,
+    NotFoundError,
+    SnapstoreError,
+    UsageError,
+)
 from snapstore.ids import ChunkId, is_valid_hex_id
 
 STORE_FORMAT = "snapstore-store"
@@ -308,7 +314,14 @@ class LocalStore:
     # -- manifests -----------------------------------------------------------------
 
     def put_manifest(self, m: manifest.Manifest) -> ChunkId:
+        """Store a new manifest, after reading it back as every reader will: the store
+        never writes a snapshot that it could not then read."""
         raw = m.encode()
+        try:
+            manifest.decode(raw)
+        except ManifestError as e:
+            raise SnapstoreError(f"this snapshot would not read back ({e}): nothing was "
+                                 "tagged; `snapstore gc` removes its chunks") from None
         mid = ChunkId.of(raw)
         path = self.snapshots_dir / mid.hex
         if not path.exists():

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from snapstore.errors import NotFoundError
+from snapstore.cli_common import positive_int
+from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.store.local import LocalStore
 from snapstore.uffd.loader import LoaderNotBuiltError, LoaderOptions, run
 
 
@@ -26,12 +28,27 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p = sub.add_parser(
         "uffd-serve",
         help="serve page faults from a file of a snapshot in the store",
-        description="Materialise PATH of snapshot REF (hash-checked) beside the store, then "
-        "run the loader on it as uffd-loader does; the copy is removed on exit.",
+        description="Serve PATH of snapshot REF as uffd-loader serves an image, straight from "
+        "the store's chunks: each is decompressed and hash-checked once, in loader processes, "
+        "and nothing is written to disk. Without --hot, every chunk of the file is prefetched: "
+        "those a mount of the snapshot read first (its recorded order), then the rest in file "
+        "order. A fault on a chunk not loaded yet goes ahead of the prefetch.",
     )
     p.add_argument("ref", help="tag or snapshot id")
     p.add_argument("path", help="the memory image's path inside the snapshot")
-    _loader_options(p)
+    p.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
+    p.add_argument("--hot", type=Path,
+                   help="page indices to prefetch, one per line (only their chunks are)")
+    p.add_argument("--record", type=Path, help="write demand-faulted page indices here")
+    p.add_argument("--loaders", type=positive_int,
+                   help="chunk loader processes for the prefetch (default: two per CPU, at "
+                   "most 16; one more is kept for faults)")
+    p.add_argument("--stats-json", type=Path, help="write fault and prefetch statistics here")
+    p.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
+                   help="serve REF of this remote, fetching chunks on demand into the store's "
+                   "cache, as a lazy remote mount does (the local store may be empty)")
+    p.add_argument("--endpoint-url", metavar="URL",
+                   help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     p.set_defaults(func=run_serve)
 
 
@@ -47,27 +64,59 @@ def _loader_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help="threads reading and installing prefetched pages (default: CPUs, at most 8)",
     )
-    p.add_argument("--buffered", action="store_true", help="prefetch without O_DIRECT")
+    io = p.add_mutually_exclusive_group()
+    io.add_argument("--buffered", action="store_true",
+                    help="prefetch through the page cache only (default: cached ranges "
+                    "through it, the others with O_DIRECT)")
+    io.add_argument("--direct", action="store_true",
+                    help="prefetch with O_DIRECT only, where the file system allows it")
     p.add_argument("--stats-json", type=Path, help="write fault and prefetch statistics here")
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Why materialise rather than read through a mount: the loader's prefetch reads with
-    O_DIRECT and deep AIO queues, which a disk serves at 2+ GB/s and a FUSE file at a
-    fraction of that (benchmarks/RESULTS.md), and faults then hit a local file's page
-    cache. The copy costs one sequential write of the image before the loader starts."""
-    from snapstore.cli_common import open_store
-    from snapstore.export import export_file
+    import trio
 
+    from snapstore.cli_common import open_store
+    from snapstore.store.loader import ProcessChunkReader
+    from snapstore.uffd import serve
+
+    loaders = args.loaders or serve.default_loaders()
+    extra: list[str] = []
+    for flag, path in (("--record", args.record), ("--stats-json", args.stats_json)):
+        if path is not None:
+            extra += [flag, str(path)]
+    if args.remote is not None:
+        store = open_store(args, create=True)
+        try:
+            status = trio.run(serve.serve_remote, store, args.remote, args.endpoint_url,
+                              args.ref, args.path, args.hot, args.socket, loaders, extra)
+        except LoaderNotBuiltError as e:
+            print(f"snapstore: {e}", file=sys.stderr)
+            return 1
+        return status if status in (0, 1, 2) else 1
     store = open_store(args)
-    m = store.get_manifest(store.resolve(args.ref))
-    entry = next((e for e in m.files() if e.path == args.path), None)
-    if entry is None:
-        raise NotFoundError(f"snapshot {args.ref} has no file {args.path!r}")
-    with store.work_dir("uffd-serve") as work:
-        image = work / "image"
-        export_file(store, entry, image)
-        return _run(args, image)
+    mid = store.resolve(args.ref)
+    layout = serve.Layout.of(serve.find_file(store.get_manifest(mid), args.path))
+    hot = serve.read_hot_list(args.hot, layout.npages) if args.hot is not None else None
+    order = serve.prefetch_order(layout, hot, [] if hot is not None else _recorded(store, mid))
+    try:
+        status = trio.run(serve.serve_chunks, layout, order, args.socket,
+                          lambda: ProcessChunkReader(store, loaders + 1), loaders, extra)
+    except LoaderNotBuiltError as e:
+        print(f"snapstore: {e}", file=sys.stderr)
+        return 1
+    return status if status in (0, 1, 2) else 1
+
+
+def _recorded(store: LocalStore, mid: ChunkId) -> list[ChunkId]:
+    """The chunk order the last mount of the snapshot read, if one recorded it."""
+    from fusefs.mount import access_path
+
+    try:
+        lines = access_path(store.root, mid).read_text().split()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return []
+    return [ChunkId.parse(line) for line in lines if is_valid_hex_id(line)]
 
 
 def run_loader(args: argparse.Namespace) -> int:
@@ -85,6 +134,7 @@ def _run(args: argparse.Namespace, image: Path | list[Path]) -> int:
         queue_depth=args.queue_depth,
         prefetch_threads=args.prefetch_threads,
         buffered=args.buffered,
+        direct=args.direct,
         stats_json=args.stats_json,
     )
     try:

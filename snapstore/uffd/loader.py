@@ -36,7 +36,10 @@ class LoaderOptions:
     fault_around_kib: int | None = None
     queue_depth: int | None = None
     prefetch_threads: int | None = None
+    # Prefetch I/O: by default each read goes through the page cache when its range is
+    # cached and O_DIRECT when not; these force one way.
     buffered: bool = False
+    direct: bool = False
     stats_json: Path | None = None
 
 
@@ -61,6 +64,8 @@ def build_argv(opts: LoaderOptions) -> list[str]:
         argv.append("--memfd")
     if opts.buffered:
         argv.append("--buffered")
+    if opts.direct:
+        argv.append("--direct")
     return argv
 
 
