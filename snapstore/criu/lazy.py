@@ -49,6 +49,7 @@ RESTORE_FINISHED = 0x52535446
 FAULT_AROUND = 64 << 10
 # Bytes per prefetch copy: large enough that the kernel's copy dominates the call.
 PREFETCH_BYTES = 2 << 20
+MAX_THREADS = 32
 
 _UFFD_EVENT_PAGEFAULT = 0x12
 _UFFD_EVENT_FORK = 0x13
@@ -219,7 +220,9 @@ class LazyPagesDaemon:
         self.work = work
         self._sources: dict[str, PageSource] = dict(sources or {})
         self._opened: list[FilePages] = []
-        self.threads = threads or min(8, os.cpu_count() or 2)
+        # A copy thread per core: reading, decompressing, hashing, moving the bytes and
+        # the UFFDIO_COPY all run without the GIL.
+        self.threads = threads or min(MAX_THREADS, os.cpu_count() or 2)
         self.stats = Stats()
         self.error: str | None = None
         self._tasks: list[Task] = []
