@@ -2,7 +2,10 @@
 directory against `snapstore restore` from the store, with its defaults (lazy: snapstore
 is CRIU's lazy-pages daemon) and `--eager` (CRIU reads every page through a mount).
 
-Run as root from the repository: `python -m benchmarks.criu_restore [--size 1G] [--runs 3]`.
+Run as root from the repository:
+`python -m benchmarks.criu_restore [--size 1G] [--runs 3] [--kind memory-like|random]`.
+The process's data is a memory-like image by default (40% zero pages, 30% random, 30% one
+repeated page, in clustered runs: `snapstore.examples.memory_image`), or random bytes.
 The cases take turns within each round, so they share the machine's noise; the page cache
 is dropped before every restore. Each restore is timed to the command's return (the
 process runs) and to the process's answer to a request that reads a byte of every page of
@@ -30,6 +33,7 @@ import numpy as np
 from benchmarks.common import drop_caches, gb, median, snapstore_cmd, table
 from snapstore.cli_common import parse_size
 from snapstore.criu.binary import Criu
+from snapstore.examples import memory_image
 from snapstore.export import export
 from snapstore.store.local import LocalStore
 
@@ -40,8 +44,8 @@ PR_SET_CHILD_SUBREAPER = 36
 CHILD = """
 import hashlib, os, signal, sys, time
 import numpy as np
-size, path = int(sys.argv[1]), sys.argv[2]
-data = np.frombuffer(np.random.default_rng(5).bytes(size), dtype=np.uint8)
+source, path = sys.argv[1], sys.argv[2]
+data = np.fromfile(source, dtype=np.uint8)
 def answer(text):
     with open(path + ".tmp", "w") as f:
         f.write(text)
@@ -96,6 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="process data (1G)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--kind", choices=("memory-like", "random"), default="memory-like")
     args = ap.parse_args()
     libc = ctypes.CDLL(None, use_errno=True)
     # Restored processes are left to the nearest subreaper: this one, so it can reap them
@@ -106,12 +111,17 @@ def main() -> None:
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, work, True)
         answer = work / "answer"
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(args.size), str(answer)],
+        source = work / "data.img"
+        if args.kind == "memory-like":
+            memory_image(source, args.size, seed=5)
+        else:
+            source.write_bytes(np.random.default_rng(5).bytes(args.size))
+        expected = hashlib.sha256(source.read_bytes()).hexdigest()
+        child = subprocess.Popen([sys.executable, "-c", CHILD, str(source), str(answer)],
                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
         while not answer.exists():
             time.sleep(0.05)
-        expected = hashlib.sha256(np.random.default_rng(5).bytes(args.size)).hexdigest()
         store_dir = work / "store"
         start = time.perf_counter()
         subprocess.run(snapstore_cmd(store_dir, "checkpoint", "--pid", str(child.pid),
@@ -145,8 +155,9 @@ def main() -> None:
             touched = median([t for _, t in runs])
             rows.append([name, f"{ret:.2f}", f"{touched:.2f}", f"{base / touched:.2f}x",
                          f"{args.size / touched / 1e9:.2f}"])
-        print(f"process data {gb(args.size)}, checkpoint into the store {checkpoint_s:.2f}s, "
-              f"{args.runs} runs, medians, cold page cache, every restore's data verified")
+        print(f"process data {gb(args.size)} {args.kind}, checkpoint into the store "
+              f"{checkpoint_s:.2f}s, {args.runs} runs, medians, cold page cache, every "
+              "restore's data verified")
         print(table(["restore", "to return (s)", "to all memory read (s)",
                      "speed vs upstream", "GB/s"], rows))
 
