@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +33,17 @@ def timed(cmd: Sequence[str], env: dict[str, str] | None = None) -> Run:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-2000:]}")
     return Run(seconds, usage.ru_maxrss * 1024)
+
+
+def kill_and_reap(pid: int) -> None:
+    """Kill a restored process and wait until it is reaped (this process is its
+    subreaper), so that its pid is free for the next restore."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    while Path(f"/proc/{pid}").exists():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(-1, os.WNOHANG)
+        time.sleep(0.01)
 
 
 def snapstore_cmd(store: Path, *args: str) -> list[str]:

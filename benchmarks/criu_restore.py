@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import drop_caches, gb, median, snapstore_cmd, table
+from benchmarks.common import drop_caches, gb, kill_and_reap, median, snapstore_cmd, table
 from snapstore.cli_common import parse_size
 from snapstore.criu.binary import Criu
 from snapstore.examples import memory_image
@@ -68,14 +68,6 @@ def ask(pid: int, sig: int, answer: Path, timeout: float = 300) -> str:
         time.sleep(0.001)
     return answer.read_text()
 
-
-def kill_and_reap(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    while Path(f"/proc/{pid}").exists():
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(-1, os.WNOHANG)
-        time.sleep(0.01)
 
 
 def restore(cmd: list[str], pid_from_stdout: bool, pid: int,

@@ -37,7 +37,6 @@ FUSE mount; run as root (benchmarks/gpu_kit.sh carries what a GPU host lacks):
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import os
@@ -50,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import drop_caches, du, gb, snapstore_cmd, table
+from benchmarks.common import drop_caches, du, gb, kill_and_reap, snapstore_cmd, table
 from snapstore.criu.binary import Criu
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
 from snapstore.export import export
@@ -198,14 +197,6 @@ class Model:
             raise RuntimeError(f"pid {pid} failed to answer: {doc['error']}")
         return doc
 
-
-def kill_and_reap(pid: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-    while Path(f"/proc/{pid}").exists():
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(-1, os.WNOHANG)
-        time.sleep(0.01)
 
 
 def checkpoint(store: Path, model: Model, tag: str) -> dict[str, Any]:
