@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from fusefs.mount import is_mounted
 from snapstore import examples
 from snapstore.runsc import Runsc
 from snapstore.store.local import LocalStore
@@ -107,6 +110,20 @@ def wait_counter_above(bundle: Path, value: int, timeout: float = 30) -> int:
         assert time.monotonic() < deadline, f"counter stuck at {current}, expected > {value}"
         time.sleep(0.05)
     return current
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` (e.g. "48m") mounted at the new directory `path`: a small disk
+    to fill up."""
+    path.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                   check=True)
+    try:
+        yield path
+    finally:
+        if is_mounted(path):
+            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:

@@ -29,7 +29,7 @@ from snapstore.export import export
 from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
-from tests.conftest import alive, wait_until
+from tests.conftest import alive, tmpfs, wait_until
 from tests.s3proxy import FaultProxy, make_bucket, moto_server, s3_env
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -627,3 +627,21 @@ def test_dropped_ranges_leave_the_rest_pending() -> None:
     task.drop(30 * MIB, 40 * MIB)  # nothing there
     assert [(s.start // MIB, s.end // MIB, s.offset // MIB) for s in task.pending] == [
         (0, 2, 0), (10, 12, 6), (16, 17, 8), (18, 20, 10), (24, 28, 12)]
+
+
+def test_a_checkpoint_that_cannot_be_stored_loses_no_process(
+        criu: Criu, reaper: None, tmp_path: Path) -> None:
+    # A store on a disk far smaller than the process: the dump succeeds, the ingest fails.
+    with tmpfs(tmp_path / "disk", "40m") as disk:
+        store = LocalStore.open(disk / "store")
+        child = Child(tmp_path)
+        try:
+            ck = snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "py")
+            assert ck.returncode == 1, ck.stderr
+            assert "no space left on the store's device" in ck.stderr
+            # The process was stopped for the dump, never killed: it runs on, as it was.
+            runs_on(child, child.pid)
+            assert "py" not in store.tags() and list(store.work_root.iterdir()) == []
+        finally:
+            child.proc.kill()
+            child.wait_dead()

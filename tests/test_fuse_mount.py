@@ -30,7 +30,7 @@ from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Manifest
 from snapstore.store.local import LocalStore
-from tests.conftest import alive, memory_like, wait_until
+from tests.conftest import alive, memory_like, tmpfs, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = ChunkerParams(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10)
@@ -675,18 +675,6 @@ def process_state(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
         return None
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    path.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True)
-    try:
-        yield path
-    finally:
-        if is_mounted(path):
-            subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def test_umount_refuses_a_mount_that_is_not_snapstores(

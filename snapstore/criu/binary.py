@@ -51,11 +51,11 @@ class Criu:
 
     def dump(self, pid: int, images: Path, work: Path, leave_running: bool) -> None:
         """Dump the tree rooted at `pid` into `images`; CRIU's log goes to `work`. The tree
-        is killed after the dump unless `leave_running`."""
+        is left running, or else stopped (for the caller to kill once the images are safe,
+        or to resume if they cannot be kept)."""
         cmd = [self.path, "dump", "-t", str(pid), "-D", str(images), "-W", str(work),
-               "-o", "dump.log", "-v2"]
-        if leave_running:
-            cmd.append("--leave-running")
+               "-o", "dump.log", "-v2",
+               "--leave-running" if leave_running else "--leave-stopped"]
         self._run(cmd, work / "dump.log", f"criu dump of pid {pid}")
 
     def restore(self, images: Path, work: Path, lazy_pages: bool = False) -> int:

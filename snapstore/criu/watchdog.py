@@ -21,7 +21,8 @@ import socket
 import struct
 import subprocess
 import sys
-from pathlib import Path
+
+from snapstore.criu.tree import descendants
 
 _PID = struct.Struct("i")
 
@@ -45,24 +46,6 @@ def release(sock: socket.socket) -> None:
     sock.send(b"D")
 
 
-def _descendants(roots: set[int]) -> set[int]:
-    parent: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = (entry / "stat").read_text()
-                parent[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    found = set(roots)
-    grew = True
-    while grew:
-        grew = False
-        for pid, ppid in parent.items():
-            if ppid in found and pid not in found:
-                found.add(pid)
-                grew = True
-    return found
-
-
 def main(fd: int) -> None:
     sock = socket.socket(fileno=fd)
     pids: set[int] = set()
@@ -79,7 +62,7 @@ def main(fd: int) -> None:
             break
         if msg[:1] == b"T" and len(msg) == 1 + _PID.size:
             pids.add(_PID.unpack_from(msg, 1)[0])
-    for pid in _descendants(pids):
+    for pid in descendants(pids):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
     for u in uffds:

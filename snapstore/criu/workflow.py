@@ -17,6 +17,7 @@ from pathlib import Path
 from snapstore.criu import staging
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError, PageSource
+from snapstore.criu.tree import signal_tree
 from snapstore.errors import NoMatchError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, check_labels, ingest
@@ -57,7 +58,9 @@ def checkpoint(store: LocalStore, criu: Criu, pid: int, tag: str, labels: dict[s
 
     A process with CUDA state has it moved into its host memory first (Lock, Checkpoint),
     so CRIU sees no GPU mapping; it gets it back (Restore, Unlock) if the dump fails or
-    when `leave_running`. Without `leave_running` CRIU kills the tree after the dump.
+    when `leave_running`. Without `leave_running` the tree is killed, but only once its
+    snapshot is stored and tagged: CRIU leaves it stopped, and if the ingest fails (a full
+    disk, say) it is resumed as it was, so a failed checkpoint loses no process.
     """
     api = api or cuda.open_api()
     with_cuda = has_cuda(api, pid)
@@ -80,9 +83,19 @@ def checkpoint(store: LocalStore, criu: Criu, pid: int, tag: str, labels: dict[s
             if with_cuda:
                 _give_gpu_back(api, pid)
             raise
-        if with_cuda and leave_running:
-            _give_gpu_back(api, pid)
-        return ingest(store, images, tag, all_labels)
+        if leave_running:
+            if with_cuda:
+                _give_gpu_back(api, pid)
+            return ingest(store, images, tag, all_labels)
+        try:
+            result = ingest(store, images, tag, all_labels)
+        except BaseException:
+            signal_tree(pid, signal.SIGCONT)
+            if with_cuda:
+                _give_gpu_back(api, pid)
+            raise
+        signal_tree(pid, signal.SIGKILL)
+        return result
 
 
 def _give_gpu_back(api: cuda.CheckpointApi, pid: int) -> None:
