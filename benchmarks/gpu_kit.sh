@@ -14,7 +14,7 @@
 #       into KIT/site and prints the exports: PYTHONPATH (KIT/site and the repository),
 #       SNAPSTORE_CRIU, PATH (fusermount3). Progress goes to stderr.
 #
-# The kit is an ignored directory of the checkout (.git/info/exclude), so it travels with
+# The kit is an ignored directory of the checkout (.gitignore), so it travels with
 # the working tree to the GPU host without being committed.
 set -euo pipefail
 
