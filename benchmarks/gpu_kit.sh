@@ -14,8 +14,8 @@
 #       into KIT/site and prints the exports: PYTHONPATH (KIT/site and the repository),
 #       SNAPSTORE_CRIU, PATH (fusermount3). Progress goes to stderr.
 #
-# The kit is an ignored directory of the checkout (.gitignore), so it travels with
-# the working tree to the GPU host without being committed.
+# The kit is an ignored directory of the checkout (.gitignore): copy the checkout with it
+# to the GPU host.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
