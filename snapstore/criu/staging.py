@@ -23,6 +23,7 @@ from pathlib import Path
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
 from snapstore.errors import CorruptError
 from snapstore.export import export_file
+from snapstore.fileio import pwrite_all
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
@@ -129,10 +130,7 @@ def _write_eager_part(source: StorePages, entry: Entry, lazy: list[tuple[int, in
                 n = source.read_into(memoryview(buf)[:min(len(buf), start - pos)], pos)
                 if n == 0:
                     break
-                view, at = memoryview(buf)[:n], pos
-                while view:
-                    written = os.pwrite(fd, view, at)
-                    view, at = view[written:], at + written
+                pwrite_all(fd, memoryview(buf)[:n], pos)
                 pos += n
             pos = max(pos, end)
     finally:

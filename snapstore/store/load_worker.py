@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from snapstore.errors import CorruptError, NotFoundError
+from snapstore.fileio import write_all
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
 
@@ -56,9 +57,7 @@ def sealed_memfd(data: bytes) -> int:
     """A memfd holding `data`, sealed: no one can write, grow or shrink it any more."""
     fd = os.memfd_create("snapstore-chunk", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)

@@ -28,6 +28,7 @@ import trio
 
 from snapstore.chunker_params import PAGE
 from snapstore.errors import SnapstoreError, UsageError
+from snapstore.fileio import write_all
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
 from snapstore.store.load_worker import sealed_memfd
@@ -204,9 +205,7 @@ def find_file(m: Manifest, path: str) -> Entry:
 
 def _memfd(data: bytes) -> int:
     fd = os.memfd_create("snapstore-layout", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, data)
     return fd
 
 
