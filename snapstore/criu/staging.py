@@ -68,6 +68,8 @@ class StorePages:
         return done
 
     def _chunk(self, cid: ChunkId, size: int) -> bytes:
+        # The daemon's copy threads call this, not trio tasks: a Future per chunk is the
+        # threads' single flight (the mounts' is snapstore.singleflight, on trio).
         with self._lock:
             fut = self._cache.get(cid)
             mine = fut is None

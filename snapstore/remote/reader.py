@@ -2,8 +2,9 @@
 
 Where each chunk lies in the remote's packs comes from the snapshot's locator, read once
 at mount time. Concurrency invariants (all state lives on the one trio thread, so no locks):
-- a chunk is fetched by at most one task at a time (`_flights`); a demand read that finds
-  a prefetch of the same chunk in flight waits for it instead of fetching again;
+- a chunk is fetched by at most one task at a time (`_flights`, a SingleFlight); a demand
+  read that finds a prefetch of the same chunk in flight waits for it instead of
+  fetching again;
 - a chunk to fetch is queued for one scheduling turn: the first of the queued chunks to
   run again takes its queued neighbours in the pack (`_take_run`) and fetches them with
   one ranged GET; the others wait for that run, and fetch alone if it was cancelled;
@@ -49,6 +50,7 @@ from snapstore.remote.fetch import (
 from snapstore.remote.packs import Location, Locator, coalesce
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
 from snapstore.remote.url import RemoteURL
+from snapstore.singleflight import SingleFlight
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
 
@@ -124,13 +126,6 @@ class ReaderStats:
 
 
 @dataclass(slots=True)
-class _Flight:
-    done: trio.Event = field(default_factory=trio.Event)
-    raw: bytes | None = None
-    error: str | None = None
-
-
-@dataclass(slots=True)
 class _Run:
     """One ranged GET's chunks: raw bytes or an error for each, once `done` is set. A
     chunk with neither was not fetched (its fetcher was cancelled)."""
@@ -162,7 +157,9 @@ class RemoteChunkReader:
             if at.pack == bt.pack and at.end == bt.offset:
                 self._next[a], self._prev[b] = b, a
         self._cpu = cpu_limiter()
-        self._flights: dict[ChunkId, _Flight] = {}
+        # Beside the mount's own single flight (fusefs.reader.ChunkCache): this one also
+        # holds the chunks a prefetch run is fetching, so demand reads wait for those.
+        self._flights: SingleFlight[ChunkId, bytes] = SingleFlight()
         self._queued: set[ChunkId] = set()
         self._taken: dict[ChunkId, _Run] = {}
         self._cache: OrderedDict[ChunkId, int] = OrderedDict()
@@ -173,24 +170,7 @@ class RemoteChunkReader:
         self._evict_now()
 
     async def read_chunk(self, cid: ChunkId, size: int) -> bytes:
-        while (flight := self._flights.get(cid)) is not None:
-            await flight.done.wait()
-            if flight.raw is not None:
-                return flight.raw
-            if flight.error is not None:
-                raise SnapstoreError(flight.error)
-            # The loading task was cancelled (a prefetch at unmount): load it here.
-        flight = _Flight()
-        self._flights[cid] = flight
-        try:
-            flight.raw = await self._fetch(cid, size)
-            return flight.raw
-        except SnapstoreError as e:
-            flight.error = str(e)
-            raise
-        finally:
-            del self._flights[cid]
-            flight.done.set()
+        return await self._flights.run(cid, lambda: self._fetch(cid, size))
 
     async def _fetch(self, cid: ChunkId, size: int) -> bytes:
         if self.store.has_chunk(cid):
@@ -356,23 +336,20 @@ class RemoteChunkReader:
     async def _prefetch_run(self, chunks: list[tuple[ChunkId, Location]]) -> None:
         """Fetch a prefetch run (a slot already held) under flights of its own, so that
         demand reads of its chunks wait for it instead of fetching them again."""
-        flights = {c: _Flight() for c, _ in chunks}
-        self._flights.update(flights)
+        flights = {c: self._flights.begin(c) for c, _ in chunks}
         run = _Run(chunks)
         try:
             await self._fetch_run(run, _held)
         finally:
             for cid, flight in flights.items():
-                flight.raw = run.raw.get(cid)
-                err = run.errors.get(cid)
-                flight.error = None if err is None else str(err)
-                del self._flights[cid]
-                flight.done.set()
+                flight.value = run.raw.get(cid)
+                flight.error = run.errors.get(cid)
+                self._flights.end(cid, flight)
         for cid, flight in flights.items():
             if flight.error is not None:
                 self.stats.prefetch_errors += 1
                 log.warning("prefetch of chunk %s failed: %s", cid.short(), flight.error)
-            elif flight.raw is not None:
+            elif flight.value is not None:
                 self.stats.prefetched += 1
 
 
