@@ -29,6 +29,7 @@ import numpy as np
 import trio
 
 from snapstore.errors import SnapstoreError
+from snapstore.fileio import pwrite_all
 from snapstore.gpu.dump import (
     PAGE,
     TABLE_FILE,
@@ -134,10 +135,7 @@ def _write_files(
             os.ftruncate(fds[-1], e.size)
 
         def put(fd: int, cid: Any, size: int, offset: int) -> None:
-            data = memoryview(store.get_chunk(cid, size))
-            while data:
-                n = os.pwrite(fd, data, offset)
-                data, offset = data[n:], offset + n
+            pwrite_all(fd, store.get_chunk(cid, size), offset)
 
         pending: deque[Future[None]] = deque()
         for fd, cid, size, offset in _round_robin(
