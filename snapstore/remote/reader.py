@@ -48,6 +48,7 @@ from snapstore.remote.fetch import (
     resolve_remote,
 )
 from snapstore.remote.packs import Location, Locator, coalesce
+from snapstore.remote.pool import run_pool
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
 from snapstore.remote.url import RemoteURL
 from snapstore.singleflight import SingleFlight
@@ -314,23 +315,10 @@ class RemoteChunkReader:
             for cid, _ in chunks:
                 budget[0] -= self._where[cid].length
 
-        async with trio.open_nursery() as nursery:
-            send, recv = trio.open_memory_channel[list[tuple[ChunkId, Location]]](0)
-
-            async def worker(items: trio.MemoryReceiveChannel[
-                    list[tuple[ChunkId, Location]]]) -> None:
-                async with items:
-                    async for chunks in items:
-                        await one(chunks)
-
-            for _ in range(self.limiter.tokens):
-                nursery.start_soon(worker, recv.clone())
-            recv.close()
-            async with send:
-                for chunks in coalesce(placed, MOUNT_RANGE):
-                    if budget[0] <= 0:
-                        break
-                    await send.send(chunks)
+        # The runs are taken one at a time as workers come free, so once the budget is
+        # spent no further run starts.
+        runs = itertools.takewhile(lambda _: budget[0] > 0, coalesce(placed, MOUNT_RANGE))
+        await run_pool(runs, one, self.limiter.tokens)
         log.info("prefetch done: %s", self.stats.as_dict())
 
     async def _prefetch_run(self, chunks: list[tuple[ChunkId, Location]]) -> None:
