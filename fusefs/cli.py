@@ -17,13 +17,15 @@ from rich.filesize import decimal as human
 from snapstore.cli_common import parse_size, positive_int
 from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.remote.cli import add_remote_mount_options, remote_mount
+from snapstore.remote.cli import add_remote_options
+from snapstore.remote.settings import DEFAULT_CACHE_BYTES
 from snapstore.store.local import LocalStore, default_store_dir
 
 # pyfuse3, trio and the S3 stack are imported by the handlers that use them, so that
 # every other snapstore command starts without them.
 if TYPE_CHECKING:
     from fusefs.mount import MountOptions
+    from fusefs.remote import RemoteMount
     from snapstore.manifest import Manifest
 
 # Measured on the 2-vCPU machine (docs/mount.md): a cold read ran faster with 8 loaders
@@ -71,6 +73,35 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sp.set_defaults(func=cmd_mount_stats)
 
 
+def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
+    """The options that make `mount` read a snapshot of a remote, chunk by chunk."""
+    sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
+                    help="read the snapshot from this remote, fetching chunks on demand "
+                    "(the local store may be empty)")
+    sp.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="BYTES",
+                    help="with --remote: disk for fetched chunks in STORE/cache, least "
+                    "recently used evicted first (default 4G)")
+    sp.add_argument("--prefetch", action="store_true",
+                    help="load the snapshot in the background, in the order it was read "
+                    "last time, behind demand reads: from a remote into the disk cache, "
+                    "from the local store into the memory cache (as much as --cache-mem holds)")
+    add_remote_options(sp)
+
+
+def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
+    """The remote side of a `mount` command line, resolved; None for a local mount."""
+    if args.remote is None:
+        return None
+    from fusefs.remote import RemoteMount
+    from snapstore.remote.reader import load_remote_snapshot
+    from snapstore.store.s3 import read_timeout
+
+    deadline = read_timeout(args.read_timeout)
+    snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url, deadline)
+    return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch,
+                       deadline)
+
+
 def _store_root(args: argparse.Namespace) -> Path:
     return Path(args.store) if args.store else default_store_dir()
 
@@ -87,7 +118,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         read_state,
         write_state,
     )
-    from snapstore.remote.reader import serve_remote
+    from fusefs.remote import serve_remote
 
     store = LocalStore.open(_store_root(args), create=args.remote is not None)
     remote = remote_mount(args)
@@ -150,7 +181,7 @@ def _warm_order(store: LocalStore, mid: ChunkId, m: Manifest) -> tuple[tuple[Chu
     """A local `--prefetch`: the chunks in the order the last mount read them, then the
     rest in file order, to be loaded into the memory cache before they are asked for."""
     from fusefs.mount import access_path
-    from fusefs.reader import prefetch_order
+    from snapstore.manifest import prefetch_order
 
     try:
         recorded = access_path(store.root, mid).read_text().splitlines()

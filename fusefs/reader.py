@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +22,7 @@ import trio
 
 from fusefs.inodes import Node
 from snapstore.errors import CorruptError, SnapstoreError
-from snapstore.ids import ChunkId, is_valid_hex_id
-from snapstore.manifest import Manifest
+from snapstore.ids import ChunkId
 from snapstore.singleflight import SingleFlight
 from snapstore.store.base import Chunk, ChunkReader
 
@@ -350,25 +349,3 @@ class SnapshotReader:
             log.debug("prefetch failed: %s", e)
         finally:
             self._prefetching -= 1
-
-
-def prefetch_order(m: Manifest, recorded: Iterable[str]) -> list[tuple[ChunkId, int]]:
-    """The recorded first-read order (chunk hex per line) first, then the rest in file
-    order. Lines that are not chunks of `m` are skipped: the list comes from the remote."""
-    sizes = m.chunk_sizes()
-    out: list[tuple[ChunkId, int]] = []
-    seen: set[ChunkId] = set()
-
-    def add(cid: ChunkId) -> None:
-        if cid in sizes and cid not in seen:
-            seen.add(cid)
-            out.append((cid, sizes[cid]))
-
-    for line in recorded:
-        if is_valid_hex_id(line.strip()):
-            add(ChunkId.parse(line.strip()))
-    for entry in m.files():
-        for x in entry.extents:
-            if x.chunk is not None:
-                add(x.chunk)
-    return out

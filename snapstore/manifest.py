@@ -269,3 +269,25 @@ def _extent_problem(x: Any) -> str:
     if size > MAX_CHUNK:
         return f"chunk of {size} bytes (over {MAX_CHUNK})"
     return f"{cid!r:.80}: not a valid id"
+
+
+def prefetch_order(m: Manifest, recorded: Iterable[str]) -> list[tuple[ChunkId, int]]:
+    """The recorded first-read order (chunk hex per line) first, then the rest in file
+    order. Lines that are not chunks of `m` are skipped: the list comes from the remote."""
+    sizes = m.chunk_sizes()
+    out: list[tuple[ChunkId, int]] = []
+    seen: set[ChunkId] = set()
+
+    def add(cid: ChunkId) -> None:
+        if cid in sizes and cid not in seen:
+            seen.add(cid)
+            out.append((cid, sizes[cid]))
+
+    for line in recorded:
+        if is_valid_hex_id(line.strip()):
+            add(ChunkId.parse(line.strip()))
+    for entry in m.files():
+        for x in entry.extents:
+            if x.chunk is not None:
+                add(x.chunk)
+    return out

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusefs.reader import prefetch_order
 from snapstore import cli, codec
 from snapstore.errors import CorruptError, SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
-from snapstore.manifest import MAX_CHUNK
+from snapstore.manifest import MAX_CHUNK, prefetch_order
 from snapstore.remote.catalog import find_remote
 from snapstore.remote.gc import remote_gc
 from snapstore.remote.packs import MAX_PACK_BYTES

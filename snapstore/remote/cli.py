@@ -12,7 +12,6 @@ from rich.filesize import decimal as human
 from snapstore.cli_common import open_store, parse_size, print_json
 from snapstore.errors import CorruptError, NotFoundError, UsageError
 from snapstore.remote.settings import (
-    DEFAULT_CACHE_BYTES,
     DEFAULT_GRACE_S,
     DEFAULT_JOBS,
     DEFAULT_PACK_BYTES,
@@ -25,7 +24,6 @@ from snapstore.remote.settings import (
 # The S3 client stack takes a large part of a second to import: handlers import it
 # when they run, so that commands without a remote start fast.
 if TYPE_CHECKING:
-    from snapstore.remote.reader import RemoteMount
     from snapstore.remote.transfer import TransferReport
     from snapstore.store.s3 import S3Store
 
@@ -205,7 +203,8 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
     return _with_remote(args, args.remote, run)
 
 
-def _remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
+def add_remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
+    """The options of every command that talks to a remote."""
     sp.add_argument("--endpoint-url", metavar="URL",
                     help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     sp.add_argument("--read-timeout", type=float, metavar="SECONDS",
@@ -227,7 +226,7 @@ def add_gc_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--force", action="store_true",
                     help=f"with --remote: allow a grace below {MIN_GRACE_S} s (only when no "
                     "push to the remote runs)")
-    _remote_options(sp)
+    add_remote_options(sp)
 
 
 def add_commands(sub: Any) -> None:
@@ -248,7 +247,7 @@ def add_commands(sub: Any) -> None:
         sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
         sp.add_argument("--force", action="store_true",
                         help="move the other side's tag if it names another snapshot")
-        _remote_options(sp, jobs=True)
+        add_remote_options(sp, jobs=True)
         if name == "push":
             sp.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_BYTES,
                             metavar="BYTES", help="close a pack of chunks at this size "
@@ -260,33 +259,4 @@ def add_commands(sub: Any) -> None:
                                        metavar="COMMAND")
     sp = add("ls", cmd_remote_ls, "list a remote's tags and snapshots with sizes", remote_sub)
     sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
-    _remote_options(sp)
-
-
-def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
-    """The options that make `mount` read a snapshot of a remote, chunk by chunk."""
-    sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
-                    help="read the snapshot from this remote, fetching chunks on demand "
-                    "(the local store may be empty)")
-    sp.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="BYTES",
-                    help="with --remote: disk for fetched chunks in STORE/cache, least "
-                    "recently used evicted first (default 4G)")
-    sp.add_argument("--prefetch", action="store_true",
-                    help="load the snapshot in the background, in the order it was read "
-                    "last time, behind demand reads: from a remote into the disk cache, "
-                    "from the local store into the memory cache (as much as --cache-mem holds)")
-    _remote_options(sp)
-
-
-def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
-    """The remote side of a `mount` command line, resolved; None for a local mount."""
-    from snapstore.remote.reader import RemoteMount, load_remote_snapshot
-
-    if args.remote is None:
-        return None
-    from snapstore.store.s3 import read_timeout
-
-    deadline = read_timeout(args.read_timeout)
-    snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url, deadline)
-    return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch,
-                       deadline)
+    add_remote_options(sp)

@@ -28,17 +28,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import trio
 from trio.lowlevel import ParkingLot
 
-from fusefs.mount import MountOptions, serve
-from fusefs.reader import prefetch_order
 from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.manifest import Manifest
+from snapstore.manifest import Manifest, prefetch_order
 from snapstore.remote.fetch import (
     cpu_limiter,
     fetch_access_order,
@@ -375,31 +372,3 @@ def load_remote_snapshot(ref: str, remote: str, endpoint: str | None,
             return await open_remote_snapshot(s3, ref)
 
     return trio.run(main)
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteMount:
-    """A remote mount's settings: where from, disk cache bound, whether to prefetch, and
-    the deadline of a read (None: the default)."""
-
-    snapshot: RemoteSnapshot
-    remote: str
-    endpoint: str | None
-    cache_bytes: int = DEFAULT_CACHE_BYTES
-    prefetch: bool = False
-    read_timeout_s: float | None = None
-
-
-async def serve_remote(store: LocalStore, how: RemoteMount, mountpoint: Path,
-                       options: MountOptions, ready: Callable[[], None]) -> None:
-    """Serve a snapshot of a remote with fusefs until unmounted, prefetching behind it."""
-    async with open_s3(RemoteURL.parse(how.remote), endpoint_url(how.endpoint),
-                       connections=DEFAULT_CONNECTIONS + 4,
-                       read_timeout_s=how.read_timeout_s) as s3:
-        reader = RemoteChunkReader(store, s3, how.snapshot, how.cache_bytes)
-        async with trio.open_nursery() as nursery:
-            if how.prefetch:
-                nursery.start_soon(reader.prefetch, how.snapshot.order)
-            await serve(how.snapshot.manifest, mountpoint, reader, options, ready)
-            nursery.cancel_scope.cancel()
-        log.info("remote reads: %s", reader.stats.as_dict())
