@@ -64,7 +64,7 @@ OLD_PATH = r"""
 import json, sys, time
 from pathlib import Path
 from snapstore.gpu.dump import read_dump
-from snapstore.gpu.load import load, materialize, process_start
+from snapstore.gpu.load_dump import load, materialize, process_start
 from snapstore.store.local import LocalStore
 started = process_start()
 store = LocalStore.open(Path(sys.argv[1]), create=False)

@@ -171,7 +171,7 @@ async def _serve_local(
     processes: int, ready: Callable[[], None],
 ) -> None:
     from fusefs.mount import serve
-    from snapstore.store.loader import ProcessChunkReader
+    from snapstore.store.chunk_loader import ProcessChunkReader
 
     async with ProcessChunkReader(store, processes) as reader:
         await serve(m, mountpoint, reader, options, ready)

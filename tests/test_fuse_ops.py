@@ -25,7 +25,7 @@ from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Manifest, prefetch_order
 from snapstore.store.base import Chunk, ChunkReader
-from snapstore.store.loader import ProcessChunkReader
+from snapstore.store.chunk_loader import ProcessChunkReader
 from snapstore.store.local import LocalStore
 from tests.conftest import memory_like
 from tests.test_statefile import make_statefile

@@ -12,7 +12,7 @@ from rich.filesize import decimal as human
 
 from snapstore.cli_common import open_store, print_json
 from snapstore.errors import SnapstoreError
-from snapstore.uffd.loader import LoaderNotBuiltError
+from snapstore.uffd.page_loader import LoaderNotBuiltError
 
 # The dump and load modules (numpy, the CUDA bindings) are imported by the handlers, so
 # that other commands start without them.
@@ -90,7 +90,7 @@ def cmd_gpu_dump(args: argparse.Namespace) -> int:
 
 def cmd_gpu_load(args: argparse.Namespace) -> int:
     from snapstore.gpu.dump import TABLE_FILE, read_dump
-    from snapstore.gpu.load import (
+    from snapstore.gpu.load_dump import (
         load,
         load_snapshot,
         open_snapshot,

@@ -9,7 +9,7 @@ from pathlib import Path
 from snapstore.cli_common import positive_int
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.store.local import LocalStore
-from snapstore.uffd.loader import LoaderNotBuiltError, LoaderOptions, run
+from snapstore.uffd.page_loader import LoaderNotBuiltError, LoaderOptions, run
 
 
 def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -77,7 +77,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import trio
 
     from snapstore.cli_common import open_store
-    from snapstore.store.loader import ProcessChunkReader
+    from snapstore.store.chunk_loader import ProcessChunkReader
     from snapstore.uffd import serve
 
     loaders = args.loaders or serve.default_loaders()

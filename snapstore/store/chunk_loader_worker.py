@@ -1,6 +1,6 @@
 """Loader processes of a mount: they answer chunk requests with sealed memfds.
 
-The mount's side, and the protocol, are in `snapstore.store.loader`. One process is
+The mount's side, and the protocol, are in `snapstore.store.chunk_loader`. One process is
 started with the sockets of all the loaders the mount wants; it imports only what a load
 needs and opens the store, then forks a loader for each further socket, so that those
 cost a fork each rather than a Python start.
@@ -22,7 +22,7 @@ from snapstore.fileio import write_all
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
 
-# The protocol (docs in snapstore.store.loader).
+# The protocol (docs in snapstore.store.chunk_loader).
 REQUEST = struct.Struct("<Q32sQ")
 REPLY = struct.Struct("<QB")
 PID = struct.Struct("<I")
@@ -66,7 +66,7 @@ def sealed_memfd(data: bytes) -> int:
 
 
 def main(argv: list[str]) -> None:
-    """`load_worker FD[,FD...] STORE`: serve the first socket here, fork for the rest."""
+    """`chunk_loader_worker FD[,FD...] STORE`: serve the first socket here, fork for the rest."""
     # The mount handles SIGINT (a terminal's ^C reaches the whole group) and stops its
     # loaders by closing their sockets.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
