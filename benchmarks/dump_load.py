@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.common import drop_caches, gb, gbps, median, snapstore_cmd, table
-from snapstore.examples import memory_image
+from examples.workloads import memory_image
 from snapstore.gpu.cuda import NoCuda
 from snapstore.gpu.dump import After, dump_process, read_dump
 from snapstore.ingest import ingest

@@ -99,7 +99,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
                                      leave_running=args.leave_running)
         what = f"pid {args.pid}"
     else:
-        from snapstore import gvisor
+        from snapstore.gvisor import workflow as gvisor
 
         runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)
         r = gvisor.checkpoint(store, runsc, args.container, args.tag, labels,
@@ -137,7 +137,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _restore_process(args)
     if args.bundle is None:
         raise UsageError("a gVisor restore needs --bundle (the container's OCI bundle)")
-    from snapstore import gvisor
+    from snapstore.gvisor import workflow as gvisor
 
     store = open_store(args, create=True)
     runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)
