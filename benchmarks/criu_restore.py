@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import drop_caches, gb, median, snapstore_cmd, table
-from snapstore.cli_common import parse_size
+from snapstore.cli.common import parse_size
 from snapstore.criu.binary import Criu
 from snapstore.export import export
 from snapstore.store.local import LocalStore

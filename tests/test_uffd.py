@@ -27,7 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapstore.uffd import cli, page_loader
+from snapstore.cli import uffd as uffd_cli
+from snapstore.uffd import page_loader
 from snapstore.uffd.build import compile_loader, source_path
 from snapstore.uffd.client import PAGE_SIZE, Client, region_json
 
@@ -546,7 +547,7 @@ def test_usage_error() -> None:
 
 def test_cli_subcommand(tmp_path: Path, image: Image) -> None:
     parser = argparse.ArgumentParser()
-    cli.add_commands(parser.add_subparsers())
+    uffd_cli.add_commands(parser.add_subparsers())
     sock = tmp_path / "cli.sock"
     argv = ["uffd-loader", "--image", str(image.path), "--socket", str(sock)]
     args = parser.parse_args([*argv, "--fault-around-kib", "0"])
@@ -561,7 +562,7 @@ def test_cli_subcommand(tmp_path: Path, image: Image) -> None:
 
 def test_cli_reports_failure(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    cli.add_commands(parser.add_subparsers())
+    uffd_cli.add_commands(parser.add_subparsers())
     args = parser.parse_args(
         ["uffd-loader", "--image", str(tmp_path / "missing"), "--socket", str(tmp_path / "s")]
     )

@@ -14,12 +14,20 @@ from typing import TYPE_CHECKING
 
 from rich.filesize import decimal as human
 
-from snapstore.cli_common import parse_size, positive_int
+from snapstore.cli.common import (
+    Commands,
+    add_command,
+    open_store,
+    parse_size,
+    positive_int,
+    print_json,
+    store_root,
+)
+from snapstore.cli.remote import add_remote_options
 from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.remote.cli import add_remote_options
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES
-from snapstore.store.local import LocalStore, default_store_dir
+from snapstore.store.local import LocalStore
 
 # pyfuse3, trio and the S3 stack are imported by the handlers that use them, so that
 # every other snapstore command starts without them.
@@ -41,9 +49,9 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     help = "mount a snapshot read-only with FUSE, loading chunks on demand"
-    sp = sub.add_parser("mount", help=help, description=help)
+    sp = add_command(sub, "mount", cmd_mount, help)
     sp.add_argument("ref", help="tag or snapshot id")
     sp.add_argument("mountpoint")
     sp.add_argument("--allow-other", action="store_true",
@@ -59,18 +67,14 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sp.add_argument("--metrics", type=parse_address, metavar="HOST:PORT",
                     help="serve Prometheus text metrics on this address")
     add_remote_mount_options(sp)
-    sp.set_defaults(func=cmd_mount)
 
     help = "unmount a snapshot, also after its daemon died"
-    sp = sub.add_parser("umount", help=help, description=help)
+    sp = add_command(sub, "umount", cmd_umount, help)
     sp.add_argument("mountpoint")
-    sp.set_defaults(func=cmd_umount)
 
     help = "show a mount's reads, cache hits and chunk load latency"
-    sp = sub.add_parser("mount-stats", help=help, description=help)
+    sp = add_command(sub, "mount-stats", cmd_mount_stats, help, json_output=True)
     sp.add_argument("mountpoint")
-    sp.add_argument("--json", action="store_true", help="print JSON")
-    sp.set_defaults(func=cmd_mount_stats)
 
 
 def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
@@ -102,10 +106,6 @@ def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
                        deadline)
 
 
-def _store_root(args: argparse.Namespace) -> Path:
-    return Path(args.store) if args.store else default_store_dir()
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     import trio
 
@@ -120,7 +120,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     )
     from fusefs.remote import serve_remote
 
-    store = LocalStore.open(_store_root(args), create=args.remote is not None)
+    store = open_store(args, create=args.remote is not None)
     remote = remote_mount(args)
     if remote is not None:
         mid, m = remote.snapshot.snapshot, remote.snapshot.manifest
@@ -194,7 +194,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from fusefs.mount import MountPaths, is_mounted, read_state, unmount
 
     mountpoint = Path(args.mountpoint)
-    paths = MountPaths.of(_store_root(args), mountpoint)
+    paths = MountPaths.of(store_root(args), mountpoint)
     if not is_mounted(mountpoint) and read_state(paths) is None:
         raise SnapstoreError(f"nothing is mounted at {mountpoint}")
     how = unmount(mountpoint, paths)
@@ -206,7 +206,7 @@ def cmd_mount_stats(args: argparse.Namespace) -> int:
     from fusefs.mount import MountPaths, is_mounted, read_state
 
     mountpoint = Path(args.mountpoint)
-    paths = MountPaths.of(_store_root(args), mountpoint)
+    paths = MountPaths.of(store_root(args), mountpoint)
     try:
         doc = json.loads(paths.stats.read_text())
     except FileNotFoundError:
@@ -219,8 +219,7 @@ def cmd_mount_stats(args: argparse.Namespace) -> int:
     doc["snapshot"] = state.get("snapshot") if state else None
     doc["mounted"] = is_mounted(mountpoint)
     if args.json:
-        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        print_json(doc)
         return 0
     hits, misses = doc["cache_hits"], doc["cache_misses"]
     ratio = hits / (hits + misses) if hits + misses else 0.0

@@ -1,4 +1,4 @@
-"""The remote commands of the `snapstore` CLI: push, pull, remote ls, and gc --remote."""
+"""The remote commands of the `snapstore` CLI: push, pull, remote ls and remote gc."""
 
 from __future__ import annotations
 
@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.filesize import decimal as human
 
-from snapstore.cli_common import open_store, parse_size, print_json
+from snapstore.cli.common import (
+    Commands,
+    Handler,
+    add_command,
+    open_store,
+    parse_size,
+    print_json,
+)
 from snapstore.errors import CorruptError, NotFoundError, UsageError
 from snapstore.remote.settings import (
     DEFAULT_GRACE_S,
@@ -175,7 +182,8 @@ def cmd_remote_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_gc(args: argparse.Namespace) -> int:
-    """`snapstore gc --remote REMOTE`: collect the remote's garbage instead of the store's."""
+    """`snapstore remote gc REMOTE` (or `gc --remote REMOTE`): collect the remote's
+    garbage."""
     from snapstore.remote.gc import remote_gc
 
     check_grace(args.grace, args.force)
@@ -217,26 +225,28 @@ def add_remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
 
 
 def add_gc_options(sp: argparse.ArgumentParser) -> None:
-    """The options `gc` takes to work on a remote (dispatched to cmd_remote_gc)."""
+    """`gc --remote REMOTE`, the older spelling of `remote gc REMOTE` (cmd_remote_gc)."""
     sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
-                    help="collect this remote's garbage instead of the local store's")
+                    help="collect this remote's garbage instead of the local store's "
+                    "(the same as `remote gc`)")
+    _remote_gc_options(sp, "with --remote: ")
+
+
+def _remote_gc_options(sp: argparse.ArgumentParser, only: str = "") -> None:
     sp.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
-                    help="with --remote: never delete objects younger than this "
+                    help=f"{only}never delete objects younger than this "
                     f"(default {DEFAULT_GRACE_S}, a day; at least {MIN_GRACE_S})")
     sp.add_argument("--force", action="store_true",
-                    help=f"with --remote: allow a grace below {MIN_GRACE_S} s (only when no "
+                    help=f"{only}allow a grace below {MIN_GRACE_S} s (only when no "
                     "push to the remote runs)")
     add_remote_options(sp)
 
 
-def add_commands(sub: Any) -> None:
-    """Register push, pull and `remote ls` on the main parser's subcommands."""
-    def add(name: str, func: Callable[[argparse.Namespace], int],
-            help: str, parent: Any = sub) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
-        sp.set_defaults(func=func)
-        sp.add_argument("--json", action="store_true", help="print JSON")
-        return sp
+def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
+    """Register push, pull, `remote ls` and `remote gc` on the main parser's subcommands."""
+    def add(name: str, func: Handler, help: str,
+            parent: Commands[argparse.ArgumentParser] = sub) -> argparse.ArgumentParser:
+        return add_command(parent, name, func, help, json_output=True)
 
     for name, func, what in (("push", cmd_push, "send a snapshot's missing chunks in packs, "
                               "its manifest and its tag to an S3 remote"),
@@ -253,10 +263,15 @@ def add_commands(sub: Any) -> None:
                             metavar="BYTES", help="close a pack of chunks at this size "
                             f"(default {DEFAULT_PACK_BYTES >> 20}M, at most "
                             f"{MAX_PACK_TARGET >> 20}M)")
-    remote = sub.add_parser("remote", help="inspect an S3 remote",
-                            description="inspect an S3 remote")
+    remote = sub.add_parser("remote", help="inspect an S3 remote, collect its garbage",
+                            description="inspect an S3 remote, collect its garbage")
     remote_sub = remote.add_subparsers(dest="remote_command", required=True,
                                        metavar="COMMAND")
     sp = add("ls", cmd_remote_ls, "list a remote's tags and snapshots with sizes", remote_sub)
     sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
     add_remote_options(sp)
+    sp = add("gc", cmd_remote_gc, "delete a remote's packs and snapshots no tag reaches",
+             remote_sub)
+    sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
+    sp.add_argument("--dry-run", action="store_true")
+    _remote_gc_options(sp)
