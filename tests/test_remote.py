@@ -1070,6 +1070,23 @@ def test_gc_grace_must_be_a_safe_duration(moto_port: int, remote: str,
     assert code == 2, err
 
 
+def test_remote_gc_is_the_verb_and_gc_remote_its_older_spelling(
+        moto_port: int, remote: str, loaded: LocalStore, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    code, _, err = _cli(["--store", str(loaded.root), "push", "t1", remote], capsys)
+    assert code == 0, err
+    reports = []
+    for argv in (["remote", "gc", remote], ["gc", "--remote", remote]):
+        code, out, err = _cli([*argv, "--grace", "0", "--force", "--dry-run", "--json"],
+                              capsys)
+        assert code == 0, err
+        reports.append(json.loads(out))
+    assert reports[0] == reports[1] and reports[0]["kept_snapshots"] == 1
+    code, out, err = _cli(["remote", "gc", remote, "--grace", "60"], capsys)
+    assert code == 2 and out == "" and "--force" in err
+
+
 async def test_a_push_beside_a_forced_gc_keeps_its_snapshot_whole(
         proxy: FaultProxy, moto_port: int, remote: str, loaded: LocalStore,
         tmp_path: Path) -> None:
