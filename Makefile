@@ -9,7 +9,7 @@ DEBS := fuse3 libfuse3-dev pkg-config gcc runsc busybox-static casync rclone
 .PHONY: demo test check lint typecheck unit system-deps criu install bench clean
 
 demo: install
-	$(BIN)/python -m snapstore.demo
+	$(BIN)/python -m examples.demo
 
 test: install lint typecheck unit
 
@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml setup.py native/uffd_loader.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/python -m compileall -q snapstore fusefs benchmarks
+	$(BIN)/python -m compileall -q snapstore fusefs examples benchmarks
 	touch $@
 
 system-deps:

@@ -5,7 +5,7 @@ is CRIU's lazy-pages daemon) and `--eager` (CRIU reads every page through a moun
 Run as root from the repository:
 `python -m benchmarks.criu_restore [--size 1G] [--runs 3] [--kind memory-like|random]`.
 The process's data is a memory-like image by default (40% zero pages, 30% random, 30% one
-repeated page, in clustered runs: `snapstore.examples.memory_image`), or random bytes.
+repeated page, in clustered runs: `examples.workloads.memory_image`), or random bytes.
 The cases take turns within each round, so they share the machine's noise; the page cache
 is dropped before every restore. Each restore is timed to the command's return (the
 process runs) and to the process's answer to a request that reads a byte of every page of
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.common import drop_caches, gb, kill_and_reap, median, snapstore_cmd, table
-from snapstore.cli_common import parse_size
+from examples.workloads import memory_image
+from snapstore.cli.common import parse_size
 from snapstore.criu.binary import Criu
-from snapstore.examples import memory_image
 from snapstore.export import export
 from snapstore.store.local import LocalStore
 

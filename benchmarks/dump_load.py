@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from benchmarks.common import drop_caches, gb, gbps, median, snapstore_cmd, table
-from snapstore.examples import memory_image
+from examples.workloads import memory_image
 from snapstore.gpu.cuda import NoCuda
 from snapstore.gpu.dump import After, dump_process, read_dump
 from snapstore.ingest import ingest
@@ -64,7 +64,7 @@ OLD_PATH = r"""
 import json, sys, time
 from pathlib import Path
 from snapstore.gpu.dump import read_dump
-from snapstore.gpu.load import load, materialize, process_start
+from snapstore.gpu.load_dump import load, materialize, process_start
 from snapstore.store.local import LocalStore
 started = process_start()
 store = LocalStore.open(Path(sys.argv[1]), create=False)

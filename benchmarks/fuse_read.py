@@ -26,16 +26,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fusefs.mount import is_mounted
-from snapstore.examples import (
+from examples.workloads import (
     checkpoint_busybox,
     memory_image,
     python_numpy_bundle,
     read_status,
 )
+from fusefs.mount import is_mounted
 from snapstore.export import export
+from snapstore.gvisor.runsc import Runsc, new_container_id
 from snapstore.ingest import ingest
-from snapstore.runsc import Runsc, new_container_id
 from snapstore.store.local import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent

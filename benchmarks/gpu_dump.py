@@ -28,7 +28,7 @@ from typing import Any
 from benchmarks.common import gbps, table
 from snapstore.gpu.cuda import open_api
 from snapstore.gpu.dump import After, dump_process, read_dump
-from snapstore.gpu.load import load, materialize
+from snapstore.gpu.load_dump import load, materialize
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 

@@ -18,8 +18,8 @@ from pathlib import Path
 from benchmarks.common import table
 from benchmarks.fuse_read import python_checkpoint, restore_seconds, snapstore_mount
 from snapstore.export import export
+from snapstore.gvisor.runsc import Runsc
 from snapstore.ingest import ingest
-from snapstore.runsc import Runsc
 from snapstore.store.local import LocalStore
 
 

@@ -24,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import Run, du, gb, mb, median, snapstore_cmd, table, timed
-from snapstore import examples, manifest
+from examples import workloads
+from snapstore import manifest
 from snapstore.chunker_params import ChunkerParams
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest
@@ -105,7 +106,7 @@ def growth_rows(label: str, s1: int, sadd: int, c1: int, cadd: int,
 
 
 def scenario_b(work: Path) -> list[list[object]]:
-    first, second = examples.two_python_checkpoints(work / "b-ckpt")
+    first, second = workloads.two_python_checkpoints(work / "b-ckpt")
     return growth_rows("(b) python checkpoints", *second_snapshot_growth(work, "b", first, second),
                        "")
 
@@ -126,7 +127,7 @@ def scenario_c(work: Path, image: Path) -> list[list[object]]:
 def scenario_d(work: Path, size: int) -> list[list[object]]:
     big = work / "d-image"
     big.mkdir(exist_ok=True)
-    examples.memory_image(big / "mem.img", size, seed=4)
+    workloads.memory_image(big / "mem.img", size, seed=4)
     run = snapstore_ingest(work / "d-snap", big, "big")
     shutil.rmtree(big)
     return [[f"(d) peak RSS, {size >> 30} GiB input", mb(run.max_rss_bytes), "", "",
@@ -192,7 +193,7 @@ def main() -> None:
         image_dir = work / "a-image"
         image_dir.mkdir()
         # The source stays in the page cache, as right after a checkpoint wrote it.
-        examples.memory_image(image_dir / "mem.img", size, seed=1)
+        workloads.memory_image(image_dir / "mem.img", size, seed=1)
         rows, _ = scenario_a(work, image_dir, repeats)
         if not args.skip_python:
             rows += scenario_b(work)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from snapstore.uffd import loader
+from snapstore.uffd import page_loader
 from snapstore.uffd.client import PAGE_SIZE, Client
 
 SEED = 20240611
@@ -131,10 +131,10 @@ def run_mmap(image: Path, pages: list[int]) -> float:
 
 
 @contextmanager
-def loader_running(opts: loader.LoaderOptions) -> Iterator[None]:
+def loader_running(opts: page_loader.LoaderOptions) -> Iterator[None]:
     # The loader's stderr is ours: when it fails it kills its client, this process, so a
     # pipe read here would never show why.
-    proc = loader.start(opts)
+    proc = page_loader.start(opts)
     try:
         yield
     finally:
@@ -147,7 +147,7 @@ def run_uffd(
     image: Path, pages: list[int], work: Path, memfd: bool, hot: Path | None, **extra: Any
 ) -> tuple[float, dict[str, Any]]:
     sock, stats = work / "bench.sock", work / "stats.json"
-    opts = loader.LoaderOptions(image, sock, hot=hot, memfd=memfd, stats_json=stats, **extra)
+    opts = page_loader.LoaderOptions(image, sock, hot=hot, memfd=memfd, stats_json=stats, **extra)
     size = image.stat().st_size
     with loader_running(opts):
         client = Client(sock, [(0, size)], memfd=memfd)
@@ -165,7 +165,7 @@ def install_rate(
 ) -> tuple[float, dict[str, Any]]:
     """Prefetch alone from a warm page cache: the client connects and touches nothing."""
     sock, stats = work / "rate.sock", work / "rate.json"
-    opts = loader.LoaderOptions(image, sock, hot=hot, memfd=memfd, stats_json=stats, **extra)
+    opts = page_loader.LoaderOptions(image, sock, hot=hot, memfd=memfd, stats_json=stats, **extra)
     with loader_running(opts), Client(sock, [(0, image.stat().st_size)], memfd=memfd):
         # Long enough for the whole list at well under the rates measured; stats time the copy.
         time.sleep(0.2 + hot.stat().st_size / 10 / 0.5e9 * PAGE_SIZE)
@@ -176,7 +176,7 @@ def install_rate(
 def record_trace(image: Path, pages: list[int], work: Path, name: str) -> Path:
     record = work / f"{name}.hot"
     sock = work / "record.sock"
-    opts = loader.LoaderOptions(image, sock, record=record, fault_around_kib=0)
+    opts = page_loader.LoaderOptions(image, sock, record=record, fault_around_kib=0)
     with loader_running(opts), Client(sock, [(0, image.stat().st_size)]) as client:
         client.touch(pages)
     return record

@@ -25,11 +25,11 @@ from typing import Any
 
 import trio
 
-from snapstore.examples import memory_image, two_python_checkpoints
+from examples.workloads import memory_image, two_python_checkpoints
+from snapstore.gvisor.runsc import Runsc, new_container_id
 from snapstore.ingest import ingest
 from snapstore.remote.transfer import remote_chunks
 from snapstore.remote.url import RemoteURL
-from snapstore.runsc import Runsc, new_container_id
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import open_s3
 from tests.s3proxy import make_bucket, moto_server, s3_env

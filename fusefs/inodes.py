@@ -14,7 +14,7 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 from snapstore.manifest import Entry, Extent, Manifest
-from snapstore.statefile import Layout
+from snapstore.transcode import Layout
 
 ROOT_INODE = 1
 _ROOT_MODE = 0o755
@@ -36,7 +36,7 @@ class Node:
     starts: tuple[int, ...] = ()
     target: str = ""
     # Transcoded files only: how the bytes presented (`size` of them) derive from the
-    # stored bytes the extents hold (snapstore/statefile.py).
+    # stored bytes the extents hold (snapstore/transcode.py).
     layout: Layout | None = None
     # Directories only: children in manifest (sorted) order, and by name.
     children: list[int] = field(default_factory=list)

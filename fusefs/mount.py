@@ -31,6 +31,7 @@ from fusefs.inodes import InodeTable
 from fusefs.ops import SnapshotOps
 from fusefs.reader import ChunkCache, MountStats, SnapshotReader
 from snapstore.errors import SnapstoreError
+from snapstore.fileio import write_atomic
 from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest
 from snapstore.store.base import ChunkReader
@@ -179,16 +180,16 @@ def _write_stats(stats: MountStats, path: Path) -> None:
     doc = stats.as_dict()
     doc["pid"] = os.getpid()
     doc["updated"] = time.time()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(json.dumps(doc, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        # Rewritten every few seconds and stale once the mount is gone: no fsync.
+        write_atomic(path, (json.dumps(doc, sort_keys=True) + "\n").encode(), durable=False)
     except OSError as e:
         log.warning("cannot write stats to %s: %s", path, e.strerror)
 
 
 def _write_access_order(order: list[ChunkId], path: Path) -> None:
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, "".join(c.hex + "\n" for c in order).encode())
     except OSError as e:
         # Only the next --prefetch loses its order; the mount is already gone.
@@ -245,29 +246,6 @@ def prometheus_text(stats: MountStats) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temp file beside `path`, fsync, rename, fsync the directory: all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        # Its name is predictable: never write through a link planted there.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        with open(os.open(tmp, flags, 0o644), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # -- records under the store ---------------------------------------------------------
 
 
@@ -320,6 +298,7 @@ def write_state(paths: MountPaths, mountpoint: Path, snapshot: ChunkId) -> None:
     doc = {"pid": pid, "start_time": _start_time(pid), "mountpoint": str(resolve(mountpoint)),
            "snapshot": snapshot.hex, "log": str(paths.log), "stats": str(paths.stats)}
     try:
+        paths.state.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(paths.state, json.dumps(doc, sort_keys=True).encode() + b"\n")
     except OSError as e:
         raise SnapstoreError(f"cannot record the mount in {paths.state}: "

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +22,8 @@ import trio
 
 from fusefs.inodes import Node
 from snapstore.errors import CorruptError, SnapstoreError
-from snapstore.ids import ChunkId, is_valid_hex_id
-from snapstore.manifest import Manifest
+from snapstore.ids import ChunkId
+from snapstore.singleflight import SingleFlight
 from snapstore.store.base import Chunk, ChunkReader
 
 log = logging.getLogger(__name__)
@@ -76,17 +76,6 @@ def _quantile(sorted_samples: list[float], q: float) -> float:
     return sorted_samples[min(len(sorted_samples) - 1, int(q * len(sorted_samples)))]
 
 
-class _Load:
-    """One chunk load in flight; waiters read `data` or `error` once `done` is set."""
-
-    __slots__ = ("data", "done", "error")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.data: Chunk | None = None
-        self.error: ChunkError | None = None
-
-
 class ChunkCache:
     """Decompressed, hash-checked chunks, at most `capacity` bytes (or the one chunk last
     loaded, if it alone is larger), least recently used out.
@@ -101,7 +90,7 @@ class ChunkCache:
         self._stats = stats
         self._lru: OrderedDict[ChunkId, Chunk] = OrderedDict()
         self._bytes = 0
-        self._loading: dict[ChunkId, _Load] = {}
+        self._loading: SingleFlight[ChunkId, Chunk] = SingleFlight()
         self._seen: set[ChunkId] = set()
         self.access_order: list[ChunkId] = []
         # Chunks read ahead that no read has asked for yet: their sizes from the moment
@@ -165,22 +154,14 @@ class ChunkCache:
             return data
         if counted:
             self._stats.cache_misses += 1
-        while True:
-            load = self._loading.get(cid)
-            if load is None:
-                return await self._load(cid, size)
-            if counted:
-                self._stats.coalesced += 1
-            await load.done.wait()
-            if load.error is not None:
-                raise load.error
-            if load.data is not None:
-                return load.data
-            # The loading task was cancelled before it finished: load it ourselves.
+        return await self._loading.run(cid, lambda: self._load(cid, size),
+                                       self._count_coalesced if counted else None)
+
+    def _count_coalesced(self) -> None:
+        self._stats.coalesced += 1
 
     async def _load(self, cid: ChunkId, size: int) -> Chunk:
-        load = _Load()
-        self._loading[cid] = load
+        """Load `cid` into the cache; run only as the one load of its flight."""
         started = time.perf_counter()
         try:
             data = await self._reader.read_chunk(cid, size)
@@ -188,16 +169,10 @@ class ChunkCache:
                 raise CorruptError(f"source returned {len(data)} bytes, expected {size}")
         except Exception as e:
             self._stats.load_errors += 1
-            load.error = ChunkError(cid, e)
-            raise load.error from e
-        finally:
-            # Synchronous, so it also runs when the load is cancelled: waiters never hang.
-            del self._loading[cid]
-            load.done.set()
+            raise ChunkError(cid, e) from e
         self._stats.load_seconds.append(time.perf_counter() - started)
         self._stats.chunk_loads += 1
         self._stats.bytes_loaded += size
-        load.data = data
         if cid in self._ahead:
             self._ahead_data[cid] = data
         else:
@@ -223,7 +198,7 @@ class ChunkCache:
     async def _warm_one(self, cid: ChunkId, size: int, gate: trio.Semaphore) -> None:
         try:
             if not self.present(cid):
-                await self._load(cid, size)
+                await self._loading.run(cid, lambda: self._load(cid, size))
         except ChunkError as e:
             # The read that needs the chunk reports it.
             log.debug("warming skipped %s", e)
@@ -374,25 +349,3 @@ class SnapshotReader:
             log.debug("prefetch failed: %s", e)
         finally:
             self._prefetching -= 1
-
-
-def prefetch_order(m: Manifest, recorded: Iterable[str]) -> list[tuple[ChunkId, int]]:
-    """The recorded first-read order (chunk hex per line) first, then the rest in file
-    order. Lines that are not chunks of `m` are skipped: the list comes from the remote."""
-    sizes = m.chunk_sizes()
-    out: list[tuple[ChunkId, int]] = []
-    seen: set[ChunkId] = set()
-
-    def add(cid: ChunkId) -> None:
-        if cid in sizes and cid not in seen:
-            seen.add(cid)
-            out.append((cid, sizes[cid]))
-
-    for line in recorded:
-        if is_valid_hex_id(line.strip()):
-            add(ChunkId.parse(line.strip()))
-    for entry in m.files():
-        for x in entry.extents:
-            if x.chunk is not None:
-                add(x.chunk)
-    return out

@@ -11,9 +11,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from snapstore.errors import SnapstoreError
+from snapstore.fileio import write_all
 from snapstore.manifest import Entry, Extent, Manifest
-from snapstore.statefile import present
-from snapstore.store.local import LocalStore, write_all
+from snapstore.store.local import LocalStore
+from snapstore.transcode import present
 
 _READ_AHEAD_PER_WORKER = 3
 

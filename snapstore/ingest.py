@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from snapstore import codec, manifest, statefile
+from snapstore import codec, manifest
 from snapstore.chunker_params import ChunkerParams
 from snapstore.chunking import Data, Readable, split
 from snapstore.errors import ManifestError, SnapstoreError, UsageError
@@ -22,6 +22,7 @@ from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest
 from snapstore.progress import Advance, byte_progress
 from snapstore.store.local import ChunkWriter, LocalStore, check_tag
+from snapstore.transcode import MAGIC, NotAStatefile, StoredForm
 
 # Bytes of chunks handed to the workers and not yet settled. Enough that a slow chunk
 # (one that waits for the disk) does not idle the other workers, and a bound on memory
@@ -111,7 +112,7 @@ def ingest(
 ) -> IngestResult:
     """Store the directory `src` as a snapshot and point `tag` at it.
 
-    gVisor statefiles are stored transcoded (snapstore/statefile.py) unless `transcode`
+    gVisor statefiles are stored transcoded (snapstore/transcode.py) unless `transcode`
     is false; anything else, or a statefile that does not parse, is stored byte-exact.
     """
     check_tag(tag)
@@ -179,12 +180,12 @@ def _entry(
     if transcode and _is_statefile(path):
         try:
             with _open(path) as f:
-                form = statefile.StoredForm(f)
+                form = StoredForm(f)
                 extents = _ingest_stream(writer, form, path, params, pool, stored, advance)
             layout = form.layout()
             return Entry(rel, "file", mode, mtime, layout.presented_size(), tuple(extents),
                          form="transcoded", layout=layout)
-        except statefile.NotAStatefile as e:
+        except NotAStatefile as e:
             # Chunks stored before the problem showed are left to gc.
             print(f"snapstore: warning: {path}: {e}; storing it byte-exact", file=sys.stderr)
     with _open(path) as f:
@@ -201,7 +202,7 @@ def _open(path: Path) -> io.FileIO:
 
 def _is_statefile(path: Path) -> bool:
     with _open(path) as f:
-        return f.read(len(statefile.MAGIC)) == statefile.MAGIC
+        return f.read(len(MAGIC)) == MAGIC
 
 
 def _ingest_stream(

@@ -14,11 +14,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from snapstore import statefile
+from snapstore import transcode
 from snapstore.chunker_params import ChunkerParams
 from snapstore.errors import ManifestError
 from snapstore.ids import ChunkId, is_valid_hex_id
-from snapstore.statefile import Layout
+from snapstore.transcode import Layout
 
 FORMAT = "snapstore-manifest"
 VERSION = 1
@@ -56,7 +56,7 @@ class Entry:
     target: str = ""
     form: Form = "exact"
     # For a transcoded file: how its presented bytes derive from the stored ones, which
-    # the extents hold (docs/format.md, snapstore/statefile.py).
+    # the extents hold (docs/format.md, snapstore/transcode.py).
     layout: Layout | None = None
 
     @property
@@ -238,7 +238,7 @@ def _entries(items: Any) -> Iterable[Entry]:
 
 
 def _layout(d: Any, path: str) -> Layout:
-    _require(isinstance(d, dict) and d.get("kind") == statefile.KIND,
+    _require(isinstance(d, dict) and d.get("kind") == transcode.KIND,
              f"unknown transcoding of {path!r:.80}")
     head = _int(d.get("header_size"), f"header size of {path!r:.80}")
     block = _int(d.get("block_size"), f"block size of {path!r:.80}", 64 << 20)
@@ -269,3 +269,25 @@ def _extent_problem(x: Any) -> str:
     if size > MAX_CHUNK:
         return f"chunk of {size} bytes (over {MAX_CHUNK})"
     return f"{cid!r:.80}: not a valid id"
+
+
+def prefetch_order(m: Manifest, recorded: Iterable[str]) -> list[tuple[ChunkId, int]]:
+    """The recorded first-read order (chunk hex per line) first, then the rest in file
+    order. Lines that are not chunks of `m` are skipped: the list comes from the remote."""
+    sizes = m.chunk_sizes()
+    out: list[tuple[ChunkId, int]] = []
+    seen: set[ChunkId] = set()
+
+    def add(cid: ChunkId) -> None:
+        if cid in sizes and cid not in seen:
+            seen.add(cid)
+            out.append((cid, sizes[cid]))
+
+    for line in recorded:
+        if is_valid_hex_id(line.strip()):
+            add(ChunkId.parse(line.strip()))
+    for entry in m.files():
+        for x in entry.extents:
+            if x.chunk is not None:
+                add(x.chunk)
+    return out

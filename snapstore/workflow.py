@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,19 +48,27 @@ class Found:
     tags: tuple[str, ...]
 
 
+def matching(snapshots: Iterable[tuple[ChunkId, Manifest]], labels: dict[str, str]
+             ) -> list[tuple[ChunkId, Manifest]]:
+    """The snapshots whose labels include all of `labels`, newest first (by creation
+    time, then by id, so that the order is the same on every host): what a find in the
+    local store and in a remote both pick from."""
+    hits = [(mid, m) for mid, m in snapshots
+            if all(m.labels.get(k) == v for k, v in labels.items())]
+    hits.sort(key=lambda hit: (hit[1].created, hit[0].hex), reverse=True)
+    return hits
+
+
 def find(store: LocalStore, labels: dict[str, str]) -> list[Found]:
     """Tagged snapshots whose labels include all of `labels`, newest first."""
     by_id: dict[ChunkId, list[str]] = {}
     for name, mid in store.tags().items():
         by_id.setdefault(mid, []).append(name)
-    found = []
-    for mid, tags in by_id.items():
+    readable = []
+    for mid in by_id:
         with contextlib.suppress(SnapstoreError):
-            m = store.get_manifest(mid)
-            if all(m.labels.get(k) == v for k, v in labels.items()):
-                found.append(Found(mid, m, tuple(tags)))
-    found.sort(key=lambda f: (f.manifest.created, f.snapshot.hex), reverse=True)
-    return found
+            readable.append((mid, store.get_manifest(mid)))
+    return [Found(mid, m, tuple(by_id[mid])) for mid, m in matching(readable, labels)]
 
 
 def pick(store: LocalStore, ref: str | None, match: dict[str, str],

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from hypothesis import settings
 
+from examples import workloads
 from fusefs.mount import is_mounted
-from snapstore import examples
-from snapstore.runsc import Runsc
+from snapstore.gvisor.runsc import Runsc
 from snapstore.store.local import LocalStore
 
 PAGE = 4096
@@ -72,8 +72,8 @@ def runsc_unavailable() -> str | None:
         return "runsc is not installed"
     if os.geteuid() != 0:
         return "runsc checkpoint/restore needs root"
-    if not examples.BUSYBOX.exists():
-        return f"{examples.BUSYBOX} (busybox-static) is not installed"
+    if not workloads.BUSYBOX.exists():
+        return f"{workloads.BUSYBOX} (busybox-static) is not installed"
     return None
 
 
@@ -106,7 +106,7 @@ def processes_using(root: Path) -> list[int]:
 def wait_counter_above(bundle: Path, value: int, timeout: float = 30) -> int:
     """Wait for the busybox counter of `bundle` to pass `value`; return what it read."""
     deadline = time.monotonic() + timeout
-    while (current := examples.read_counter(bundle)) <= value:
+    while (current := workloads.read_counter(bundle)) <= value:
         assert time.monotonic() < deadline, f"counter stuck at {current}, expected > {value}"
         time.sleep(0.05)
     return current

@@ -37,7 +37,7 @@ HARNESS = """
 import copy, io, json, random, sys
 import atheris
 with atheris.instrument_imports(include=["snapstore"]):
-    from snapstore import manifest, statefile
+    from snapstore import manifest, transcode
     from snapstore.errors import ManifestError
 
 
@@ -58,14 +58,14 @@ def parse_manifest(data):
 
 def parse_statefile(data):
     try:
-        form = statefile.StoredForm(io.BytesIO(data))
+        form = transcode.StoredForm(io.BytesIO(data))
         stored = form.read()
-    except statefile.NotAStatefile:
+    except transcode.NotAStatefile:
         return
     layout = form.layout()
-    presented = b"".join(statefile.present(layout, iter([stored])))
+    presented = b"".join(transcode.present(layout, iter([stored])))
     assert len(presented) == layout.presented_size()
-    again = statefile.StoredForm(io.BytesIO(presented))
+    again = transcode.StoredForm(io.BytesIO(presented))
     assert again.read() == stored and again.layout() == layout
 
 

@@ -19,7 +19,7 @@ from snapstore.chunking import Data, Hole, split
 from snapstore.errors import CorruptError, ManifestError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Extent, Manifest
-from snapstore.statefile import Layout
+from snapstore.transcode import Layout
 from tests.conftest import memory_like
 
 SMALL = ChunkerParams(min_size=4096, avg_size=16384, max_size=65536, hole_min=2 * PAGE)

@@ -304,8 +304,8 @@ def test_mount_refuses_a_busy_mountpoint_and_unknown_refs(
 @pytest.mark.runsc
 @pytest.mark.skipif(shutil.which("runsc") is None, reason="needs runsc")
 def test_runsc_restores_from_the_mount(store: LocalStore, tmp_path: Path) -> None:
-    from snapstore.examples import checkpoint_busybox, read_counter
-    from snapstore.runsc import Runsc, new_container_id
+    from examples.workloads import checkpoint_busybox, read_counter
+    from snapstore.gvisor.runsc import Runsc, new_container_id
 
     with Runsc.private(parent=tmp_path) as rs:
         ckpt = checkpoint_busybox(tmp_path / "work", runsc=rs)

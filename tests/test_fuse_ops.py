@@ -18,14 +18,14 @@ import trio.testing
 
 from fusefs.inodes import ROOT_INODE, InodeTable
 from fusefs.ops import SnapshotOps
-from fusefs.reader import ChunkCache, ChunkError, MountStats, SnapshotReader, prefetch_order
+from fusefs.reader import ChunkCache, ChunkError, MountStats, SnapshotReader
 from snapstore.chunker_params import ChunkerParams
 from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
-from snapstore.manifest import Manifest
+from snapstore.manifest import Manifest, prefetch_order
 from snapstore.store.base import Chunk, ChunkReader
-from snapstore.store.loader import ProcessChunkReader
+from snapstore.store.chunk_loader import ProcessChunkReader
 from snapstore.store.local import LocalStore
 from tests.conftest import memory_like
 from tests.test_statefile import make_statefile

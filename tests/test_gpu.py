@@ -37,7 +37,7 @@ from snapstore.gpu.dump import (
     plan,
     read_dump,
 )
-from snapstore.gpu.load import (
+from snapstore.gpu.load_dump import (
     _verify_chunks,
     load,
     load_snapshot,
@@ -48,7 +48,7 @@ from snapstore.gpu.load import (
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
-from snapstore.uffd import loader
+from snapstore.uffd import page_loader
 from snapstore.uffd.client import MappedRegion
 from snapstore.uffd.serve import Layout
 
@@ -398,8 +398,8 @@ def test_materialize_refuses_a_table_naming_paths_outside(child: Child, tmp_path
 
 def _need_loader() -> None:
     try:
-        loader.binary_path()
-    except loader.LoaderNotBuiltError as err:
+        page_loader.binary_path()
+    except page_loader.LoaderNotBuiltError as err:
         pytest.skip(str(err))
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from snapstore import examples
+from examples import workloads
 from snapstore.cli import main
 from snapstore.export import export
+from snapstore.gvisor.runsc import Runsc, new_container_id
 from snapstore.ingest import ingest
-from snapstore.runsc import Runsc, new_container_id
-from snapstore.statefile import memory_of
 from snapstore.store.local import LocalStore
+from snapstore.transcode import memory_of
 from tests.conftest import wait_counter_above
 from tests.s3proxy import make_bucket, moto_server, s3_env
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.runsc
 def test_exact_ingest_exports_the_checkpoint_byte_identical(
     rs: Runsc, store: LocalStore, tmp_path: Path
 ) -> None:
-    ckpt = examples.checkpoint_busybox(tmp_path, runsc=rs)
+    ckpt = workloads.checkpoint_busybox(tmp_path, runsc=rs)
     m = store.get_manifest(ingest(store, ckpt.image_dir, "exact", transcode=False).snapshot)
     assert [e.form for e in m.files()] == ["exact"]
     export(store, m, tmp_path / "out")
@@ -34,7 +34,7 @@ def test_exact_ingest_exports_the_checkpoint_byte_identical(
 
 
 def test_transcoded_checkpoint_restores(rs: Runsc, store: LocalStore, tmp_path: Path) -> None:
-    ckpt = examples.checkpoint_busybox(tmp_path, runsc=rs)
+    ckpt = workloads.checkpoint_busybox(tmp_path, runsc=rs)
     m = store.get_manifest(ingest(store, ckpt.image_dir, "t").snapshot)
     assert [e.form for e in m.files()] == ["transcoded"]
     out = tmp_path / "out"
@@ -68,14 +68,14 @@ class Checkpointed:
 def checkpointed(rs: Runsc, tmp_path: Path) -> Iterator[Checkpointed]:
     store = tmp_path / "store"
     runsc_arg = f"--runsc-arg=--root={rs.root}"
-    bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+    bundle = workloads.busybox_counter_bundle(tmp_path / "bundle")
     cid = new_container_id()
     rs.run(cid, bundle)
     try:
         wait_counter_above(bundle, 20)
         assert main(["--store", str(store), "checkpoint", cid, "--tag", "counter",
                      "--label", "app=counter", runsc_arg]) == 0
-        counter = examples.read_counter(bundle)
+        counter = workloads.read_counter(bundle)
         rs.delete(cid)
         yield Checkpointed(store, bundle, cid, counter, runsc_arg)
     finally:

@@ -17,8 +17,8 @@ import trio
 from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
-from snapstore.store.load_worker import sealed_memfd
-from snapstore.store.loader import LoaderError, ProcessChunkReader, _Mapper
+from snapstore.store.chunk_loader import LoaderError, ProcessChunkReader, _Mapper
+from snapstore.store.chunk_loader_worker import sealed_memfd
 from snapstore.store.local import LocalStore
 from tests.conftest import alive, wait_until
 from tests.test_fuse_ops import PARAMS
@@ -162,7 +162,7 @@ def test_loaders_exit_when_the_mount_process_dies(store: LocalStore, image_dir: 
         "from pathlib import Path\n"
         "from snapstore.ids import ChunkId\n"
         "from snapstore.store.local import LocalStore\n"
-        "from snapstore.store.loader import ProcessChunkReader\n"
+        "from snapstore.store.chunk_loader import ProcessChunkReader\n"
         "async def main():\n"
         "    async with ProcessChunkReader(LocalStore.open(Path(sys.argv[1])), 2) as r:\n"
         "        async with trio.open_nursery() as n:\n"

@@ -19,13 +19,12 @@ from pathlib import Path
 import pytest
 import trio
 
-from fusefs.reader import prefetch_order
 from snapstore import cli, codec
 from snapstore.errors import CorruptError, SnapstoreError, UsageError
 from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
-from snapstore.manifest import MAX_CHUNK
+from snapstore.manifest import MAX_CHUNK, prefetch_order
 from snapstore.remote.catalog import find_remote
 from snapstore.remote.gc import remote_gc
 from snapstore.remote.packs import MAX_PACK_BYTES
@@ -1069,6 +1068,23 @@ def test_gc_grace_must_be_a_safe_duration(moto_port: int, remote: str,
     assert code == 0, err
     code, out, err = _cli(["gc", "--remote", remote, "--grace", "inf", "--force"], capsys)
     assert code == 2, err
+
+
+def test_remote_gc_is_the_verb_and_gc_remote_its_older_spelling(
+        moto_port: int, remote: str, loaded: LocalStore, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{moto_port}")
+    code, _, err = _cli(["--store", str(loaded.root), "push", "t1", remote], capsys)
+    assert code == 0, err
+    reports = []
+    for argv in (["remote", "gc", remote], ["gc", "--remote", remote]):
+        code, out, err = _cli([*argv, "--grace", "0", "--force", "--dry-run", "--json"],
+                              capsys)
+        assert code == 0, err
+        reports.append(json.loads(out))
+    assert reports[0] == reports[1] and reports[0]["kept_snapshots"] == 1
+    code, out, err = _cli(["remote", "gc", remote, "--grace", "60"], capsys)
+    assert code == 2 and out == "" and "--force" in err
 
 
 async def test_a_push_beside_a_forced_gc_keeps_its_snapshot_whole(

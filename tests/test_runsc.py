@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from snapstore import examples
-from snapstore.runsc import Runsc, RunscError, new_container_id
+from examples import workloads
+from snapstore.gvisor.runsc import Runsc, RunscError, new_container_id
 from tests.conftest import alive, wait_counter_above, wait_until
 
 MiB = 2**20
@@ -23,9 +23,9 @@ def _classify(path: Path, repeated_page: bytes) -> tuple[Counter[str], int]:
     kinds: Counter[str] = Counter()
     runs = 0
     previous = ""
-    zero = bytes(examples.PAGE_SIZE)
+    zero = bytes(workloads.PAGE_SIZE)
     with path.open("rb") as f:
-        while page := f.read(examples.PAGE_SIZE):
+        while page := f.read(workloads.PAGE_SIZE):
             kind = "zero" if page == zero else "repeated" if page == repeated_page else "random"
             kinds[kind] += 1
             runs += kind != previous
@@ -35,10 +35,10 @@ def _classify(path: Path, repeated_page: bytes) -> tuple[Counter[str], int]:
 
 def test_memory_image_composition(tmp_path: Path) -> None:
     path = tmp_path / "memory.img"
-    layout = examples.memory_image(path, 8 * MiB, seed=3)
+    layout = workloads.memory_image(path, 8 * MiB, seed=3)
 
     assert path.stat().st_size == 8 * MiB
-    pages = 8 * MiB // examples.PAGE_SIZE
+    pages = 8 * MiB // workloads.PAGE_SIZE
     assert layout.pages == pages
     assert (layout.zero_pages, layout.random_pages, layout.repeated_pages) == (
         round(pages * 0.4),
@@ -56,7 +56,7 @@ def test_memory_image_composition(tmp_path: Path) -> None:
 def test_memory_image_is_deterministic(tmp_path: Path) -> None:
     def digest(name: str, seed: int) -> str:
         path = tmp_path / name
-        examples.memory_image(path, 2 * MiB, seed=seed)
+        workloads.memory_image(path, 2 * MiB, seed=seed)
         return hashlib.sha256(path.read_bytes()).hexdigest()
 
     assert digest("a.img", 7) == digest("b.img", 7)
@@ -65,7 +65,7 @@ def test_memory_image_is_deterministic(tmp_path: Path) -> None:
 
 def test_memory_image_rejects_partial_pages(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="multiple of 4096"):
-        examples.memory_image(tmp_path / "bad.img", 4096 + 1)
+        workloads.memory_image(tmp_path / "bad.img", 4096 + 1)
 
 
 # -- runsc wrapper --------------------------------------------------------------------------
@@ -101,13 +101,13 @@ def test_destroy_tolerates_missing_container(rs: Runsc, tmp_path: Path) -> None:
     """Destroying a container that never existed, or one already destroyed, raises
     nothing and leaves the others alone; destroying a running one removes it, its
     sandbox process and its cgroups."""
-    bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+    bundle = workloads.busybox_counter_bundle(tmp_path / "bundle")
     with rs.container(bundle) as cid:
         wait_counter_above(bundle, 0)
         rs.destroy("never-created")
         rs.destroy(new_container_id())
         assert rs.containers() == [cid] and rs.state(cid).status == "running"
-        wait_counter_above(bundle, examples.read_counter(bundle))
+        wait_counter_above(bundle, workloads.read_counter(bundle))
         sandbox = rs.state(cid).pid
         rs.destroy(cid)
         assert rs.containers() == []
@@ -121,7 +121,7 @@ def test_destroy_tolerates_missing_container(rs: Runsc, tmp_path: Path) -> None:
 
 @pytest.mark.runsc
 def test_checkpoint_busybox(rs: Runsc, tmp_path: Path) -> None:
-    image_dir, bundle, counter = examples.checkpoint_busybox(tmp_path, runsc=rs)
+    image_dir, bundle, counter = workloads.checkpoint_busybox(tmp_path, runsc=rs)
 
     image = image_dir / "checkpoint.img"
     assert 100_000 < image.stat().st_size < 20 * MiB
@@ -132,14 +132,14 @@ def test_checkpoint_busybox(rs: Runsc, tmp_path: Path) -> None:
 
 @pytest.mark.runsc
 def test_restore_from_plain_dir_counter_keeps_rising(rs: Runsc, tmp_path: Path) -> None:
-    bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+    bundle = workloads.busybox_counter_bundle(tmp_path / "bundle")
     cid = new_container_id()
     rs.run(cid, bundle)
     try:
         wait_counter_above(bundle, 3)
         rs.checkpoint(cid, tmp_path / "image")
         assert rs.state(cid).status == "stopped"
-        stopped_at = examples.read_counter(bundle)
+        stopped_at = workloads.read_counter(bundle)
         rs.delete(cid)
 
         rs.restore(cid, bundle, tmp_path / "image")
@@ -155,25 +155,25 @@ def test_restore_from_plain_dir_counter_keeps_rising(rs: Runsc, tmp_path: Path) 
 
 @pytest.mark.runsc
 def test_counter_cycle(rs: Runsc, tmp_path: Path) -> None:
-    cycle = examples.counter_cycle(tmp_path, runsc=rs)
+    cycle = workloads.counter_cycle(tmp_path, runsc=rs)
     assert cycle.at_checkpoint < cycle.after_restore < cycle.later
 
 
 @pytest.mark.runsc
 def test_checkpoint_leave_running(rs: Runsc, tmp_path: Path) -> None:
-    bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+    bundle = workloads.busybox_counter_bundle(tmp_path / "bundle")
     with rs.container(bundle) as cid:
         wait_counter_above(bundle, 3)
         image = rs.checkpoint(cid, tmp_path / "image", leave_running=True)
         assert image.stat().st_size > 0
         assert rs.state(cid).status == "running"
-        wait_counter_above(bundle, examples.read_counter(bundle) + 2)
+        wait_counter_above(bundle, workloads.read_counter(bundle) + 2)
     assert rs.containers() == []
 
 
 @pytest.mark.runsc
 def test_kill_then_delete(rs: Runsc, tmp_path: Path) -> None:
-    bundle = examples.busybox_counter_bundle(tmp_path / "bundle")
+    bundle = workloads.busybox_counter_bundle(tmp_path / "bundle")
     cid = new_container_id()
     rs.run(cid, bundle)
     try:
@@ -192,7 +192,7 @@ def test_kill_then_delete(rs: Runsc, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_python_checkpoints(rs: Runsc, tmp_path: Path) -> None:
     mbytes = 16
-    first, second = examples.two_python_checkpoints(tmp_path, mbytes=mbytes, runsc=rs)
+    first, second = workloads.two_python_checkpoints(tmp_path, mbytes=mbytes, runsc=rs)
 
     sizes = [(d / "checkpoint.img").stat().st_size for d in (first, second)]
     # The image is compressed: the random three quarters of the data cannot shrink, and the
@@ -200,7 +200,7 @@ def test_two_python_checkpoints(rs: Runsc, tmp_path: Path) -> None:
     for size in sizes:
         assert mbytes * 3 // 4 * MiB < size < (mbytes + 64) * MiB
     assert (first / "checkpoint.img").read_bytes() != (second / "checkpoint.img").read_bytes()
-    status = examples.read_status(tmp_path / "python-bundle")
+    status = workloads.read_status(tmp_path / "python-bundle")
     assert status is not None
     # The restored process kept running and its data survived the checkpoint and restore.
     assert status["tick"] >= 2

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from snapstore import statefile
+from snapstore import transcode
 from snapstore.errors import SnapstoreError
 from snapstore.export import export
 from snapstore.ingest import ingest
-from snapstore.statefile import Layout, NotAStatefile, StoredForm, memory_of, present
 from snapstore.store.local import LocalStore
+from snapstore.transcode import Layout, NotAStatefile, StoredForm, memory_of, present
 from tests.conftest import memory_like
 
 BLOCK = 1 << 16
@@ -25,7 +25,7 @@ BLOCK = 1 << 16
 
 def make_statefile(memory: bytes, block: int = BLOCK, level: int = 6) -> bytes:
     meta = json.dumps({"timestamp": "now"}).encode()
-    out = bytearray(statefile.MAGIC + struct.pack(">Q", len(meta)) + meta + bytes(32))
+    out = bytearray(transcode.MAGIC + struct.pack(">Q", len(meta)) + meta + bytes(32))
     out += struct.pack(">I", block)
     for i in range(0, len(memory), block):
         c = zlib.compressobj(level, zlib.DEFLATED, -15)
@@ -82,8 +82,8 @@ def lying_statefiles() -> list[tuple[str, bytes]]:
          good[:meta_end] + struct.pack(">I", len(too_big)) + too_big),
         ("short block not last", good[:meta_end] + make_statefile(b"ab")[meta_end:]
          + good[meta_end : meta_end + 4 + first_len]),
-        ("metadata not json", statefile.MAGIC + struct.pack(">Q", 3) + b"{{{" + bytes(36)),
-        ("huge metadata", statefile.MAGIC + struct.pack(">Q", 1 << 40)),
+        ("metadata not json", transcode.MAGIC + struct.pack(">Q", 3) + b"{{{" + bytes(36)),
+        ("huge metadata", transcode.MAGIC + struct.pack(">Q", 1 << 40)),
         ("zero block size", good[: meta_end - 4] + bytes(4) + good[meta_end:]),
     ]
 
@@ -124,7 +124,7 @@ def fields(data: bytes) -> tuple[int, list[tuple[int, int]]]:
 def memory_by_the_format(data: bytes) -> bytes | None:
     """The inflated blocks, read as the format (module docstring) defines them, written
     apart from the parser to check it; None where the file breaks a rule."""
-    if len(data) < 16 or data[:8] != statefile.MAGIC:
+    if len(data) < 16 or data[:8] != transcode.MAGIC:
         return None
     at = 16 + struct.unpack(">Q", data[8:16])[0]
     if len(data) < at + 36:

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from fusefs.mount import MountPaths, is_mounted, write_atomic
+from fusefs.mount import MountPaths, is_mounted
 from snapstore.chunker_params import ChunkerParams
 from snapstore.chunking import split
 from snapstore.errors import SnapstoreError
+from snapstore.fileio import write_atomic
 from snapstore.gc import gc
 from snapstore.ingest import ingest
 from snapstore.manifest import Entry, Manifest

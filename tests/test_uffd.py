@@ -27,7 +27,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from snapstore.uffd import cli, loader
+from snapstore.cli import uffd as uffd_cli
+from snapstore.uffd import page_loader
 from snapstore.uffd.build import compile_loader, source_path
 from snapstore.uffd.client import PAGE_SIZE, Client, region_json
 
@@ -77,9 +78,9 @@ class Image:
 @pytest.fixture(scope="session", autouse=True)
 def loader_binary() -> Path:
     # A fresh clone installed with `pip install -e .` has it; otherwise build it like setup.py.
-    if not loader.BINARY.is_file():
-        compile_loader(source_path(), loader.BINARY)
-    return loader.binary_path()
+    if not page_loader.BINARY.is_file():
+        compile_loader(source_path(), page_loader.BINARY)
+    return page_loader.binary_path()
 
 
 def write_image(path: Path, npages: int, seed: int) -> None:
@@ -120,8 +121,8 @@ def serving(
     """Runs a loader for the block; after it, the loader must have exited 0 and left stats."""
     sock = tmp_path / "loader.sock"
     stats = tmp_path / "stats.json"
-    opts = loader.LoaderOptions(image=image, socket=sock, stats_json=stats, **options)
-    proc = loader.start(opts, stderr=subprocess.PIPE)
+    opts = page_loader.LoaderOptions(image=image, socket=sock, stats_json=stats, **options)
+    proc = page_loader.start(opts, stderr=subprocess.PIPE)
     collected: list[dict[str, Any]] = []
     try:
         yield sock, collected
@@ -309,7 +310,7 @@ def test_io_overrides(tmp_path: Path, image: Image, flag: str) -> None:
         assert c.read(0, size) == image.data[:size]
     direct, total = stats[0]["direct_bytes"], stats[0]["prefetch_bytes"]
     assert total > 0 and direct == (total if flag == "direct" else 0)
-    both = subprocess.run([str(loader.binary_path()), "--image", str(path), "--socket",
+    both = subprocess.run([str(page_loader.binary_path()), "--image", str(path), "--socket",
                            str(tmp_path / "s"), "--buffered", "--direct"],
                           capture_output=True, check=False)
     assert both.returncode == 2
@@ -344,9 +345,9 @@ def test_many_image_files_under_a_low_open_file_limit(tmp_path: Path, image: Ima
     size = 1200 * PAGE_SIZE
     sock = tmp_path / "loader.sock"
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    opts = loader.LoaderOptions(image=parts, socket=sock,
+    opts = page_loader.LoaderOptions(image=parts, socket=sock,
                                 hot=write_list(tmp_path / "hot", list(range(0, 1200, 2))))
-    proc = loader.start(opts, stderr=subprocess.PIPE,
+    proc = page_loader.start(opts, stderr=subprocess.PIPE,
                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
     with Client(sock, [(0, size)]) as client:
         assert client.read(0, size) == image.data[:size]
@@ -385,8 +386,8 @@ def answers(client: subprocess.Popen[str]) -> bool:
 
 def start_loader(tmp_path: Path, image: Path, **options: Any) -> tuple[subprocess.Popen[str], Path]:
     sock = tmp_path / "loader.sock"
-    opts = loader.LoaderOptions(image=image, socket=sock, **options)
-    return loader.start(opts, stderr=subprocess.PIPE, text=True), sock
+    opts = page_loader.LoaderOptions(image=image, socket=sock, **options)
+    return page_loader.start(opts, stderr=subprocess.PIPE, text=True), sock
 
 
 @pytest.mark.parametrize("prefetch", [False, True], ids=["lazy", "prefetching"])
@@ -538,14 +539,15 @@ def test_bad_hot_list(tmp_path: Path, image: Image) -> None:
 
 
 def test_usage_error() -> None:
-    proc = subprocess.run([str(loader.binary_path()), "--image"], capture_output=True, check=False)
+    proc = subprocess.run([str(page_loader.binary_path()), "--image"], capture_output=True,
+                          check=False)
     assert proc.returncode == 2
     assert proc.stderr.startswith(b"usage:")
 
 
 def test_cli_subcommand(tmp_path: Path, image: Image) -> None:
     parser = argparse.ArgumentParser()
-    cli.add_commands(parser.add_subparsers())
+    uffd_cli.add_commands(parser.add_subparsers())
     sock = tmp_path / "cli.sock"
     argv = ["uffd-loader", "--image", str(image.path), "--socket", str(sock)]
     args = parser.parse_args([*argv, "--fault-around-kib", "0"])
@@ -560,7 +562,7 @@ def test_cli_subcommand(tmp_path: Path, image: Image) -> None:
 
 def test_cli_reports_failure(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
-    cli.add_commands(parser.add_subparsers())
+    uffd_cli.add_commands(parser.add_subparsers())
     args = parser.parse_args(
         ["uffd-loader", "--image", str(tmp_path / "missing"), "--socket", str(tmp_path / "s")]
     )
@@ -633,7 +635,7 @@ def loader_pids(s: Served) -> list[int]:
             argv = (d / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"snapstore.store.load_worker" in argv and str(s.store.root).encode() in argv:
+        if b"snapstore.store.chunk_loader_worker" in argv and str(s.store.root).encode() in argv:
             pids.append(int(d.name))
     return pids
 
@@ -952,9 +954,9 @@ class HotListRig:
         client's answer. Fails the test on every other outcome."""
         self.hot.write_bytes(hot)
         self.socket.unlink(missing_ok=True)
-        opts = loader.LoaderOptions(image=self.image, socket=self.socket, hot=self.hot,
+        opts = page_loader.LoaderOptions(image=self.image, socket=self.socket, hot=self.hot,
                                     memfd=memfd, **options)
-        proc = loader.start(opts, stderr=subprocess.PIPE, text=True)
+        proc = page_loader.start(opts, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + FUZZ_DEADLINE
             while not self.socket.exists() and proc.poll() is None:

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from snapstore.criu.binary import Criu, CriuError
+from snapstore.fileio import write_atomic
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -44,9 +45,9 @@ def main(criu_path: str, images: Path, work: Path, lazy: bool, report: Path) -> 
         result = f"ok {pid}"
     except (CriuError, OSError) as e:
         result = f"error {e}"
-    tmp = report.with_name(report.name + ".tmp")
-    tmp.write_text(result + "\n")
-    os.rename(tmp, report)
+    # The parent polls for the report: it must appear whole. It is read at once, so it
+    # need not survive a power loss.
+    write_atomic(report, (result + "\n").encode(), durable=False)
     if not result.startswith("ok"):
         sys.exit(1)
     while True:

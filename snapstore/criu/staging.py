@@ -24,6 +24,7 @@ from pathlib import Path
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
 from snapstore.errors import CorruptError
 from snapstore.export import export_file
+from snapstore.fileio import pwrite_all
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
@@ -75,6 +76,8 @@ class StorePages:
         return done
 
     def _chunk(self, cid: ChunkId, size: int) -> bytes:
+        # The daemon's copy threads call this, not trio tasks: a Future per chunk is the
+        # threads' single flight (the mounts' is snapstore.singleflight, on trio).
         with self._lock:
             fut = self._cache.get(cid)
             mine = fut is None
@@ -144,10 +147,7 @@ def _write_eager_part(source: StorePages, entry: Entry, lazy: list[tuple[int, in
                 n = source.read_into(memoryview(buf)[:min(len(buf), start - pos)], pos)
                 if n == 0:
                     break
-                view, at = memoryview(buf)[:n], pos
-                while view:
-                    written = os.pwrite(fd, view, at)
-                    view, at = view[written:], at + written
+                pwrite_all(fd, memoryview(buf)[:n], pos)
                 pos += n
             pos = max(pos, end)
     finally:

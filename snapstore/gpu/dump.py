@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from snapstore.errors import SnapstoreError, UsageError
+from snapstore.fileio import pwrite_all, write_atomic
 from snapstore.gpu import vmread
 from snapstore.gpu.cuda import CheckpointApi, NoCudaContext, ProcessState, open_api
 
@@ -311,7 +312,7 @@ class _Reader:
         index, pos = divmod(b.offset, self.segment_size)
         for lo, hi in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
             a, z = lo * PAGE, hi * PAGE
-            _pwrite_all(self.out[index], mv[a:z], pos + a)
+            pwrite_all(self.out[index], mv[a:z], pos + a)
             written += z - a
         return written, unreadable
 
@@ -336,12 +337,6 @@ class _Reader:
                 view[pos : pos + PAGE] = 0
                 unreadable += PAGE
         return unreadable
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 def write_pages(
@@ -564,9 +559,8 @@ def _create_outdir(outdir: Path) -> None:
 
 
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    # Not durable, like the page files (a dump is for measuring loads, not for keeping).
+    write_atomic(path, (json.dumps(doc, indent=1) + "\n").encode(), durable=False)
 
 
 # -- reading a dump back --------------------------------------------------------------------

@@ -8,28 +8,24 @@ import trio
 
 from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
+from snapstore.manifest import Manifest
 from snapstore.remote.fetch import fetch_manifest, get_remote_tag, list_remote_tags
 from snapstore.remote.url import RemoteURL
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
+from snapstore.workflow import matching
 
 
 async def find_in(s3: S3Store, labels: dict[str, str]) -> ChunkId | None:
     """The newest tagged snapshot of the remote whose labels include `labels`."""
-    best: tuple[str, str, ChunkId] | None = None
-    seen: set[ChunkId] = set()
+    snapshots: dict[ChunkId, Manifest] = {}
     names, _ = await list_remote_tags(s3)
     for name in names:
         with contextlib.suppress(CorruptError, NotFoundError):
             mid = await get_remote_tag(s3, name)
-            if mid in seen:
-                continue
-            seen.add(mid)
-            _, m = await fetch_manifest(s3, mid)
-            if all(m.labels.get(k) == v for k, v in labels.items()):
-                key = (m.created, mid.hex, mid)
-                if best is None or key[:2] > best[:2]:
-                    best = key
-    return best[2] if best else None
+            if mid not in snapshots:
+                _, snapshots[mid] = await fetch_manifest(s3, mid)
+    hits = matching(snapshots.items(), labels)
+    return hits[0][0] if hits else None
 
 
 def find_remote(remote: str, labels: dict[str, str], endpoint: str | None = None) -> str | None:

@@ -2,8 +2,9 @@
 
 Where each chunk lies in the remote's packs comes from the snapshot's locator, read once
 at mount time. Concurrency invariants (all state lives on the one trio thread, so no locks):
-- a chunk is fetched by at most one task at a time (`_flights`); a demand read that finds
-  a prefetch of the same chunk in flight waits for it instead of fetching again;
+- a chunk is fetched by at most one task at a time (`_flights`, a SingleFlight); a demand
+  read that finds a prefetch of the same chunk in flight waits for it instead of
+  fetching again;
 - a chunk to fetch is queued for one scheduling turn: the first of the queued chunks to
   run again takes its queued neighbours in the pack (`_take_run`) and fetches them with
   one ranged GET; the others wait for that run, and fetch alone if it was cancelled;
@@ -27,17 +28,14 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import trio
 from trio.lowlevel import ParkingLot
 
-from fusefs.mount import MountOptions, serve
-from fusefs.reader import prefetch_order
 from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.manifest import Manifest
+from snapstore.manifest import Manifest, prefetch_order
 from snapstore.remote.fetch import (
     cpu_limiter,
     fetch_access_order,
@@ -47,8 +45,10 @@ from snapstore.remote.fetch import (
     resolve_remote,
 )
 from snapstore.remote.packs import Location, Locator, coalesce
+from snapstore.remote.pool import run_pool
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
 from snapstore.remote.url import RemoteURL
+from snapstore.singleflight import SingleFlight
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
 
@@ -124,13 +124,6 @@ class ReaderStats:
 
 
 @dataclass(slots=True)
-class _Flight:
-    done: trio.Event = field(default_factory=trio.Event)
-    raw: bytes | None = None
-    error: str | None = None
-
-
-@dataclass(slots=True)
 class _Run:
     """One ranged GET's chunks: raw bytes or an error for each, once `done` is set. A
     chunk with neither was not fetched (its fetcher was cancelled)."""
@@ -162,7 +155,9 @@ class RemoteChunkReader:
             if at.pack == bt.pack and at.end == bt.offset:
                 self._next[a], self._prev[b] = b, a
         self._cpu = cpu_limiter()
-        self._flights: dict[ChunkId, _Flight] = {}
+        # Beside the mount's own single flight (fusefs.reader.ChunkCache): this one also
+        # holds the chunks a prefetch run is fetching, so demand reads wait for those.
+        self._flights: SingleFlight[ChunkId, bytes] = SingleFlight()
         self._queued: set[ChunkId] = set()
         self._taken: dict[ChunkId, _Run] = {}
         self._cache: OrderedDict[ChunkId, int] = OrderedDict()
@@ -173,24 +168,7 @@ class RemoteChunkReader:
         self._evict_now()
 
     async def read_chunk(self, cid: ChunkId, size: int) -> bytes:
-        while (flight := self._flights.get(cid)) is not None:
-            await flight.done.wait()
-            if flight.raw is not None:
-                return flight.raw
-            if flight.error is not None:
-                raise SnapstoreError(flight.error)
-            # The loading task was cancelled (a prefetch at unmount): load it here.
-        flight = _Flight()
-        self._flights[cid] = flight
-        try:
-            flight.raw = await self._fetch(cid, size)
-            return flight.raw
-        except SnapstoreError as e:
-            flight.error = str(e)
-            raise
-        finally:
-            del self._flights[cid]
-            flight.done.set()
+        return await self._flights.run(cid, lambda: self._fetch(cid, size))
 
     async def _fetch(self, cid: ChunkId, size: int) -> bytes:
         if self.store.has_chunk(cid):
@@ -334,45 +312,29 @@ class RemoteChunkReader:
             for cid, _ in chunks:
                 budget[0] -= self._where[cid].length
 
-        async with trio.open_nursery() as nursery:
-            send, recv = trio.open_memory_channel[list[tuple[ChunkId, Location]]](0)
-
-            async def worker(items: trio.MemoryReceiveChannel[
-                    list[tuple[ChunkId, Location]]]) -> None:
-                async with items:
-                    async for chunks in items:
-                        await one(chunks)
-
-            for _ in range(self.limiter.tokens):
-                nursery.start_soon(worker, recv.clone())
-            recv.close()
-            async with send:
-                for chunks in coalesce(placed, MOUNT_RANGE):
-                    if budget[0] <= 0:
-                        break
-                    await send.send(chunks)
+        # The runs are taken one at a time as workers come free, so once the budget is
+        # spent no further run starts.
+        runs = itertools.takewhile(lambda _: budget[0] > 0, coalesce(placed, MOUNT_RANGE))
+        await run_pool(runs, one, self.limiter.tokens)
         log.info("prefetch done: %s", self.stats.as_dict())
 
     async def _prefetch_run(self, chunks: list[tuple[ChunkId, Location]]) -> None:
         """Fetch a prefetch run (a slot already held) under flights of its own, so that
         demand reads of its chunks wait for it instead of fetching them again."""
-        flights = {c: _Flight() for c, _ in chunks}
-        self._flights.update(flights)
+        flights = {c: self._flights.begin(c) for c, _ in chunks}
         run = _Run(chunks)
         try:
             await self._fetch_run(run, _held)
         finally:
             for cid, flight in flights.items():
-                flight.raw = run.raw.get(cid)
-                err = run.errors.get(cid)
-                flight.error = None if err is None else str(err)
-                del self._flights[cid]
-                flight.done.set()
+                flight.value = run.raw.get(cid)
+                flight.error = run.errors.get(cid)
+                self._flights.end(cid, flight)
         for cid, flight in flights.items():
             if flight.error is not None:
                 self.stats.prefetch_errors += 1
                 log.warning("prefetch of chunk %s failed: %s", cid.short(), flight.error)
-            elif flight.raw is not None:
+            elif flight.value is not None:
                 self.stats.prefetched += 1
 
 
@@ -410,31 +372,3 @@ def load_remote_snapshot(ref: str, remote: str, endpoint: str | None,
             return await open_remote_snapshot(s3, ref)
 
     return trio.run(main)
-
-
-@dataclass(frozen=True, slots=True)
-class RemoteMount:
-    """A remote mount's settings: where from, disk cache bound, whether to prefetch, and
-    the deadline of a read (None: the default)."""
-
-    snapshot: RemoteSnapshot
-    remote: str
-    endpoint: str | None
-    cache_bytes: int = DEFAULT_CACHE_BYTES
-    prefetch: bool = False
-    read_timeout_s: float | None = None
-
-
-async def serve_remote(store: LocalStore, how: RemoteMount, mountpoint: Path,
-                       options: MountOptions, ready: Callable[[], None]) -> None:
-    """Serve a snapshot of a remote with fusefs until unmounted, prefetching behind it."""
-    async with open_s3(RemoteURL.parse(how.remote), endpoint_url(how.endpoint),
-                       connections=DEFAULT_CONNECTIONS + 4,
-                       read_timeout_s=how.read_timeout_s) as s3:
-        reader = RemoteChunkReader(store, s3, how.snapshot, how.cache_bytes)
-        async with trio.open_nursery() as nursery:
-            if how.prefetch:
-                nursery.start_soon(reader.prefetch, how.snapshot.order)
-            await serve(how.snapshot.manifest, mountpoint, reader, options, ready)
-            nursery.cancel_scope.cancel()
-        log.info("remote reads: %s", reader.stats.as_dict())

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
 
 import trio
 
@@ -39,6 +38,7 @@ from snapstore.remote.packs import (
     encode_locator,
     plan_packs,
 )
+from snapstore.remote.pool import run_pool
 from snapstore.remote.settings import DEFAULT_JOBS, DEFAULT_PACK_BYTES
 from snapstore.store.local import ChunkWriter, LocalStore
 from snapstore.store.s3 import (
@@ -51,8 +51,6 @@ from snapstore.store.s3 import (
     pack_key,
     tag_key,
 )
-
-T = TypeVar("T")
 
 # Rounds of a push whose objects a concurrent remote gc deleted before it gives up.
 PUSH_ROUNDS = 3
@@ -75,37 +73,6 @@ class TransferReport:
     seconds: float
     # Pull: local copies that failed their check and were fetched again.
     chunks_repaired: int = 0
-
-
-async def run_pool(items: Iterable[T], fn: Callable[[T], Awaitable[None]], jobs: int) -> None:
-    """Run `fn` on every item, `jobs` at a time. After the first failure no new item
-    starts; those in flight finish (cancelling a request mid-body leaves the HTTP
-    client's streams half-consumed), then the failure is raised as itself, not in an
-    exception group, so the CLI shows it as one line."""
-    send, recv = trio.open_memory_channel[T](0)
-    failures: list[Exception] = []
-
-    async def worker(items_in: trio.MemoryReceiveChannel[T]) -> None:
-        async with items_in:
-            async for item in items_in:
-                if failures:
-                    continue
-                try:
-                    await fn(item)
-                except Exception as e:
-                    failures.append(e)
-
-    async with trio.open_nursery() as nursery:
-        for _ in range(max(1, jobs)):
-            nursery.start_soon(worker, recv.clone())
-        recv.close()
-        async with send:
-            for item in items:
-                if failures:
-                    break
-                await send.send(item)
-    if failures:
-        raise failures[0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,6 +36,7 @@ from snapstore.errors import (
     SnapstoreError,
     UsageError,
 )
+from snapstore.fileio import fsync_dir, write_all, write_atomic
 from snapstore.ids import ChunkId, is_valid_hex_id
 
 STORE_FORMAT = "snapstore-store"
@@ -158,24 +159,9 @@ class LocalStore:
 
     def _write_atomic(self, dest: Path, data: bytes | memoryview, durable: bool = True
                       ) -> None:
-        """Write `dest` whole or not at all (temp file, rename); `durable` adds the fsyncs
-        of the file and of its directory that make it survive a power loss."""
-        tmp = self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            try:
-                write_all(fd, data)
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
-        if durable:
-            _fsync_dir(dest.parent)
+        """`fileio.write_atomic` through tmp/, where gc sweeps what a killed writer left."""
+        write_atomic(dest, data, durable=durable,
+                     tmp=self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp")
 
     def sync(self) -> None:
         """Make every rename so far durable (directory entries included): one syncfs."""
@@ -393,7 +379,7 @@ class LocalStore:
             (self.tags_dir / check_tag(name)).unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(self.tags_dir)
+        fsync_dir(self.tags_dir)
         return True
 
     def scan_tags(self) -> tuple[dict[str, ChunkId], list[DamagedTag]]:
@@ -706,14 +692,6 @@ def _link_unnamed(fd: int, dest: Path) -> None:
     raise OSError(e, os.strerror(e), str(dest))
 
 
-def write_all(fd: int, data: bytes | memoryview) -> int:
-    """Write all of `data` to `fd` (os.write may write less); returns its length."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-    return len(data)
-
-
 def _scandir(d: Path) -> list[os.DirEntry[str]]:
     try:
         with os.scandir(d) as it:
@@ -725,14 +703,3 @@ def _scandir(d: Path) -> list[os.DirEntry[str]]:
 def _scandir_fd(fd: int) -> list[os.DirEntry[str]]:
     with os.scandir(fd) as it:
         return list(it)
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-    finally:
-        os.close(fd)

@@ -145,56 +145,61 @@ class S3Store:
         self.read_timeout_s = read_timeout_s
 
     async def get(self, key: str, max_bytes: int) -> bytes:
+        async def request() -> dict[str, Any] | None:
+            resp: dict[str, Any] = await self._call(
+                "GET", key, self._client.get_object, Bucket=self.url.bucket,
+                Key=self.url.key(key))
+            return resp
+
         with self._deadline("GET", key):
-            for attempt in range(1, BODY_ATTEMPTS + 1):
-                resp = await self._call("GET", key, self._client.get_object,
-                                        Bucket=self.url.bucket, Key=self.url.key(key))
-                try:
-                    return await _read_capped(resp, max_bytes, self._where(key), CorruptError)
-                except (BotoCoreError, OSError) as e:
-                    if attempt < BODY_ATTEMPTS:
-                        await trio.sleep(0.05 * 2**attempt)
-                        continue
-                    if isinstance(e, FlexibleChecksumError):
-                        raise CorruptError(f"GET {self._where(key)}: the body failed the "
-                                           f"object's checksum {BODY_ATTEMPTS} times") from None
-                    raise RemoteError(f"GET {self._where(key)}: the body was cut off "
-                                      f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
-        raise AssertionError("unreachable")
+            return await self._body(key, request, max_bytes, CorruptError)
 
     async def get_range(self, key: str, start: int, end: int) -> bytes:
         where = f"{key} [{start}, {end})"
+
+        async def request() -> dict[str, Any] | None:
+            try:
+                resp: dict[str, Any] = await self._client.get_object(
+                    Bucket=self.url.bucket, Key=self.url.key(key),
+                    Range=f"bytes={start}-{end - 1}")
+            except ClientError as e:
+                if _code(e) == "InvalidRange":
+                    return None  # the object ends before `start`
+                raise self._error("GET", where, e) from None
+            except BotoCoreError as e:
+                raise self._error("GET", where, e) from None
+            if "ContentRange" not in resp:
+                # Checked before the body: a server ignoring Range sends the whole
+                # object, which may be any size.
+                await resp["Body"].aclose()
+                raise RemoteError(f"GET {self._where(where)}: the server ignored the range")
+            return resp
+
         with self._deadline("GET", where):
-            for attempt in range(1, BODY_ATTEMPTS + 1):
-                try:
-                    resp = await self._client.get_object(
-                        Bucket=self.url.bucket, Key=self.url.key(key),
-                        Range=f"bytes={start}-{end - 1}")
-                except ClientError as e:
-                    if _code(e) == "InvalidRange":
-                        return b""  # the object ends before `start`
-                    raise self._error("GET", where, e) from None
-                except BotoCoreError as e:
-                    raise self._error("GET", where, e) from None
-                if "ContentRange" not in resp:
-                    # Checked before the body: a server ignoring Range sends the whole
-                    # object, which may be any size.
-                    await resp["Body"].aclose()
-                    raise RemoteError(f"GET {self._where(where)}: the server ignored the "
-                                      "range")
-                try:
-                    return await _read_capped(resp, end - start, self._where(where),
-                                              RemoteError)
-                except (BotoCoreError, OSError) as e:
-                    if attempt < BODY_ATTEMPTS:
-                        await trio.sleep(0.05 * 2**attempt)
-                        continue
-                    # S3 checks a range that is the whole object against its stored checksum.
-                    if isinstance(e, FlexibleChecksumError):
-                        raise CorruptError(f"GET {self._where(where)}: the body failed the "
-                                           f"object's checksum {BODY_ATTEMPTS} times") from None
-                    raise RemoteError(f"GET {self._where(where)}: the body was cut off "
-                                      f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
+            return await self._body(where, request, end - start, RemoteError)
+
+    async def _body(self, where: str, request: Callable[[], Awaitable[dict[str, Any] | None]],
+                    cap: int, too_long: type[SnapstoreError]) -> bytes:
+        """The body of the GET that `request` sends (b"" where it answers None), at most
+        `cap` bytes (else `too_long`). A body cut off, or failing the object's checksum,
+        is asked for again, BODY_ATTEMPTS times in all."""
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            resp = await request()
+            if resp is None:
+                return b""
+            try:
+                return await _read_capped(resp, cap, self._where(where), too_long)
+            except (BotoCoreError, OSError) as e:
+                if attempt < BODY_ATTEMPTS:
+                    await trio.sleep(0.05 * 2**attempt)
+                    continue
+                # S3 checks a whole object, and a range that is the whole object, against
+                # its stored checksum.
+                if isinstance(e, FlexibleChecksumError):
+                    raise CorruptError(f"GET {self._where(where)}: the body failed the "
+                                       f"object's checksum {BODY_ATTEMPTS} times") from None
+                raise RemoteError(f"GET {self._where(where)}: the body was cut off "
+                                  f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
         raise AssertionError("unreachable")
 
     async def put(self, key: str, data: bytes) -> None:

@@ -18,6 +18,8 @@ def compile_loader(source: Path, output: Path) -> None:
     """Builds the loader at output; CC and CFLAGS from the environment are honoured."""
     output.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and rename, so a concurrent user never runs a half-written binary.
+    # Not snapstore.fileio.write_atomic: the compiler writes the file, and setup.py loads
+    # this module alone, before the package is importable.
     tmp = output.with_name(f".{output.name}.{os.getpid()}")
     cmd = [
         *shlex.split(os.environ.get("CC", "cc")),

@@ -4,7 +4,7 @@ The native loader runs in chunk mode (docs/uffd.md, "Serving from the store"): i
 the file's layout (data extents and holes) and its prefetch order from a memfd, asks this
 process for chunks by index over a SOCK_SEQPACKET socket, and installs each from the
 sealed memfd of verified bytes it gets back. This process only feeds: the mount's loader
-processes (`snapstore.store.loader`) read, decompress and hash-check each chunk into a
+processes (`snapstore.store.chunk_loader`) read, decompress and hash-check each chunk into a
 memfd, and the descriptor is passed on, so page data never passes through Python.
 """
 
@@ -28,12 +28,13 @@ import trio
 
 from snapstore.chunker_params import PAGE
 from snapstore.errors import SnapstoreError, UsageError
+from snapstore.fileio import write_all
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
-from snapstore.store.load_worker import sealed_memfd
-from snapstore.store.loader import LoaderError
+from snapstore.store.chunk_loader import LoaderError
+from snapstore.store.chunk_loader_worker import sealed_memfd
 from snapstore.store.local import LocalStore
-from snapstore.uffd.loader import binary_path
+from snapstore.uffd.page_loader import binary_path
 
 # The feeder's side of the protocol: the loader asks with a chunk index, its top bit set
 # when a fault waits for the chunk; the answer is the index, a status byte and, for OK, the
@@ -204,9 +205,7 @@ def find_file(m: Manifest, path: str) -> Entry:
 
 def _memfd(data: bytes) -> int:
     fd = os.memfd_create("snapstore-layout", os.MFD_CLOEXEC)
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    write_all(fd, data)
     return fd
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import trio
 
 from snapstore.errors import SnapstoreError
+from snapstore.fileio import pwrite_all
 from snapstore.gpu.dump import (
     PAGE,
     TABLE_FILE,
@@ -43,9 +44,9 @@ from snapstore.gpu.dump import (
 )
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
-from snapstore.store.loader import ProcessChunkReader
+from snapstore.store.chunk_loader import ProcessChunkReader
 from snapstore.store.local import LocalStore
-from snapstore.uffd import loader
+from snapstore.uffd import page_loader
 from snapstore.uffd.client import Client
 from snapstore.uffd.serve import Layout, default_loaders, serve_chunks
 
@@ -134,10 +135,7 @@ def _write_files(
             os.ftruncate(fds[-1], e.size)
 
         def put(fd: int, cid: Any, size: int, offset: int) -> None:
-            data = memoryview(store.get_chunk(cid, size))
-            while data:
-                n = os.pwrite(fd, data, offset)
-                data, offset = data[n:], offset + n
+            pwrite_all(fd, store.get_chunk(cid, size), offset)
 
         pending: deque[Future[None]] = deque()
         for fd, cid, size, offset in _round_robin(
@@ -215,7 +213,7 @@ def load(dump: Dump, workdir: Path, verify: bool = True, direct: bool = False,
          started: float | None = None) -> LoadResult:
     """Fill a fresh process's anonymous mappings with a dump directory through the loader.
 
-    The restoring process is a child (`python -m snapstore.gpu.load`), because the loader
+    The restoring process is a child (`python -m snapstore.gpu.load_dump`), because the loader
     kills its client when it fails rather than leave it hanging. The load time runs from
     the handshake until every data page has been touched (installed); the byte check against
     the page space comes after it and is not timed. `started`: the command's start, for the
@@ -227,11 +225,11 @@ def load(dump: Dump, workdir: Path, verify: bool = True, direct: bool = False,
     sock = workdir / "loader.sock"
     stats_path = workdir / "loader-stats.json"
     log_path = workdir / "loader.log"
-    opts = loader.LoaderOptions(image=dump.pages_paths, socket=sock, hot=workdir / "hot.txt",
+    opts = page_loader.LoaderOptions(image=dump.pages_paths, socket=sock, hot=workdir / "hot.txt",
                                 stats_json=stats_path, direct=direct)
     spawned = time.monotonic()
     with log_path.open("wb") as log:
-        proc = loader.start(opts, stderr=log)
+        proc = page_loader.start(opts, stderr=log)
     client = _start_client(["dir", str(dump.directory)], sock, verify)
     try:
         status = proc.wait(timeout=600)
@@ -293,7 +291,8 @@ def serve_snapshot(store: LocalStore, layout: Layout, sock: Path, extra: list[st
 
 def _start_client(source: list[str], sock: Path, verify: bool) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "snapstore.gpu.load", *source, str(sock), "1" if verify else "0"],
+        [sys.executable, "-m", "snapstore.gpu.load_dump", *source, str(sock),
+         "1" if verify else "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -379,7 +378,7 @@ def serve(dump: Dump, workdir: Path, socket: Path, direct: bool = False) -> int:
     """
     hot = workdir / "hot.txt"
     write_hot_list(data_pages(dump), hot)
-    return loader.run(loader.LoaderOptions(image=dump.pages_paths, socket=socket, hot=hot,
+    return page_loader.run(page_loader.LoaderOptions(image=dump.pages_paths, socket=socket, hot=hot,
                                            direct=direct))
 
 

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from snapstore.runsc import Runsc, new_container_id
+from snapstore.gvisor.runsc import Runsc, new_container_id
 
 PAGE_SIZE = 4096
 BUSYBOX = Path("/usr/bin/busybox")
@@ -426,7 +426,7 @@ def counter_cycle(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m snapstore.examples counter-cycle|busybox|python|memory WORKDIR``."""
+    """``python -m examples.workloads counter-cycle|busybox|python|memory WORKDIR``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] not in {"counter-cycle", "busybox", "python", "memory"}:
         print(main.__doc__, file=sys.stderr)

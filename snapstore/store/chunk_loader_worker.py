@@ -1,6 +1,6 @@
 """Loader processes of a mount: they answer chunk requests with sealed memfds.
 
-The mount's side, and the protocol, are in `snapstore.store.loader`. One process is
+The mount's side, and the protocol, are in `snapstore.store.chunk_loader`. One process is
 started with the sockets of all the loaders the mount wants; it imports only what a load
 needs and opens the store, then forks a loader for each further socket, so that those
 cost a fork each rather than a Python start.
@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 
 from snapstore.errors import CorruptError, NotFoundError
+from snapstore.fileio import write_all
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
 
-# The protocol (docs in snapstore.store.loader).
+# The protocol (docs in snapstore.store.chunk_loader).
 REQUEST = struct.Struct("<Q32sQ")
 REPLY = struct.Struct("<QB")
 PID = struct.Struct("<I")
@@ -56,9 +57,7 @@ def sealed_memfd(data: bytes) -> int:
     """A memfd holding `data`, sealed: no one can write, grow or shrink it any more."""
     fd = os.memfd_create("snapstore-chunk", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        write_all(fd, data)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
     except BaseException:
         os.close(fd)
@@ -67,7 +66,7 @@ def sealed_memfd(data: bytes) -> int:
 
 
 def main(argv: list[str]) -> None:
-    """`load_worker FD[,FD...] STORE`: serve the first socket here, fork for the rest."""
+    """`chunk_loader_worker FD[,FD...] STORE`: serve the first socket here, fork for the rest."""
     # The mount handles SIGINT (a terminal's ^C reaches the whole group) and stops its
     # loaders by closing their sockets.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -9,27 +9,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.filesize import decimal as human
 
-from fusefs.cli import add_commands as add_mount_commands
 from snapstore import catalog
-from snapstore.cli_common import open_store, parse_labels, print_json, warn_damaged_tags
+from snapstore.cli.common import (
+    Handler,
+    add_command,
+    open_store,
+    parse_labels,
+    print_json,
+    warn_damaged_tags,
+)
+from snapstore.cli.gpu import add_commands as add_gpu_commands
+from snapstore.cli.mount import add_commands as add_mount_commands
+from snapstore.cli.remote import add_commands as add_remote_commands
+from snapstore.cli.remote import add_gc_options, cmd_remote_gc
+from snapstore.cli.runtime import add_commands as add_runtime_commands
+from snapstore.cli.uffd import add_commands as add_uffd_commands
 from snapstore.errors import SnapstoreError
 from snapstore.export import export
 from snapstore.gc import gc
-from snapstore.gpu.cli import add_commands as add_gpu_commands
-from snapstore.remote.cli import add_commands as add_remote_commands
-from snapstore.remote.cli import add_gc_options, cmd_remote_gc
-from snapstore.runtime_cli import add_commands as add_runtime_commands
 from snapstore.store.local import check_tag
-from snapstore.uffd.cli import add_commands as add_uffd_commands
 from snapstore.verify import verify, verify_tags
-
-Handler = Callable[[argparse.Namespace], int]
-
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
@@ -154,6 +158,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    # `gc --remote REMOTE`, the older spelling of `remote gc REMOTE`: the same command.
     if args.remote:
         return cmd_remote_gc(args)
     r = gc(open_store(args), dry_run=args.dry_run)
@@ -194,14 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="store directory (default: $SNAPSTORE_DIR, else ~/.local/share/snapstore)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def add(
-        name: str, func: Handler, help: str, json_flag: bool = False
-    ) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
-        sp.set_defaults(func=func)
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="print JSON")
-        return sp
+    def add(name: str, func: Handler, help: str, json_flag: bool = False
+            ) -> argparse.ArgumentParser:
+        return add_command(sub, name, func, help, json_output=json_flag)
 
     sp = add("ingest", cmd_ingest, "store an image directory as a snapshot", json_flag=True)
     sp.add_argument("dir")

@@ -6,34 +6,36 @@ import argparse
 import sys
 from pathlib import Path
 
-from snapstore.cli_common import positive_int
+from snapstore.cli.common import (
+    Commands,
+    add_command,
+    open_store,
+    positive_int,
+)
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.store.local import LocalStore
-from snapstore.uffd.loader import LoaderNotBuiltError, LoaderOptions, run
+from snapstore.uffd.page_loader import LoaderNotBuiltError, LoaderOptions, run
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "uffd-loader",
+def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
+    p = add_command(
+        sub, "uffd-loader", run_loader,
         help="serve userfaultfd page faults of a restoring process from a memory image",
         description="Listen on a Unix socket for Firecracker's uffd handshake and serve every "
-        "missing page from the image; exits 0 when the client goes away.",
-    )
+        "missing page from the image; exits 0 when the client goes away.")
     p.add_argument("--image", type=Path, action="append", required=True,
                    help="raw memory image; given more than once, the files one after another "
                    "are the image")
     _loader_options(p)
-    p.set_defaults(func=run_loader)
 
-    p = sub.add_parser(
-        "uffd-serve",
+    p = add_command(
+        sub, "uffd-serve", run_serve,
         help="serve page faults from a file of a snapshot in the store",
         description="Serve PATH of snapshot REF as uffd-loader serves an image, straight from "
         "the store's chunks: each is decompressed and hash-checked once, in loader processes, "
         "and nothing is written to disk. Without --hot, every chunk of the file is prefetched: "
         "those a mount of the snapshot read first (its recorded order), then the rest in file "
-        "order. A fault on a chunk not loaded yet goes ahead of the prefetch.",
-    )
+        "order. A fault on a chunk not loaded yet goes ahead of the prefetch.")
     p.add_argument("ref", help="tag or snapshot id")
     p.add_argument("path", help="the memory image's path inside the snapshot")
     p.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
@@ -49,7 +51,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    "cache, as a lazy remote mount does (the local store may be empty)")
     p.add_argument("--endpoint-url", metavar="URL",
                    help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
-    p.set_defaults(func=run_serve)
 
 
 def _loader_options(p: argparse.ArgumentParser) -> None:
@@ -76,8 +77,7 @@ def _loader_options(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from snapstore.cli_common import open_store
-    from snapstore.store.loader import ProcessChunkReader
+    from snapstore.store.chunk_loader import ProcessChunkReader
     from snapstore.uffd import serve
 
     loaders = args.loaders or serve.default_loaders()

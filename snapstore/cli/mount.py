@@ -14,16 +14,26 @@ from typing import TYPE_CHECKING
 
 from rich.filesize import decimal as human
 
-from snapstore.cli_common import parse_size, positive_int
+from snapstore.cli.common import (
+    Commands,
+    add_command,
+    open_store,
+    parse_size,
+    positive_int,
+    print_json,
+    store_root,
+)
+from snapstore.cli.remote import add_remote_options
 from snapstore.errors import SnapstoreError
 from snapstore.ids import ChunkId
-from snapstore.remote.cli import add_remote_mount_options, remote_mount
-from snapstore.store.local import LocalStore, default_store_dir
+from snapstore.remote.settings import DEFAULT_CACHE_BYTES
+from snapstore.store.local import LocalStore
 
 # pyfuse3, trio and the S3 stack are imported by the handlers that use them, so that
 # every other snapstore command starts without them.
 if TYPE_CHECKING:
     from fusefs.mount import MountOptions
+    from fusefs.remote import RemoteMount
     from snapstore.manifest import Manifest
 
 # Measured on the 2-vCPU machine (docs/mount.md): a cold read ran faster with 8 loaders
@@ -39,9 +49,9 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     help = "mount a snapshot read-only with FUSE, loading chunks on demand"
-    sp = sub.add_parser("mount", help=help, description=help)
+    sp = add_command(sub, "mount", cmd_mount, help)
     sp.add_argument("ref", help="tag or snapshot id")
     sp.add_argument("mountpoint")
     sp.add_argument("--allow-other", action="store_true",
@@ -57,22 +67,43 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     sp.add_argument("--metrics", type=parse_address, metavar="HOST:PORT",
                     help="serve Prometheus text metrics on this address")
     add_remote_mount_options(sp)
-    sp.set_defaults(func=cmd_mount)
 
     help = "unmount a snapshot, also after its daemon died"
-    sp = sub.add_parser("umount", help=help, description=help)
+    sp = add_command(sub, "umount", cmd_umount, help)
     sp.add_argument("mountpoint")
-    sp.set_defaults(func=cmd_umount)
 
     help = "show a mount's reads, cache hits and chunk load latency"
-    sp = sub.add_parser("mount-stats", help=help, description=help)
+    sp = add_command(sub, "mount-stats", cmd_mount_stats, help, json_output=True)
     sp.add_argument("mountpoint")
-    sp.add_argument("--json", action="store_true", help="print JSON")
-    sp.set_defaults(func=cmd_mount_stats)
 
 
-def _store_root(args: argparse.Namespace) -> Path:
-    return Path(args.store) if args.store else default_store_dir()
+def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
+    """The options that make `mount` read a snapshot of a remote, chunk by chunk."""
+    sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
+                    help="read the snapshot from this remote, fetching chunks on demand "
+                    "(the local store may be empty)")
+    sp.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="BYTES",
+                    help="with --remote: disk for fetched chunks in STORE/cache, least "
+                    "recently used evicted first (default 4G)")
+    sp.add_argument("--prefetch", action="store_true",
+                    help="load the snapshot in the background, in the order it was read "
+                    "last time, behind demand reads: from a remote into the disk cache, "
+                    "from the local store into the memory cache (as much as --cache-mem holds)")
+    add_remote_options(sp)
+
+
+def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
+    """The remote side of a `mount` command line, resolved; None for a local mount."""
+    if args.remote is None:
+        return None
+    from fusefs.remote import RemoteMount
+    from snapstore.remote.reader import load_remote_snapshot
+    from snapstore.store.s3 import read_timeout
+
+    deadline = read_timeout(args.read_timeout)
+    snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url, deadline)
+    return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch,
+                       deadline)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -88,7 +119,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         write_state,
     )
 
-    store = LocalStore.open(_store_root(args), create=args.remote is not None)
+    store = open_store(args, create=args.remote is not None)
     remote = remote_mount(args)
     if remote is not None:
         mid, m = remote.snapshot.snapshot, remote.snapshot.manifest
@@ -115,7 +146,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
             write_state(paths, mountpoint, mid)
             if remote is not None:
                 # Only here: a host without the S3 stack mounts from its local store.
-                from snapstore.remote.reader import serve_remote
+                from fusefs.remote import serve_remote
 
                 trio.run(serve_remote, store, remote, mountpoint, options, ready)
             else:
@@ -142,7 +173,7 @@ async def _serve_local(
     processes: int, ready: Callable[[], None],
 ) -> None:
     from fusefs.mount import serve
-    from snapstore.store.loader import ProcessChunkReader
+    from snapstore.store.chunk_loader import ProcessChunkReader
 
     async with ProcessChunkReader(store, processes) as reader:
         await serve(m, mountpoint, reader, options, ready)
@@ -152,7 +183,7 @@ def _warm_order(store: LocalStore, mid: ChunkId, m: Manifest) -> tuple[tuple[Chu
     """A local `--prefetch`: the chunks in the order the last mount read them, then the
     rest in file order, to be loaded into the memory cache before they are asked for."""
     from fusefs.mount import access_path
-    from fusefs.reader import prefetch_order
+    from snapstore.manifest import prefetch_order
 
     try:
         recorded = access_path(store.root, mid).read_text().splitlines()
@@ -165,7 +196,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from fusefs.mount import MountPaths, is_mounted, read_state, unmount
 
     mountpoint = Path(args.mountpoint)
-    paths = MountPaths.of(_store_root(args), mountpoint)
+    paths = MountPaths.of(store_root(args), mountpoint)
     if not is_mounted(mountpoint) and read_state(paths) is None:
         raise SnapstoreError(f"nothing is mounted at {mountpoint}")
     how = unmount(mountpoint, paths)
@@ -177,7 +208,7 @@ def cmd_mount_stats(args: argparse.Namespace) -> int:
     from fusefs.mount import MountPaths, is_mounted, read_state
 
     mountpoint = Path(args.mountpoint)
-    paths = MountPaths.of(_store_root(args), mountpoint)
+    paths = MountPaths.of(store_root(args), mountpoint)
     try:
         doc = json.loads(paths.stats.read_text())
     except FileNotFoundError:
@@ -190,8 +221,7 @@ def cmd_mount_stats(args: argparse.Namespace) -> int:
     doc["snapshot"] = state.get("snapshot") if state else None
     doc["mounted"] = is_mounted(mountpoint)
     if args.json:
-        json.dump(doc, sys.stdout, indent=2, sort_keys=True)
-        sys.stdout.write("\n")
+        print_json(doc)
         return 0
     hits, misses = doc["cache_hits"], doc["cache_misses"]
     ratio = hits / (hits + misses) if hits + misses else 0.0

@@ -1,4 +1,4 @@
-"""The remote commands of the `snapstore` CLI: push, pull, remote ls, and gc --remote."""
+"""The remote commands of the `snapstore` CLI: push, pull, remote ls and remote gc."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from typing import TYPE_CHECKING, Any
 
 from rich.filesize import decimal as human
 
-from snapstore.cli_common import open_store, parse_size, print_json
+from snapstore.cli.common import (
+    Commands,
+    Handler,
+    add_command,
+    open_store,
+    parse_size,
+    print_json,
+)
 from snapstore.errors import CorruptError, NotFoundError, UsageError
 from snapstore.remote.settings import (
-    DEFAULT_CACHE_BYTES,
     DEFAULT_GRACE_S,
     DEFAULT_JOBS,
     DEFAULT_PACK_BYTES,
@@ -25,7 +31,6 @@ from snapstore.remote.settings import (
 # The S3 client stack takes a large part of a second to import: handlers import it
 # when they run, so that commands without a remote start fast.
 if TYPE_CHECKING:
-    from snapstore.remote.reader import RemoteMount
     from snapstore.remote.transfer import TransferReport
     from snapstore.store.s3 import S3Store
 
@@ -177,7 +182,8 @@ def cmd_remote_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_remote_gc(args: argparse.Namespace) -> int:
-    """`snapstore gc --remote REMOTE`: collect the remote's garbage instead of the store's."""
+    """`snapstore remote gc REMOTE` (or `gc --remote REMOTE`): collect the remote's
+    garbage."""
     from snapstore.remote.gc import remote_gc
 
     check_grace(args.grace, args.force)
@@ -205,7 +211,8 @@ def cmd_remote_gc(args: argparse.Namespace) -> int:
     return _with_remote(args, args.remote, run)
 
 
-def _remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
+def add_remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
+    """The options of every command that talks to a remote."""
     sp.add_argument("--endpoint-url", metavar="URL",
                     help="S3 endpoint (default: $AWS_ENDPOINT_URL, else AWS)")
     sp.add_argument("--read-timeout", type=float, metavar="SECONDS",
@@ -218,26 +225,28 @@ def _remote_options(sp: argparse.ArgumentParser, jobs: bool = False) -> None:
 
 
 def add_gc_options(sp: argparse.ArgumentParser) -> None:
-    """The options `gc` takes to work on a remote (dispatched to cmd_remote_gc)."""
+    """`gc --remote REMOTE`, the older spelling of `remote gc REMOTE` (cmd_remote_gc)."""
     sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
-                    help="collect this remote's garbage instead of the local store's")
+                    help="collect this remote's garbage instead of the local store's "
+                    "(the same as `remote gc`)")
+    _remote_gc_options(sp, "with --remote: ")
+
+
+def _remote_gc_options(sp: argparse.ArgumentParser, only: str = "") -> None:
     sp.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="SECONDS",
-                    help="with --remote: never delete objects younger than this "
+                    help=f"{only}never delete objects younger than this "
                     f"(default {DEFAULT_GRACE_S}, a day; at least {MIN_GRACE_S})")
     sp.add_argument("--force", action="store_true",
-                    help=f"with --remote: allow a grace below {MIN_GRACE_S} s (only when no "
+                    help=f"{only}allow a grace below {MIN_GRACE_S} s (only when no "
                     "push to the remote runs)")
-    _remote_options(sp)
+    add_remote_options(sp)
 
 
-def add_commands(sub: Any) -> None:
-    """Register push, pull and `remote ls` on the main parser's subcommands."""
-    def add(name: str, func: Callable[[argparse.Namespace], int],
-            help: str, parent: Any = sub) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
-        sp.set_defaults(func=func)
-        sp.add_argument("--json", action="store_true", help="print JSON")
-        return sp
+def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
+    """Register push, pull, `remote ls` and `remote gc` on the main parser's subcommands."""
+    def add(name: str, func: Handler, help: str,
+            parent: Commands[argparse.ArgumentParser] = sub) -> argparse.ArgumentParser:
+        return add_command(parent, name, func, help, json_output=True)
 
     for name, func, what in (("push", cmd_push, "send a snapshot's missing chunks in packs, "
                               "its manifest and its tag to an S3 remote"),
@@ -248,45 +257,21 @@ def add_commands(sub: Any) -> None:
         sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
         sp.add_argument("--force", action="store_true",
                         help="move the other side's tag if it names another snapshot")
-        _remote_options(sp, jobs=True)
+        add_remote_options(sp, jobs=True)
         if name == "push":
             sp.add_argument("--pack-size", type=parse_size, default=DEFAULT_PACK_BYTES,
                             metavar="BYTES", help="close a pack of chunks at this size "
                             f"(default {DEFAULT_PACK_BYTES >> 20}M, at most "
                             f"{MAX_PACK_TARGET >> 20}M)")
-    remote = sub.add_parser("remote", help="inspect an S3 remote",
-                            description="inspect an S3 remote")
+    remote = sub.add_parser("remote", help="inspect an S3 remote, collect its garbage",
+                            description="inspect an S3 remote, collect its garbage")
     remote_sub = remote.add_subparsers(dest="remote_command", required=True,
                                        metavar="COMMAND")
     sp = add("ls", cmd_remote_ls, "list a remote's tags and snapshots with sizes", remote_sub)
     sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
-    _remote_options(sp)
-
-
-def add_remote_mount_options(sp: argparse.ArgumentParser) -> None:
-    """The options that make `mount` read a snapshot of a remote, chunk by chunk."""
-    sp.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]",
-                    help="read the snapshot from this remote, fetching chunks on demand "
-                    "(the local store may be empty)")
-    sp.add_argument("--cache-size", type=parse_size, default=DEFAULT_CACHE_BYTES, metavar="BYTES",
-                    help="with --remote: disk for fetched chunks in STORE/cache, least "
-                    "recently used evicted first (default 4G)")
-    sp.add_argument("--prefetch", action="store_true",
-                    help="load the snapshot in the background, in the order it was read "
-                    "last time, behind demand reads: from a remote into the disk cache, "
-                    "from the local store into the memory cache (as much as --cache-mem holds)")
-    _remote_options(sp)
-
-
-def remote_mount(args: argparse.Namespace) -> RemoteMount | None:
-    """The remote side of a `mount` command line, resolved; None for a local mount."""
-    if args.remote is None:
-        return None
-    # After the check: a local mount must not need the S3 client library.
-    from snapstore.remote.reader import RemoteMount, load_remote_snapshot
-    from snapstore.store.s3 import read_timeout
-
-    deadline = read_timeout(args.read_timeout)
-    snap = load_remote_snapshot(args.ref, args.remote, args.endpoint_url, deadline)
-    return RemoteMount(snap, args.remote, args.endpoint_url, args.cache_size, args.prefetch,
-                       deadline)
+    add_remote_options(sp)
+    sp = add("gc", cmd_remote_gc, "delete a remote's packs and snapshots no tag reaches",
+             remote_sub)
+    sp.add_argument("remote", metavar="s3://BUCKET[/PREFIX]")
+    sp.add_argument("--dry-run", action="store_true")
+    _remote_gc_options(sp)

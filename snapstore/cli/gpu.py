@@ -10,24 +10,29 @@ from pathlib import Path
 
 from rich.filesize import decimal as human
 
-from snapstore.cli_common import open_store, print_json
+from snapstore.cli.common import (
+    Commands,
+    add_command,
+    open_store,
+    print_json,
+)
 from snapstore.errors import SnapstoreError
-from snapstore.uffd.loader import LoaderNotBuiltError
+from snapstore.uffd.page_loader import LoaderNotBuiltError
 
 # The dump and load modules (numpy, the CUDA bindings) are imported by the handlers, so
 # that other commands start without them.
 _FATES = {"stop": "left stopped (kill -CONT resumes it)", "run": "resumed", "kill": "killed"}
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
-        "gpu-dump",
+def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
+    p = add_command(
+        sub, "gpu-dump", cmd_gpu_dump,
         help="write a process's memory, GPU memory included, as a dump directory (memory "
              "only, to measure loading; `checkpoint --pid` checkpoints the process)",
         description="Checkpoint the CUDA state of process PID into its host memory, stop it, "
         "write its private memory to OUTDIR (segment files pages-NNNN.img + dump.json), then "
         "restore its CUDA state. By default the process is left stopped (SIGCONT resumes it).",
-    )
+        json_output=True)
     p.add_argument("pid", type=int, metavar="PID")
     p.add_argument("outdir", type=Path, metavar="OUTDIR")
     after = p.add_mutually_exclusive_group()
@@ -40,17 +45,16 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                    help="size of each segment file (default 256); threads write several at once")
     p.add_argument("--lock-timeout-ms", type=int, default=10_000,
                    help="how long the CUDA lock waits for running GPU work")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_gpu_dump, after="stop")
+    p.set_defaults(after="stop")
 
-    p = sub.add_parser(
-        "gpu-load",
+    p = add_command(
+        sub, "gpu-load", cmd_gpu_load,
         help="fill fresh memory from a GPU dump through the uffd loader, checked (a stand-in "
              "process; `restore` brings a checkpointed process back)",
         description="Load REF (a snapshot of a gpu-dump directory, or the directory itself) "
         "into a fresh process's memory through the uffd loader and check every byte; with "
         "--socket, serve an outside client instead.",
-    )
+        json_output=True)
     p.add_argument("ref", metavar="REF")
     p.add_argument("--socket", type=Path,
                    help="serve an outside client on this Unix socket (runs until it leaves)")
@@ -61,8 +65,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("--direct-io", action="store_true",
                    help="prefetch a dump directory with O_DIRECT only (default: O_DIRECT "
                    "where its pages are not cached)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_gpu_load)
 
 
 def cmd_gpu_dump(args: argparse.Namespace) -> int:
@@ -90,7 +92,7 @@ def cmd_gpu_dump(args: argparse.Namespace) -> int:
 
 def cmd_gpu_load(args: argparse.Namespace) -> int:
     from snapstore.gpu.dump import TABLE_FILE, read_dump
-    from snapstore.gpu.load import (
+    from snapstore.gpu.load_dump import (
         load,
         load_snapshot,
         open_snapshot,

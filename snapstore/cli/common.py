@@ -1,4 +1,4 @@
-"""Pieces every CLI module uses: the store option, labels, JSON output."""
+"""What every command module shares: registration, the store root, JSON output, parsers."""
 
 from __future__ import annotations
 
@@ -6,17 +6,35 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from snapstore.errors import UsageError
 from snapstore.store.local import LocalStore, default_store_dir
 
+Handler = Callable[[argparse.Namespace], int]
+Commands = argparse._SubParsersAction  # the main parser's subcommands
+
+
+def add_command(sub: Commands[argparse.ArgumentParser], name: str, func: Handler, help: str,
+                *, description: str | None = None, json_output: bool = False
+                ) -> argparse.ArgumentParser:
+    """Register command `name`, run by `func`; `json_output` gives it `--json`."""
+    sp = sub.add_parser(name, help=help, description=description or help)
+    sp.set_defaults(func=func)
+    if json_output:
+        sp.add_argument("--json", action="store_true", help="print JSON")
+    return sp
+
+
+def store_root(args: argparse.Namespace) -> Path:
+    """The store directory: --store, else $SNAPSTORE_DIR, else the user's default."""
+    return Path(args.store) if args.store else default_store_dir()
+
 
 def open_store(args: argparse.Namespace, create: bool = False) -> LocalStore:
-    root = Path(args.store) if args.store else default_store_dir()
-    return LocalStore.open(root, create=create)
+    return LocalStore.open(store_root(args), create=create)
 
 
 def warn_damaged_tags(store: LocalStore) -> None:

@@ -11,7 +11,9 @@ import shlex
 import sys
 from pathlib import Path
 
-from snapstore.cli_common import (
+from snapstore.cli.common import (
+    Commands,
+    add_command,
     open_store,
     parse_labels,
     positive_int,
@@ -25,10 +27,10 @@ from snapstore.store.local import LocalStore
 # so that other commands start without them.
 
 
-def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     help = ("checkpoint a running gVisor container (CONTAINER) or a process tree "
             "(--pid, with CRIU) into the store")
-    sp = sub.add_parser("checkpoint", help=help, description=help)
+    sp = add_command(sub, "checkpoint", cmd_checkpoint, help, json_output=True)
     sp.add_argument("container", nargs="?", help="gVisor container id")
     sp.add_argument("--pid", type=int, help="root of a process tree to checkpoint with CRIU")
     sp.add_argument("--tag", required=True)
@@ -37,19 +39,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                     help="keep the container or process running after the checkpoint")
     _runsc_options(sp)
     _criu_options(sp)
-    sp.add_argument("--json", action="store_true", help="print JSON")
-    sp.set_defaults(func=cmd_checkpoint)
 
     help = "list snapshots whose labels match, newest first"
-    sp = sub.add_parser("find", help=help, description=help)
+    sp = add_command(sub, "find", cmd_find, help, json_output=True)
     sp.add_argument("--label", action="append", default=[], metavar="K=V")
-    sp.add_argument("--json", action="store_true", help="print JSON")
-    sp.set_defaults(func=cmd_find)
 
     help = ("restore from the newest matching snapshot: a gVisor container (CONTAINER "
             "--bundle) through a lazy mount, else a CRIU process tree, its memory served by "
             "snapstore; exit 3 when no snapshot matches, 4 when the restore fails")
-    sp = sub.add_parser("restore", help=help, description=help)
+    sp = add_command(sub, "restore", cmd_restore, help, json_output=True)
     sp.add_argument("container", nargs="?", help="gVisor container id")
     which = sp.add_mutually_exclusive_group(required=True)
     which.add_argument("--from", dest="ref", metavar="REF", help="tag or snapshot id")
@@ -71,8 +69,6 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
                          "snapstore serving the memory as CRIU's lazy-pages daemon")
     _runsc_options(sp)
     _criu_options(sp)
-    sp.add_argument("--json", action="store_true", help="print JSON")
-    sp.set_defaults(func=cmd_restore)
 
 
 def _runsc_options(sp: argparse.ArgumentParser) -> None:
@@ -99,7 +95,7 @@ def cmd_checkpoint(args: argparse.Namespace) -> int:
                                      leave_running=args.leave_running)
         what = f"pid {args.pid}"
     else:
-        from snapstore import gvisor
+        from snapstore.gvisor import workflow as gvisor
 
         runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)
         r = gvisor.checkpoint(store, runsc, args.container, args.tag, labels,
@@ -137,7 +133,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         return _restore_process(args)
     if args.bundle is None:
         raise UsageError("a gVisor restore needs --bundle (the container's OCI bundle)")
-    from snapstore import gvisor
+    from snapstore.gvisor import workflow as gvisor
 
     store = open_store(args, create=True)
     runsc = gvisor.runsc_from_args(args.runsc, args.runsc_arg)

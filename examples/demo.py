@@ -24,10 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from snapstore import examples
+from examples import workloads
 from snapstore.cli import main as cli
-from snapstore.runsc import Runsc, new_container_id
-from snapstore.statefile import memory_of
+from snapstore.gvisor.runsc import Runsc, new_container_id
+from snapstore.transcode import memory_of
 
 PAGE = 4096
 PR_SET_CHILD_SUBREAPER = 36
@@ -107,7 +107,7 @@ def same_tree(a: Path, b: Path) -> bool:
 def demo(work: Path, image_mib: int) -> None:
     store = work / "store"
     step("checkpoint a busybox container that counts, with runsc")
-    ckpt = examples.checkpoint_busybox(work / "busybox")
+    ckpt = workloads.checkpoint_busybox(work / "busybox")
     print(f"checkpoint.img: {(ckpt.image_dir / 'checkpoint.img').stat().st_size} bytes, "
           f"counter stopped at {ckpt.counter}")
     run(store, "ingest", str(ckpt.image_dir), "--tag", "busybox-counter",
@@ -121,12 +121,12 @@ def demo(work: Path, image_mib: int) -> None:
         run(store, "restore", cid, "--from", "busybox-counter", "--bundle", str(ckpt.bundle),
             f"--runsc-arg=--root={rs.root}", "--no-fallback")
         deadline = time.monotonic() + 30
-        while examples.read_counter(ckpt.bundle) <= ckpt.counter + 5:
+        while workloads.read_counter(ckpt.bundle) <= ckpt.counter + 5:
             if time.monotonic() > deadline:
                 raise SystemExit("demo: the restored counter did not move")
             time.sleep(0.1)
         print(f"counter stopped at {ckpt.counter}; restored, it went on to "
-              f"{examples.read_counter(ckpt.bundle)}")
+              f"{workloads.read_counter(ckpt.bundle)}")
         rs.destroy(cid)
 
     criu_round_trip(store, work)
@@ -135,7 +135,7 @@ def demo(work: Path, image_mib: int) -> None:
     mem1, mem2 = work / "memory-1", work / "memory-2"
     mem1.mkdir()
     mem2.mkdir()
-    examples.memory_image(mem1 / "pages.img", image_mib << 20, seed=1)
+    workloads.memory_image(mem1 / "pages.img", image_mib << 20, seed=1)
     with (mem1 / "pages.img").open("rb") as src, (mem2 / "pages.img").open("wb") as dst:
         dst.write(os.urandom(PAGE))
         shutil.copyfileobj(src, dst, 16 << 20)

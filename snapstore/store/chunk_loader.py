@@ -9,7 +9,7 @@ passes the descriptor back over a Unix socket. The mount maps it read-only; the 
 is the cached chunk, and its memory goes away with the last view of it.
 
 Protocol, one SOCK_SEQPACKET socket per loader, one request at a time:
-- once started, the loader (`snapstore.store.load_worker`) sends a reply with sequence
+- once started, the loader (`snapstore.store.chunk_loader_worker`) sends a reply with sequence
   number 0 and status OK;
 - request: sequence number (u64), chunk id (32 bytes), size (u64), little endian;
 - reply: the request's sequence number (u64) and a status byte; OK carries the memfd as
@@ -43,7 +43,7 @@ import trio
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.store.base import Chunk
-from snapstore.store.load_worker import CORRUPT, NOT_FOUND, OK, PID, REPLY, REQUEST, SEALS
+from snapstore.store.chunk_loader_worker import CORRUPT, NOT_FOUND, OK, PID, REPLY, REQUEST, SEALS
 from snapstore.store.local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class _Loader:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, (top, env.get("PYTHONPATH"))))
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "snapstore.store.load_worker",
+                [sys.executable, "-m", "snapstore.store.chunk_loader_worker",
                  ",".join(map(str, theirs)), str(store_root)],
                 pass_fds=theirs, env=env, stdin=subprocess.DEVNULL)
         except BaseException:

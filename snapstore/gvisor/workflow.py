@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapstore.errors import SnapstoreError
+from snapstore.gvisor.runsc import Runsc, RunscError
 from snapstore.ingest import IngestResult, check_labels, ingest
-from snapstore.runsc import Runsc, RunscError
 from snapstore.store.local import LocalStore
 from snapstore.workflow import gpu_labels, mounted, pick, release
 

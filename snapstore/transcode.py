@@ -12,6 +12,10 @@ dedups like raw memory. What a reader gets back is the *presented* form: the sam
 then each block as [length | the block in deflate "stored" (uncompressed) blocks]. This
 runsc restores from that form; it is a pure function of the stored form, so any byte range
 of it can be computed from a byte range of the stored form (`segments`).
+
+This is a stored form of the engine, not gVisor runtime code: every reader of a store (a
+mount, `export`) rebuilds the presented form whatever runtime wrote the snapshot, and
+`ingest` transcodes any statefile it meets.
 """
 
 from __future__ import annotations

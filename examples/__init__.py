@@ -1,0 +1,1 @@
+"""Example workloads and the demo: inputs for snapstore, outside the engine package."""

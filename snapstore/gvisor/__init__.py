@@ -1,0 +1,1 @@
+"""The gVisor runtime: checkpoint and restore of runsc containers through the store."""
