@@ -44,7 +44,7 @@ from snapstore.store.s3 import (
     tag_key,
 )
 from snapstore.verify import verify
-from tests.conftest import memory_like
+from tests.conftest import memory_like, tmpfs
 from tests.s3proxy import FaultProxy, free_port, make_bucket, moto_server, s3_env
 
 _buckets = itertools.count()
@@ -1119,13 +1119,8 @@ async def test_a_push_beside_a_forced_gc_keeps_its_snapshot_whole(
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "tiny", "4m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_pull_onto_a_full_disk_names_the_store_and_the_cause(

@@ -24,7 +24,7 @@ from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 from snapstore.verify import verify
-from tests.conftest import memory_like
+from tests.conftest import memory_like, tmpfs
 
 
 def tree(root: Path) -> dict[str, tuple[str, int, bytes | str]]:
@@ -215,13 +215,8 @@ def test_gc_waits_for_a_running_ingest(store: LocalStore, image_dir: Path) -> No
 def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "tiny", "6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def test_disk_full_is_clean(tiny_fs: Path, tmp_path: Path) -> None:
