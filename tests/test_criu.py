@@ -640,6 +640,28 @@ def test_dropped_ranges_leave_the_rest_pending() -> None:
         (0, 2, 0), (10, 12, 6), (16, 17, 8), (18, 20, 10), (24, 28, 12)]
 
 
+def test_a_drop_over_a_span_in_flight_keeps_the_rest_of_it_pending() -> None:
+    task = task_of((0, 4))
+    inflight = task.take_next(4 * MIB)
+    assert inflight is not None
+    task.drop(1 * MIB, 2 * MIB)
+    # Its copier stops; what lies outside the dropped range is to install again.
+    assert inflight.dropped
+    assert [(s.start // MIB, s.end // MIB, s.offset // MIB) for s in task.pending] == [
+        (0, 1, 0), (2, 4, 2)]
+
+
+def test_a_remap_moves_what_is_pending_there_cut_at_its_bounds() -> None:
+    task = task_of((0, 4), (8, 12), (16, 20))
+    inflight = task.take(16 * MIB, 2 * MIB)
+    assert inflight is not None
+    # [2, 18) MiB moves to 100 MiB: two spans cross its bounds, one is in flight.
+    task.remap(2 * MIB, 100 * MIB, 16 * MIB)
+    assert inflight.dropped
+    assert [(s.start // MIB, s.end // MIB, s.offset // MIB) for s in task.pending] == [
+        (0, 2, 0), (18, 20, 10), (100, 102, 2), (106, 110, 4), (114, 116, 8)]
+
+
 def test_a_checkpoint_that_cannot_be_stored_loses_no_process(
         criu: Criu, reaper: None, tmp_path: Path) -> None:
     # A store on a disk far smaller than the process: the dump succeeds, the ingest fails.

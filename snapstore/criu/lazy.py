@@ -169,30 +169,60 @@ class Task:
         return any(s.start <= addr < s.end for s in self.inflight)
 
     def drop(self, start: int, end: int) -> None:
-        """The task unmapped or removed [start, end): nothing may be installed there."""
+        """The task unmapped or removed [start, end): nothing may be installed there.
+
+        An in-flight span that overlaps it stops (its copier checks `dropped` before every
+        retry), and what of it lies outside the range is pending again: the pages it had
+        not installed yet must not be lost."""
         i = max(0, bisect.bisect_right(self.pending, start, key=_start) - 1)
         j = bisect.bisect_left(self.pending, end, key=_start)
-        kept: list[Span] = []
-        for s in self.pending[i:j]:
-            if s.end <= start:
-                kept.append(s)
-                continue
-            if s.start < start:
-                kept.append(Span(s.start, start, s.offset))
-            if end < s.end:
-                kept.append(Span(end, s.end, s.offset + (end - s.start)))
+        kept = [piece for s in self.pending[i:j] for piece in _split(s, start, end)
+                if not start <= piece.start < end]
         self.pending[i:j] = kept
-        for s in self.inflight:
-            if s.start < end and start < s.end:
-                s.dropped = True
+        again = [piece for s in self._stop_inflight(start, end)
+                 for piece in _split(s, start, end) if not start <= piece.start < end]
+        self._add(again)
 
     def remap(self, old: int, new: int, length: int) -> None:
-        delta = new - old
-        for s in [*self.pending, *self.inflight]:
-            if old <= s.start and s.end <= old + length:
-                s.start += delta
-                s.end += delta
-        self.pending.sort(key=lambda s: s.start)
+        """The task moved [old, old+length) to `new`: what is pending there moves with it.
+
+        A span crossing the range's bounds is cut at them first. An in-flight span that
+        overlaps it stops, and is pending again, moved where it was inside: its copier
+        would now meet the old addresses unmapped, and the pages it had installed moved
+        with the memory (a copy onto them finds them installed)."""
+        end, delta = old + length, new - old
+        pieces = [piece for s in self.pending for piece in _split(s, old, end)]
+        pieces += [piece for s in self._stop_inflight(old, end)
+                   for piece in _split(s, old, end)]
+        for piece in pieces:
+            if old <= piece.start < end:
+                piece.start += delta
+                piece.end += delta
+        self.pending = []
+        self._add(pieces)
+
+    def _stop_inflight(self, start: int, end: int) -> list[Span]:
+        """Mark the in-flight spans overlapping [start, end) dropped; copies of them."""
+        stopped = []
+        for s in self.inflight:
+            if s.start < end and start < s.end and not s.dropped:
+                s.dropped = True
+                stopped.append(Span(s.start, s.end, s.offset))
+        return stopped
+
+    def _add(self, spans: list[Span]) -> None:
+        self.pending = sorted([*self.pending, *spans], key=_start)
+
+
+def _split(s: Span, *cuts: int) -> list[Span]:
+    """`s` cut at each of `cuts` that falls inside it."""
+    pieces = []
+    start = s.start
+    for cut in sorted(c for c in cuts if s.start < c < s.end):
+        pieces.append(Span(start, cut, s.offset + (start - s.start)))
+        start = cut
+    pieces.append(Span(start, s.end, s.offset + (start - s.start)))
+    return pieces
 
 
 @dataclass(slots=True)
