@@ -34,6 +34,7 @@ from snapstore.errors import SnapstoreError
 from snapstore.fileio import write_atomic
 from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest
+from snapstore.proctree import below
 from snapstore.store.base import ChunkReader
 
 log = logging.getLogger(__name__)
@@ -397,7 +398,7 @@ def _daemon_pid(state: dict[str, Any] | None, mountpoint: Path) -> int | None:
 
 
 def _stop_daemon(pid: int, timeout: float) -> str:
-    loaders = _descendants(pid)
+    loaders = below(pid)
     os.kill(pid, signal.SIGTERM)
     # A stopped process acts on SIGTERM only once continued, and a daemon can end only
     # once its loaders (stopped with it, by a signal to its process group) let go.
@@ -421,25 +422,6 @@ def _wait_gone(pid: int, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes below `pid`: a daemon's loaders (the first one forks the others)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{parent}/task")
-        except FileNotFoundError:
-            continue
-        for task in tasks:
-            with contextlib.suppress(FileNotFoundError):
-                children = [int(c) for c in
-                            Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
-                found += children
-                todo += children
-    return found
 
 
 # -- daemon ---------------------------------------------------------------------------

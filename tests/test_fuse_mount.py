@@ -29,6 +29,7 @@ from snapstore.chunker_params import ChunkerParams
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Manifest
+from snapstore.proctree import below
 from snapstore.store.local import LocalStore
 from tests.conftest import alive, memory_like, tmpfs, wait_until
 
@@ -655,21 +656,6 @@ def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
 # -- hostile and unlucky: other mounts, a stopped daemon, a full disk, a busy port ----
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid`: a daemon's loaders (the first loader forks the others)."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        with contextlib.suppress(FileNotFoundError):
-            for task in os.listdir(f"/proc/{parent}/task"):
-                text = Path(f"/proc/{parent}/task/{task}/children").read_text()
-                children = [int(c) for c in text.split()]
-                found += children
-                todo += children
-    return found
-
-
 def process_state(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -701,7 +687,7 @@ def test_umount_of_a_stopped_daemon_leaves_no_process(
     m = mount()
     (m.path / "checkpoint.img").read_bytes()
     daemon = m.pid
-    group = [daemon, *descendants(daemon)]
+    group = [daemon, *below(daemon)]
     assert len(group) > 1, "the daemon started no loader"
     os.killpg(os.getpgid(daemon), signal.SIGSTOP)
     try:
@@ -726,7 +712,7 @@ def test_umount_kills_a_daemon_that_does_not_stop(mount: Callable[..., Mount]) -
     m = mount()
     (m.path / "checkpoint.img").read_bytes()
     daemon = m.pid
-    group = [daemon, *descendants(daemon)]
+    group = [daemon, *below(daemon)]
     libc = ctypes.CDLL(None, use_errno=True)
     for request in (PTRACE_SEIZE, PTRACE_INTERRUPT):
         assert libc.ptrace(request, daemon, None, None) == 0, os.strerror(ctypes.get_errno())

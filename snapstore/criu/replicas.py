@@ -32,6 +32,7 @@ from snapstore.criu.workflow import (
 )
 from snapstore.errors import RestoreError
 from snapstore.gpu import cuda
+from snapstore.proctree import children
 from snapstore.store.local import LocalStore
 
 
@@ -122,19 +123,11 @@ def _restored(keeper: subprocess.Popen[bytes], report: Path) -> Replica:
     if status != "ok":
         raise RestoreError(rest)
     ns_pid = int(rest)
-    for init in _children(keeper.pid):
-        for pid in _children(init):
+    for init in children(keeper.pid):
+        for pid in children(init):
             if _ns_pids(pid)[-1:] == [ns_pid]:
                 return Replica(pid, ns_pid, keeper.pid)
     raise RestoreError(f"restored pid {ns_pid} of a replica is gone")
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(p) for p in text.split()]
 
 
 def _ns_pids(pid: int) -> list[int]:

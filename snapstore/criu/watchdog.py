@@ -14,7 +14,6 @@ the connection without `D` means the daemon failed or died.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ import struct
 import subprocess
 import sys
 
-from snapstore.criu.tree import descendants
+from snapstore.proctree import signal_tree
 
 _PID = struct.Struct("i")
 
@@ -62,9 +61,8 @@ def main(fd: int) -> None:
             break
         if msg[:1] == b"T" and len(msg) == 1 + _PID.size:
             pids.add(_PID.unpack_from(msg, 1)[0])
-    for pid in descendants(pids):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        signal_tree(pid, signal.SIGKILL)
     for u in uffds:
         os.close(u)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from snapstore.criu import staging
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError, PageSource
-from snapstore.criu.tree import signal_tree
 from snapstore.errors import NoMatchError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, check_labels, ingest
+from snapstore.proctree import signal_tree
 from snapstore.store.local import LocalStore
 from snapstore.workflow import gpu_labels, mounted, pick, release
 

@@ -1,0 +1,40 @@
+"""Process trees as /proc shows them: a process's children, everything below it, and
+signalling a whole tree."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+
+def children(pid: int) -> list[int]:
+    """The children of every thread of `pid` (none if it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return []
+    found: list[int] = []
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            text = Path(f"/proc/{pid}/task/{task}/children").read_text()
+            found += [int(c) for c in text.split()]
+    return found
+
+
+def below(pid: int) -> list[int]:
+    """Every process below `pid`, its children first."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children(todo.pop())
+        found += kids
+        todo += kids
+    return found
+
+
+def signal_tree(root: int, sig: int) -> None:
+    """Send `sig` to `root` and every process below it."""
+    for pid in [root, *below(root)]:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
