@@ -90,13 +90,17 @@ def rs(tmp_path: Path) -> Iterator[Runsc]:
 
 
 def processes_using(root: Path) -> list[int]:
-    needle = f"--root={root}".encode()
+    return processes_named(f"--root={root}")
+
+
+def processes_named(needle: str) -> list[int]:
+    """Processes whose command line contains `needle`."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            if needle in (proc / "cmdline").read_bytes():
+            if needle.encode() in (proc / "cmdline").read_bytes():
                 pids.append(int(proc.name))
         except OSError:
             continue

@@ -30,7 +30,7 @@ from snapstore.export import export
 from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
-from tests.conftest import alive, tmpfs, wait_until
+from tests.conftest import alive, processes_named, tmpfs, wait_until
 from tests.s3proxy import FaultProxy, make_bucket, moto_server, s3_env
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -335,18 +335,6 @@ def test_a_damaged_lazy_page_kills_the_restored_tree(
     wait_until(lambda: not alive(child.pid), "the restored tree to be killed")
     kill(child.pid)
     assert list(store.work_root.iterdir()) == []
-
-
-def processes_named(needle: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle.encode() in (entry / "cmdline").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                continue
-    return found
 
 
 def exit_signal(pid: int, timeout: float = 30.0) -> int:
