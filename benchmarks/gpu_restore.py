@@ -199,15 +199,16 @@ class Model:
 
 
 
-def checkpoint(store: Path, model: Model, tag: str) -> dict[str, Any]:
+def checkpoint(store: Path, root: subprocess.Popen[bytes], tag: str) -> dict[str, Any]:
+    """`snapstore checkpoint` of the tree at `root`, a child of this process."""
     start = time.perf_counter()
-    proc = subprocess.run(snapstore_cmd(store, "checkpoint", "--pid", str(model.pid), "--tag",
+    proc = subprocess.run(snapstore_cmd(store, "checkpoint", "--pid", str(root.pid), "--tag",
                                         tag, "--json"),
                           capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        raise RuntimeError(f"checkpoint of pid {model.pid} failed: {proc.stderr.strip()}")
-    model.proc.wait(timeout=60)  # CRIU killed it after the dump: reap it, its pid is free
+        raise RuntimeError(f"checkpoint of pid {root.pid} failed: {proc.stderr.strip()}")
+    root.wait(timeout=60)  # CRIU killed it after the dump: reap it, its pid is free
     doc: dict[str, Any] = json.loads(proc.stdout)
     doc["wall_seconds"] = seconds
     return doc
@@ -316,7 +317,7 @@ def main() -> int:
         log("WARNING: A generated two different continuations of one state: the token "
             "check below means nothing, the timings still do")
 
-    ck_a = checkpoint(store, a, "gpu-a")
+    ck_a = checkpoint(store, a.proc, "gpu-a")
     res["checkpoint_a"] = ck_a
     log(f"checkpoint A: {ck_a['wall_seconds']:.1f} s, {gb(ck_a['logical_bytes'])} image, "
         f"{gb(ck_a['new_stored_bytes'])} stored (ingest {ck_a['seconds']:.1f} s)")
@@ -373,7 +374,7 @@ def main() -> int:
             save()
     shutil.rmtree(plain)
 
-    ck_b = checkpoint(store, b, "gpu-b")
+    ck_b = checkpoint(store, b.proc, "gpu-b")
     res["checkpoint_b"] = ck_b
     added = ck_b["new_stored_bytes"] / ck_b["logical_bytes"]
     log(f"checkpoint B: {ck_b['wall_seconds']:.1f} s, {gb(ck_b['logical_bytes'])} image, "

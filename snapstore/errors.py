@@ -36,3 +36,10 @@ class RestoreError(SnapstoreError):
     """A snapshot was found but the process could not be brought back (exit status 4)."""
 
     exit_status = 4
+
+
+class NotCheckpointableError(SnapstoreError):
+    """A process tree is configured in a way its checkpoint could not restore; nothing was
+    done to it (exit status 5)."""
+
+    exit_status = 5

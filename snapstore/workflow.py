@@ -25,20 +25,44 @@ RELEASE_TIMEOUT = 60.0
 
 
 def gpu_labels() -> dict[str, str]:
-    """GPU model, driver and count of this host (none without nvidia-smi)."""
+    """GPU model, driver, count and topology of this host (none without nvidia-smi)."""
     if shutil.which("nvidia-smi") is None:
         return {}
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30, check=True,
-        ).stdout.strip().splitlines()
+        out = _nvidia_smi("--query-gpu=name,driver_version", "--format=csv,noheader")
     except (OSError, subprocess.SubprocessError):
         return {}
-    if not out:
+    rows = out.strip().splitlines()
+    if not rows:
         return {}
-    name, _, driver = out[0].partition(",")
-    return {"gpu.model": name.strip(), "gpu.driver": driver.strip(), "gpu.count": str(len(out))}
+    name, _, driver = rows[0].partition(",")
+    labels = {"gpu.model": name.strip(), "gpu.driver": driver.strip(), "gpu.count": str(len(rows))}
+    try:
+        links = topology(_nvidia_smi("topo", "-m"), len(rows))
+    except (OSError, subprocess.SubprocessError):
+        links = ""
+    if links:
+        labels["gpu.topology"] = links
+    return labels
+
+
+def topology(matrix: str, count: int) -> str:
+    """How each pair of the `count` GPUs is linked, from `nvidia-smi topo -m`'s matrix:
+    the cells above its diagonal, row by row, comma-separated ("NV18" for two GPUs joined
+    by 18 NVLinks; "" for one GPU or a matrix that does not read)."""
+    cells: list[str] = []
+    for i in range(count):
+        row = next((line.split("\t") for line in matrix.splitlines()
+                    if line.split("\t", 1)[0].strip() == f"GPU{i}"), None)
+        if row is None or len(row) <= count:
+            return ""
+        cells += [cell.strip() for cell in row[i + 2:count + 1]]
+    return ",".join(cells)
+
+
+def _nvidia_smi(*args: str) -> str:
+    return subprocess.run(["nvidia-smi", *args], capture_output=True, text=True, timeout=30,
+                          check=True).stdout
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +18,8 @@ from hypothesis import settings
 
 from examples import workloads
 from fusefs.mount import is_mounted
+from snapstore.criu.binary import Criu, CriuError
+from snapstore.gpu import cuda
 from snapstore.gvisor.runsc import Runsc
 from snapstore.store.local import LocalStore
 
@@ -140,8 +144,112 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
 
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
+    return process_state(pid) not in ("", "Z")
+
+
+def process_state(pid: int) -> str:
+    """The state letter /proc gives `pid` ("" once it is gone)."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except FileNotFoundError:
-        return False
-    return state != "Z"
+        return ""
+
+
+def criu_or_skip() -> Criu:
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root")
+    try:
+        return Criu.find()
+    except CriuError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture
+def criu() -> Criu:
+    return criu_or_skip()
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+@pytest.fixture
+def reaper() -> Iterator[None]:
+    """Make this process the subreaper of what CRIU restores (criu restore -d leaves the
+    tree to the nearest subreaper), and reap every zombie child at the end, so a restored
+    pid is free again for the next restore."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        reap()
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill(pid: int) -> None:
+    """Kill `pid` and wait until it is reaped: its pid is free for the next restore."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+    def gone() -> bool:
+        # A killed leader shows as a zombie before its other threads have exited, and
+        # cannot be reaped until they have: reap until /proc has no trace of it.
+        reap()
+        return not Path(f"/proc/{pid}").exists()
+
+    wait_until(gone, f"pid {pid} to die and be reaped")
+
+
+class FakeDriver:
+    """The CUDA checkpoint API's state machine per pid on a host of `gpus` fake GPUs,
+    recording every call as (name, pid)."""
+
+    def __init__(self, with_cuda: set[int], gpus: int = 1) -> None:
+        self.state = {pid: cuda.ProcessState.RUNNING for pid in with_cuda}
+        self.gpus = gpus
+        self.calls: list[tuple[str, int]] = []
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+    def describe(self) -> cuda.DriverInfo | None:
+        return cuda.DriverInfo("580.0", "13.0", tuple(
+            cuda.GpuInfo(i, "Fake GPU", f"GPU-{i}") for i in range(self.gpus)))
+
+    def get_state(self, pid: int) -> cuda.ProcessState:
+        if pid not in self.state:
+            raise cuda.NoCudaContext(f"pid {pid} has no CUDA state")
+        return self.state[pid]
+
+    def _step(self, name: str, pid: int, want: cuda.ProcessState,
+              to: cuda.ProcessState) -> None:
+        assert self.state[pid] is want, f"{name} of {pid} in {self.state[pid]}"
+        if name in ("checkpoint", "restore"):
+            # The driver's thread inside the process does this work: it must be running.
+            assert process_state(pid) not in ("T", "t"), f"{name} of stopped pid {pid}"
+        self.calls.append((name, pid))
+        self.state[pid] = to
+
+    def lock(self, pid: int, timeout_ms: int) -> None:
+        self._step("lock", pid, cuda.ProcessState.RUNNING, cuda.ProcessState.LOCKED)
+
+    def checkpoint(self, pid: int) -> None:
+        self._step("checkpoint", pid, cuda.ProcessState.LOCKED, cuda.ProcessState.CHECKPOINTED)
+
+    def restore(self, pid: int) -> None:
+        self._step("restore", pid, cuda.ProcessState.CHECKPOINTED, cuda.ProcessState.LOCKED)
+
+    def unlock(self, pid: int) -> None:
+        self._step("unlock", pid, cuda.ProcessState.LOCKED, cuda.ProcessState.RUNNING)

@@ -6,7 +6,6 @@ The CUDA calls go through a fake driver (CI has no GPU)."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -30,10 +29,16 @@ from snapstore.export import export
 from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
-from tests.conftest import alive, processes_named, tmpfs, wait_until
+from tests.conftest import (
+    FakeDriver,
+    alive,
+    kill,
+    processes_named,
+    reap,
+    tmpfs,
+    wait_until,
+)
 from tests.s3proxy import FaultProxy, make_bucket, moto_server, s3_env
-
-PR_SET_CHILD_SUBREAPER = 36
 
 # Holds SIZE bytes of seeded random data and counts in memory; on SIGUSR1 writes the
 # data's SHA-256, its pid and its count to REPORT. It keeps no file open while it runs, so
@@ -65,20 +70,6 @@ def digest_of(size: int) -> str:
 EXPECTED = digest_of(SIZE)
 
 
-def criu_or_skip() -> Criu:
-    if os.geteuid() != 0:
-        pytest.skip("CRIU needs root")
-    try:
-        return Criu.find()
-    except CriuError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture
-def criu() -> Criu:
-    return criu_or_skip()
-
-
 def restore_mounts() -> set[str]:
     """Mountpoints of the mounts restores make."""
     points = (line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines())
@@ -94,30 +85,6 @@ def no_mount_left() -> Iterator[None]:
     for point in left:
         subprocess.run(["umount", "-l", point], check=False, timeout=60)
     assert not left, f"restores left mounted: {sorted(left)}"
-
-
-@pytest.fixture
-def reaper() -> Iterator[None]:
-    """Make this process the subreaper of what CRIU restores (criu restore -d leaves the
-    tree to the nearest subreaper), and reap every zombie child at the end, so a restored
-    pid is free again for the next restore."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    try:
-        yield
-    finally:
-        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
-        reap()
-
-
-def reap() -> None:
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
 
 
 class Child:
@@ -151,22 +118,6 @@ class Child:
     def wait_dead(self) -> None:
         """The original process was killed by the dump: reap it, so its pid is free."""
         self.proc.wait(timeout=30)
-
-
-def kill(pid: int) -> None:
-    """Kill `pid` and wait until it is reaped: its pid is free for the next restore."""
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-
-    def gone() -> bool:
-        # A killed leader shows as a zombie before its other threads have exited, and
-        # cannot be reaped until they have: reap until /proc has no trace of it.
-        reap()
-        return not Path(f"/proc/{pid}").exists()
-
-    wait_until(gone, f"pid {pid} to die and be reaped")
 
 
 def snapstore(store: LocalStore, *args: str, env: dict[str, str] | None = None
@@ -390,40 +341,6 @@ def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
             os.kill(restore.pid, signal.SIGKILL)
         restore.wait(timeout=30)
         kill(child.pid)
-
-
-class FakeDriver:
-    """The CUDA checkpoint API's state machine per pid, recording every call."""
-
-    def __init__(self, with_cuda: set[int]) -> None:
-        self.state = {pid: cuda.ProcessState.RUNNING for pid in with_cuda}
-        self.calls: list[tuple[str, int]] = []
-
-    def describe(self) -> cuda.DriverInfo | None:
-        return None
-
-    def get_state(self, pid: int) -> cuda.ProcessState:
-        if pid not in self.state:
-            raise cuda.NoCudaContext(f"pid {pid} has no CUDA state")
-        return self.state[pid]
-
-    def _step(self, name: str, pid: int, want: cuda.ProcessState,
-              to: cuda.ProcessState) -> None:
-        assert self.state[pid] is want, f"{name} of {pid} in {self.state[pid]}"
-        self.calls.append((name, pid))
-        self.state[pid] = to
-
-    def lock(self, pid: int, timeout_ms: int) -> None:
-        self._step("lock", pid, cuda.ProcessState.RUNNING, cuda.ProcessState.LOCKED)
-
-    def checkpoint(self, pid: int) -> None:
-        self._step("checkpoint", pid, cuda.ProcessState.LOCKED, cuda.ProcessState.CHECKPOINTED)
-
-    def restore(self, pid: int) -> None:
-        self._step("restore", pid, cuda.ProcessState.CHECKPOINTED, cuda.ProcessState.LOCKED)
-
-    def unlock(self, pid: int) -> None:
-        self._step("unlock", pid, cuda.ProcessState.LOCKED, cuda.ProcessState.RUNNING)
 
 
 def test_cuda_state_moves_around_criu(criu: Criu, reaper: None, store: LocalStore,

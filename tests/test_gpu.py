@@ -51,6 +51,7 @@ from snapstore.store.local import LocalStore
 from snapstore.uffd import page_loader
 from snapstore.uffd.client import MappedRegion
 from snapstore.uffd.serve import Layout
+from tests.conftest import FakeDriver
 
 # Segments of an odd size: blocks are cut at segment ends in the middle of regions.
 SMALL_SEGMENT = (3 << 20) + 5 * PAGE
@@ -113,41 +114,6 @@ def memory_at(d: Dump, addr: int, size: int) -> bytes:
             out += d.read(r.offset + lo - r.start, hi - lo)
     assert len(out) == size, f"{addr:#x}+{size} is not all dumped"
     return bytes(out)
-
-
-class FakeDriver:
-    """A CheckpointApi that follows the driver's state machine and records the calls."""
-
-    def __init__(self, child: Child) -> None:
-        self.child = child
-        self.state = cuda.ProcessState.RUNNING
-        self.calls: list[str] = []
-
-    def describe(self) -> cuda.DriverInfo | None:
-        return cuda.DriverInfo("580.0", "13.0", (cuda.GpuInfo(0, "Fake GPU", "GPU-0"),))
-
-    def get_state(self, pid: int) -> cuda.ProcessState:
-        return self.state
-
-    def _step(self, name: str, want: cuda.ProcessState, to: cuda.ProcessState) -> None:
-        assert self.state is want, f"{name} in state {self.state}"
-        if name in ("checkpoint", "restore"):
-            # The driver's thread inside the process does this work: it must be running.
-            assert self.child.state() not in "Tt", f"{name} on a stopped process"
-        self.calls.append(name)
-        self.state = to
-
-    def lock(self, pid: int, timeout_ms: int) -> None:
-        self._step("lock", cuda.ProcessState.RUNNING, cuda.ProcessState.LOCKED)
-
-    def checkpoint(self, pid: int) -> None:
-        self._step("checkpoint", cuda.ProcessState.LOCKED, cuda.ProcessState.CHECKPOINTED)
-
-    def restore(self, pid: int) -> None:
-        self._step("restore", cuda.ProcessState.CHECKPOINTED, cuda.ProcessState.LOCKED)
-
-    def unlock(self, pid: int) -> None:
-        self._step("unlock", cuda.ProcessState.LOCKED, cuda.ProcessState.RUNNING)
 
 
 def no_cuda() -> cuda.CheckpointApi:
@@ -269,17 +235,17 @@ def test_dump_leave_running_and_kill(child: Child, tmp_path: Path) -> None:
 
 
 def test_cuda_calls_follow_the_driver_state_machine(child: Child, tmp_path: Path) -> None:
-    fake = FakeDriver(child)
+    fake = FakeDriver({child.pid})
     r = dump_process(child.pid, tmp_path / "d", after=After.STOP, api=fake)
-    assert fake.calls == ["lock", "checkpoint", "restore", "unlock"]
-    assert fake.state is cuda.ProcessState.RUNNING and child.state() in "Tt"
+    assert fake.names() == ["lock", "checkpoint", "restore", "unlock"]
+    assert fake.state[child.pid] is cuda.ProcessState.RUNNING and child.state() in "Tt"
     meta = json.loads((tmp_path / "d" / "dump.json").read_text())
     assert r.cuda and meta["cuda"]["gpus"][0]["name"] == "Fake GPU"
 
 
 def test_failed_dump_resumes_process_and_restores_cuda(child: Child, tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    fake = FakeDriver(child)
+    fake = FakeDriver({child.pid})
 
     def broken(*args: object) -> int:
         raise SnapstoreError("disk full")
@@ -287,7 +253,7 @@ def test_failed_dump_resumes_process_and_restores_cuda(child: Child, tmp_path: P
     monkeypatch.setattr("snapstore.gpu.dump.write_pages", broken)
     with pytest.raises(SnapstoreError, match="disk full"):
         dump_process(child.pid, tmp_path / "d", after=After.KILL, api=fake)
-    assert fake.calls == ["lock", "checkpoint", "restore", "unlock"]
+    assert fake.names() == ["lock", "checkpoint", "restore", "unlock"]
     assert child.ping() == "alive"
     assert not (tmp_path / "d").exists()
 

@@ -29,7 +29,9 @@ from snapstore.store.local import LocalStore
 
 def add_commands(sub: Commands[argparse.ArgumentParser]) -> None:
     help = ("checkpoint a running gVisor container (CONTAINER) or a process tree "
-            "(--pid, with CRIU) into the store")
+            "(--pid, with CRIU, its CUDA state on any number of GPUs with it) into the "
+            "store; exit 5 when the tree is set up in a way its checkpoint could not "
+            "restore (nothing is done to it)")
     sp = add_command(sub, "checkpoint", cmd_checkpoint, help, json_output=True)
     sp.add_argument("container", nargs="?", help="gVisor container id")
     sp.add_argument("--pid", type=int, help="root of a process tree to checkpoint with CRIU")

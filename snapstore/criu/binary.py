@@ -19,6 +19,12 @@ ENV_VAR = "SNAPSTORE_CRIU"
 BUILT = Path(__file__).resolve().parents[2] / "build" / "criu" / "criu"
 # criu dump and restore of a live tree take seconds; a stuck one must not hang the caller.
 TIMEOUT = 600.0
+# A tree's TCP connections are dumped and restored with it (an NCCL job's ranks talk over
+# loopback connections and to its TCPStore); nothing locks them with iptables, which a GPU
+# host may lack: the tree is frozen, and killed quietly (quietkill.py), while they are
+# dumped. A file the tree still has open but is deleted (NCCL's shared host buffers) is
+# kept in the image up to this size.
+DUMP_OPTIONS = ("--tcp-established", "--network-lock", "skip", "--ghost-limit", "1G")
 
 
 class CriuError(SnapstoreError):
@@ -54,7 +60,7 @@ class Criu:
         is left running, or else stopped (for the caller to kill once the images are safe,
         or to resume if they cannot be kept)."""
         cmd = [self.path, "dump", "-t", str(pid), "-D", str(images), "-W", str(work),
-               "-o", "dump.log", "-v2",
+               "-o", "dump.log", "-v2", *DUMP_OPTIONS,
                "--leave-running" if leave_running else "--leave-stopped"]
         self._run(cmd, work / "dump.log", f"criu dump of pid {pid}")
 
@@ -63,7 +69,7 @@ class Criu:
         `lazy_pages`, private anonymous memory is left to the daemon listening in `work`."""
         pidfile = work / "restored.pid"
         cmd = [self.path, "restore", "-D", str(images), "-W", str(work), "-d",
-               "-o", "restore.log", "-v2", "--pidfile", str(pidfile)]
+               "-o", "restore.log", "-v2", "--pidfile", str(pidfile), "--tcp-established"]
         if lazy_pages:
             cmd.append("--lazy-pages")
         try:

@@ -257,6 +257,7 @@ class LazyPagesDaemon:
         self.error: str | None = None
         self._tasks: list[Task] = []
         self._tasks_lock = threading.Lock()
+        self._turn = 0  # which task the next prefetch copy starts looking at
         self._finished = threading.Event()  # RSTF received
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._threads: list[threading.Thread] = []
@@ -477,9 +478,13 @@ class LazyPagesDaemon:
             self._install(*work, buf, demand=False)
 
     def _next_prefetch(self) -> tuple[Task, Span] | None:
+        """The next span to prefetch, from each task in turn: the processes of a job (one
+        per GPU) get their memory side by side, and their CUDA restores run together."""
         with self._tasks_lock:
             tasks = [t for t in self._tasks if not t.gone and t.pending]
-        for task in tasks:
+            self._turn += 1
+            turn = self._turn % len(tasks) if tasks else 0
+        for task in tasks[turn:] + tasks[:turn]:
             with task.lock:
                 span = task.take_next(PREFETCH_BYTES)
             if span is not None:

@@ -20,19 +20,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapstore.criu import cudastate
 from snapstore.criu.binary import TIMEOUT, Criu
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError
 from snapstore.criu.workflow import (
     LAZY_TIMEOUT,
     Stages,
+    check_gpus,
     cuda_restore,
-    has_cuda,
     images_of,
     pick_criu,
 )
 from snapstore.errors import RestoreError
 from snapstore.gpu import cuda
-from snapstore.proctree import children
+from snapstore.proctree import below, children
 from snapstore.store.local import LocalStore
 
 
@@ -60,8 +61,9 @@ def restore_replicas(store: LocalStore, criu: Criu, ref: str | None, match: dict
     its CUDA state. If one fails, every one is killed."""
     stages = Stages()
     snapshot, source = pick_criu(store, ref, match, remote)
-    stages.done("find")
     api = api or cuda.open_api()
+    gpus = check_gpus(store, snapshot, source, api)
+    stages.done("find")
     with images_of(store, snapshot, source, lazy, stages) as (images, sources), \
             contextlib.ExitStack() as stack:
         works = [stack.enter_context(store.work_dir("criu-replica")) for _ in range(count)]
@@ -77,9 +79,11 @@ def restore_replicas(store: LocalStore, criu: Criu, ref: str | None, match: dict
             replicas = [_restored(k, w / "nsinit.report")
                         for k, w in zip(keepers, works, strict=True)]
             stages.done("criu_restore")
-            if any(has_cuda(api, r.pid) for r in replicas):
-                for r in replicas:
-                    cuda_restore(api, r.pid)
+            # Every replica's processes at once, as one job's ranks are.
+            gpu_pids = [p for r in replicas
+                        for p in cudastate.with_cuda(api, [r.pid, *below(r.pid)])]
+            if gpu_pids:
+                cuda_restore(api, replicas[0].pid, gpu_pids, gpus)
                 stages.done("cuda_restore")
             # Eager, there are no daemons and nothing to wait for.
             for r, d in zip(replicas, daemons, strict=False):

@@ -5,7 +5,6 @@ state to host memory and back around CRIU; or start it cold when it cannot be re
 from __future__ import annotations
 
 import contextlib
-import os
 import platform
 import signal
 import subprocess
@@ -14,20 +13,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from snapstore.criu import staging
+from snapstore.criu import cudastate, preflight, staging
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError, PageSource
+from snapstore.criu.tcprepair import kill_quietly, resume
 from snapstore.errors import NoMatchError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, check_labels, ingest
-from snapstore.proctree import signal_tree
+from snapstore.proctree import below, signal_tree
 from snapstore.store.local import LocalStore
 from snapstore.workflow import gpu_labels, mounted, pick, release
 
-# How long the driver may wait for the process's CUDA work to finish before Lock fails.
-LOCK_TIMEOUT_MS = 10_000
 RUNTIME_LABEL = "runtime"
 CUDA_LABEL = "cuda"
+# How many GPUs the tree's processes held when it was checkpointed.
+GPUS_USED_LABEL = "gpu.used"
 # How long a lazy restore may take to install the whole memory once the tree runs.
 LAZY_TIMEOUT = 600.0
 
@@ -43,64 +43,68 @@ def compat_labels(criu: Criu) -> dict[str, str]:
     }
 
 
-def has_cuda(api: cuda.CheckpointApi, pid: int) -> bool:
-    try:
-        api.get_state(pid)
-    except cuda.NoCudaContext:
-        return False
-    return True
-
-
 def checkpoint(store: LocalStore, criu: Criu, pid: int, tag: str, labels: dict[str, str],
                leave_running: bool = False,
                api: cuda.CheckpointApi | None = None) -> IngestResult:
     """Dump the tree rooted at `pid` into a working directory of the store and ingest it.
 
-    A process with CUDA state has it moved into its host memory first (Lock, Checkpoint),
-    so CRIU sees no GPU mapping; it gets it back (Restore, Unlock) if the dump fails or
-    when `leave_running`. Without `leave_running` the tree is killed, but only once its
-    snapshot is stored and tagged: CRIU leaves it stopped, and if the ingest fails (a full
-    disk, say) it is resumed as it was, so a failed checkpoint loses no process.
+    Every process of the tree with CUDA state has it moved into its host memory first
+    (all locked, then all checkpointed: cudastate.py), so CRIU sees no GPU mapping; they
+    get it back if the dump fails or when `leave_running`. A tree whose checkpoint could
+    not be restored (preflight.py) is refused before anything is done to it. Without
+    `leave_running` the tree is killed, but only once its snapshot is stored and tagged:
+    CRIU leaves it stopped, and if the ingest fails (a full disk, say) it is resumed as it
+    was, so a failed checkpoint loses no process.
     """
     api = api or cuda.open_api()
-    with_cuda = has_cuda(api, pid)
+    procs = [preflight.inspect(p) for p in [pid, *below(pid)]]
+    gpu_pids = cudastate.with_cuda(api, [p.pid for p in procs])
+    preflight.check(procs, gpu_pids, cuda.kernel_driver_version())
+    gpus = preflight.gpus_used(p for p in procs if p.pid in gpu_pids)
     # Labels no reader would accept fail here, before the process is touched.
-    all_labels = check_labels({**compat_labels(criu), CUDA_LABEL: "1" if with_cuda else "0",
+    all_labels = check_labels({**compat_labels(criu), CUDA_LABEL: "1" if gpu_pids else "0",
+                               **({GPUS_USED_LABEL: str(len(gpus))} if gpus else {}),
                                **labels})
     with store.work_dir("criu-dump") as work:
         images = work / "images"
         images.mkdir()
-        if with_cuda:
-            api.lock(pid, LOCK_TIMEOUT_MS)
-            try:
-                api.checkpoint(pid)
-            except BaseException:
-                api.unlock(pid)
-                raise
+        cudastate.checkpoint_all(api, gpu_pids)
         try:
             criu.dump(pid, images, work, leave_running)
         except BaseException:
-            if with_cuda:
-                _give_gpu_back(api, pid)
+            _give_gpu_back(api, pid, gpu_pids, len(gpus))
             raise
         if leave_running:
-            if with_cuda:
-                _give_gpu_back(api, pid)
+            _give_gpu_back(api, pid, gpu_pids, len(gpus))
             return ingest(store, images, tag, all_labels)
         try:
             result = ingest(store, images, tag, all_labels)
         except BaseException:
-            signal_tree(pid, signal.SIGCONT)
-            if with_cuda:
-                _give_gpu_back(api, pid)
+            resume(pid)
+            _give_gpu_back(api, pid, gpu_pids, len(gpus))
             raise
-        signal_tree(pid, signal.SIGKILL)
+        kill_quietly(pid)
         return result
 
 
-def _give_gpu_back(api: cuda.CheckpointApi, pid: int) -> None:
-    api.restore(pid)
-    api.unlock(pid)
+def _give_gpu_back(api: cuda.CheckpointApi, root: int, gpu_pids: list[int],
+                   gpus: int) -> None:
+    """The tree's GPU state back on its `gpus` GPUs; a tree that cannot have it is killed
+    rather than left hanging on its next CUDA call."""
+    try:
+        cudastate.restore_all(api, gpu_pids)
+    except cuda.CudaError as e:
+        signal_tree(root, signal.SIGKILL)
+        raise cuda.CudaError(f"the tree at pid {root} could not have its CUDA state back "
+                             f"({e}){_peer_hint(e, gpus)}; killed it") from None
+
+
+def _peer_hint(err: cuda.CudaError, gpus: int) -> str:
+    """What an INVALID_VALUE from Restore most likely means for a tree on several GPUs."""
+    if "INVALID_VALUE" in str(err) and gpus > 1:
+        return ("; a process that copied between its GPUs peer to peer cannot be restored "
+                "by this driver: move data between GPUs through host memory")
+    return ""
 
 
 @dataclass(slots=True)
@@ -204,20 +208,45 @@ def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str
     """
     stages = Stages()
     snapshot, source = pick_criu(store, ref, match, remote)
-    stages.done("find")
     api = api or cuda.open_api()
+    gpus = check_gpus(store, snapshot, source, api)
+    stages.done("find")
     with images_of(store, snapshot, source, lazy, stages) as (images, sources), \
             store.work_dir("criu-restore") as work:
         daemon = LazyPagesDaemon(images, work, sources) if lazy else None
-        pid = _restore_from(criu, images, work, daemon, api, stages)
+        pid = _restore_from(criu, images, work, daemon, api, stages, gpus)
     return RestoreReport(pid, snapshot, source, stages.elapsed(), stages.times,
                          stages.mount_left)
 
 
+def check_gpus(store: LocalStore, snapshot: str, source: str,
+               api: cuda.CheckpointApi) -> int:
+    """How many GPUs the snapshot's tree used; a RestoreError, before anything is
+    restored, on a host with fewer."""
+    try:
+        if source == "local":
+            labels = store.get_manifest(store.resolve(snapshot)).labels
+        else:
+            from snapstore.remote.catalog import remote_manifest
+
+            labels = remote_manifest(source, snapshot).labels
+    except SnapstoreError as e:
+        raise RestoreError(f"cannot read snapshot {snapshot[:12]}: {e}") from None
+    used = labels.get(GPUS_USED_LABEL, "0")
+    needed = int(used) if used.isdigit() else 0
+    info = api.describe()
+    here = len(info.gpus) if info else 0
+    if needed > here:
+        raise RestoreError(f"snapshot {snapshot[:12]} was taken on {needed} GPUs; this host "
+                           f"has {here}")
+    return needed
+
+
 def _restore_from(criu: Criu, images: Path, work: Path, daemon: LazyPagesDaemon | None,
-                  api: cuda.CheckpointApi, stages: Stages) -> int:
+                  api: cuda.CheckpointApi, stages: Stages, gpus: int) -> int:
     """criu restore from `images` (with `daemon` serving the lazy pages), then the CUDA
-    state; the restored root's pid once all of it is back."""
+    state of each restored process that had some, all at once; the restored root's pid
+    once all of it is back."""
     try:
         if daemon is not None:
             daemon.start()
@@ -226,8 +255,9 @@ def _restore_from(criu: Criu, images: Path, work: Path, daemon: LazyPagesDaemon 
         except CriuError as e:
             raise RestoreError(str(e)) from None
         stages.done("criu_restore")
-        if has_cuda(api, pid):
-            cuda_restore(api, pid)
+        gpu_pids = cudastate.with_cuda(api, [pid, *below(pid)])
+        if gpu_pids:
+            cuda_restore(api, pid, gpu_pids, gpus)
             stages.done("cuda_restore")
         if daemon is not None:
             try:
@@ -242,11 +272,10 @@ def _restore_from(criu: Criu, images: Path, work: Path, daemon: LazyPagesDaemon 
             daemon.close()
 
 
-def cuda_restore(api: cuda.CheckpointApi, pid: int) -> None:
+def cuda_restore(api: cuda.CheckpointApi, root: int, gpu_pids: list[int], gpus: int) -> None:
+    """The CUDA state of the restored tree at `root` back; a RestoreError, the tree
+    killed, if it cannot be."""
     try:
-        _give_gpu_back(api, pid)
-    except BaseException as e:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        raise RestoreError(f"restored pid {pid} but not its CUDA state ({e}); "
-                           "killed it") from None
+        _give_gpu_back(api, root, gpu_pids, gpus)
+    except cuda.CudaError as e:
+        raise RestoreError(f"restored pid {root} but not its CUDA state: {e}") from None

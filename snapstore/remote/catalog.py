@@ -36,3 +36,17 @@ def find_remote(remote: str, labels: dict[str, str], endpoint: str | None = None
 
     found = trio.run(main)
     return found.hex if found else None
+
+
+def remote_manifest(remote: str, ref: str, endpoint: str | None = None) -> Manifest:
+    """The manifest of `ref` (a snapshot's hex id, or a tag) in `remote`, checked."""
+    async def main() -> Manifest:
+        async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint)) as s3:
+            try:
+                mid = ChunkId.parse(ref)
+            except CorruptError:
+                mid = await get_remote_tag(s3, ref)
+            _, manifest = await fetch_manifest(s3, mid)
+            return manifest
+
+    return trio.run(main)
