@@ -49,9 +49,11 @@ from typing import Any
 from benchmarks.common import drop_caches, gb, median, table
 from benchmarks.gpu_restore import (
     PR_SET_CHILD_SUBREAPER,
+    SERVE,
     STAGES,
     log,
     read_all,
+    request,
     restore_snapstore,
 )
 from benchmarks.gpu_restore import checkpoint as checkpoint_model
@@ -69,7 +71,7 @@ JOB_ENV = {**NCCL_CHECKPOINTABLE, "USE_LIBUV": "0"}
 # generated so far and (rank 0 or a lone process) writes them to DIR/NAME.answer; for a
 # count of 0 its state instead: every parameter's sum and its token ids.
 CHILD = r"""
-import json, math, os, signal, sys
+import json, math, os, signal, sys, time
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 form, name, d = sys.argv[1:4]
 layers, hidden, heads, vocab, prompt = map(int, sys.argv[4:9])
@@ -154,7 +156,7 @@ def generate(ids, n):
 
 ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(3))
 predicted = [generate(generate(ids.clone(), 1), 15)[0, prompt:].tolist() for _ in range(2)]
-answer_path = f"{d}/{name}.answer"
+answer_path, request_path = f"{d}/{name}.answer", f"{d}/{name}.request"
 
 def answer(doc):
     if rank == 0:
@@ -170,23 +172,7 @@ answer({"pid": os.getpid(), "params": sum(p.numel() for p in params) * world,
         "gpu_bytes": [torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())],
         "predicted": predicted[0], "self_consistent": predicted[0] == predicted[1],
         **state()})
-null = os.open(os.devnull, os.O_WRONLY)
-os.dup2(null, 1)
-os.dup2(null, 2)
-os.close(null)
-while True:
-    signal.sigwait({signal.SIGUSR1})
-    try:
-        with open(f"{d}/{name}.request") as f:
-            n = int(f.read())
-        if n == 0:
-            answer(state())
-            continue
-        ids = generate(ids, n)
-        answer({"tokens": ids[0, -n:].tolist()})
-    except Exception as e:
-        answer({"error": repr(e)})
-"""
+""" + SERVE
 
 # Starts the ranks of a two-GPU job and waits for them.
 LAUNCHER = r"""
@@ -236,20 +222,9 @@ class Workload:
     def ask(self, root: int, n: int, timeout: float = 300) -> dict[str, Any]:
         """Have the restored tree at `root` generate `n` tokens (0: report its state).
         Every process of the form gets the request: the ranks of a job work together."""
-        self.answer.unlink(missing_ok=True)
-        self.request.write_text(str(n))
         # A job's launcher is no model process: it would die of the signal.
-        for pid in below(root) if self.name == "job" else [root]:
-            os.kill(pid, signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while not self.answer.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} at pid {root} did not answer")
-            time.sleep(0.001)
-        doc: dict[str, Any] = json.loads(self.answer.read_text())
-        if "error" in doc:
-            raise RuntimeError(f"{self.name} failed to answer: {doc['error']}")
-        return doc
+        return request(self.request, self.answer,
+                       below(root) if self.name == "job" else [root], n, timeout)
 
 
 def end(pids: list[int]) -> None:

@@ -61,6 +61,31 @@ PR_SET_CHILD_SUBREAPER = 36
 MORE_TOKENS = 15
 STAGES = ("find", "stage", "mount", "criu_restore", "cuda_restore", "memory_complete")
 
+# How a model program ends, once ready: it answers requests until it is killed. It needs
+# answer(doc), state(), generate(ids, n), ids and request_path. From here on nothing is
+# written to the log: CRIU refuses to restore a file whose size changed since the dump,
+# and every restore starts from the same image.
+SERVE = r"""
+null = os.open(os.devnull, os.O_WRONLY)
+os.dup2(null, 1)
+os.dup2(null, 2)
+os.close(null)
+while True:
+    signal.sigwait({signal.SIGUSR1})
+    try:
+        with open(request_path) as f:
+            n = int(f.read())
+        if n == 0:
+            answer(state())
+            continue
+        start = time.perf_counter()
+        ids = generate(ids, n)
+        torch.cuda.synchronize()
+        answer({"tokens": ids[0, -n:].tolist(), "seconds": time.perf_counter() - start})
+    except Exception as e:
+        answer({"error": repr(e)})
+"""
+
 # argv: answer request log layers hidden intermediate vocab prompt warm more.
 # On SIGUSR1 it reads a token count from REQUEST, generates that many tokens greedily after
 # all it has generated so far, and writes them as JSON to ANSWER (written whole, renamed);
@@ -117,27 +142,7 @@ answer({"pid": os.getpid(), "params": sum(p.numel() for p in model.parameters())
         "gpu_reserved": torch.cuda.memory_reserved(), "warm": ids[0, prompt:].tolist(),
         "predicted": predicted[0], "self_consistent": predicted[0] == predicted[1],
         **state()})
-# From here on nothing is written to the log: CRIU refuses to restore a file whose size
-# changed since the dump, and every restore starts from the same image.
-null = os.open(os.devnull, os.O_WRONLY)
-os.dup2(null, 1)
-os.dup2(null, 2)
-os.close(null)
-while True:
-    signal.sigwait({signal.SIGUSR1})
-    try:
-        with open(request_path) as f:
-            n = int(f.read())
-        if n == 0:
-            answer(state())
-            continue
-        start = time.perf_counter()
-        ids = generate(ids, n)
-        torch.cuda.synchronize()
-        answer({"tokens": ids[0, -n:].tolist(), "seconds": time.perf_counter() - start})
-    except Exception as e:
-        answer({"error": repr(e)})
-"""
+""" + SERVE
 
 
 def log(msg: str) -> None:
@@ -184,18 +189,25 @@ class Model:
         return self.request_answer(pid, 0, 300)
 
     def request_answer(self, pid: int, n: int, timeout: float) -> dict[str, Any]:
-        self.answer.unlink(missing_ok=True)
-        self.request.write_text(str(n))
+        return request(self.request, self.answer, [pid], n, timeout)
+
+
+def request(request_path: Path, answer_path: Path, pids: list[int], n: int,
+            timeout: float) -> dict[str, Any]:
+    """Write request `n`, signal `pids` (SIGUSR1) and wait for their answer."""
+    answer_path.unlink(missing_ok=True)
+    request_path.write_text(str(n))
+    for pid in pids:
         os.kill(pid, signal.SIGUSR1)
-        deadline = time.monotonic() + timeout
-        while not self.answer.exists():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"pid {pid} did not answer")
-            time.sleep(0.001)
-        doc: dict[str, Any] = json.loads(self.answer.read_text())
-        if "error" in doc:
-            raise RuntimeError(f"pid {pid} failed to answer: {doc['error']}")
-        return doc
+    deadline = time.monotonic() + timeout
+    while not answer_path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"pid {pids[0]} did not answer")
+        time.sleep(0.001)
+    doc: dict[str, Any] = json.loads(answer_path.read_text())
+    if "error" in doc:
+        raise RuntimeError(f"pid {pids[0]} failed to answer: {doc['error']}")
+    return doc
 
 
 
