@@ -17,7 +17,7 @@ from snapstore.criu import cudastate, preflight, staging
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError, PageSource
 from snapstore.criu.tcprepair import kill_quietly, resume
-from snapstore.errors import NoMatchError, RestoreError, SnapstoreError
+from snapstore.errors import NoMatchError, NotFoundError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, check_labels, ingest
 from snapstore.proctree import below, signal_tree
@@ -230,6 +230,8 @@ def check_gpus(store: LocalStore, snapshot: str, source: str,
             from snapstore.remote.catalog import remote_manifest
 
             labels = remote_manifest(source, snapshot).labels
+    except NotFoundError as e:
+        raise NoMatchError(str(e)) from None
     except SnapstoreError as e:
         raise RestoreError(f"cannot read snapshot {snapshot[:12]}: {e}") from None
     used = labels.get(GPUS_USED_LABEL, "0")
