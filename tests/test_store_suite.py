@@ -1,11 +1,13 @@
-"""One conformance suite for every store: the layout's contracts, run on the local store and
-on the S3 store (over moto), through a thin adapter each. On S3 a chunk lives in a pack:
-the adapter writes one-chunk packs with their index and reads chunks back by ranged GET.
+"""One conformance suite for every store: the contracts of the store interface
+(snapstore/store/backend.py), run through it on the local store and on the S3 store (over
+moto). Each store's content-addressed kind is used as it is: a chunk object on the local
+store, a one-chunk pack on S3, whose chunk is read back by a ranged load.
 
-Contracts checked: a chunk object reads back byte-identical; a missing object is
-NotFoundError (or absent), never empty bytes; writes are idempotent; a tag names exactly one
-manifest and reads back; listing yields each chunk once; deletes are idempotent. Then the
-S3 store's own: bounded and ranged GETs.
+Contracts checked: an object reads back byte-identical, and a range of it; a missing object
+is NotFoundError (or absent), never empty bytes; saves of content-addressed objects are
+idempotent; a tag names exactly one manifest, reads back and is replaced whole; listing
+yields each name once; removes are idempotent; a kind the store does not keep is refused.
+Then the S3 store's own: bounded and ranged GETs.
 """
 
 from __future__ import annotations
@@ -13,120 +15,47 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 import trio
 
 from snapstore import codec
-from snapstore.errors import CorruptError, NotFoundError
+from snapstore.errors import CorruptError, NotFoundError, UsageError
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
-from snapstore.remote.packs import Location, build_pack
-from snapstore.remote.transfer import remote_chunks
+from snapstore.remote.packs import build_pack
 from snapstore.remote.url import RemoteURL
+from snapstore.store.backend import Backend, Handle, Kind
 from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore
-from snapstore.store.s3 import (
-    S3Store,
-    index_key,
-    manifest_key,
-    open_s3,
-    pack_key,
-    tag_key,
-)
+from snapstore.store.local_backend import LocalBackend
+from snapstore.store.s3 import S3Store, open_s3
 from tests.s3proxy import make_bucket, moto_server, s3_env
 
 
-class Layout(Protocol):
-    """The verbs both stores offer, keyed the same way."""
+@dataclass(frozen=True)
+class Blob:
+    """A content-addressed object a store keeps, and where in it a chunk object lies."""
 
-    async def put_chunk(self, cid: ChunkId, obj: bytes) -> None: ...
-    async def get_chunk_object(self, cid: ChunkId) -> bytes: ...
-    async def has_chunk(self, cid: ChunkId) -> bool: ...
-    async def chunk_ids(self) -> list[ChunkId]: ...
-    async def delete_chunk(self, cid: ChunkId) -> None: ...
-    async def put_manifest_object(self, mid: ChunkId, obj: bytes) -> None: ...
-    async def get_manifest_object(self, mid: ChunkId) -> bytes: ...
-    async def set_tag(self, name: str, mid: ChunkId) -> None: ...
-    async def get_tag(self, name: str) -> ChunkId | None: ...
+    handle: Handle
+    data: bytes
+    chunk: bytes
+    start: int
 
 
-class LocalLayout:
-    def __init__(self, store: LocalStore) -> None:
-        self.s = store
-
-    async def put_chunk(self, cid: ChunkId, obj: bytes) -> None:
-        self.s.put_chunk(cid, obj)
-
-    async def get_chunk_object(self, cid: ChunkId) -> bytes:
-        return self.s.get_chunk_object(cid)
-
-    async def has_chunk(self, cid: ChunkId) -> bool:
-        return self.s.has_chunk(cid)
-
-    async def chunk_ids(self) -> list[ChunkId]:
-        return [c.cid for c in self.s.iter_chunks()]
-
-    async def delete_chunk(self, cid: ChunkId) -> None:
-        self.s.delete_chunk(cid)
-
-    async def put_manifest_object(self, mid: ChunkId, obj: bytes) -> None:
-        self.s.put_manifest_object(mid, obj)
-
-    async def get_manifest_object(self, mid: ChunkId) -> bytes:
-        return self.s.get_manifest_object(mid)
-
-    async def set_tag(self, name: str, mid: ChunkId) -> None:
-        self.s.set_tag(name, mid)
-
-    async def get_tag(self, name: str) -> ChunkId | None:
-        return self.s.get_tag(name)
+def blob(st: Backend, seed: int, size: int = 100_000) -> Blob:
+    """A chunk as the store keeps it: a chunk object of its own, or a one-chunk pack."""
+    raw = os.urandom(size) if seed < 0 else bytes([seed % 256]) * size
+    cid, obj = ChunkId.of(raw), codec.encode(raw)
+    if "chunk" in st.kinds:
+        return Blob(Handle.of("chunk", cid), obj, obj, 0)
+    pack = build_pack([(cid, obj)])
+    return Blob(Handle.of("pack", pack.pack), pack.data, obj, pack.chunks[0][1].offset)
 
 
-class S3Layout:
-    def __init__(self, s3: S3Store) -> None:
-        self.s = s3
-
-    async def _where(self) -> dict[ChunkId, Location]:
-        return (await remote_chunks(self.s, None)).where
-
-    async def put_chunk(self, cid: ChunkId, obj: bytes) -> None:
-        pack = build_pack([(cid, obj)])
-        await self.s.put(pack_key(pack.pack), pack.data)
-        await self.s.put(index_key(pack.pack), pack.index)
-
-    async def get_chunk_object(self, cid: ChunkId) -> bytes:
-        at = (await self._where()).get(cid)
-        if at is None:
-            raise NotFoundError(f"chunk {cid} is in no pack")
-        return await self.s.get_range(pack_key(at.pack), at.offset, at.end)
-
-    async def has_chunk(self, cid: ChunkId) -> bool:
-        return cid in await self._where()
-
-    async def chunk_ids(self) -> list[ChunkId]:
-        return list(await self._where())
-
-    async def delete_chunk(self, cid: ChunkId) -> None:
-        at = (await self._where()).get(cid)
-        if at is not None:
-            await self.s.delete_many([index_key(at.pack), pack_key(at.pack)])
-
-    async def put_manifest_object(self, mid: ChunkId, obj: bytes) -> None:
-        await self.s.put(manifest_key(mid), obj)
-
-    async def get_manifest_object(self, mid: ChunkId) -> bytes:
-        return await self.s.get(manifest_key(mid), MAX_MANIFEST_BYTES + 1)
-
-    async def set_tag(self, name: str, mid: ChunkId) -> None:
-        await self.s.put(tag_key(name), (mid.hex + "\n").encode())
-
-    async def get_tag(self, name: str) -> ChunkId | None:
-        try:
-            return ChunkId.parse((await self.s.get(tag_key(name), 4096)).decode().strip())
-        except NotFoundError:
-            return None
+async def names(st: Backend, kind: Kind) -> list[str]:
+    return [n async for n in st.names(kind)]
 
 
 @pytest.fixture(scope="session")
@@ -143,71 +72,102 @@ def kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 
 
 @asynccontextmanager
-async def layout(kind: str, tmp_path: Path, port: int) -> AsyncIterator[Layout]:
+async def backend(kind: str, tmp_path: Path, port: int) -> AsyncIterator[Backend]:
     if kind == "local":
-        yield LocalLayout(LocalStore.open(tmp_path / "suite"))
+        yield LocalBackend(LocalStore.open(tmp_path / "suite"))
         return
     bucket = f"suite-{os.getpid()}-{tmp_path.name.lower().replace('_', '-')[-30:]}"
     make_bucket(port, bucket)
     async with open_s3(RemoteURL(bucket, "p"), f"http://127.0.0.1:{port}") as s3:
-        yield S3Layout(s3)
+        yield s3
 
 
-def chunk(seed: int, size: int = 100_000) -> tuple[ChunkId, bytes]:
-    raw = os.urandom(size) if seed < 0 else bytes([seed % 256]) * size
-    return ChunkId.of(raw), codec.encode(raw)
+async def test_objects_round_trip_and_idempotent(kind: str, tmp_path: Path,
+                                                 moto_port: int) -> None:
+    async with backend(kind, tmp_path, moto_port) as st:
+        b = blob(st, -1)
+        assert await st.stat(b.handle) is None
+        await st.save(b.handle, b.data)
+        await st.save(b.handle, b.data)
+        assert await st.stat(b.handle) == len(b.data)
+        assert await st.load(b.handle, len(b.data)) == b.data
+        got = await st.load_range(b.handle, b.start, b.start + len(b.chunk))
+        assert got == b.chunk
+        assert await names(st, b.handle.kind) == [b.handle.name]
 
 
-async def test_chunks_round_trip_and_idempotent(kind: str, tmp_path: Path,
-                                                moto_port: int) -> None:
-    async with layout(kind, tmp_path, moto_port) as st:
-        cid, obj = chunk(-1)
-        assert not await st.has_chunk(cid)
-        await st.put_chunk(cid, obj)
-        await st.put_chunk(cid, obj)
-        assert await st.has_chunk(cid)
-        assert await st.get_chunk_object(cid) == obj
-        assert await st.chunk_ids() == [cid]
+async def test_loads_are_bounded_and_ranges_end_where_the_object_does(
+        kind: str, tmp_path: Path, moto_port: int) -> None:
+    async with backend(kind, tmp_path, moto_port) as st:
+        b = blob(st, -1, 1000)
+        await st.save(b.handle, b.data)
+        n = len(b.data)
+        with pytest.raises(CorruptError, match="more than"):
+            await st.load(b.handle, n - 1)
+        assert await st.load_range(b.handle, 10, 20) == b.data[10:20]
+        assert await st.load_range(b.handle, n - 10, n + 100) == b.data[-10:]
+        assert await st.load_range(b.handle, n + 10, n + 20) == b""
 
 
 async def test_missing_objects_are_not_found(kind: str, tmp_path: Path,
                                              moto_port: int) -> None:
-    async with layout(kind, tmp_path, moto_port) as st:
-        cid, _ = chunk(1)
+    async with backend(kind, tmp_path, moto_port) as st:
+        b = blob(st, 1)
         with pytest.raises(NotFoundError):
-            await st.get_chunk_object(cid)
+            await st.load(b.handle, len(b.data))
         with pytest.raises(NotFoundError):
-            await st.get_manifest_object(cid)
-        assert await st.get_tag("nothing") is None
+            await st.load_range(b.handle, 0, 10)
+        with pytest.raises(NotFoundError):
+            await st.load(Handle("manifest", b.handle.name), MAX_MANIFEST_BYTES + 1)
+        with pytest.raises(NotFoundError):
+            await st.load(Handle("tag", "nothing"), 4096)
+        assert await st.stat(Handle("tag", "nothing")) is None
 
 
-async def test_listing_and_idempotent_delete(kind: str, tmp_path: Path,
+async def test_listing_and_idempotent_remove(kind: str, tmp_path: Path,
                                              moto_port: int) -> None:
-    async with layout(kind, tmp_path, moto_port) as st:
-        made = dict(chunk(i, 5000) for i in range(20))
+    async with backend(kind, tmp_path, moto_port) as st:
+        made = {b.handle: b.data for b in (blob(st, i, 5000) for i in range(20))}
         async with trio.open_nursery() as n:
-            for cid, obj in made.items():
-                n.start_soon(st.put_chunk, cid, obj)
-        assert sorted(await st.chunk_ids()) == sorted(made)
-        gone = sorted(made)[0]
-        await st.delete_chunk(gone)
-        await st.delete_chunk(gone)
-        assert not await st.has_chunk(gone)
-        assert sorted(await st.chunk_ids()) == sorted(made)[1:]
+            for h, data in made.items():
+                n.start_soon(st.save, h, data)
+        kind_of = next(iter(made)).kind
+        assert sorted(await names(st, kind_of)) == sorted(h.name for h in made)
+        gone, *kept = sorted(made, key=lambda h: h.name)
+        await st.remove(gone)
+        await st.remove(gone)
+        assert await st.stat(gone) is None
+        assert sorted(await names(st, kind_of)) == [h.name for h in kept]
 
 
 async def test_manifest_and_tag(kind: str, tmp_path: Path, moto_port: int,
                                 store: LocalStore, image_dir: Path) -> None:
     mid = ingest(store, image_dir, "src").snapshot
     obj = store.get_manifest_object(mid)
-    async with layout(kind, tmp_path, moto_port) as st:
-        await st.put_manifest_object(mid, obj)
-        assert await st.get_manifest_object(mid) == obj
-        await st.set_tag("v1", mid)
-        assert await st.get_tag("v1") == mid
-        other, _ = chunk(2)
-        await st.set_tag("v1", other)
-        assert await st.get_tag("v1") == other
+    async with backend(kind, tmp_path, moto_port) as st:
+        await st.save(Handle.of("manifest", mid), obj)
+        assert await st.load(Handle.of("manifest", mid), MAX_MANIFEST_BYTES + 1) == obj
+        assert await names(st, "manifest") == [mid.hex]
+        tag = Handle("tag", "v1")
+        await st.save(tag, (mid.hex + "\n").encode())
+        assert ChunkId.parse((await st.load(tag, 4096)).decode().strip()) == mid
+        other = blob(st, 2).handle.id
+        await st.save(tag, (other.hex + "\n").encode())
+        assert ChunkId.parse((await st.load(tag, 4096)).decode().strip()) == other
+        assert await names(st, "tag") == ["v1"]
+        await st.remove(tag)
+        await st.remove(tag)
+        assert await names(st, "tag") == []
+
+
+async def test_a_kind_the_store_does_not_keep_is_refused(kind: str, tmp_path: Path,
+                                                         moto_port: int) -> None:
+    async with backend(kind, tmp_path, moto_port) as st:
+        foreign: Kind = "pack" if "chunk" in st.kinds else "chunk"
+        with pytest.raises(UsageError, match="no objects of kind"):
+            await st.stat(Handle.of(foreign, ChunkId.of(b"x")))
+        with pytest.raises(UsageError, match="no objects of kind"):
+            await names(st, foreign)
 
 
 @asynccontextmanager

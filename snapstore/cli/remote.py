@@ -112,7 +112,7 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
         get_remote_tag,
         list_remote_tags,
     )
-    from snapstore.store.s3 import id_of_key
+    from snapstore.store.layout import id_of_key
 
     foreign: list[str] = []
     packs: dict[ChunkId, int] = {}

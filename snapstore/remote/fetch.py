@@ -26,11 +26,8 @@ from snapstore.remote.packs import (
     decode_locator,
     locator_max_bytes,
 )
-from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore, check_tag
-from snapstore.store.s3 import (
+from snapstore.store.layout import (
     TAGS_PREFIX,
-    RemoteError,
-    S3Store,
     access_key,
     index_key,
     locator_key,
@@ -38,6 +35,8 @@ from snapstore.store.s3 import (
     pack_key,
     tag_key,
 )
+from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore, check_tag
+from snapstore.store.s3 import RemoteError, S3Store
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,9 @@ from snapstore.remote.fetch import (
 )
 from snapstore.remote.packs import PackIndex
 from snapstore.remote.settings import DEFAULT_GRACE_S, check_grace
+from snapstore.store.layout import id_of_key, index_key
 from snapstore.store.local import LocalStore
-from snapstore.store.s3 import ObjectInfo, S3Store, id_of_key, index_key
+from snapstore.store.s3 import ObjectInfo, S3Store
 
 
 @dataclass(frozen=True, slots=True)

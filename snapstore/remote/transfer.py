@@ -40,9 +40,7 @@ from snapstore.remote.packs import (
 )
 from snapstore.remote.pool import run_pool
 from snapstore.remote.settings import DEFAULT_JOBS, DEFAULT_PACK_BYTES
-from snapstore.store.local import ChunkWriter, LocalStore
-from snapstore.store.s3 import (
-    S3Store,
+from snapstore.store.layout import (
     access_key,
     id_of_key,
     index_key,
@@ -51,6 +49,8 @@ from snapstore.store.s3 import (
     pack_key,
     tag_key,
 )
+from snapstore.store.local import ChunkWriter, LocalStore
+from snapstore.store.s3 import S3Store
 
 # Rounds of a push whose objects a concurrent remote gc deleted before it gives up.
 PUSH_ROUNDS = 3

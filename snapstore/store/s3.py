@@ -1,7 +1,8 @@
 """The S3 store: a small async object interface over one bucket prefix, keyed by store layout.
 
-Keys are paths relative to the remote's prefix (`pack_key`, `index_key`, `locator_key`,
-`manifest_key`, `tag_key`, `access_key`); docs/remote.md lists them. Contracts:
+It is a `Backend` (store/backend.py): its verbs map each handle to its key
+(store/layout.py, docs/remote.md) and keep that interface's contracts. Under them are the
+verbs on keys, relative to the remote's prefix, which push, pull and gc use directly:
 
 - `get(key, max_bytes)` returns the object's complete bytes or raises NotFoundError; it
   never returns a truncated body (a body cut off mid-way, or failing the checksum S3
@@ -48,9 +49,10 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
-from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.remote.settings import DEFAULT_READ_TIMEOUT_S, MAX_READ_TIMEOUT_S
 from snapstore.remote.url import RemoteURL
+from snapstore.store.backend import Handle, Kind, check_kind
+from snapstore.store.layout import PREFIXES, key_of, name_of_key
 
 T = TypeVar("T")
 
@@ -85,47 +87,6 @@ class ObjectInfo:
     last_modified: datetime
 
 
-def pack_key(pack: ChunkId) -> str:
-    return f"packs/{pack.hex[:2]}/{pack.hex[2:]}"
-
-
-def index_key(pack: ChunkId) -> str:
-    return f"index/{pack.hex}"
-
-
-def locator_key(mid: ChunkId) -> str:
-    return f"locate/{mid.hex}"
-
-
-def manifest_key(mid: ChunkId) -> str:
-    return f"snapshots/{mid.hex}"
-
-
-TAGS_PREFIX = "refs/tags/"
-
-
-def tag_key(name: str) -> str:
-    return f"{TAGS_PREFIX}{name}"
-
-
-def access_key(mid: ChunkId) -> str:
-    return f"access/{mid.hex}"
-
-
-def id_of_key(key: str, prefix: str) -> ChunkId | None:
-    """The id a listed key names under `prefix` ('packs/' split 2/62, else one name), or
-    None for a stray object: listed names are checked before they become ids."""
-    name = key.removeprefix(prefix)
-    if name == key:
-        return None
-    if prefix == "packs/":
-        head, sep, tail = name.partition("/")
-        if not sep or len(head) != 2:
-            return None
-        name = head + tail
-    return ChunkId.parse(name) if is_valid_hex_id(name) else None
-
-
 class _Body(io.BytesIO):
     """An upload body that httpx sends in large blocks (see _SEND_BLOCK)."""
 
@@ -137,12 +98,44 @@ class _Body(io.BytesIO):
 class S3Store:
     """One bucket prefix. Create with `open_s3`."""
 
+    kinds: frozenset[Kind] = frozenset(PREFIXES)
+
     def __init__(self, client: Any, url: RemoteURL, endpoint: str,
                  read_timeout_s: float = DEFAULT_READ_TIMEOUT_S) -> None:
         self._client = client
         self.url = url
         self.endpoint = endpoint
         self.read_timeout_s = read_timeout_s
+
+    # -- the Backend verbs -----------------------------------------------------------
+
+    def _key(self, h: Handle) -> str:
+        check_kind(self.kinds, h.kind)
+        return key_of(h)
+
+    async def save(self, h: Handle, data: bytes) -> None:
+        await self.put(self._key(h), data)
+
+    async def load(self, h: Handle, max_bytes: int) -> bytes:
+        return await self.get(self._key(h), max_bytes)
+
+    async def load_range(self, h: Handle, start: int, end: int) -> bytes:
+        return await self.get_range(self._key(h), start, end)
+
+    async def stat(self, h: Handle) -> int | None:
+        info = await self.head(self._key(h))
+        return None if info is None else info.size
+
+    async def remove(self, h: Handle) -> None:
+        await self.delete_many([self._key(h)])
+
+    async def names(self, kind: Kind) -> AsyncIterator[str]:
+        check_kind(self.kinds, kind)
+        async for o in self.list(PREFIXES[kind]):
+            if (name := name_of_key(kind, o.key)) is not None:
+                yield name
+
+    # -- the verbs on keys -------------------------------------------------------------
 
     async def get(self, key: str, max_bytes: int) -> bytes:
         async def request() -> dict[str, Any] | None:
