@@ -26,7 +26,6 @@ from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError
 from snapstore.criu.workflow import (
     LAZY_TIMEOUT,
     Stages,
-    check_gpus,
     cuda_restore,
     images_of,
     pick_criu,
@@ -60,9 +59,8 @@ def restore_replicas(store: LocalStore, criu: Criu, ref: str | None, match: dict
     """Restore `count` copies at once; return when every one runs with all its memory and
     its CUDA state. If one fails, every one is killed."""
     stages = Stages()
-    snapshot, source = pick_criu(store, ref, match, remote)
     api = api or cuda.open_api()
-    gpus = check_gpus(store, snapshot, source, api)
+    snapshot, source, gpus = pick_criu(store, ref, match, remote, api)
     stages.done("find")
     with images_of(store, snapshot, source, lazy, stages) as (images, sources), \
             contextlib.ExitStack() as stack:

@@ -137,10 +137,13 @@ class Stages:
 
 
 def pick_criu(store: LocalStore, ref: str | None, match: dict[str, str],
-              remote: str | None) -> tuple[str, str]:
-    """The CRIU snapshot to restore and where it is (`workflow.pick`); a match never picks
-    a gVisor snapshot that happens to carry the same labels."""
-    return pick(store, ref, {**match, RUNTIME_LABEL: "criu"} if match else match, remote)
+              remote: str | None, api: cuda.CheckpointApi) -> tuple[str, str, int]:
+    """The CRIU snapshot to restore, where it is (`workflow.pick`) and how many GPUs it
+    needs (`check_gpus`); a match never picks a gVisor snapshot that happens to carry the
+    same labels."""
+    snapshot, source = pick(store, ref, {**match, RUNTIME_LABEL: "criu"} if match else match,
+                            remote)
+    return snapshot, source, check_gpus(store, snapshot, source, api)
 
 
 @contextlib.contextmanager
@@ -207,9 +210,8 @@ def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str
     get its memory or GPU state back is killed, never left half restored.
     """
     stages = Stages()
-    snapshot, source = pick_criu(store, ref, match, remote)
     api = api or cuda.open_api()
-    gpus = check_gpus(store, snapshot, source, api)
+    snapshot, source, gpus = pick_criu(store, ref, match, remote, api)
     stages.done("find")
     with images_of(store, snapshot, source, lazy, stages) as (images, sources), \
             store.work_dir("criu-restore") as work:
