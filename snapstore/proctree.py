@@ -38,3 +38,19 @@ def signal_tree(root: int, sig: int) -> None:
     for pid in [root, *below(root)]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def fd_targets(pid: int) -> dict[int, str]:
+    """What each open descriptor of `pid` points at, as /proc shows it (none if it is
+    gone or not ours to read)."""
+    found: dict[int, str] = {}
+    with contextlib.suppress(FileNotFoundError, PermissionError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+    return found
+
+
+def socket_inode(target: str) -> str | None:
+    """The inode of a descriptor target that is a socket (`socket:[N]`), else None."""
+    return target[len("socket:["):-1] if target.startswith("socket:[") else None

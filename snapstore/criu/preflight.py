@@ -12,13 +12,13 @@ copies between two GPUs also fail to restore, but leave nothing in /proc to see 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from snapstore.errors import NotCheckpointableError
+from snapstore.proctree import fd_targets, socket_inode
 
 # The environment with which an NCCL job's ranks talk through the network transport alone.
 NCCL_CHECKPOINTABLE = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1",
@@ -43,7 +43,7 @@ class Process:
 
 
 def inspect(pid: int) -> Process:
-    fds = _fd_targets(pid)
+    fds = set(fd_targets(pid).values())
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
     except (FileNotFoundError, PermissionError):
@@ -102,18 +102,9 @@ def _ipc_supported(driver_version: str | None) -> bool:
     return major.isdigit() and int(major) >= IPC_DRIVER
 
 
-def _fd_targets(pid: int) -> set[str]:
-    found = set()
-    with contextlib.suppress(FileNotFoundError, PermissionError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                found.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-    return found
-
-
 def _unix_names(pid: int, fds: set[str]) -> list[str]:
     """The bound names of the unix sockets among `fds` (abstract ones with their @)."""
-    inodes = {t[len("socket:["):-1] for t in fds if t.startswith("socket:[")}
+    inodes = {socket_inode(t) for t in fds} - {None}
     names = []
     with contextlib.suppress(FileNotFoundError, PermissionError):
         for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:

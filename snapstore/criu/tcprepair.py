@@ -17,7 +17,7 @@ import signal
 import socket
 from pathlib import Path
 
-from snapstore.proctree import below
+from snapstore.proctree import below, fd_targets, socket_inode
 
 TCP_REPAIR = 19
 _SYS_PIDFD_GETFD = 438
@@ -54,15 +54,8 @@ def tcp_connection_fds(pid: int) -> list[int]:
                 fields = line.split()
                 if len(fields) > 9:
                     inodes[fields[9]] = fields[3]
-    found = []
-    with contextlib.suppress(FileNotFoundError, PermissionError):
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            with contextlib.suppress(OSError):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                inode = target[len("socket:["):-1] if target.startswith("socket:[") else None
-                if inode is not None and inodes.get(inode, _LISTEN) != _LISTEN:
-                    found.append(int(fd))
-    return found
+    return [fd for fd, target in fd_targets(pid).items()
+            if inodes.get(socket_inode(target) or "", _LISTEN) != _LISTEN]
 
 
 def _set_repair(pid: int, on: bool) -> None:
