@@ -24,27 +24,27 @@ PREFIXES: dict[Kind, str] = {
 
 
 def pack_key(pack: ChunkId) -> str:
-    return f"packs/{pack.hex[:2]}/{pack.hex[2:]}"
+    return f"{PREFIXES['pack']}{pack.hex[:2]}/{pack.hex[2:]}"
 
 
 def index_key(pack: ChunkId) -> str:
-    return f"index/{pack.hex}"
+    return PREFIXES["index"] + pack.hex
 
 
 def locator_key(mid: ChunkId) -> str:
-    return f"locate/{mid.hex}"
+    return PREFIXES["locator"] + mid.hex
 
 
 def manifest_key(mid: ChunkId) -> str:
-    return f"snapshots/{mid.hex}"
+    return PREFIXES["manifest"] + mid.hex
 
 
 def tag_key(name: str) -> str:
-    return f"{TAGS_PREFIX}{name}"
+    return TAGS_PREFIX + name
 
 
 def access_key(mid: ChunkId) -> str:
-    return f"access/{mid.hex}"
+    return PREFIXES["access"] + mid.hex
 
 
 def key_of(h: Handle) -> str:
@@ -63,7 +63,7 @@ def id_of_key(key: str, prefix: str) -> ChunkId | None:
     name = key.removeprefix(prefix)
     if name == key:
         return None
-    if prefix == "packs/":
+    if prefix == PREFIXES["pack"]:
         head, sep, tail = name.partition("/")
         if not sep or len(head) != 2:
             return None
