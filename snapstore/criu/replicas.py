@@ -60,9 +60,9 @@ def restore_replicas(store: LocalStore, criu: Criu, ref: str | None, match: dict
     its CUDA state. If one fails, every one is killed."""
     stages = Stages()
     api = api or cuda.open_api()
-    snapshot, source, gpus = pick_criu(store, ref, match, remote, api)
+    picked = pick_criu(store, ref, match, remote, api)
     stages.done("find")
-    with images_of(store, snapshot, source, lazy, stages) as (images, sources), \
+    with images_of(store, picked, lazy, stages) as (images, sources), \
             contextlib.ExitStack() as stack:
         works = [stack.enter_context(store.work_dir("criu-replica")) for _ in range(count)]
         daemons = [LazyPagesDaemon(images, w, sources) for w in works] if lazy else []
@@ -81,7 +81,7 @@ def restore_replicas(store: LocalStore, criu: Criu, ref: str | None, match: dict
             gpu_pids = [p for r in replicas
                         for p in cudastate.with_cuda(api, [r.pid, *below(r.pid)])]
             if gpu_pids:
-                cuda_restore(api, replicas[0].pid, gpu_pids, gpus)
+                cuda_restore(api, replicas[0].pid, gpu_pids, picked.gpus)
                 stages.done("cuda_restore")
             # Eager, there are no daemons and nothing to wait for.
             for r, d in zip(replicas, daemons, strict=False):
@@ -96,7 +96,7 @@ def restore_replicas(store: LocalStore, criu: Criu, ref: str | None, match: dict
             for k in keepers:
                 _end(k)
             raise
-    return ReplicasReport(replicas, snapshot, source, stages.elapsed(), stages.times,
+    return ReplicasReport(replicas, picked.snapshot, picked.source, stages.elapsed(), stages.times,
                           stages.mount_left)
 
 

@@ -20,6 +20,7 @@ from snapstore.criu.tcprepair import kill_quietly, resume
 from snapstore.errors import NoMatchError, NotFoundError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
 from snapstore.ingest import IngestResult, check_labels, ingest
+from snapstore.manifest import Manifest
 from snapstore.proctree import below, signal_tree
 from snapstore.store.local import LocalStore
 from snapstore.workflow import gpu_labels, mounted, pick, release
@@ -136,18 +137,43 @@ class Stages:
         return time.monotonic() - self.start
 
 
+@dataclass(frozen=True)
+class Picked:
+    """The CRIU snapshot a restore brings back: its id, where it is ("local", or the
+    remote URL), its manifest, read once, and how many GPUs it needs."""
+
+    snapshot: str
+    source: str
+    manifest: Manifest
+    gpus: int
+
+
 def pick_criu(store: LocalStore, ref: str | None, match: dict[str, str],
-              remote: str | None, api: cuda.CheckpointApi) -> tuple[str, str, int]:
-    """The CRIU snapshot to restore, where it is (`workflow.pick`) and how many GPUs it
-    needs (`check_gpus`); a match never picks a gVisor snapshot that happens to carry the
-    same labels."""
+              remote: str | None, api: cuda.CheckpointApi) -> Picked:
+    """The CRIU snapshot to restore (`workflow.pick`); a match never picks a gVisor
+    snapshot that happens to carry the same labels. A RestoreError, before anything is
+    restored, when its manifest cannot be read or this host has fewer GPUs than it needs."""
     snapshot, source = pick(store, ref, {**match, RUNTIME_LABEL: "criu"} if match else match,
                             remote)
-    return snapshot, source, check_gpus(store, snapshot, source, api)
+    manifest = _manifest_of(store, snapshot, source)
+    return Picked(snapshot, source, manifest, check_gpus(snapshot, manifest.labels, api))
+
+
+def _manifest_of(store: LocalStore, snapshot: str, source: str) -> Manifest:
+    try:
+        if source == "local":
+            return store.get_manifest(store.resolve(snapshot))
+        from snapstore.remote.catalog import remote_manifest
+
+        return remote_manifest(source, snapshot)
+    except NotFoundError as e:
+        raise NoMatchError(str(e)) from None
+    except SnapstoreError as e:
+        raise RestoreError(f"cannot read snapshot {snapshot[:12]}: {e}") from None
 
 
 @contextlib.contextmanager
-def images_of(store: LocalStore, snapshot: str, source: str, lazy: bool,
+def images_of(store: LocalStore, picked: Picked, lazy: bool,
               stages: Stages) -> Iterator[tuple[Path, Mapping[str, PageSource]]]:
     """The image directory CRIU restores from, and the lazy pages' sources by file name.
 
@@ -155,17 +181,17 @@ def images_of(store: LocalStore, snapshot: str, source: str, lazy: bool,
     the lazy pages from the store. Otherwise a lazy mount of the snapshot, which CRIU and
     the daemon both read; released (or left, in `stages.mount_left`) afterwards.
     """
-    if lazy and source == "local":
+    snapshot = picked.snapshot
+    if lazy and picked.source == "local":
         with store.work_dir("criu-images") as work:
             try:
-                sources = staging.stage(store, store.get_manifest(store.resolve(snapshot)),
-                                        work / "images")
+                sources = staging.stage(store, picked.manifest, work / "images")
             except SnapstoreError as e:
                 raise RestoreError(f"cannot stage snapshot {snapshot[:12]}: {e}") from None
             stages.done("stage")
             yield work / "images", sources
         return
-    with mounted(store, snapshot, source, allow_other=False) as mnt:
+    with mounted(store, snapshot, picked.source, allow_other=False) as mnt:
         stages.done("mount")
         if not (mnt / "inventory.img").is_file():
             raise RestoreError(f"snapshot {snapshot[:12]} is not a CRIU checkpoint "
@@ -211,31 +237,19 @@ def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str
     """
     stages = Stages()
     api = api or cuda.open_api()
-    snapshot, source, gpus = pick_criu(store, ref, match, remote, api)
+    picked = pick_criu(store, ref, match, remote, api)
     stages.done("find")
-    with images_of(store, snapshot, source, lazy, stages) as (images, sources), \
+    with images_of(store, picked, lazy, stages) as (images, sources), \
             store.work_dir("criu-restore") as work:
         daemon = LazyPagesDaemon(images, work, sources) if lazy else None
-        pid = _restore_from(criu, images, work, daemon, api, stages, gpus)
-    return RestoreReport(pid, snapshot, source, stages.elapsed(), stages.times,
+        pid = _restore_from(criu, images, work, daemon, api, stages, picked.gpus)
+    return RestoreReport(pid, picked.snapshot, picked.source, stages.elapsed(), stages.times,
                          stages.mount_left)
 
 
-def check_gpus(store: LocalStore, snapshot: str, source: str,
-               api: cuda.CheckpointApi) -> int:
-    """How many GPUs the snapshot's tree used; a RestoreError, before anything is
-    restored, on a host with fewer."""
-    try:
-        if source == "local":
-            labels = store.get_manifest(store.resolve(snapshot)).labels
-        else:
-            from snapstore.remote.catalog import remote_manifest
-
-            labels = remote_manifest(source, snapshot).labels
-    except NotFoundError as e:
-        raise NoMatchError(str(e)) from None
-    except SnapstoreError as e:
-        raise RestoreError(f"cannot read snapshot {snapshot[:12]}: {e}") from None
+def check_gpus(snapshot: str, labels: Mapping[str, str], api: cuda.CheckpointApi) -> int:
+    """How many GPUs the snapshot's tree used (its labels say); a RestoreError on a host
+    with fewer."""
     used = labels.get(GPUS_USED_LABEL, "0")
     needed = int(used) if used.isdigit() else 0
     info = api.describe()
