@@ -58,28 +58,38 @@ class StorePages:
         """Fill `view` from `offset`; the bytes filled (fewer only at the end of file).
 
         The bytes move with ctypes' memmove and memset, which run without the GIL, so the
-        daemon's threads copy in parallel (a slice assignment holds it for the copy)."""
+        daemon's threads copy in parallel (a slice assignment holds it for the copy). A
+        chunk another thread is decoding is copied last: neighbouring reads share the
+        chunk on their boundary, and this thread decodes its other chunks meanwhile
+        instead of waiting for it."""
         want = min(len(view), max(0, self.size - offset))
         if want == 0:
             return 0
         dst = ctypes.addressof(ctypes.c_char.from_buffer(view))
+        busy = []
         done = 0
         i = bisect.bisect_right(self._starts, offset) - 1
         while done < want:
-            start = self._starts[i]
             chunk, size = self._extents[i]
-            lo = offset + done - start
+            lo = offset + done - self._starts[i]
             n = min(size - lo, want - done)
             if chunk is None:
                 ctypes.memset(dst + done, 0, n)
-            else:
-                data = self._chunk(chunk, size)
+            elif (data := self._chunk(chunk, size, wait=False)) is not None:
                 ctypes.memmove(dst + done, _address(data) + lo, n)
+            else:
+                busy.append((dst + done, chunk, size, lo, n))
             done += n
             i += 1
+        for at, chunk, size, lo, n in busy:
+            data = self._chunk(chunk, size, wait=True)
+            assert data is not None
+            ctypes.memmove(at, _address(data) + lo, n)
         return done
 
-    def _chunk(self, cid: ChunkId, size: int) -> bytes:
+    def _chunk(self, cid: ChunkId, size: int, wait: bool) -> bytes | None:
+        """The chunk's bytes, decoded by this thread unless another has or is decoding
+        them; None when another is and `wait` is false."""
         # The daemon's copy threads call this, not trio tasks: a Future per chunk is the
         # threads' single flight (the mounts' is snapstore.singleflight, on trio).
         with self._lock:
@@ -101,6 +111,8 @@ class StorePages:
                     if self._cache.get(cid) is fut:
                         del self._cache[cid]
                 fut.set_exception(e)
+        elif not wait and not fut.done():
+            return None
         return fut.result()
 
 
