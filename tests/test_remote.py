@@ -25,6 +25,7 @@ from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import MAX_CHUNK, prefetch_order
+from snapstore.remote.cache import FetchCache, PackIndexCopies
 from snapstore.remote.catalog import find_remote
 from snapstore.remote.gc import remote_gc
 from snapstore.remote.packs import MAX_PACK_BYTES
@@ -174,9 +175,10 @@ async def test_remote_chunks_come_from_indexes_of_present_packs(
         assert (await remote_chunks(s3, None)).where == known.where
         # A damaged copy in the store is refused and fetched again.
         some = sorted(known.pack_sizes)[0]
-        loaded.pack_index_path(some).write_bytes(b"junk")
+        copies = PackIndexCopies(loaded)
+        copies.path(some).write_bytes(b"junk")
         assert (await remote_chunks(s3, loaded)).where == known.where
-        assert loaded.pack_index_path(some).read_bytes() == await s3.load(
+        assert copies.path(some).read_bytes() == await s3.load(
             Handle.of("index", some), ANY_SIZE)
         # An index whose pack is gone, and a pack without an index, hold nothing.
         gone, unindexed = sorted(known.pack_sizes)[:2]
@@ -447,7 +449,8 @@ async def test_remote_reader_fetches_checks_and_caches(
             assert await reader.read_chunk(cid, len(raw)) == raw
         assert proxy.requests == requests and reader.stats.cache_hits == len(want)
     # The cache never becomes part of the store.
-    assert list(empty.iter_chunks()) == [] and len(list(empty.iter_cache())) == len(want)
+    assert list(empty.iter_chunks()) == []
+    assert len(list(FetchCache(empty).entries())) == len(want)
 
 
 async def test_remote_reader_never_caches_a_bad_chunk(
@@ -461,7 +464,7 @@ async def test_remote_reader_never_caches_a_bad_chunk(
         reader = RemoteChunkReader(empty, s3, await open_remote_snapshot(s3, "t1"))
         with pytest.raises(CorruptError):
             await reader.read_chunk(cid, len(raw))
-        assert list(empty.iter_cache()) == []
+        assert list(FetchCache(empty).entries()) == []
         proxy.clear()
         assert await reader.read_chunk(cid, len(raw)) == raw
 
@@ -482,7 +485,7 @@ async def test_cache_is_bounded_and_spares_store_chunks(
             for cid, raw in want.items():
                 assert await reader.read_chunk(cid, len(raw)) == raw
         assert reader.stats.evictions > 0 and reader.stats.local_hits == 2 * len(kept)
-    cached = list(partial.iter_cache())
+    cached = list(FetchCache(partial).entries())
     assert sum(c.stored_size for c, _ in cached) <= limit
     assert sorted(c.cid for c in partial.iter_chunks()) == kept
     # A reader started later picks the cache up within the limit.
@@ -580,7 +583,7 @@ async def test_remote_gc_sweeps_only_old_unreferenced_objects(
         for p in t2_packs:
             assert await s3.stat(Handle.of("pack", p)) is None
             assert await s3.stat(Handle.of("index", p)) is None
-            assert not loaded.pack_index_path(p).exists()
+            assert not PackIndexCopies(loaded).path(p).exists()
         assert await names(s3, "locator") == [loaded.resolve("t1").hex]
         other = LocalStore.open(tmp_path / "other")
         await pull(other, "t1", s3)
@@ -836,9 +839,10 @@ def test_tampered_pack_through_a_real_lazy_mount(
     finally:
         code, _, err = _cli(["--store", str(empty.root), "umount", str(mnt)], capsys)
     assert code == 0, err
-    assert bad not in {c.cid for c, _ in empty.iter_cache()}
-    for c, _ in empty.iter_cache():
-        codec.decode_bounded(empty.get_cache_object(c.cid), c.cid, MAX_CHUNK)
+    cache = FetchCache(empty)
+    assert bad not in {c.cid for c, _ in cache.entries()}
+    for c, _ in cache.entries():
+        codec.decode_bounded(cache.get(c.cid), c.cid, MAX_CHUNK)
     check_store(empty)
     code, _, err = _cli(["--store", str(empty.root), "verify"], capsys)
     assert code == 0, err

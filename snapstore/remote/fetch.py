@@ -17,6 +17,7 @@ import trio
 from snapstore import codec, manifest
 from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ID_BYTES, ChunkId, is_valid_hex_id
+from snapstore.remote.cache import PackIndexCopies
 from snapstore.remote.packs import (
     MAX_INDEX_BYTES,
     Location,
@@ -27,7 +28,7 @@ from snapstore.remote.packs import (
     locator_max_bytes,
 )
 from snapstore.store.backend import Handle
-from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore
+from snapstore.store.local import MAX_MANIFEST_BYTES
 from snapstore.store.s3 import RemoteError, S3Store
 
 log = logging.getLogger(__name__)
@@ -115,19 +116,20 @@ async def fetch_locator(s3: S3Store, mid: ChunkId, chunk_ids: set[ChunkId]) -> L
     return await trio.to_thread.run_sync(decode_locator, data, mid, chunk_ids)
 
 
-async def fetch_index(s3: S3Store, store: LocalStore | None, pack: ChunkId) -> PackIndex:
-    """The index of `pack`: the store's copy when it is intact, else fetched (and kept in
-    the store, if there is one)."""
-    kept = store.get_pack_index(pack) if store is not None else None
-    if kept is not None and store is not None:
+async def fetch_index(s3: S3Store, copies: PackIndexCopies | None, pack: ChunkId
+                      ) -> PackIndex:
+    """The index of `pack`: the copy in `copies` when it is intact, else fetched (and
+    kept there, if given)."""
+    kept = copies.get(pack) if copies is not None else None
+    if kept is not None and copies is not None:
         try:
             return decode_index(kept, pack)
         except CorruptError:
-            store.delete_pack_index(pack)
+            copies.delete(pack)
     data = await s3.load(Handle.of("index", pack), max_bytes=MAX_INDEX_BYTES)
     index = await trio.to_thread.run_sync(decode_index, data, pack)
-    if store is not None:
-        store.put_pack_index(pack, data)
+    if copies is not None:
+        copies.put(pack, data)
     return index
 
 

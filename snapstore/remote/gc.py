@@ -18,6 +18,7 @@ from typing import Any
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
+from snapstore.remote.cache import PackIndexCopies
 from snapstore.remote.fetch import (
     fetch_index,
     fetch_locator,
@@ -65,6 +66,7 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     """Collect `s3`'s garbage; `store`, if given, lends its copies of pack indexes. A
     grace below MIN_GRACE_S is refused (UsageError) unless `force`."""
     check_grace(grace_s, force)
+    copies = PackIndexCopies(store) if store is not None else None
     # Listings come first: an object written after them is not swept by this run at all.
     # Indexes before packs: a push writes a pack before its index, so every index listed
     # here has its pack listed below unless the pack was deleted behind gc's back.
@@ -86,7 +88,7 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     contents: dict[ChunkId, PackIndex] = {}
     for pack in sorted(set(indexes) & set(packs)):
         try:
-            contents[pack] = await fetch_index(s3, store, pack)
+            contents[pack] = await fetch_index(s3, copies, pack)
         except (CorruptError, NotFoundError) as e:
             raise _stop(f"the index of pack {pack.short()} is unreadable ({e})") from None
     # A second look at the tags and manifests, right before the sweep: a push that ran
@@ -126,8 +128,8 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
         await s3.remove(*(Handle.of("index", p) for p in dead_packs + orphans if p in indexes))
         await s3.remove(*(Handle.of("pack", p) for p in dead_packs))
         for p in dead_packs + orphans:
-            if store is not None:
-                store.delete_pack_index(p)
+            if copies is not None:
+                copies.delete(p)
     return RemoteGcReport(
         tags=len(tags),
         kept_snapshots=len(roots),

@@ -19,6 +19,7 @@ from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.progress import byte_progress
+from snapstore.remote.cache import FetchCache, PackIndexCopies
 from snapstore.remote.fetch import (
     cpu_limiter,
     fetch_index,
@@ -82,13 +83,14 @@ async def remote_chunks(s3: S3Store, store: LocalStore | None, jobs: int = DEFAU
     another size is left out, so its chunks are pushed again. A damaged index stops the
     push with one line: the remote is not what it should be, and working around it
     silently would hide that."""
+    copies = PackIndexCopies(store) if store is not None else None
     indexed = [o.id async for o in s3.list("index")]
     sizes = {o.id: o.size async for o in s3.list("pack")}
     found: dict[ChunkId, tuple[tuple[ChunkId, Location], ...]] = {}
 
     async def load(pack: ChunkId) -> None:
         try:
-            index = await fetch_index(s3, store, pack)
+            index = await fetch_index(s3, copies, pack)
         except CorruptError as e:
             damaged = s3.where(Handle.of("index", pack))
             raise CorruptError(f"{e}; delete {damaged} and push again "
@@ -176,6 +178,7 @@ async def _send(store: LocalStore, ref: str, mid: ChunkId, sizes: dict[ChunkId, 
     pack_sizes = {loc.pack: remote.pack_sizes[loc.pack] for loc in where.values()}
     missing = [c for c in sizes if c not in where]
     on_disk = await trio.to_thread.run_sync(_sizes_on_disk, store, missing)
+    copies = PackIndexCopies(store)
     cpu = cpu_limiter()
     with byte_progress(f"push {ref}", sum(on_disk.values())) as advance:
         async def upload(cids: list[ChunkId]) -> None:
@@ -184,7 +187,7 @@ async def _send(store: LocalStore, ref: str, mid: ChunkId, sizes: dict[ChunkId, 
             await s3.save(Handle.of("pack", pack.pack), pack.data)
             await s3.save(Handle.of("index", pack.pack), pack.index)
             # The next push from this store needs no GET for it.
-            await trio.to_thread.run_sync(store.put_pack_index, pack.pack, pack.index)
+            await trio.to_thread.run_sync(copies.put, pack.pack, pack.index)
             where.update(pack.chunks)
             pack_sizes[pack.pack] = len(pack.data)
             sent[0] += len(cids)
@@ -265,19 +268,19 @@ def _intact(store: LocalStore, cid: ChunkId, size: int) -> bool:
     return True
 
 
-def _from_cache(store: LocalStore, writer: ChunkWriter, cid: ChunkId, size: int) -> bool:
-    """Move a chunk a remote mount fetched into the store, checked; False if it has none
-    (a bad cache entry is of no use: it goes)."""
+def _from_cache(cache: FetchCache, writer: ChunkWriter, cid: ChunkId, size: int) -> bool:
+    """Move a chunk a remote mount fetched into the store, checked; False if the cache has
+    none (a bad cache entry is of no use: it goes)."""
     try:
-        obj = store.get_cache_object(cid)
+        obj = cache.get(cid)
         codec.decode(obj, cid, size)
     except NotFoundError:
         return False
     except CorruptError:
-        store.delete_cache_object(cid)
+        cache.delete(cid)
         return False
     _store_chunks(writer, [(cid, obj)])
-    store.delete_cache_object(cid)
+    cache.delete(cid)
     return True
 
 
@@ -321,6 +324,7 @@ async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
     # Chunks go through the same batched writer as an ingest: durable before they are
     # named, one syncfs per batch instead of an fsync per chunk.
     writer = store.chunk_writer()
+    cache = FetchCache(store)
     with store.writer_lock():
         missing = await trio.to_thread.run_sync(
             lambda: [c for c in sizes if not store.has_chunk(c)])
@@ -342,7 +346,7 @@ async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
             cached: set[ChunkId] = set()
 
             async def from_cache(cid: ChunkId) -> None:
-                if await trio.to_thread.run_sync(_from_cache, store, writer, cid, sizes[cid],
+                if await trio.to_thread.run_sync(_from_cache, cache, writer, cid, sizes[cid],
                                                  limiter=cpu):
                     cached.add(cid)
                     got[0] += 1
@@ -362,7 +366,7 @@ async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
 
             try:
                 # A chunk a remote mount already fetched moves from the cache, checked.
-                await run_pool([c for c in missing if store.cache_path(c).exists()],
+                await run_pool([c for c in missing if cache.path(c).exists()],
                                from_cache, jobs)
                 wanted = sorted((locator.chunks[c], c) for c in missing if c not in cached)
                 runs = coalesce([(c, loc) for loc, c in wanted], MAX_RANGE, PULL_MAX_GAP)

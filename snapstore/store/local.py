@@ -116,6 +116,10 @@ class LocalStore:
         self.tags_dir = root / "refs" / "tags"
         self.tmp_dir = root / "tmp"
         self.work_root = root / "work"
+        # What a host keeps of its remotes (snapstore.remote.cache): fetched chunks, and
+        # copies of pack indexes.
+        self.cache_dir = root / "cache"
+        self.pack_index_dir = root / "pack-index"
         self._lock_path = root / "lock"
 
     @classmethod
@@ -157,8 +161,8 @@ class LocalStore:
         """Refuse a store whose own directories are links: following one would read,
         write or delete outside the store (gc empties tmp/, wherever it points)."""
         for d in (self.chunks_dir, self.snapshots_dir, self.tags_dir.parent, self.tags_dir,
-                  self.tmp_dir, self.work_root, self.root / "cache", self.root / "mounts",
-                  self.root / "access", self.root / "pack-index"):
+                  self.tmp_dir, self.work_root, self.cache_dir, self.root / "mounts",
+                  self.root / "access", self.pack_index_dir):
             try:
                 st = d.lstat()
             except FileNotFoundError:
@@ -250,69 +254,6 @@ class LocalStore:
     def delete_chunk(self, cid: ChunkId) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.chunk_path(cid).unlink()
-
-    # -- cache of chunks fetched by remote mounts ------------------------------------
-
-    def cache_path(self, cid: ChunkId) -> Path:
-        """cache/ holds fetched-only chunk objects; gc and verify of chunks/ never see them."""
-        h = cid.hex
-        return self.root / "cache" / h[:2] / h[2:]
-
-    def put_cache_object(self, cid: ChunkId, obj: bytes | memoryview) -> None:
-        """Atomic but not durable: no fsync on the read path of a mount. An entry torn by a
-        crash fails its hash check when read, and is then deleted and fetched again."""
-        path = self.cache_path(cid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.write_atomic(path, obj, durable=False)
-
-    def get_cache_object(self, cid: ChunkId) -> bytes:
-        try:
-            return self.cache_path(cid).read_bytes()
-        except FileNotFoundError:
-            raise NotFoundError(f"chunk {cid} is not in the cache") from None
-
-    def touch_cache_object(self, cid: ChunkId) -> None:
-        """Mark a cache entry used now; its mtime orders the LRU across mounts."""
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.cache_path(cid))
-
-    def iter_cache(self) -> Iterator[tuple[StoredChunk, float]]:
-        """Every cache entry with its last use (mtime)."""
-        for sub in list_dir(self.root / "cache"):
-            for f in list_dir(Path(sub.path)):
-                name = sub.name + f.name
-                if is_valid_hex_id(name):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = f.stat()
-                        yield StoredChunk(ChunkId.parse(name), st.st_size), st.st_mtime
-
-    def delete_cache_object(self, cid: ChunkId) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.cache_path(cid).unlink()
-
-    # -- copies of remote pack indexes ----------------------------------------------
-
-    def pack_index_path(self, pack: ChunkId) -> Path:
-        """pack-index/ keeps the index objects of remote packs a push has read: a pack's
-        index never changes, so each is fetched once per host (docs/remote.md)."""
-        return self.root / "pack-index" / pack.hex
-
-    def put_pack_index(self, pack: ChunkId, data: bytes) -> None:
-        """Atomic, not durable, like the chunk cache: a torn copy fails its checksum when
-        loaded and is fetched again."""
-        path = self.pack_index_path(pack)
-        path.parent.mkdir(exist_ok=True)
-        self.write_atomic(path, data, durable=False)
-
-    def get_pack_index(self, pack: ChunkId) -> bytes | None:
-        try:
-            return self.pack_index_path(pack).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete_pack_index(self, pack: ChunkId) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.pack_index_path(pack).unlink()
 
     # -- manifests -----------------------------------------------------------------
 
