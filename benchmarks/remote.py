@@ -27,9 +27,11 @@ import trio
 
 from examples.workloads import memory_image, two_python_checkpoints
 from snapstore.gvisor.runsc import Runsc, new_container_id
+from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.remote.transfer import remote_chunks
 from snapstore.remote.url import RemoteURL
+from snapstore.store.backend import Handle
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import open_s3
 from tests.s3proxy import make_bucket, moto_server, s3_env
@@ -96,13 +98,16 @@ async def moto_ceiling(port: int, mib: int = 256, parallel: int = 16) -> tuple[f
     async with open_s3(RemoteURL(bucket), f"http://127.0.0.1:{port}", parallel + 4) as s3:
         limiter = trio.CapacityLimiter(parallel)
 
+        def blob(i: int) -> Handle:
+            return Handle.of("pack", ChunkId.of(b"%d" % i))
+
         async def put(i: int) -> None:
             async with limiter:
-                await s3.put(f"x/{i}", data)
+                await s3.save(blob(i), data)
 
         async def get(i: int) -> None:
             async with limiter:
-                await s3.get(f"x/{i}", len(data))
+                await s3.load(blob(i), len(data))
 
         times = []
         for op in (put, get):

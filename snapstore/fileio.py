@@ -1,4 +1,4 @@
-"""Writing files whole: the write-all loops and the atomic replacement of a file.
+"""Writing files whole: the write-all loops, the atomic replacement and creation of a file.
 
 Stdlib only: the loader processes import it, and they import only what a load needs.
 """
@@ -69,3 +69,30 @@ def write_atomic(path: Path, data: bytes | memoryview, *, durable: bool = True,
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def write_new(path: Path, data: bytes | memoryview, *, tmp: Path) -> bool:
+    """Write `path` whole, durably, only if nothing has that name; say whether it did.
+
+    The temp file `tmp` (on the filesystem of `path`, a name no other writer uses) is
+    written and synced, then hard-linked to `path`: a link never replaces a name, so of
+    writers racing for one `path` exactly one wins, and a reader sees all of its bytes or
+    none. `tmp` is removed either way.
+    """
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        try:
+            write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    fsync_dir(path.parent)
+    return True

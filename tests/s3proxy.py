@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -257,6 +258,17 @@ def make_bucket(port: int, name: str) -> None:
     """Create a bucket (moto takes unsigned requests for that)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("PUT", f"/{name}")
+    resp = conn.getresponse()
+    resp.read()
+    conn.close()
+    assert resp.status == 200, resp.status
+
+
+def put_object(port: int, bucket: str, key: str, data: bytes) -> None:
+    """Write an object at a raw key, as another program would (moto takes unsigned
+    requests for that too): how a test plants keys that name no object of snapstore's."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("PUT", f"/{bucket}/{urllib.parse.quote(key)}", body=data)
     resp = conn.getresponse()
     resp.read()
     conn.close()

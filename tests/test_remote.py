@@ -25,18 +25,20 @@ from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import MAX_CHUNK, prefetch_order
+from snapstore.remote.cache import FetchCache, PackIndexCopies
 from snapstore.remote.catalog import find_remote
 from snapstore.remote.gc import remote_gc
 from snapstore.remote.packs import MAX_PACK_BYTES
 from snapstore.remote.reader import PriorityLimiter, RemoteChunkReader, open_remote_snapshot
 from snapstore.remote.transfer import pull, push, remote_chunks
 from snapstore.remote.url import RemoteURL
-from snapstore.store.layout import id_of_key, index_key, locator_key, pack_key, tag_key
+from snapstore.store.backend import Handle, Kind
+from snapstore.store.layout import id_of_key
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import RemoteAccessError, RemoteError, S3Store, open_s3
 from snapstore.verify import verify
 from tests.conftest import memory_like, tmpfs
-from tests.s3proxy import FaultProxy, free_port, make_bucket, moto_server, s3_env
+from tests.s3proxy import FaultProxy, free_port, make_bucket, moto_server, put_object, s3_env
 
 _buckets = itertools.count()
 # A bound for the objects tests read back whole: any pack fits.
@@ -112,8 +114,13 @@ def check_store(store: LocalStore) -> None:
         codec.decode_bounded(store.get_chunk_object(c.cid), c.cid, MAX_CHUNK)
 
 
-async def keys(s3: S3Store, prefix: str) -> list[str]:
-    return [o.key async for o in s3.list(prefix)]
+async def names(s3: S3Store, kind: Kind) -> list[str]:
+    return sorted([o.name async for o in s3.list(kind)])
+
+
+def plant(port: int, s3: S3Store, key: str, data: bytes) -> None:
+    """An object at a raw key of the remote, written past the store (no handle names it)."""
+    put_object(port, s3.url.bucket, s3.url.key(key), data)
 
 
 
@@ -141,7 +148,7 @@ async def test_push_pull_roundtrip(moto_port: int, remote: str, loaded: LocalSto
     async with s3_at(endpoint, remote) as s3:
         r = await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
         assert r.tag_status == "created" and r.chunks_sent == r.chunks > r.packs > 1
-        assert len(await keys(s3, "packs/")) == len(await keys(s3, "index/")) == r.packs
+        assert len(await names(s3, "pack")) == len(await names(s3, "index")) == r.packs
         again = await push(loaded, "t1", s3)
         assert (again.chunks_sent, again.packs, again.tag_status) == (0, 0, "unchanged")
         other = LocalStore.open(tmp_path / "other")
@@ -168,19 +175,20 @@ async def test_remote_chunks_come_from_indexes_of_present_packs(
         assert (await remote_chunks(s3, None)).where == known.where
         # A damaged copy in the store is refused and fetched again.
         some = sorted(known.pack_sizes)[0]
-        loaded.pack_index_path(some).write_bytes(b"junk")
+        copies = PackIndexCopies(loaded)
+        copies.path(some).write_bytes(b"junk")
         assert (await remote_chunks(s3, loaded)).where == known.where
-        assert loaded.pack_index_path(some).read_bytes() == await s3.get(index_key(some),
-                                                                          ANY_SIZE)
+        assert copies.path(some).read_bytes() == await s3.load(
+            Handle.of("index", some), ANY_SIZE)
         # An index whose pack is gone, and a pack without an index, hold nothing.
         gone, unindexed = sorted(known.pack_sizes)[:2]
-        await s3.delete_many([pack_key(gone), index_key(unindexed)])
+        await s3.remove(Handle.of("pack", gone), Handle.of("index", unindexed))
         left = await remote_chunks(s3, loaded)
         assert set(left.pack_sizes) == set(known.pack_sizes) - {gone, unindexed}
         assert {known.where[c].pack for c in cids - set(left.where)} == {gone, unindexed}
         # Stray keys are not ids: listed names are checked before they are parsed.
-        await s3.put("index/" + "G" * 64, b"x")
-        await s3.put("packs/zz/" + "0" * 62, b"x")
+        plant(proxy.upstream_port, s3, "index/" + "G" * 64, b"x")
+        plant(proxy.upstream_port, s3, "packs/zz/" + "0" * 62, b"x")
         assert (await remote_chunks(s3, loaded)).where == left.where
 
 
@@ -204,7 +212,7 @@ async def test_tag_conflict_and_force(moto_port: int, remote: str, loaded: Local
         await push(loaded, "t1", s3)
         with pytest.raises(SnapstoreError, match="already points at"):
             await push(other, "t1", s3)
-        tag = await s3.get(tag_key("t1"), ANY_SIZE)
+        tag = await s3.load(Handle("tag", "t1"), ANY_SIZE)
         assert tag.decode().strip() == loaded.resolve("t1").hex
         r = await push(other, "t1", s3, force=True)
         assert r.tag_status == "set"
@@ -247,8 +255,8 @@ async def test_push_never_sends_a_corrupt_chunk(moto_port: int, remote: str,
         with pytest.raises(CorruptError, match="not pushed"):
             await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
         assert cid not in (await remote_chunks(s3, None)).where
-        assert await keys(s3, "locate/") == await keys(s3, "snapshots/") == []
-        assert await s3.head(tag_key("t1")) is None
+        assert await names(s3, "locator") == await names(s3, "manifest") == []
+        assert await s3.stat(Handle("tag", "t1")) is None
 
 
 # -- faults ----------------------------------------------------------------------------
@@ -299,9 +307,10 @@ async def test_pull_of_a_bad_remote_chunk_fails_and_stores_nothing_wrong(
 async def flip_chunk_in_pack(s3: S3Store, cid: ChunkId) -> None:
     """Rewrite the pack holding `cid` with one bit of that chunk flipped."""
     at = (await remote_chunks(s3, None)).where[cid]
-    data = bytearray(await s3.get(pack_key(at.pack), ANY_SIZE))
+    pack = Handle.of("pack", at.pack)
+    data = bytearray(await s3.load(pack, ANY_SIZE))
     data[at.offset + at.length // 2] ^= 0x10
-    await s3.put(pack_key(at.pack), bytes(data))
+    await s3.save(pack, bytes(data))
 
 
 def _cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -377,7 +386,7 @@ def test_killed_push_resumes_with_only_the_missing_chunks(
     async def count_remote() -> tuple[int, int]:
         async with s3_at(proxy.endpoint, remote) as s3:
             return (len((await remote_chunks(s3, None)).where),
-                    len(await keys(s3, "packs/")))
+                    len(await names(s3, "pack")))
 
     deadline = time.monotonic() + 120
     while proxy.injected.get("slow", 0) < 4 and time.monotonic() < deadline:
@@ -440,7 +449,8 @@ async def test_remote_reader_fetches_checks_and_caches(
             assert await reader.read_chunk(cid, len(raw)) == raw
         assert proxy.requests == requests and reader.stats.cache_hits == len(want)
     # The cache never becomes part of the store.
-    assert list(empty.iter_chunks()) == [] and len(list(empty.iter_cache())) == len(want)
+    assert list(empty.iter_chunks()) == []
+    assert len(list(FetchCache(empty).entries())) == len(want)
 
 
 async def test_remote_reader_never_caches_a_bad_chunk(
@@ -454,7 +464,7 @@ async def test_remote_reader_never_caches_a_bad_chunk(
         reader = RemoteChunkReader(empty, s3, await open_remote_snapshot(s3, "t1"))
         with pytest.raises(CorruptError):
             await reader.read_chunk(cid, len(raw))
-        assert list(empty.iter_cache()) == []
+        assert list(FetchCache(empty).entries()) == []
         proxy.clear()
         assert await reader.read_chunk(cid, len(raw)) == raw
 
@@ -475,7 +485,7 @@ async def test_cache_is_bounded_and_spares_store_chunks(
             for cid, raw in want.items():
                 assert await reader.read_chunk(cid, len(raw)) == raw
         assert reader.stats.evictions > 0 and reader.stats.local_hits == 2 * len(kept)
-    cached = list(partial.iter_cache())
+    cached = list(FetchCache(partial).entries())
     assert sum(c.stored_size for c, _ in cached) <= limit
     assert sorted(c.cid for c in partial.iter_chunks()) == kept
     # A reader started later picks the cache up within the limit.
@@ -560,20 +570,21 @@ async def test_remote_gc_sweeps_only_old_unreferenced_objects(
         await push(loaded, "t1", s3)
         t2 = await push(loaded, "t2", s3)
         t2_packs = {(await remote_chunks(s3, None)).where[c].pack for c in only_t2}
-        await s3.delete_many([tag_key("t2")])
+        await s3.remove(Handle("tag", "t2"))
         young = await remote_gc(s3, grace_s=3600)
         assert young.deleted_packs == 0 and young.young_unreferenced == 0  # manifest is a root
         dry = await remote_gc(s3, loaded, grace_s=0, dry_run=True, force=True)
         assert (dry.deleted_packs, dry.deleted_chunks) == (t2.packs, len(only_t2))
         assert dry.deleted_snapshots == 1
-        assert all([await s3.head(pack_key(p)) is not None for p in t2_packs])
+        assert all([await s3.stat(Handle.of("pack", p)) is not None for p in t2_packs])
         r = await remote_gc(s3, loaded, grace_s=0, force=True)
         assert (r.deleted_chunks, r.deleted_snapshots, r.tags) == (len(only_t2), 1, 1)
         assert r.deleted_indexes == r.deleted_packs == t2.packs
         for p in t2_packs:
-            assert await s3.head(pack_key(p)) is None and await s3.head(index_key(p)) is None
-            assert not loaded.pack_index_path(p).exists()
-        assert await keys(s3, "locate/") == [locator_key(loaded.resolve("t1"))]
+            assert await s3.stat(Handle.of("pack", p)) is None
+            assert await s3.stat(Handle.of("index", p)) is None
+            assert not PackIndexCopies(loaded).path(p).exists()
+        assert await names(s3, "locator") == [loaded.resolve("t1").hex]
         other = LocalStore.open(tmp_path / "other")
         await pull(other, "t1", s3)
     check_store(other)
@@ -592,7 +603,7 @@ async def test_remote_gc_keeps_packs_with_live_chunks_and_reports_dead_bytes(
         first = await push(loaded, "both", s3)
         t1 = await push(loaded, "t1", s3)
         assert t1.chunks_sent == 0  # its chunks lie in the packs of "both"
-        await s3.delete_many([tag_key("both")])
+        await s3.remove(Handle("tag", "both"))
         r = await remote_gc(s3, grace_s=0, force=True)
         assert (r.deleted_snapshots, r.deleted_packs, r.kept_packs) == (1, 0, first.packs)
         # No repacking: the dead chunks stay inside the live packs, and are reported.
@@ -610,16 +621,16 @@ async def test_remote_gc_deletes_orphans_and_keeps_what_locators_name(
         known = await remote_chunks(s3, None)
         lost_index, lost_pack = sorted(known.pack_sizes)[:2]
         # A pack whose index is lost is still named by the tag's locator: kept.
-        await s3.delete_many([index_key(lost_index)])
+        await s3.remove(Handle.of("index", lost_index))
         # An index whose pack is gone would make pushes skip chunks: deleted at any age.
-        await s3.delete_many([pack_key(lost_pack)])
+        await s3.remove(Handle.of("pack", lost_pack))
         # A pack a killed push left without an index holds nothing anyone names.
-        await s3.put(pack_key(ChunkId.of(b"stray")), b"stray")
+        await s3.save(Handle.of("pack", ChunkId.of(b"stray")), b"stray")
         g = await remote_gc(s3, grace_s=0, force=True)
         assert (g.deleted_packs, g.deleted_indexes, g.kept_packs) == (1, 1, r.packs - 1)
-        assert await s3.head(pack_key(lost_index)) is not None
-        assert await keys(s3, "index/") == sorted(
-            index_key(p) for p in known.pack_sizes if p not in (lost_index, lost_pack))
+        assert await s3.stat(Handle.of("pack", lost_index)) is not None
+        assert await names(s3, "index") == sorted(
+            p.hex for p in known.pack_sizes if p not in (lost_index, lost_pack))
         # The next push sends what the remote lost again, in new packs, and a new locator.
         again = await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
         lost = {c for c, at in known.where.items() if at.pack in (lost_index, lost_pack)}
@@ -633,7 +644,7 @@ async def test_remote_gc_stops_on_an_unreadable_tag(moto_port: int, remote: str,
                                                     loaded: LocalStore) -> None:
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
         await push(loaded, "t1", s3)
-        await s3.put(tag_key("bad"), b"not an id\n")
+        await s3.save(Handle("tag", "bad"), b"not an id\n")
         with pytest.raises(SnapstoreError, match="without deleting"):
             await remote_gc(s3, grace_s=0, force=True)
 
@@ -643,17 +654,18 @@ async def test_remote_gc_stops_on_an_unreadable_locator_or_index(
     mid = loaded.resolve("t1")
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
         await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
-        await s3.put(pack_key(ChunkId.of(b"stray")), b"stray")
-        good = await s3.get(locator_key(mid), ANY_SIZE)
-        await s3.put(locator_key(mid), good[:-1])
+        stray, locator = Handle.of("pack", ChunkId.of(b"stray")), Handle.of("locator", mid)
+        await s3.save(stray, b"stray")
+        good = await s3.load(locator, ANY_SIZE)
+        await s3.save(locator, good[:-1])
         with pytest.raises(SnapstoreError, match="without deleting"):
             await remote_gc(s3, grace_s=0, force=True)
-        await s3.put(locator_key(mid), good)
+        await s3.save(locator, good)
         pack = sorted((await remote_chunks(s3, None)).pack_sizes)[0]
-        await s3.put(index_key(pack), b"SNAPIDX\x01" + bytes(100))
+        await s3.save(Handle.of("index", pack), b"SNAPIDX\x01" + bytes(100))
         with pytest.raises(SnapstoreError, match=f"index of pack {pack.short()}.*without"):
             await remote_gc(s3, grace_s=0, force=True)
-        assert await s3.head(pack_key(ChunkId.of(b"stray"))) is not None
+        assert await s3.stat(stray) is not None
 
 
 async def test_missing_bucket_is_an_access_error(moto_port: int) -> None:
@@ -710,33 +722,34 @@ def test_hostile_locator_or_index_is_refused_with_one_line(
                          "1M"], capsys)
     assert code == 0, err
 
-    async def tamper(key: str, data: bytes) -> bytes:
+    async def tamper(h: Handle, data: bytes) -> bytes:
         async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
-            old = await s3.get(key, ANY_SIZE)
-            await s3.put(key, data)
+            old = await s3.load(h, ANY_SIZE)
+            await s3.save(h, data)
             return old
 
     other = LocalStore.open(tmp_path / "other")
-    good = trio.run(tamper, locator_key(mid), b"SNAPLOC\x01" + bytes(4 << 20))
+    locator = Handle.of("locator", mid)
+    good = trio.run(tamper, locator, b"SNAPLOC\x01" + bytes(4 << 20))
     _cli_fails_with_one_line(["--store", str(other.root), "pull", "t1", remote],
                              "more than", capsys)
-    trio.run(tamper, locator_key(mid), good[:-40] + good[-32:])
+    trio.run(tamper, locator, good[:-40] + good[-32:])
     _cli_fails_with_one_line(["--store", str(other.root), "pull", "t1", remote],
                              "fails its checksum", capsys)
     assert other.get_tag("t1") is None and not other.manifest_ids()
     assert list(other.iter_chunks()) == []
-    trio.run(tamper, locator_key(mid), good)
+    trio.run(tamper, locator, good)
 
     async def first_index() -> str:
         async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
-            return (await keys(s3, "index/"))[0]
+            return (await names(s3, "index"))[0]
 
-    key = trio.run(first_index)
-    trio.run(tamper, key, b"\xff" * 100)
+    name = trio.run(first_index)
+    trio.run(tamper, Handle("index", name), b"\xff" * 100)
     fresh = LocalStore.open(tmp_path / "fresh")
     ingest(fresh, loaded.root.parent / "image", "t1")
     _cli_fails_with_one_line(["--store", str(fresh.root), "push", "t1", remote],
-                             f"index of pack {key.removeprefix('index/')}", capsys)
+                             f"index of pack {name}", capsys)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete pack", "delete index"])
@@ -752,13 +765,13 @@ def test_pull_from_a_tampered_bucket_fails_cleanly(
         async with s3_at(endpoint, remote) as s3:
             await push(loaded, "t1", s3, pack_size=SMALL_PACKS)
             at = (await remote_chunks(s3, None)).where[cid]
-            pack = pack_key(at.pack)
+            pack = Handle.of("pack", at.pack)
             if damage == "flip":
                 await flip_chunk_in_pack(s3, cid)
             elif damage == "truncate":
-                await s3.put(pack, (await s3.get(pack, ANY_SIZE))[: at.offset + 1])
+                await s3.save(pack, (await s3.load(pack, ANY_SIZE))[: at.offset + 1])
             else:
-                await s3.delete_many([pack if damage == "delete pack" else index_key(at.pack)])
+                await s3.remove(pack if damage == "delete pack" else Handle.of("index", at.pack))
 
     trio.run(setup)
     other = tmp_path / "other"
@@ -826,9 +839,10 @@ def test_tampered_pack_through_a_real_lazy_mount(
     finally:
         code, _, err = _cli(["--store", str(empty.root), "umount", str(mnt)], capsys)
     assert code == 0, err
-    assert bad not in {c.cid for c, _ in empty.iter_cache()}
-    for c, _ in empty.iter_cache():
-        codec.decode_bounded(empty.get_cache_object(c.cid), c.cid, MAX_CHUNK)
+    cache = FetchCache(empty)
+    assert bad not in {c.cid for c, _ in cache.entries()}
+    for c, _ in cache.entries():
+        codec.decode_bounded(cache.get(c.cid), c.cid, MAX_CHUNK)
     check_store(empty)
     code, _, err = _cli(["--store", str(empty.root), "verify"], capsys)
     assert code == 0, err
@@ -849,10 +863,10 @@ def test_stray_keys_under_refs_tags_are_skipped_and_reported(
     async def setup() -> None:
         async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
             await push(loaded, "t1", s3)
-            await s3.put("refs/tags/", b"")
-            await s3.put("refs/tags/x/y", (mid.hex + "\n").encode())
-            await s3.put("snapshots/", b"")
-            await s3.put("packs/readme.txt", b"hello")
+            plant(moto_port, s3, "refs/tags/", b"")
+            plant(moto_port, s3, "refs/tags/x/y", (mid.hex + "\n").encode())
+            plant(moto_port, s3, "snapshots/", b"")
+            plant(moto_port, s3, "packs/readme.txt", b"hello")
 
     trio.run(setup)
     code, out, err = _cli(["remote", "ls", remote, "--json"], capsys)
@@ -882,7 +896,7 @@ async def test_a_range_answered_with_a_huge_200_is_refused_unread(
         proxy.stream_limit = 512 << 20
         proxy.inject("huge", "GET", "/packs/")
         with trio.fail_after(60), pytest.raises(RemoteError, match="ignored the range"):
-            await s3.get_range(pack_key(pack), 0, 4096)
+            await s3.load_range(Handle.of("pack", pack), 0, 4096)
     assert proxy.injected == {"huge": 1}
     # What the socket buffers held when the client hung up, not the body.
     assert proxy.streamed < 64 << 20
@@ -1138,7 +1152,7 @@ async def test_gc_takes_a_second_look_before_it_sweeps(
     what the new tag reaches."""
     async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as direct:
         await push(loaded, "t1", direct, pack_size=SMALL_PACKS)
-        await direct.delete_many([tag_key("t1")])
+        await direct.remove(Handle("tag", "t1"))
         last = max((await remote_chunks(direct, None)).pack_sizes)
         proxy.inject("gate", "GET", f"/index/{last.hex}")
         report: list[int] = []

@@ -105,22 +105,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 async def remote_listing(s3: S3Store) -> dict[str, Any]:
     """Tags and snapshots of a remote with their sizes (what `remote ls --json` prints)."""
-    from snapstore.ids import ChunkId
     from snapstore.remote.fetch import (
         fetch_locator,
         fetch_manifest,
         get_remote_tag,
         list_remote_tags,
     )
-    from snapstore.store.layout import id_of_key
 
     foreign: list[str] = []
-    packs: dict[ChunkId, int] = {}
-    async for o in s3.list("packs/"):
-        if (p := id_of_key(o.key, "packs/")) is None:
-            foreign.append(o.key)
-        else:
-            packs[p] = o.size
+    packs = {o.id: o.size async for o in s3.list("pack", foreign.append)}
     tags: dict[str, str] = {}
     names, foreign_tags = await list_remote_tags(s3)
     foreign += foreign_tags
@@ -130,16 +123,12 @@ async def remote_listing(s3: S3Store) -> dict[str, Any]:
         except (CorruptError, NotFoundError) as e:
             tags[name] = f"unreadable: {e}"
     snaps: list[dict[str, Any]] = []
-    async for o in s3.list("snapshots/"):
-        if (mid := id_of_key(o.key, "snapshots/")) is None:
-            foreign.append(o.key)
-            continue
-        name = mid.hex
-        doc: dict[str, Any] = {"id": name, "tags": sorted(t for t, m in tags.items()
-                                                         if m == name)}
+    async for o in s3.list("manifest", foreign.append):
+        doc: dict[str, Any] = {"id": o.name, "tags": sorted(t for t, m in tags.items()
+                                                           if m == o.name)}
         try:
-            _, m = await fetch_manifest(s3, mid)
-            where = (await fetch_locator(s3, mid, m.chunk_ids())).chunks
+            _, m = await fetch_manifest(s3, o.id)
+            where = (await fetch_locator(s3, o.id, m.chunk_ids())).chunks
         except (CorruptError, NotFoundError) as e:
             doc["error"] = str(e)
             snaps.append(doc)

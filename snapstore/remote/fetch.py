@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 import trio
 
 from snapstore import codec, manifest
-from snapstore.errors import CorruptError, NotFoundError, UsageError
+from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ID_BYTES, ChunkId, is_valid_hex_id
+from snapstore.remote.cache import PackIndexCopies
 from snapstore.remote.packs import (
     MAX_INDEX_BYTES,
     Location,
@@ -26,16 +27,8 @@ from snapstore.remote.packs import (
     decode_locator,
     locator_max_bytes,
 )
-from snapstore.store.layout import (
-    TAGS_PREFIX,
-    access_key,
-    index_key,
-    locator_key,
-    manifest_key,
-    pack_key,
-    tag_key,
-)
-from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore, check_tag
+from snapstore.store.backend import Handle
+from snapstore.store.local import MAX_MANIFEST_BYTES
 from snapstore.store.s3 import RemoteError, S3Store
 
 log = logging.getLogger(__name__)
@@ -53,7 +46,7 @@ def cpu_limiter() -> trio.CapacityLimiter:
 
 async def get_remote_tag(s3: S3Store, tag: str) -> ChunkId:
     try:
-        text = (await s3.get(tag_key(check_tag(tag)), max_bytes=4096)
+        text = (await s3.load(Handle("tag", tag), max_bytes=4096)
                 ).decode("ascii", "replace").strip()
     except NotFoundError:
         raise NotFoundError(f"no tag {tag!r} in {s3.url}") from None
@@ -67,14 +60,8 @@ async def list_remote_tags(s3: S3Store) -> tuple[list[str], list[str]]:
     """The remote's tag names, and the keys under refs/tags/ that name no tag (an S3
     console's zero-byte folder marker, a nested key): someone else's objects, which a
     listing skips and reports instead of failing on."""
-    names: list[str] = []
     foreign: list[str] = []
-    async for o in s3.list(TAGS_PREFIX):
-        name = o.key.removeprefix(TAGS_PREFIX)
-        try:
-            names.append(check_tag(name))
-        except UsageError:
-            foreign.append(o.key)
+    names = [o.name async for o in s3.list("tag", foreign.append)]
     return names, foreign
 
 
@@ -88,7 +75,8 @@ async def fetch_access_order(s3: S3Store, mid: ChunkId, chunks: int) -> list[str
     """The lines of snapshot `mid`'s access list, unchecked (callers keep only the ids
     they know); none when it is absent or over its bound: it is only a prefetch hint."""
     try:
-        data = await s3.get(access_key(mid), max_bytes=access_list_max_bytes(chunks))
+        data = await s3.load(Handle.of("access", mid),
+                             max_bytes=access_list_max_bytes(chunks))
     except NotFoundError:
         return []
     except (CorruptError, RemoteError) as e:
@@ -107,7 +95,7 @@ async def resolve_remote(s3: S3Store, ref: str) -> tuple[ChunkId, str | None]:
 async def fetch_manifest(s3: S3Store, mid: ChunkId) -> tuple[bytes, manifest.Manifest]:
     """The manifest object of `mid` and its decoded form, both checked."""
     try:
-        obj = await s3.get(manifest_key(mid), max_bytes=MAX_MANIFEST_BYTES + 1)
+        obj = await s3.load(Handle.of("manifest", mid), max_bytes=MAX_MANIFEST_BYTES + 1)
     except NotFoundError:
         raise NotFoundError(f"snapshot {mid} is missing from {s3.url}") from None
 
@@ -120,26 +108,28 @@ async def fetch_manifest(s3: S3Store, mid: ChunkId) -> tuple[bytes, manifest.Man
 async def fetch_locator(s3: S3Store, mid: ChunkId, chunk_ids: set[ChunkId]) -> Locator:
     """Where every chunk of snapshot `mid` (whose manifest holds `chunk_ids`) lies."""
     try:
-        data = await s3.get(locator_key(mid), max_bytes=locator_max_bytes(len(chunk_ids)))
+        data = await s3.load(Handle.of("locator", mid),
+                             max_bytes=locator_max_bytes(len(chunk_ids)))
     except NotFoundError:
         raise NotFoundError(f"snapshot {mid.short()} has no locator in {s3.url}; push it "
                             "again") from None
     return await trio.to_thread.run_sync(decode_locator, data, mid, chunk_ids)
 
 
-async def fetch_index(s3: S3Store, store: LocalStore | None, pack: ChunkId) -> PackIndex:
-    """The index of `pack`: the store's copy when it is intact, else fetched (and kept in
-    the store, if there is one)."""
-    kept = store.get_pack_index(pack) if store is not None else None
-    if kept is not None and store is not None:
+async def fetch_index(s3: S3Store, copies: PackIndexCopies | None, pack: ChunkId
+                      ) -> PackIndex:
+    """The index of `pack`: the copy in `copies` when it is intact, else fetched (and
+    kept there, if given)."""
+    kept = copies.get(pack) if copies is not None else None
+    if kept is not None and copies is not None:
         try:
             return decode_index(kept, pack)
         except CorruptError:
-            store.delete_pack_index(pack)
-    data = await s3.get(index_key(pack), max_bytes=MAX_INDEX_BYTES)
+            copies.delete(pack)
+    data = await s3.load(Handle.of("index", pack), max_bytes=MAX_INDEX_BYTES)
     index = await trio.to_thread.run_sync(decode_index, data, pack)
-    if store is not None:
-        store.put_pack_index(pack, data)
+    if copies is not None:
+        copies.put(pack, data)
     return index
 
 
@@ -166,7 +156,7 @@ async def fetch_run(s3: S3Store, run: Run, sizes: Mapping[ChunkId, int],
     out = Fetched()
 
     async def check(start: int, chunks: Run) -> None:
-        data = await s3.get_range(pack_key(pack), start, chunks[-1][1].end)
+        data = await s3.load_range(Handle.of("pack", pack), start, chunks[-1][1].end)
         results = await trio.to_thread.run_sync(_check, data, start, chunks, sizes,
                                                 limiter=cpu)
         for cid, result in results:

@@ -18,6 +18,7 @@ from typing import Any
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
+from snapstore.remote.cache import PackIndexCopies
 from snapstore.remote.fetch import (
     fetch_index,
     fetch_locator,
@@ -27,9 +28,9 @@ from snapstore.remote.fetch import (
 )
 from snapstore.remote.packs import PackIndex
 from snapstore.remote.settings import DEFAULT_GRACE_S, check_grace
-from snapstore.store.layout import id_of_key, index_key
+from snapstore.store.backend import Handle, Kind, ObjectInfo
 from snapstore.store.local import LocalStore
-from snapstore.store.s3 import ObjectInfo, S3Store
+from snapstore.store.s3 import S3Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,16 +55,9 @@ class RemoteGcReport:
         return asdict(self)
 
 
-async def _listing(s3: S3Store, prefix: str, foreign: list[str]) -> dict[ChunkId, ObjectInfo]:
-    """The objects under `prefix` by id; keys that are no id go to `foreign`."""
-    out: dict[ChunkId, ObjectInfo] = {}
-    async for o in s3.list(prefix):
-        i = id_of_key(o.key, prefix)
-        if i is None:
-            foreign.append(o.key)
-        else:
-            out[i] = o
-    return out
+async def _listing(s3: S3Store, kind: Kind, foreign: list[str]) -> dict[ChunkId, ObjectInfo]:
+    """The objects of `kind` by id; keys that are no id go to `foreign`."""
+    return {o.id: o async for o in s3.list(kind, foreign.append)}
 
 
 async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
@@ -72,28 +66,29 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     """Collect `s3`'s garbage; `store`, if given, lends its copies of pack indexes. A
     grace below MIN_GRACE_S is refused (UsageError) unless `force`."""
     check_grace(grace_s, force)
+    copies = PackIndexCopies(store) if store is not None else None
     # Listings come first: an object written after them is not swept by this run at all.
     # Indexes before packs: a push writes a pack before its index, so every index listed
     # here has its pack listed below unless the pack was deleted behind gc's back.
     foreign: list[str] = []
-    indexes = await _listing(s3, "index/", foreign)
-    packs = await _listing(s3, "packs/", foreign)
-    snapshots = await _listing(s3, "snapshots/", foreign)
-    locators = await _listing(s3, "locate/", foreign)
-    access = await _listing(s3, "access/", foreign)
+    indexes = await _listing(s3, "index", foreign)
+    packs = await _listing(s3, "pack", foreign)
+    snapshots = await _listing(s3, "manifest", foreign)
+    locators = await _listing(s3, "locator", foreign)
+    access = await _listing(s3, "access", foreign)
     tags, foreign_tags = await list_remote_tags(s3)
     cutoff = datetime.now(UTC) - timedelta(seconds=grace_s)
 
     # A push in progress: its tag comes after its manifest.
     roots = await _tagged(s3, tags) | {mid for mid, o in snapshots.items()
-                                       if o.last_modified > cutoff}
+                                       if o.modified > cutoff}
     live_chunks: set[ChunkId] = set()
     live_packs: set[ChunkId] = set()
     await _mark(s3, roots, live_chunks, live_packs)
     contents: dict[ChunkId, PackIndex] = {}
     for pack in sorted(set(indexes) & set(packs)):
         try:
-            contents[pack] = await fetch_index(s3, store, pack)
+            contents[pack] = await fetch_index(s3, copies, pack)
         except (CorruptError, NotFoundError) as e:
             raise _stop(f"the index of pack {pack.short()} is unreadable ({e})") from None
     # A second look at the tags and manifests, right before the sweep: a push that ran
@@ -102,12 +97,12 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     # now, so what it reaches stays; docs/remote.md says what is left.
     tags_now, _ = await list_remote_tags(s3)
     later = await _tagged(s3, tags_now) | {
-        mid for mid in await _listing(s3, "snapshots/", []) if mid not in snapshots}
+        mid for mid in await _listing(s3, "manifest", []) if mid not in snapshots}
     await _mark(s3, later - roots, live_chunks, live_packs)
     roots |= later
 
     def old(o: ObjectInfo) -> bool:
-        return o.last_modified <= cutoff
+        return o.modified <= cutoff
 
     def holds_live(pack: ChunkId) -> bool:
         index = contents.get(pack)
@@ -127,14 +122,14 @@ async def remote_gc(s3: S3Store, store: LocalStore | None = None, *,
     if not dry_run:
         # The reverse of the write order: what names an object goes before the object,
         # so nothing is ever left pointing at a deleted one.
-        await s3.delete_many([snapshots[m].key for m in dead_snaps] +
-                             [access[m].key for m in dead_access])
-        await s3.delete_many([locators[m].key for m in dead_locators])
-        await s3.delete_many([index_key(p) for p in dead_packs + orphans if p in indexes])
-        await s3.delete_many([packs[p].key for p in dead_packs])
+        await s3.remove(*(Handle.of("manifest", m) for m in dead_snaps),
+                        *(Handle.of("access", m) for m in dead_access))
+        await s3.remove(*(Handle.of("locator", m) for m in dead_locators))
+        await s3.remove(*(Handle.of("index", p) for p in dead_packs + orphans if p in indexes))
+        await s3.remove(*(Handle.of("pack", p) for p in dead_packs))
         for p in dead_packs + orphans:
-            if store is not None:
-                store.delete_pack_index(p)
+            if copies is not None:
+                copies.delete(p)
     return RemoteGcReport(
         tags=len(tags),
         kept_snapshots=len(roots),

@@ -12,12 +12,12 @@ at mount time. Concurrency invariants (all state lives on the one trio thread, s
   slot, a prefetch only a slot no demand read waits for, and never the last `reserved`;
   a prefetch registers its flights only once it holds a slot, so no demand read waits
   for a prefetch that waits for a slot;
-- the cache index (`_cache`, LRU order) changes only on the trio thread; files change
-  in worker threads, always after the index says so, so a file the index does not list
-  may exist (swept at the next start) but the index never names a missing file for long
-  (a read that finds it missing drops it and fetches again).
-Cache entries live in STORE/cache/, apart from chunks/, so eviction can never delete a
-chunk that was ingested or pulled.
+- the cache index (`_cache`, LRU order) changes only on the trio thread; its files
+  (`_disk`) change in worker threads, always after the index says so, so a file the
+  index does not list may exist (swept at the next start) but the index never names a
+  missing file for long (a read that finds it missing drops it and fetches again).
+Cache entries live in STORE/cache/ (remote/cache.py), apart from chunks/, so eviction can
+never delete a chunk that was ingested or pulled.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest, prefetch_order
+from snapstore.remote.cache import FetchCache
 from snapstore.remote.fetch import (
     cpu_limiter,
     fetch_access_order,
@@ -141,6 +142,7 @@ class RemoteChunkReader:
                  cache_bytes: int = DEFAULT_CACHE_BYTES,
                  connections: int = DEFAULT_CONNECTIONS) -> None:
         self.store = store
+        self._disk = FetchCache(store)
         self.s3 = s3
         self.cache_limit = cache_bytes
         self.limiter = PriorityLimiter(connections)
@@ -161,7 +163,7 @@ class RemoteChunkReader:
         self._queued: set[ChunkId] = set()
         self._taken: dict[ChunkId, _Run] = {}
         self._cache: OrderedDict[ChunkId, int] = OrderedDict()
-        entries = sorted(store.iter_cache(), key=lambda e: e[1])
+        entries = sorted(self._disk.entries(), key=lambda e: e[1])
         for entry, _ in entries:
             self._cache[entry.cid] = entry.stored_size
         self.stats.cache_bytes = sum(self._cache.values())
@@ -252,18 +254,18 @@ class RemoteChunkReader:
 
     def _read_cached(self, cid: ChunkId, size: int) -> bytes | None:
         try:
-            raw = codec.decode(self.store.get_cache_object(cid), cid, size)
+            raw = codec.decode(self._disk.get(cid), cid, size)
         except (NotFoundError, CorruptError):
-            self.store.delete_cache_object(cid)
+            self._disk.delete(cid)
             return None
-        self.store.touch_cache_object(cid)
+        self._disk.touch(cid)
         return raw
 
     async def _keep(self, cid: ChunkId, obj: bytes | memoryview) -> None:
         if len(obj) > self.cache_limit or cid in self._cache:
             return
         try:
-            await trio.to_thread.run_sync(self.store.put_cache_object, cid, obj)
+            await trio.to_thread.run_sync(self._disk.put, cid, obj)
         except OSError as e:
             # The cache is an optimisation: a full disk must not fail the read.
             log.warning("cannot cache chunk %s: %s", cid.short(), e)
@@ -281,7 +283,7 @@ class RemoteChunkReader:
             victims.append(cid)
         # Small unlinks; doing them inline keeps the index and the files in step.
         for cid in victims:
-            self.store.delete_cache_object(cid)
+            self._disk.delete(cid)
 
     def _forget(self, cid: ChunkId) -> None:
         n = self._cache.pop(cid, None)

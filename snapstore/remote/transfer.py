@@ -19,6 +19,7 @@ from snapstore import codec
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
 from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.progress import byte_progress
+from snapstore.remote.cache import FetchCache, PackIndexCopies
 from snapstore.remote.fetch import (
     cpu_limiter,
     fetch_index,
@@ -40,15 +41,7 @@ from snapstore.remote.packs import (
 )
 from snapstore.remote.pool import run_pool
 from snapstore.remote.settings import DEFAULT_JOBS, DEFAULT_PACK_BYTES
-from snapstore.store.layout import (
-    access_key,
-    id_of_key,
-    index_key,
-    locator_key,
-    manifest_key,
-    pack_key,
-    tag_key,
-)
+from snapstore.store.backend import Handle
 from snapstore.store.local import ChunkWriter, LocalStore
 from snapstore.store.s3 import S3Store
 
@@ -90,15 +83,17 @@ async def remote_chunks(s3: S3Store, store: LocalStore | None, jobs: int = DEFAU
     another size is left out, so its chunks are pushed again. A damaged index stops the
     push with one line: the remote is not what it should be, and working around it
     silently would hide that."""
-    indexed = [p async for o in s3.list("index/") if (p := id_of_key(o.key, "index/"))]
-    sizes = {p: o.size async for o in s3.list("packs/") if (p := id_of_key(o.key, "packs/"))}
+    copies = PackIndexCopies(store) if store is not None else None
+    indexed = [o.id async for o in s3.list("index")]
+    sizes = {o.id: o.size async for o in s3.list("pack")}
     found: dict[ChunkId, tuple[tuple[ChunkId, Location], ...]] = {}
 
     async def load(pack: ChunkId) -> None:
         try:
-            index = await fetch_index(s3, store, pack)
+            index = await fetch_index(s3, copies, pack)
         except CorruptError as e:
-            raise CorruptError(f"{e}; delete {s3.url}/{index_key(pack)} and push again "
+            damaged = s3.where(Handle.of("index", pack))
+            raise CorruptError(f"{e}; delete {damaged} and push again "
                                "(that pack's chunks are then sent again)") from None
         if index.size == sizes[pack]:
             found[pack] = index.chunks
@@ -169,7 +164,7 @@ async def push(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
             return TransferReport(mid, tag, status, len(sizes), sent[0], sent[1], sent[2],
                                   time.monotonic() - start)
     raise SnapstoreError(
-        f"{s3.url}/{lost[0]} (and {len(lost) - 1} more objects) of snapshot {mid.short()} "
+        f"{lost[0]} (and {len(lost) - 1} more objects) of snapshot {mid.short()} "
         f"vanished after the push wrote them, {PUSH_ROUNDS} times: a remote gc with a "
         "short --grace is running; push again when it is done")
 
@@ -183,15 +178,16 @@ async def _send(store: LocalStore, ref: str, mid: ChunkId, sizes: dict[ChunkId, 
     pack_sizes = {loc.pack: remote.pack_sizes[loc.pack] for loc in where.values()}
     missing = [c for c in sizes if c not in where]
     on_disk = await trio.to_thread.run_sync(_sizes_on_disk, store, missing)
+    copies = PackIndexCopies(store)
     cpu = cpu_limiter()
     with byte_progress(f"push {ref}", sum(on_disk.values())) as advance:
         async def upload(cids: list[ChunkId]) -> None:
             pack = await trio.to_thread.run_sync(_load_pack, store, cids, sizes, limiter=cpu)
             # The index after its pack: an index always names a whole pack.
-            await s3.put(pack_key(pack.pack), pack.data)
-            await s3.put(index_key(pack.pack), pack.index)
+            await s3.save(Handle.of("pack", pack.pack), pack.data)
+            await s3.save(Handle.of("index", pack.pack), pack.index)
             # The next push from this store needs no GET for it.
-            await trio.to_thread.run_sync(store.put_pack_index, pack.pack, pack.index)
+            await trio.to_thread.run_sync(copies.put, pack.pack, pack.index)
             where.update(pack.chunks)
             pack_sizes[pack.pack] = len(pack.data)
             sent[0] += len(cids)
@@ -203,30 +199,31 @@ async def _send(store: LocalStore, ref: str, mid: ChunkId, sizes: dict[ChunkId, 
                        jobs)
     used = {loc.pack for loc in where.values()}
     locator = Locator(mid, {p: pack_sizes[p] for p in used}, where)
-    await s3.put(locator_key(mid), encode_locator(locator))
-    if await s3.head(manifest_key(mid)) is None:
-        await s3.put(manifest_key(mid), store.get_manifest_object(mid))
+    await s3.save(Handle.of("locator", mid), encode_locator(locator))
+    if await s3.stat(Handle.of("manifest", mid)) is None:
+        await s3.save(Handle.of("manifest", mid), store.get_manifest_object(mid))
     access = store.root / "access" / mid.hex
     if access.is_file():
         # Only a prefetch hint (the last recorded read order); the latest one wins.
-        await s3.put(access_key(mid), _checked_access_list(access.read_bytes(), sizes))
+        await s3.save(Handle.of("access", mid),
+                      _checked_access_list(access.read_bytes(), sizes))
     return locator
 
 
 async def _lost(s3: S3Store, mid: ChunkId, locator: Locator, jobs: int) -> list[str]:
-    """The keys of what snapshot `mid` needs (its manifest, its locator, the packs the
-    locator names, at their sizes) that are not in the remote now."""
+    """The objects snapshot `mid` needs (its manifest, its locator, the packs the locator
+    names, at their sizes) that the remote lacks now, by their URLs."""
     lost: list[str] = []
 
-    async def check(key_size: tuple[str, int | None]) -> None:
-        key, size = key_size
-        info = await s3.head(key)
-        if info is None or (size is not None and info.size != size):
-            lost.append(key)
+    async def check(wanted: tuple[Handle, int | None]) -> None:
+        h, size = wanted
+        found = await s3.stat(h)
+        if found is None or (size is not None and found != size):
+            lost.append(s3.where(h))
 
-    wanted: list[tuple[str, int | None]] = [(manifest_key(mid), None),
-                                            (locator_key(mid), None)]
-    wanted += [(pack_key(p), n) for p, n in sorted(locator.packs.items())]
+    wanted: list[tuple[Handle, int | None]] = [(Handle.of("manifest", mid), None),
+                                               (Handle.of("locator", mid), None)]
+    wanted += [(Handle.of("pack", p), n) for p, n in sorted(locator.packs.items())]
     await run_pool(wanted, check, jobs)
     return sorted(lost)
 
@@ -240,12 +237,12 @@ def _checked_access_list(data: bytes, sizes: dict[ChunkId, int]) -> bytes:
 
 
 async def _set_remote_tag(s3: S3Store, tag: str, mid: ChunkId, force: bool) -> str:
-    body = (mid.hex + "\n").encode()
+    h, body = Handle("tag", tag), (mid.hex + "\n").encode()
     if force:
-        await s3.put(tag_key(tag), body)
+        await s3.save(h, body)
         return "set"
     # Conditional create: of two hosts pushing one new tag, exactly one wins.
-    if await s3.put_if_absent(tag_key(tag), body):
+    if await s3.create(h, body):
         return "created"
     current = await get_remote_tag(s3, tag)
     if current == mid:
@@ -271,19 +268,19 @@ def _intact(store: LocalStore, cid: ChunkId, size: int) -> bool:
     return True
 
 
-def _from_cache(store: LocalStore, writer: ChunkWriter, cid: ChunkId, size: int) -> bool:
-    """Move a chunk a remote mount fetched into the store, checked; False if it has none
-    (a bad cache entry is of no use: it goes)."""
+def _from_cache(cache: FetchCache, writer: ChunkWriter, cid: ChunkId, size: int) -> bool:
+    """Move a chunk a remote mount fetched into the store, checked; False if the cache has
+    none (a bad cache entry is of no use: it goes)."""
     try:
-        obj = store.get_cache_object(cid)
+        obj = cache.get(cid)
         codec.decode(obj, cid, size)
     except NotFoundError:
         return False
     except CorruptError:
-        store.delete_cache_object(cid)
+        cache.delete(cid)
         return False
     _store_chunks(writer, [(cid, obj)])
-    store.delete_cache_object(cid)
+    cache.delete(cid)
     return True
 
 
@@ -327,6 +324,7 @@ async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
     # Chunks go through the same batched writer as an ingest: durable before they are
     # named, one syncfs per batch instead of an fsync per chunk.
     writer = store.chunk_writer()
+    cache = FetchCache(store)
     with store.writer_lock():
         missing = await trio.to_thread.run_sync(
             lambda: [c for c in sizes if not store.has_chunk(c)])
@@ -348,7 +346,7 @@ async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
             cached: set[ChunkId] = set()
 
             async def from_cache(cid: ChunkId) -> None:
-                if await trio.to_thread.run_sync(_from_cache, store, writer, cid, sizes[cid],
+                if await trio.to_thread.run_sync(_from_cache, cache, writer, cid, sizes[cid],
                                                  limiter=cpu):
                     cached.add(cid)
                     got[0] += 1
@@ -368,7 +366,7 @@ async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
 
             try:
                 # A chunk a remote mount already fetched moves from the cache, checked.
-                await run_pool([c for c in missing if store.cache_path(c).exists()],
+                await run_pool([c for c in missing if cache.path(c).exists()],
                                from_cache, jobs)
                 wanted = sorted((locator.chunks[c], c) for c in missing if c not in cached)
                 runs = coalesce([(c, loc) for loc, c in wanted], MAX_RANGE, PULL_MAX_GAP)

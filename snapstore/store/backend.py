@@ -14,8 +14,9 @@ against its id themselves.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, Protocol, TypeAlias
 
 from snapstore.errors import UsageError
@@ -39,6 +40,21 @@ class Handle:
         return ChunkId.parse(self.name)
 
 
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """A listed object: its handle's name, its size, and when it was last written (the
+    store's clock: a file's mtime, an S3 object's LastModified; timezone-aware)."""
+
+    name: str
+    size: int
+    modified: datetime
+
+    @property
+    def id(self) -> ChunkId:
+        """The id an object of an id-named kind has."""
+        return ChunkId.parse(self.name)
+
+
 class Backend(Protocol):
     """The verbs every store has."""
 
@@ -50,6 +66,12 @@ class Backend(Protocol):
         (chunk, pack, manifest) saving what is there already changes nothing. A store may
         check what it is given first (the local store decodes a manifest, and parses a
         tag's id): CorruptError if it fails."""
+        ...
+
+    async def create(self, h: Handle, data: bytes) -> bool:
+        """Store `data` as `h` only if no object `h` exists, atomically as `save` does, and
+        say whether it did: False leaves the object that was there as it was. Of several
+        creates of one handle racing, from any number of hosts, exactly one gets True."""
         ...
 
     async def load(self, h: Handle, max_bytes: int) -> bytes:
@@ -66,13 +88,18 @@ class Backend(Protocol):
         """The object's size, or None when it is absent."""
         ...
 
-    async def remove(self, h: Handle) -> None:
-        """Remove the object; idempotent: removing an absent object is not an error."""
+    async def remove(self, *hs: Handle) -> None:
+        """Remove the objects; idempotent: removing an absent object is not an error. Not
+        atomic across handles: a store may remove them in batches (S3: 1,000 a request),
+        and when it fails some may be gone already."""
         ...
 
-    def names(self, kind: Kind) -> AsyncIterator[str]:
-        """The name of every object of `kind`, each once; strays (files or keys whose name
-        is no valid handle) are left out."""
+    def list(self, kind: Kind, strays: Callable[[str], object] | None = None
+             ) -> AsyncIterator[ObjectInfo]:
+        """Every object of `kind`, each once, in no set order. Strays, the files or keys
+        in the kind's place whose name is no valid handle of it (someone else's objects),
+        are left out; `strays`, when given, is called with the place of each: its key
+        relative to the remote's prefix, or its path relative to the store's root."""
         ...
 
 

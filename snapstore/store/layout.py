@@ -11,49 +11,23 @@ from snapstore.ids import ChunkId, is_valid_hex_id
 from snapstore.store.backend import Handle, Kind
 from snapstore.store.local import check_tag
 
-TAGS_PREFIX = "refs/tags/"
-
 PREFIXES: dict[Kind, str] = {
     "pack": "packs/",
     "index": "index/",
     "locator": "locate/",
     "manifest": "snapshots/",
-    "tag": TAGS_PREFIX,
+    "tag": "refs/tags/",
     "access": "access/",
 }
-
-
-def pack_key(pack: ChunkId) -> str:
-    return f"{PREFIXES['pack']}{pack.hex[:2]}/{pack.hex[2:]}"
-
-
-def index_key(pack: ChunkId) -> str:
-    return PREFIXES["index"] + pack.hex
-
-
-def locator_key(mid: ChunkId) -> str:
-    return PREFIXES["locator"] + mid.hex
-
-
-def manifest_key(mid: ChunkId) -> str:
-    return PREFIXES["manifest"] + mid.hex
-
-
-def tag_key(name: str) -> str:
-    return TAGS_PREFIX + name
-
-
-def access_key(mid: ChunkId) -> str:
-    return PREFIXES["access"] + mid.hex
 
 
 def key_of(h: Handle) -> str:
     """The key of a handle of a bucket kind; its name is checked first (a tag name, or an
     id for the other kinds), so no handle names a key outside its prefix."""
     if h.kind == "tag":
-        return tag_key(check_tag(h.name))
+        return PREFIXES["tag"] + check_tag(h.name)
     if h.kind == "pack":
-        return pack_key(h.id)
+        return f"{PREFIXES['pack']}{h.id.hex[:2]}/{h.id.hex[2:]}"
     return PREFIXES[h.kind] + h.id.hex
 
 
@@ -76,7 +50,7 @@ def name_of_key(kind: Kind, key: str) -> str | None:
     under refs/tags/ whose rest is no tag name, such as a console's folder marker)."""
     if kind == "tag":
         try:
-            return check_tag(key.removeprefix(TAGS_PREFIX))
+            return check_tag(key.removeprefix(PREFIXES["tag"]))
         except UsageError:
             return None
     oid = id_of_key(key, PREFIXES[kind])

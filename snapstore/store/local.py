@@ -36,7 +36,7 @@ from snapstore.errors import (
     SnapstoreError,
     UsageError,
 )
-from snapstore.fileio import fsync_dir, write_all, write_atomic
+from snapstore.fileio import fsync_dir, write_all, write_atomic, write_new
 from snapstore.ids import ChunkId, is_valid_hex_id
 
 STORE_FORMAT = "snapstore-store"
@@ -60,6 +60,17 @@ def check_tag(name: str) -> str:
             "(at most 128, not starting with . or -)"
         )
     return name
+
+
+def check_manifest_object(mid: ChunkId, obj: bytes) -> None:
+    """Decode an encoded manifest as every reader will: CorruptError unless it is the
+    manifest `mid`."""
+    manifest.decode(codec.decode_bounded(obj, mid, MAX_MANIFEST_BYTES))
+
+
+def _tag_file(mid: ChunkId) -> bytes:
+    """A tag file's content: the snapshot id in hex and a newline."""
+    return (mid.hex + "\n").encode()
 
 
 def default_store_dir() -> Path:
@@ -105,6 +116,10 @@ class LocalStore:
         self.tags_dir = root / "refs" / "tags"
         self.tmp_dir = root / "tmp"
         self.work_root = root / "work"
+        # What a host keeps of its remotes (snapstore.remote.cache): fetched chunks, and
+        # copies of pack indexes.
+        self.cache_dir = root / "cache"
+        self.pack_index_dir = root / "pack-index"
         self._lock_path = root / "lock"
 
     @classmethod
@@ -127,7 +142,7 @@ class LocalStore:
         for i in range(256):
             (self.chunks_dir / f"{i:02x}").mkdir(exist_ok=True)
         doc = {"format": STORE_FORMAT, "version": STORE_VERSION}
-        self._write_atomic(self.root / "config.json", json.dumps(doc).encode() + b"\n")
+        self.write_atomic(self.root / "config.json", json.dumps(doc).encode() + b"\n")
 
     def _check_config(self, config: Path) -> None:
         try:
@@ -146,8 +161,8 @@ class LocalStore:
         """Refuse a store whose own directories are links: following one would read,
         write or delete outside the store (gc empties tmp/, wherever it points)."""
         for d in (self.chunks_dir, self.snapshots_dir, self.tags_dir.parent, self.tags_dir,
-                  self.tmp_dir, self.work_root, self.root / "cache", self.root / "mounts",
-                  self.root / "access", self.root / "pack-index"):
+                  self.tmp_dir, self.work_root, self.cache_dir, self.root / "mounts",
+                  self.root / "access", self.pack_index_dir):
             try:
                 st = d.lstat()
             except FileNotFoundError:
@@ -157,11 +172,17 @@ class LocalStore:
 
     # -- atomic writes -------------------------------------------------------------
 
-    def _write_atomic(self, dest: Path, data: bytes | memoryview, durable: bool = True
-                      ) -> None:
+    def write_atomic(self, dest: Path, data: bytes | memoryview, durable: bool = True
+                     ) -> None:
         """`fileio.write_atomic` through tmp/, where gc sweeps what a killed writer left."""
-        write_atomic(dest, data, durable=durable,
-                     tmp=self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp")
+        write_atomic(dest, data, durable=durable, tmp=self._tmp_name(dest))
+
+    def write_new(self, dest: Path, data: bytes | memoryview) -> bool:
+        """`fileio.write_new` through tmp/: `dest` written only if it does not exist."""
+        return write_new(dest, data, tmp=self._tmp_name(dest))
+
+    def _tmp_name(self, dest: Path) -> Path:
+        return self.tmp_dir / f"{dest.name}.{uuid.uuid4().hex}.tmp"
 
     def sync(self) -> None:
         """Make every rename so far durable (directory entries included): one syncfs."""
@@ -188,7 +209,7 @@ class LocalStore:
         if path.exists():
             return 0
         path.parent.mkdir(exist_ok=True)
-        self._write_atomic(path, obj)
+        self.write_atomic(path, obj)
         return len(obj)
 
     def chunk_writer(self, batch_bytes: int = 64 << 20) -> ChunkWriter:
@@ -221,10 +242,10 @@ class LocalStore:
         return codec.decode(obj, cid, size)
 
     def iter_chunks(self) -> Iterator[StoredChunk]:
-        for sub in _scandir(self.chunks_dir):
+        for sub in list_dir(self.chunks_dir):
             if not sub.is_dir(follow_symlinks=False):
                 continue
-            for f in _scandir(Path(sub.path)):
+            for f in list_dir(Path(sub.path)):
                 name = sub.name + f.name
                 if is_valid_hex_id(name):
                     with contextlib.suppress(FileNotFoundError):
@@ -233,69 +254,6 @@ class LocalStore:
     def delete_chunk(self, cid: ChunkId) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.chunk_path(cid).unlink()
-
-    # -- cache of chunks fetched by remote mounts ------------------------------------
-
-    def cache_path(self, cid: ChunkId) -> Path:
-        """cache/ holds fetched-only chunk objects; gc and verify of chunks/ never see them."""
-        h = cid.hex
-        return self.root / "cache" / h[:2] / h[2:]
-
-    def put_cache_object(self, cid: ChunkId, obj: bytes | memoryview) -> None:
-        """Atomic but not durable: no fsync on the read path of a mount. An entry torn by a
-        crash fails its hash check when read, and is then deleted and fetched again."""
-        path = self.cache_path(cid)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._write_atomic(path, obj, durable=False)
-
-    def get_cache_object(self, cid: ChunkId) -> bytes:
-        try:
-            return self.cache_path(cid).read_bytes()
-        except FileNotFoundError:
-            raise NotFoundError(f"chunk {cid} is not in the cache") from None
-
-    def touch_cache_object(self, cid: ChunkId) -> None:
-        """Mark a cache entry used now; its mtime orders the LRU across mounts."""
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(self.cache_path(cid))
-
-    def iter_cache(self) -> Iterator[tuple[StoredChunk, float]]:
-        """Every cache entry with its last use (mtime)."""
-        for sub in _scandir(self.root / "cache"):
-            for f in _scandir(Path(sub.path)):
-                name = sub.name + f.name
-                if is_valid_hex_id(name):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = f.stat()
-                        yield StoredChunk(ChunkId.parse(name), st.st_size), st.st_mtime
-
-    def delete_cache_object(self, cid: ChunkId) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.cache_path(cid).unlink()
-
-    # -- copies of remote pack indexes ----------------------------------------------
-
-    def pack_index_path(self, pack: ChunkId) -> Path:
-        """pack-index/ keeps the index objects of remote packs a push has read: a pack's
-        index never changes, so each is fetched once per host (docs/remote.md)."""
-        return self.root / "pack-index" / pack.hex
-
-    def put_pack_index(self, pack: ChunkId, data: bytes) -> None:
-        """Atomic, not durable, like the chunk cache: a torn copy fails its checksum when
-        loaded and is fetched again."""
-        path = self.pack_index_path(pack)
-        path.parent.mkdir(exist_ok=True)
-        self._write_atomic(path, data, durable=False)
-
-    def get_pack_index(self, pack: ChunkId) -> bytes | None:
-        try:
-            return self.pack_index_path(pack).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def delete_pack_index(self, pack: ChunkId) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.pack_index_path(pack).unlink()
 
     # -- manifests -----------------------------------------------------------------
 
@@ -311,13 +269,13 @@ class LocalStore:
         mid = ChunkId.of(raw)
         path = self.snapshots_dir / mid.hex
         if not path.exists():
-            self._write_atomic(path, codec.encode(raw))
+            self.write_atomic(path, codec.encode(raw))
         return mid
 
     def put_manifest_object(self, mid: ChunkId, obj: bytes) -> None:
         """Store an encoded manifest received from elsewhere, after checking it."""
-        manifest.decode(codec.decode_bounded(obj, mid, MAX_MANIFEST_BYTES))
-        self._write_atomic(self.snapshots_dir / mid.hex, obj)
+        check_manifest_object(mid, obj)
+        self.write_atomic(self.snapshots_dir / mid.hex, obj)
 
     def get_manifest_object(self, mid: ChunkId) -> bytes:
         try:
@@ -330,7 +288,7 @@ class LocalStore:
         return manifest.decode(raw)
 
     def manifest_ids(self) -> list[ChunkId]:
-        return [ChunkId.parse(e.name) for e in _scandir(self.snapshots_dir)
+        return [ChunkId.parse(e.name) for e in list_dir(self.snapshots_dir)
                 if is_valid_hex_id(e.name)]
 
     def delete_manifest(self, mid: ChunkId) -> None:
@@ -340,7 +298,11 @@ class LocalStore:
     # -- tags ----------------------------------------------------------------------
 
     def set_tag(self, name: str, mid: ChunkId) -> None:
-        self._write_atomic(self.tags_dir / check_tag(name), (mid.hex + "\n").encode())
+        self.write_atomic(self.tags_dir / check_tag(name), _tag_file(mid))
+
+    def create_tag(self, name: str, mid: ChunkId) -> bool:
+        """Set a tag only if there is none of that name; False leaves the one there."""
+        return self.write_new(self.tags_dir / check_tag(name), _tag_file(mid))
 
     def get_tag(self, name: str) -> ChunkId | None:
         """The snapshot a tag names; None if there is no such tag, CorruptError naming the
@@ -386,7 +348,7 @@ class LocalStore:
         """Every tag: those that name a snapshot (sorted by name), and the damaged ones."""
         good: dict[str, ChunkId] = {}
         damaged: list[DamagedTag] = []
-        for e in sorted(_scandir(self.tags_dir), key=lambda e: e.name):
+        for e in sorted(list_dir(self.tags_dir), key=lambda e: e.name):
             if _TAG_RE.fullmatch(e.name):
                 found = self._read_tag(e.name)
                 if isinstance(found, DamagedTag):
@@ -444,7 +406,7 @@ class LocalStore:
             os.close(fd)
 
     def tmp_files(self) -> Iterator[Path]:
-        for e in _scandir(self.tmp_dir):
+        for e in list_dir(self.tmp_dir):
             yield Path(e.path)
 
     # -- working directories -------------------------------------------------------
@@ -692,7 +654,8 @@ def _link_unnamed(fd: int, dest: Path) -> None:
     raise OSError(e, os.strerror(e), str(dest))
 
 
-def _scandir(d: Path) -> list[os.DirEntry[str]]:
+def list_dir(d: Path) -> list[os.DirEntry[str]]:
+    """The entries of directory `d`; none when it does not exist."""
     try:
         with os.scandir(d) as it:
             return list(it)

@@ -12,15 +12,16 @@ import errno
 import os
 import stat
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
-from snapstore.errors import CorruptError, NotFoundError
-from snapstore.ids import ChunkId
-from snapstore.store.backend import Handle, Kind, check_kind
-from snapstore.store.local import LocalStore, check_tag
+from snapstore.errors import CorruptError, NotFoundError, UsageError
+from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.store.backend import Handle, Kind, ObjectInfo, check_kind
+from snapstore.store.local import LocalStore, check_manifest_object, check_tag, list_dir
 
 T = TypeVar("T")
 
@@ -50,8 +51,21 @@ class LocalBackend:
         elif h.kind == "manifest":
             await _run(self.store.put_manifest_object, h.id, data)
         else:
-            target = ChunkId.parse(data.decode("ascii", errors="replace").strip())
-            await _run(self.store.set_tag, h.name, target)
+            await _run(self.store.set_tag, h.name, _tag_target(data))
+
+    async def create(self, h: Handle, data: bytes) -> bool:
+        """Checked as `save` checks; written to tmp/, then linked to its name."""
+        return await _run(self._create, h, data)
+
+    def _create(self, h: Handle, data: bytes) -> bool:
+        path = self._path(h)
+        if h.kind == "tag":
+            return self.store.create_tag(h.name, _tag_target(data))
+        if h.kind == "manifest":
+            check_manifest_object(h.id, data)
+        # A store made before its fan-out directories were created up front.
+        path.parent.mkdir(exist_ok=True)
+        return self.store.write_new(path, data)
 
     async def load(self, h: Handle, max_bytes: int) -> bytes:
         return await _run(_read, self._path(h), 0, max_bytes, True)
@@ -66,27 +80,74 @@ class LocalBackend:
             return None
         return st.st_size if stat.S_ISREG(st.st_mode) else None
 
-    async def remove(self, h: Handle) -> None:
-        check_kind(self.kinds, h.kind)
-        if h.kind == "chunk":
-            await _run(self.store.delete_chunk, h.id)
-        elif h.kind == "manifest":
-            await _run(self.store.delete_manifest, h.id)
-        else:
-            await _run(self.store.delete_tag, h.name)
+    async def remove(self, *hs: Handle) -> None:
+        for h in hs:
+            check_kind(self.kinds, h.kind)
+        for h in hs:
+            if h.kind == "chunk":
+                await _run(self.store.delete_chunk, h.id)
+            elif h.kind == "manifest":
+                await _run(self.store.delete_manifest, h.id)
+            else:
+                await _run(self.store.delete_tag, h.name)
 
-    async def names(self, kind: Kind) -> AsyncIterator[str]:
+    async def list(self, kind: Kind, strays: Callable[[str], object] | None = None
+                   ) -> AsyncIterator[ObjectInfo]:
+        """The regular files of the kind's directory with valid names; anything else
+        there (a link, a directory, a misnamed file) is a stray."""
         check_kind(self.kinds, kind)
-        for name in await _run(self._names, kind):
-            yield name
+        found, other = await _run(_listing, self.store, kind)
+        if strays is not None:
+            for place in other:
+                strays(place)
+        for info in found:
+            yield info
 
-    def _names(self, kind: Kind) -> list[str]:
-        if kind == "chunk":
-            return [c.cid.hex for c in self.store.iter_chunks()]
-        if kind == "manifest":
-            return [m.hex for m in self.store.manifest_ids()]
-        good, damaged = self.store.scan_tags()
-        return [*good, *(d.name for d in damaged)]
+
+def _listing(store: LocalStore, kind: Kind) -> tuple[list[ObjectInfo], list[str]]:
+    """The objects of `kind` in `store`, and the places of the strays beside them."""
+    found: list[ObjectInfo] = []
+    other: list[Path] = []
+    if kind == "chunk":
+        for sub in list_dir(store.chunks_dir):
+            if len(sub.name) == 2 and sub.is_dir(follow_symlinks=False):
+                _scan(Path(sub.path), sub.name, is_valid_hex_id, found, other)
+            else:
+                other.append(Path(sub.path))
+    elif kind == "manifest":
+        _scan(store.snapshots_dir, "", is_valid_hex_id, found, other)
+    else:
+        _scan(store.tags_dir, "", _is_tag_name, found, other)
+    return found, [str(p.relative_to(store.root)) for p in other]
+
+
+def _scan(d: Path, head: str, valid: Callable[[str], bool], found: list[ObjectInfo],
+          other: list[Path]) -> None:
+    """Add the objects in `d` (named `head` and their file name) to `found`, and what
+    else is there to `other`."""
+    for e in list_dir(d):
+        try:
+            st = e.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and valid(head + e.name):
+            found.append(ObjectInfo(head + e.name, st.st_size,
+                                    datetime.fromtimestamp(st.st_mtime, UTC)))
+        else:
+            other.append(Path(e.path))
+
+
+def _is_tag_name(name: str) -> bool:
+    try:
+        check_tag(name)
+    except UsageError:
+        return False
+    return True
+
+
+def _tag_target(data: bytes) -> ChunkId:
+    """The snapshot a tag's bytes name; CorruptError if they name none."""
+    return ChunkId.parse(data.decode("ascii", errors="replace").strip())
 
 
 async def _run(fn: Callable[..., T], *args: object) -> T:

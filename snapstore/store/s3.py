@@ -1,35 +1,27 @@
-"""The S3 store: a small async object interface over one bucket prefix, keyed by store layout.
+"""The S3 store: the store interface over one bucket prefix, at the keys of store/layout.py.
 
-It is a `Backend` (store/backend.py): its verbs map each handle to its key
-(store/layout.py, docs/remote.md) and keep that interface's contracts. Under them are the
-verbs on keys, relative to the remote's prefix, which push, pull and gc use directly:
+It is a `Backend` (store/backend.py) and keeps that interface's contracts; each handle
+maps to its key (docs/remote.md). What S3 adds to them:
 
-- `get(key, max_bytes)` returns the object's complete bytes or raises NotFoundError; it
-  never returns a truncated body (a body cut off mid-way, or failing the checksum S3
-  stored with the object, is fetched again; CorruptError if it keeps failing). An object
-  over `max_bytes` is refused (CorruptError) before its body is read, and so is a
-  response without a Content-Length (RemoteError). Every object has a bound: nothing a
-  bucket holds is read whole without one. Callers still check what they
-  read themselves: an object without a stored checksum is not checked.
-- `get_range(key, start, end)` returns the bytes [start, end) of the object, fewer when it
-  ends before `end` (none when it ends before `start`); a body cut off is fetched again.
-  A response that is not a range (a server ignoring Range) fails before its body is read,
-  and more than `end - start` bytes are never read.
-- Reads (`get`, `get_range`, `head`) have a deadline, retries included (`read_timeout`):
-  an endpoint that stops answering fails the read with RemoteError; cancelling the
-  calling task cancels the request.
-  S3 checks only a range that is the whole object against its stored checksum: callers
-  hash-check every chunk they take from a range.
-- `put(key, data)` replaces the object atomically: readers see the old or the new bytes.
-- `put_if_absent(key, data)` writes only if no object has the key and says whether it did;
-  of two hosts racing, exactly one gets True.
-- `head(key)` returns the object's size and age, or None.
-- `list(prefix)` yields every object under `prefix` once, in key order.
-- `delete_many(keys)` is idempotent: deleting a missing key is not an error.
+- `load` never returns a truncated body (a body cut off mid-way, or failing the checksum
+  S3 stored with the object, is fetched again; CorruptError if it keeps failing). A
+  response without a Content-Length is refused unread (RemoteError): every object has a
+  bound, and nothing a bucket holds is read whole without one. An object without a stored
+  checksum is not checked: callers check what they read.
+- `load_range` fetches a body cut off again; a response that is not a range (a server
+  ignoring Range) fails before its body is read, and more than `end - start` bytes are
+  never read. S3 checks only a range that is the whole object against its stored
+  checksum: callers hash-check every chunk they take from a range.
+- Reads (`load`, `load_range`, `stat`) have a deadline, retries included
+  (`read_timeout`): an endpoint that stops answering fails the read with RemoteError;
+  cancelling the calling task cancels the request.
+- `save` is one PutObject; `create` is a conditional one (`IfNoneMatch='*'`); `remove`
+  deletes with DeleteObjects, 1,000 keys a request; `list` pages through
+  ListObjectsV2, in key order.
 
-Every method may be called concurrently from many trio tasks. Transient failures (5xx,
-SlowDown, connection resets, timeouts) are retried by botocore's retry machinery; what is
-left is raised as RemoteError with one line that names the bucket and never a credential.
+Transient failures (5xx, SlowDown, connection resets, timeouts) are retried by botocore's
+retry machinery; what is left is raised as RemoteError with one line that names the
+bucket and never a credential.
 """
 
 from __future__ import annotations
@@ -38,8 +30,6 @@ import contextlib
 import io
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 import aiobotocore.httpxsession
@@ -51,7 +41,7 @@ from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumErro
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
 from snapstore.remote.settings import DEFAULT_READ_TIMEOUT_S, MAX_READ_TIMEOUT_S
 from snapstore.remote.url import RemoteURL
-from snapstore.store.backend import Handle, Kind, check_kind
+from snapstore.store.backend import Handle, Kind, ObjectInfo, check_kind
 from snapstore.store.layout import PREFIXES, key_of, name_of_key
 
 T = TypeVar("T")
@@ -80,13 +70,6 @@ class RemoteAccessError(RemoteError):
     """The endpoint is unreachable, the bucket missing, or access denied: retrying won't help."""
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    key: str
-    size: int
-    last_modified: datetime
-
-
 class _Body(io.BytesIO):
     """An upload body that httpx sends in large blocks (see _SEND_BLOCK)."""
 
@@ -113,31 +96,34 @@ class S3Store:
         check_kind(self.kinds, h.kind)
         return key_of(h)
 
+    def where(self, h: Handle) -> str:
+        """The object's URL, for messages."""
+        return self._where(self._key(h))
+
     async def save(self, h: Handle, data: bytes) -> None:
-        await self.put(self._key(h), data)
+        key = self._key(h)
+        await self._call("PUT", key, self._client.put_object, Bucket=self.url.bucket,
+                         Key=self.url.key(key), Body=_Body(data))
+
+    async def create(self, h: Handle, data: bytes) -> bool:
+        key = self._key(h)
+        try:
+            await self._client.put_object(Bucket=self.url.bucket, Key=self.url.key(key),
+                                          Body=_Body(data), IfNoneMatch="*")
+        except ClientError as e:
+            if _code(e) in ("PreconditionFailed", "412"):
+                return False
+            # A conditional write racing another on the same key; the other one won.
+            if _code(e) == "ConditionalRequestConflict":
+                return False
+            raise self._error("PUT", key, e) from None
+        except BotoCoreError as e:
+            raise self._error("PUT", key, e) from None
+        return True
 
     async def load(self, h: Handle, max_bytes: int) -> bytes:
-        return await self.get(self._key(h), max_bytes)
+        key = self._key(h)
 
-    async def load_range(self, h: Handle, start: int, end: int) -> bytes:
-        return await self.get_range(self._key(h), start, end)
-
-    async def stat(self, h: Handle) -> int | None:
-        info = await self.head(self._key(h))
-        return None if info is None else info.size
-
-    async def remove(self, h: Handle) -> None:
-        await self.delete_many([self._key(h)])
-
-    async def names(self, kind: Kind) -> AsyncIterator[str]:
-        check_kind(self.kinds, kind)
-        async for o in self.list(PREFIXES[kind]):
-            if (name := name_of_key(kind, o.key)) is not None:
-                yield name
-
-    # -- the verbs on keys -------------------------------------------------------------
-
-    async def get(self, key: str, max_bytes: int) -> bytes:
         async def request() -> dict[str, Any] | None:
             resp: dict[str, Any] = await self._call(
                 "GET", key, self._client.get_object, Bucket=self.url.bucket,
@@ -147,7 +133,8 @@ class S3Store:
         with self._deadline("GET", key):
             return await self._body(key, request, max_bytes, CorruptError)
 
-    async def get_range(self, key: str, start: int, end: int) -> bytes:
+    async def load_range(self, h: Handle, start: int, end: int) -> bytes:
+        key = self._key(h)
         where = f"{key} [{start}, {end})"
 
         async def request() -> dict[str, Any] | None:
@@ -170,6 +157,37 @@ class S3Store:
 
         with self._deadline("GET", where):
             return await self._body(where, request, end - start, RemoteError)
+
+    async def stat(self, h: Handle) -> int | None:
+        key = self._key(h)
+        try:
+            with self._deadline("HEAD", key):
+                r = await self._call("HEAD", key, self._client.head_object,
+                                     Bucket=self.url.bucket, Key=self.url.key(key))
+        except NotFoundError:
+            return None
+        return int(r["ContentLength"])
+
+    async def remove(self, *hs: Handle) -> None:
+        await self._delete([self._key(h) for h in hs])
+
+    async def list(self, kind: Kind, strays: Callable[[str], object] | None = None
+                   ) -> AsyncIterator[ObjectInfo]:
+        check_kind(self.kinds, kind)
+        prefix = PREFIXES[kind]
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = paginator.paginate(Bucket=self.url.bucket, Prefix=self.url.key(prefix))
+        try:
+            async for page in pages:
+                for o in page.get("Contents", ()):
+                    key = self.url.rel(o["Key"])
+                    name = name_of_key(kind, key)
+                    if name is not None:
+                        yield ObjectInfo(name, int(o["Size"]), o["LastModified"])
+                    elif strays is not None:
+                        strays(key)
+        except (ClientError, BotoCoreError) as e:
+            raise self._error("LIST", prefix, e) from None
 
     async def _body(self, where: str, request: Callable[[], Awaitable[dict[str, Any] | None]],
                     cap: int, too_long: type[SnapstoreError]) -> bytes:
@@ -195,45 +213,7 @@ class S3Store:
                                   f"{BODY_ATTEMPTS} times ({type(e).__name__})") from None
         raise AssertionError("unreachable")
 
-    async def put(self, key: str, data: bytes) -> None:
-        await self._call("PUT", key, self._client.put_object, Bucket=self.url.bucket,
-                         Key=self.url.key(key), Body=_Body(data))
-
-    async def put_if_absent(self, key: str, data: bytes) -> bool:
-        try:
-            await self._client.put_object(Bucket=self.url.bucket, Key=self.url.key(key),
-                                          Body=_Body(data), IfNoneMatch="*")
-        except ClientError as e:
-            if _code(e) in ("PreconditionFailed", "412"):
-                return False
-            # A conditional write racing another on the same key; the other one won.
-            if _code(e) == "ConditionalRequestConflict":
-                return False
-            raise self._error("PUT", key, e) from None
-        except BotoCoreError as e:
-            raise self._error("PUT", key, e) from None
-        return True
-
-    async def head(self, key: str) -> ObjectInfo | None:
-        try:
-            with self._deadline("HEAD", key):
-                r = await self._call("HEAD", key, self._client.head_object,
-                                     Bucket=self.url.bucket, Key=self.url.key(key))
-        except NotFoundError:
-            return None
-        return ObjectInfo(key, int(r["ContentLength"]), r["LastModified"])
-
-    async def list(self, prefix: str) -> AsyncIterator[ObjectInfo]:
-        paginator = self._client.get_paginator("list_objects_v2")
-        pages = paginator.paginate(Bucket=self.url.bucket, Prefix=self.url.key(prefix))
-        try:
-            async for page in pages:
-                for o in page.get("Contents", ()):
-                    yield ObjectInfo(self.url.rel(o["Key"]), int(o["Size"]), o["LastModified"])
-        except (ClientError, BotoCoreError) as e:
-            raise self._error("LIST", prefix, e) from None
-
-    async def delete_many(self, keys: Sequence[str]) -> None:
+    async def _delete(self, keys: Sequence[str]) -> None:
         for i in range(0, len(keys), _DELETE_BATCH):
             batch = [{"Key": self.url.key(k)} for k in keys[i : i + _DELETE_BATCH]]
             r = await self._call("DELETE", keys[i], self._client.delete_objects,
