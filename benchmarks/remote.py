@@ -30,10 +30,10 @@ from snapstore.gvisor.runsc import Runsc, new_container_id
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.remote.transfer import remote_chunks
-from snapstore.remote.url import RemoteURL
 from snapstore.store.backend import Handle
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import open_s3
+from snapstore.store.url import RemoteURL
 from tests.s3proxy import make_bucket, moto_server, s3_env
 
 ROOT = Path(__file__).resolve().parents[1]

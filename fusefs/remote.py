@@ -12,9 +12,9 @@ import trio
 from fusefs.mount import MountOptions, serve
 from snapstore.remote.reader import RemoteChunkReader, RemoteSnapshot
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
-from snapstore.remote.url import RemoteURL
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import endpoint_url, open_s3
+from snapstore.store.url import RemoteURL
 
 log = logging.getLogger(__name__)
 

@@ -31,11 +31,11 @@ from snapstore.remote.gc import remote_gc
 from snapstore.remote.packs import MAX_PACK_BYTES
 from snapstore.remote.reader import PriorityLimiter, RemoteChunkReader, open_remote_snapshot
 from snapstore.remote.transfer import pull, push, remote_chunks
-from snapstore.remote.url import RemoteURL
 from snapstore.store.backend import Handle, Kind
 from snapstore.store.layout import id_of_key
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import RemoteAccessError, RemoteError, S3Store, open_s3
+from snapstore.store.url import RemoteURL
 from snapstore.verify import verify
 from tests.conftest import memory_like, tmpfs
 from tests.s3proxy import FaultProxy, free_port, make_bucket, moto_server, put_object, s3_env

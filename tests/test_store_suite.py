@@ -29,12 +29,12 @@ from snapstore.errors import CorruptError, NotFoundError, UsageError
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.remote.packs import build_pack
-from snapstore.remote.url import RemoteURL
 from snapstore.store import s3 as s3_module
 from snapstore.store.backend import Backend, Handle, Kind
 from snapstore.store.local import MAX_MANIFEST_BYTES, LocalStore
 from snapstore.store.local_backend import LocalBackend
 from snapstore.store.s3 import S3Store, open_s3
+from snapstore.store.url import RemoteURL
 from tests.s3proxy import FaultProxy, make_bucket, moto_server, put_object, s3_env
 
 

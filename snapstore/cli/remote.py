@@ -22,11 +22,11 @@ from snapstore.remote.settings import (
     DEFAULT_GRACE_S,
     DEFAULT_JOBS,
     DEFAULT_PACK_BYTES,
-    DEFAULT_READ_TIMEOUT_S,
     MAX_PACK_TARGET,
     MIN_GRACE_S,
     check_grace,
 )
+from snapstore.store.url import DEFAULT_READ_TIMEOUT_S
 
 # The S3 client stack takes a large part of a second to import: handlers import it
 # when they run, so that commands without a remote start fast.
@@ -39,8 +39,8 @@ def _with_remote(args: argparse.Namespace, remote: str,
                  fn: Callable[[S3Store], Awaitable[int]]) -> int:
     import trio
 
-    from snapstore.remote.url import RemoteURL
     from snapstore.store.s3 import endpoint_url, open_s3
+    from snapstore.store.url import RemoteURL
 
     url = RemoteURL.parse(remote)
     jobs = getattr(args, "jobs", DEFAULT_JOBS)

@@ -10,8 +10,8 @@ from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest
 from snapstore.remote.fetch import fetch_manifest, get_remote_tag, list_remote_tags
-from snapstore.remote.url import RemoteURL
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
+from snapstore.store.url import RemoteURL
 from snapstore.workflow import matching
 
 

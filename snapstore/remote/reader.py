@@ -48,10 +48,10 @@ from snapstore.remote.fetch import (
 from snapstore.remote.packs import Location, Locator, coalesce
 from snapstore.remote.pool import run_pool
 from snapstore.remote.settings import DEFAULT_CACHE_BYTES, DEFAULT_CONNECTIONS
-from snapstore.remote.url import RemoteURL
 from snapstore.singleflight import SingleFlight
 from snapstore.store.local import LocalStore
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
+from snapstore.store.url import RemoteURL
 
 log = logging.getLogger(__name__)
 

@@ -27,12 +27,6 @@ DEFAULT_CONNECTIONS = 16
 DEFAULT_PACK_BYTES = 16 << 20
 # --pack-size may go up to this (a pack may exceed its target by one chunk).
 MAX_PACK_TARGET = 256 << 20
-# One read from a remote (a GET, its retries included) fails after this many seconds:
-# a mount's reader waits at most this long for an endpoint that stopped answering. A pull
-# reads up to 16 MiB per GET, --jobs (16) at a time, so it needs about 9 MB/s in all (a
-# 100 Mbit/s link); slower links need a longer --read-timeout or fewer --jobs.
-DEFAULT_READ_TIMEOUT_S = 30.0
-MAX_READ_TIMEOUT_S = 24 * 3600.0
 
 
 def check_grace(grace_s: float, force: bool) -> float:

@@ -39,10 +39,9 @@ from aiobotocore.session import AioSession
 from botocore.exceptions import BotoCoreError, ClientError, FlexibleChecksumError
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError, UsageError
-from snapstore.remote.settings import DEFAULT_READ_TIMEOUT_S, MAX_READ_TIMEOUT_S
-from snapstore.remote.url import RemoteURL
 from snapstore.store.backend import Handle, Kind, ObjectInfo, check_kind
 from snapstore.store.layout import PREFIXES, key_of, name_of_key
+from snapstore.store.url import DEFAULT_READ_TIMEOUT_S, MAX_READ_TIMEOUT_S, RemoteURL
 
 T = TypeVar("T")
 

@@ -76,8 +76,8 @@ async def serve_remote(store: LocalStore, remote: str, endpoint: str | None, ref
     first when there is no hot list."""
     # Here, not at the top: the S3 client costs every local load its import time.
     from snapstore.remote.reader import RemoteChunkReader, open_remote_snapshot
-    from snapstore.remote.url import RemoteURL
     from snapstore.store.s3 import endpoint_url, open_s3
+    from snapstore.store.url import RemoteURL
 
     async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint)) as s3:
         snap = await open_remote_snapshot(s3, ref)

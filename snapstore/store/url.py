@@ -1,4 +1,5 @@
-"""Parsing and validating remote locations of the form s3://BUCKET[/PREFIX]."""
+"""Where an S3 store is, s3://BUCKET[/PREFIX] parsed and checked, and how long one read
+from it may take; light, for the command line to import early."""
 
 from __future__ import annotations
 
@@ -10,6 +11,13 @@ from snapstore.errors import UsageError
 # S3's rules for bucket names (virtual-host safe): 3-63 lowercase letters, digits, '.', '-'.
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _PREFIX_PART_RE = re.compile(r"[A-Za-z0-9!_.*'()+=@,:-]+")
+
+# One read from a remote (a GET, its retries included) fails after this many seconds:
+# a mount's reader waits at most this long for an endpoint that stopped answering. A pull
+# reads up to 16 MiB per GET, --jobs (16) at a time, so it needs about 9 MB/s in all (a
+# 100 Mbit/s link); slower links need a longer --read-timeout or fewer --jobs.
+DEFAULT_READ_TIMEOUT_S = 30.0
+MAX_READ_TIMEOUT_S = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
