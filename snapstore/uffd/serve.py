@@ -19,14 +19,11 @@ import struct
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import trio
 
-from snapstore.chunker_params import PAGE
 from snapstore.errors import SnapstoreError, UsageError
 from snapstore.fileio import write_all
 from snapstore.ids import ChunkId
@@ -34,6 +31,7 @@ from snapstore.manifest import Entry, Manifest
 from snapstore.store.chunk_loader import LoaderError
 from snapstore.store.chunk_loader_worker import sealed_memfd
 from snapstore.store.local import LocalStore
+from snapstore.uffd.layout import Layout
 from snapstore.uffd.page_loader import binary_path
 
 # The feeder's side of the protocol: the loader asks with a chunk index, its top bit set
@@ -91,69 +89,6 @@ async def serve_remote(store: LocalStore, remote: str, endpoint: str | None, ref
             yield source
 
         return await serve_chunks(layout, order, sock_path, opened, prefetchers, extra)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A file's data extents, in file order: chunk, size and offset of each."""
-
-    size: int
-    chunks: list[tuple[ChunkId, int]]
-    offsets: np.ndarray[tuple[int], np.dtype[np.uint64]]
-
-    @classmethod
-    def of(cls, entry: Entry) -> Layout:
-        return cls.of_files([entry], entry.size)
-
-    @classmethod
-    def of_files(cls, entries: Sequence[Entry], stride: int) -> Layout:
-        """Files one after another, file `i` at `i * stride` (a GPU dump's segments)."""
-        chunks, offsets = [], []
-        for i, entry in enumerate(entries):
-            pos = i * stride
-            for x in entry.extents:
-                if x.chunk is not None:
-                    chunks.append((x.chunk, x.size))
-                    offsets.append(pos)
-                pos += x.size
-        size = (len(entries) - 1) * stride + entries[-1].size if entries else 0
-        return cls(size, chunks, np.array(offsets, dtype=np.uint64))
-
-    def data_pages(self) -> np.ndarray[tuple[int], np.dtype[np.int64]]:
-        """The pages holding chunk bytes, in order."""
-        sizes = np.array([s for _, s in self.chunks], dtype=np.int64)
-        first = self.offsets.astype(np.int64) // PAGE
-        last = (self.offsets.astype(np.int64) + sizes - 1) // PAGE
-        if not len(first):
-            return np.zeros(0, dtype=np.int64)
-        counts = last - first + 1
-        starts = np.repeat(first - np.cumsum(counts) + counts, counts)
-        return np.unique(starts + np.arange(int(counts.sum()), dtype=np.int64))
-
-    @property
-    def npages(self) -> int:
-        return -(-self.size // PAGE)
-
-    def chunks_of_pages(self, pages: Iterable[int]) -> list[int]:
-        """Indices of the chunks holding bytes of `pages`, by first appearance."""
-        sizes = np.array([s for _, s in self.chunks], dtype=np.uint64)
-        ends = self.offsets + sizes
-        order: dict[int, None] = {}
-        for p in pages:
-            i = int(np.searchsorted(ends, p * PAGE, side="right"))
-            while i < len(self.chunks) and int(self.offsets[i]) < (p + 1) * PAGE:
-                order.setdefault(i)
-                i += 1
-        return list(order)
-
-    def encode(self, order: Sequence[int]) -> bytes:
-        """The loader's layout: u64 words, file size, chunk count, (offset, size) per chunk,
-        prefetch count, chunk indices in prefetch order."""
-        words = [self.size, len(self.chunks)]
-        for off, (_, size) in zip(self.offsets.tolist(), self.chunks, strict=True):
-            words += [off, size]
-        words += [len(order), *order]
-        return np.array(words, dtype="<u8").tobytes()
 
 
 def default_loaders() -> int:
