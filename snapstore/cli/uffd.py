@@ -77,7 +77,6 @@ def _loader_options(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from snapstore.store.chunk_loader import ProcessChunkReader
     from snapstore.uffd import serve
     from snapstore.uffd.layout import Layout
 
@@ -101,8 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
     hot = serve.read_hot_list(args.hot, layout.npages) if args.hot is not None else None
     order = serve.prefetch_order(layout, hot, [] if hot is not None else _recorded(store, mid))
     try:
-        status = trio.run(serve.serve_chunks, layout, order, args.socket,
-                          lambda: ProcessChunkReader(store, loaders + 1), loaders, extra)
+        status = serve.serve_local(store, layout, order, args.socket, loaders, extra)
     except LoaderNotBuiltError as e:
         print(f"snapstore: {e}", file=sys.stderr)
         return 1

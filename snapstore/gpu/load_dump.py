@@ -282,16 +282,10 @@ def load_snapshot(store: LocalStore, mid: ChunkId, dump: Dump, layout: Layout, w
 def serve_snapshot(store: LocalStore, layout: Layout, sock: Path, extra: list[str]) -> int:
     """Serve a dump snapshot's page space on `sock` from the store's chunks, every chunk
     prefetched in page space order; the loader's exit status."""
-    # Here, not at the top: the restoring process imports this module, and needs neither
-    # the feeder nor its event loop.
-    import trio
+    # Here, not at the top: the restoring process imports this module and needs no feeder.
+    from snapstore.uffd.serve import default_loaders, serve_local
 
-    from snapstore.store.chunk_loader import ProcessChunkReader
-    from snapstore.uffd.serve import default_loaders, serve_chunks
-
-    prefetchers = default_loaders()
-    return trio.run(serve_chunks, layout, range(len(layout.chunks)), sock,
-                    lambda: ProcessChunkReader(store, prefetchers + 1), prefetchers, extra)
+    return serve_local(store, layout, range(len(layout.chunks)), sock, default_loaders(), extra)
 
 
 def _start_client(source: list[str], sock: Path, verify: bool) -> subprocess.Popen[str]:
