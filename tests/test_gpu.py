@@ -50,7 +50,7 @@ from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 from snapstore.uffd import page_loader
 from snapstore.uffd.client import MappedRegion
-from snapstore.uffd.serve import Layout
+from snapstore.uffd.layout import Layout
 from tests.conftest import FakeDriver
 
 # Segments of an odd size: blocks are cut at segment ends in the middle of regions.

@@ -774,9 +774,10 @@ def test_loader_refuses_a_hostile_feeder(tmp_path: Path, served: Served, answer:
     import fcntl
 
     from snapstore.uffd import serve as serve_module
+    from snapstore.uffd.layout import Layout
 
     m = served.store.get_manifest(served.store.resolve("mem"))
-    layout = serve_module.Layout.of(serve_module.find_file(m, "mem.img"))
+    layout = Layout.of(serve_module.find_file(m, "mem.img"))
     proc, feeder = serve_module.start_loader(layout, [], served.sock, 1,
                                              stderr=subprocess.PIPE)
     with serve_client(served, touch=-1) as client:

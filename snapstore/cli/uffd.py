@@ -77,8 +77,8 @@ def _loader_options(p: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import trio
 
-    from snapstore.store.chunk_loader import ProcessChunkReader
     from snapstore.uffd import serve
+    from snapstore.uffd.layout import Layout
 
     loaders = args.loaders or serve.default_loaders()
     extra: list[str] = []
@@ -96,12 +96,11 @@ def run_serve(args: argparse.Namespace) -> int:
         return status if status in (0, 1, 2) else 1
     store = open_store(args)
     mid = store.resolve(args.ref)
-    layout = serve.Layout.of(serve.find_file(store.get_manifest(mid), args.path))
+    layout = Layout.of(serve.find_file(store.get_manifest(mid), args.path))
     hot = serve.read_hot_list(args.hot, layout.npages) if args.hot is not None else None
     order = serve.prefetch_order(layout, hot, [] if hot is not None else _recorded(store, mid))
     try:
-        status = trio.run(serve.serve_chunks, layout, order, args.socket,
-                          lambda: ProcessChunkReader(store, loaders + 1), loaders, extra)
+        status = serve.serve_local(store, layout, order, args.socket, loaders, extra)
     except LoaderNotBuiltError as e:
         print(f"snapstore: {e}", file=sys.stderr)
         return 1

@@ -26,7 +26,6 @@ from typing import Any
 
 import blake3
 import numpy as np
-import trio
 
 from snapstore.errors import SnapstoreError
 from snapstore.fileio import pwrite_all
@@ -44,11 +43,10 @@ from snapstore.gpu.dump import (
 )
 from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
-from snapstore.store.chunk_loader import ProcessChunkReader
 from snapstore.store.local import LocalStore
 from snapstore.uffd import page_loader
 from snapstore.uffd.client import Client
-from snapstore.uffd.serve import Layout, default_loaders, serve_chunks
+from snapstore.uffd.layout import Layout
 
 # The loader accepts at most 64 regions in a handshake.
 MAX_MAPPINGS = 64
@@ -284,9 +282,10 @@ def load_snapshot(store: LocalStore, mid: ChunkId, dump: Dump, layout: Layout, w
 def serve_snapshot(store: LocalStore, layout: Layout, sock: Path, extra: list[str]) -> int:
     """Serve a dump snapshot's page space on `sock` from the store's chunks, every chunk
     prefetched in page space order; the loader's exit status."""
-    prefetchers = default_loaders()
-    return trio.run(serve_chunks, layout, range(len(layout.chunks)), sock,
-                    lambda: ProcessChunkReader(store, prefetchers + 1), prefetchers, extra)
+    # Here, not at the top: the restoring process imports this module and needs no feeder.
+    from snapstore.uffd.serve import default_loaders, serve_local
+
+    return serve_local(store, layout, range(len(layout.chunks)), sock, default_loaders(), extra)
 
 
 def _start_client(source: list[str], sock: Path, verify: bool) -> subprocess.Popen[str]:
@@ -320,12 +319,14 @@ def run_client(dump: Dump, sock: Path, verify: bool,
     """The restoring process's side of a load: map, touch every data page, check (against the
     layout's chunk ids and zero holes, else against the dump's files)."""
     mapped = mappings(dump)
-    hot = layout.data_pages() if layout is not None else data_pages(dump)
     client = Client(sock, mapped)
     try:
         connected = time.monotonic()
         # The loader's parent may still be starting (the two start side by side).
         client.connect(timeout=_CONNECT_SECONDS)
+        # Which pages to touch is the stand-in's bookkeeping, not a restored process's
+        # start-up: it is worked out once the loader has the handshake and is installing.
+        hot = layout.data_pages() if layout is not None else data_pages(dump)
         _touch(client, mapped, hot)
         touched = time.monotonic()
         if verify:

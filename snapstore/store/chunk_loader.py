@@ -33,8 +33,10 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 _MAX_MESSAGE = 4096
 _START_SECONDS = 60
 _STOP_SECONDS = 5
+# Loader processes a load may meet dying (all killed at once) before one answers it.
+_LOAD_ATTEMPTS = 4
 # Descriptors kept free for everything else the mount opens (each mapping holds one).
 _FD_RESERVE = 256
 
@@ -89,11 +93,6 @@ def _check_sealed(fd: int, size: int) -> None:
         raise LoaderError(f"a loader returned {os.fstat(fd).st_size} bytes, expected {size}")
 
 
-def _sealed_dup(fd: int, size: int) -> int:
-    _check_sealed(fd, size)
-    return os.dup(fd)
-
-
 def _mapping_budget() -> int:
     """Raise the soft open-file limit to the hard one and leave `_FD_RESERVE` of it."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -110,6 +109,8 @@ class _Loader:
     this process started (and must reap), not for one its first loader forked."""
 
     def __init__(self, sock: socket.socket, proc: subprocess.Popen[bytes] | None) -> None:
+        # Nonblocking (trio makes it so): LoaderPool uses it without an event loop.
+        self.plain = sock
         self.sock = trio.socket.from_stdlib_socket(sock)
         self.proc = proc
         self.pid = proc.pid if proc is not None else 0
@@ -146,16 +147,23 @@ class _Loader:
         """Wait for the loader's first reply: it runs, has opened the store, and says
         its pid (held as a pidfd from then on, so it is never confused with another)."""
         with trio.move_on_after(_START_SECONDS), contextlib.suppress(ConnectionError):
-            msg = await self.sock.recv(REPLY.size + PID.size)
-            if msg[:REPLY.size] == REPLY.pack(0, OK) and len(msg) == REPLY.size + PID.size:
-                (self.pid,) = PID.unpack_from(msg, REPLY.size)
-                with contextlib.suppress(ProcessLookupError):
-                    self.pidfd = os.pidfd_open(self.pid)
-                    self.ready = True
-                    return
+            if self.hello(await self.sock.recv(REPLY.size + PID.size)):
+                return
+        raise self.not_started()
+
+    def hello(self, msg: bytes) -> bool:
+        """Take the loader's first message; whether it says the loader is ready."""
+        if msg[:REPLY.size] == REPLY.pack(0, OK) and len(msg) == REPLY.size + PID.size:
+            (self.pid,) = PID.unpack_from(msg, REPLY.size)
+            with contextlib.suppress(ProcessLookupError):
+                self.pidfd = os.pidfd_open(self.pid)
+                self.ready = True
+        return self.ready
+
+    def not_started(self) -> LoaderError:
         self.dead = True
-        raise LoaderError(f"a loader process did not start{self.status()}; "
-                          f"its error is in the mount's log")
+        return LoaderError(f"a loader process did not start{self.status()}; "
+                           f"its error is in the mount's log")
 
     def exited(self) -> bool:
         return self.pidfd is not None and _readable(self.pidfd, 0)
@@ -179,19 +187,9 @@ class _Loader:
             try:
                 if not msg:
                     raise self._died(cid)
-                if len(msg) < REPLY.size or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
-                    raise LoaderError(f"a malformed reply from the loader of chunk {cid}")
-                rseq, status = REPLY.unpack_from(msg)
-                if rseq != seq:
+                if _reply_seq(msg, flags, cid) != seq:
                     continue
-                text = msg[REPLY.size:].decode(errors="replace")
-                if status == OK and len(fds) == 1:
-                    return take(fds[0], size)
-                if status == NOT_FOUND:
-                    raise NotFoundError(text)
-                if status == CORRUPT:
-                    raise CorruptError(text)
-                raise LoaderError(text or f"the loader of chunk {cid} sent no chunk")
+                return take(_reply_fd(msg, fds, cid), size)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -213,9 +211,13 @@ class _Loader:
         return f" (killed by signal {-code})" if code < 0 else f" (exit status {code})"
 
     def close(self) -> None:
-        """Close the socket, which ends the loader; wait a little for it to end, then
-        kill it, and reap it if it is this process's child."""
+        """Close the socket, which ends the loader, and stop it."""
         self.sock.close()
+        self.stop()
+
+    def stop(self) -> None:
+        """Once its socket is closed: wait a little for the loader to end, then kill it,
+        and reap it if it is this process's child."""
         if self.pidfd is not None:
             if not _readable(self.pidfd, _STOP_SECONDS):
                 with contextlib.suppress(ProcessLookupError):
@@ -228,6 +230,26 @@ class _Loader:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _reply_seq(msg: bytes, flags: int, cid: ChunkId) -> int:
+    if len(msg) < REPLY.size or flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+        raise LoaderError(f"a malformed reply from the loader of chunk {cid}")
+    seq: int = REPLY.unpack_from(msg)[0]
+    return seq
+
+
+def _reply_fd(msg: bytes, fds: list[int], cid: ChunkId) -> int:
+    """The memfd of a reply (still the caller's to close), or the error it reports."""
+    _, status = REPLY.unpack_from(msg)
+    text = msg[REPLY.size:].decode(errors="replace")
+    if status == OK and len(fds) == 1:
+        return fds[0]
+    if status == NOT_FOUND:
+        raise NotFoundError(text)
+    if status == CORRUPT:
+        raise CorruptError(text)
+    raise LoaderError(text or f"the loader of chunk {cid} sent no chunk")
 
 
 def _readable(fd: int, timeout: float) -> bool:
@@ -300,11 +322,6 @@ class ProcessChunkReader:
             return b""
         return await self._load(cid, size, self._mapper.map)
 
-    async def read_chunk_fd(self, cid: ChunkId, size: int) -> int:
-        """The chunk as a sealed memfd of its checked bytes, for another process to map; the
-        caller closes it. It counts against no mapping budget."""
-        return await self._load(cid, size, _sealed_dup)
-
     async def _load(self, cid: ChunkId, size: int, take: Callable[[int, int], _T]) -> _T:
         # A slot per loader: every loader is idle or serves the holder of a slot.
         async with self._slots:
@@ -328,3 +345,166 @@ class ProcessChunkReader:
         dead.close()
         self._started.remove(dead)
         return self._spawn(1)[0]
+
+
+@dataclass
+class _Job:
+    key: int
+    cid: ChunkId
+    size: int
+    attempts: int = 0
+
+
+class LoaderPool:
+    """Loader processes driven without an event loop, for a caller that waits on a descriptor
+    of its own beside them (the local feeder of snapstore.uffd.serve). Per load it costs a
+    request, a reply and a poll, where an event loop's scheduling cost a feeder as much CPU
+    again as the loader process spent on the chunk.
+
+    A load goes to a free loader (`submit`) and comes back from `wait` as a sealed memfd of
+    the chunk's checked bytes, or as the error that ended it. A loader that dies fails only
+    the load it had: that load is tried again on the loader started in its place, up to four
+    times in all. A loader that ends, or says nothing for a minute, before it says it started
+    is a LoaderError from `wait`. Use it as a context manager: entering starts the loaders
+    (one process that forks the others), leaving stops them all.
+    """
+
+    def __init__(self, store_root: Path, processes: int) -> None:
+        if processes < 1:
+            raise ValueError("need at least one loader process")
+        self._root = store_root
+        self._processes = processes
+        self._poll = select.poll()
+        self._loaders: dict[int, _Loader] = {}
+        self._jobs: dict[_Loader, _Job] = {}
+        self._free: list[_Loader] = []
+        self._retry: list[_Job] = []
+        self._failed: list[tuple[int, int | SnapstoreError]] = []
+        self._deadline = 0.0
+
+    def __enter__(self) -> LoaderPool:
+        try:
+            self._spawn(self._processes)
+        except BaseException:
+            self._close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        # Every socket first, so that the loaders end together, then wait for each. The
+        # plain sockets: closing trio's wrapper needs an event loop.
+        for loader in self._loaders.values():
+            loader.plain.close()
+        for loader in self._loaders.values():
+            loader.stop()
+        self._loaders.clear()
+
+    def _spawn(self, count: int) -> None:
+        for loader in _Loader.spawn(self._root, count):
+            self._loaders[loader.sock.fileno()] = loader
+            self._poll.register(loader.sock.fileno(), select.POLLIN)
+        self._deadline = time.monotonic() + _START_SECONDS
+
+    def free(self) -> int:
+        """How many loads `submit` can take now."""
+        return len(self._free)
+
+    def submit(self, key: int, cid: ChunkId, size: int) -> None:
+        """Start loading chunk `cid` on a free loader; `wait` gives it back under `key`."""
+        self._send(self._free.pop(), _Job(key, cid, size))
+
+    def _send(self, loader: _Loader, job: _Job) -> None:
+        loader.seq += 1
+        self._jobs[loader] = job
+        try:
+            loader.plain.send(REQUEST.pack(loader.seq, job.cid.digest, job.size))
+        except ConnectionError:
+            self._lost(loader)
+
+    def wait(self, fd: int) -> tuple[bool, list[tuple[int, int | SnapstoreError]]]:
+        """Wait until `fd` is readable or loads end; whether `fd` is readable, and the loads
+        that ended: (key, memfd, which the caller closes) or (key, error)."""
+        ended, self._failed = self._failed, []
+        starting = any(not loader.ready for loader in self._loaders.values())
+        timeout = max(0.0, self._deadline - time.monotonic()) * 1000 if starting else None
+        if ended:
+            timeout = 0
+        self._poll.register(fd, select.POLLIN)
+        try:
+            events = self._poll.poll(timeout)
+        finally:
+            self._poll.unregister(fd)
+        readable = False
+        for ready_fd, _ in events:
+            if ready_fd == fd:
+                readable = True
+            else:
+                self._receive(self._loaders[ready_fd], ended)
+        if starting and not events and not ended:
+            raise next(x for x in self._loaders.values() if not x.ready).not_started()
+        while self._retry and self._free:
+            self._send(self._free.pop(), self._retry.pop())
+        ended += self._failed
+        self._failed = []
+        return readable, ended
+
+    def _receive(self, loader: _Loader, ended: list[tuple[int, int | SnapstoreError]]) -> None:
+        try:
+            msg, anc, flags, _ = loader.plain.recvmsg(REPLY.size + _MAX_MESSAGE,
+                                                      socket.CMSG_SPACE(4))
+        except BlockingIOError:
+            return
+        except ConnectionError:
+            msg, anc, flags = b"", [], 0
+        fds = _fds(anc)
+        try:
+            if not loader.ready:
+                if not msg or not loader.hello(msg):
+                    raise loader.not_started()
+                self._free.append(loader)
+            elif not msg:
+                self._lost(loader)
+            elif loader in self._jobs:
+                self._answered(loader, msg, flags, fds, ended)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _answered(self, loader: _Loader, msg: bytes, flags: int, fds: list[int],
+                  ended: list[tuple[int, int | SnapstoreError]]) -> None:
+        job = self._jobs[loader]
+        result: int | SnapstoreError
+        try:
+            if _reply_seq(msg, flags, job.cid) != loader.seq:
+                return
+            result = _reply_fd(msg, fds, job.cid)
+            _check_sealed(result, job.size)
+            fds.remove(result)
+        except SnapstoreError as e:
+            result = e
+        del self._jobs[loader]
+        self._free.append(loader)
+        ended.append((job.key, result))
+
+    def _lost(self, dead: _Loader) -> None:
+        """A loader died: start another, and give it the load it had (or fail that load)."""
+        job = self._jobs.pop(dead, None)
+        log.warning("a loader process ended%s; starting another", dead.status())
+        self._poll.unregister(dead.sock.fileno())
+        del self._loaders[dead.sock.fileno()]
+        dead.plain.close()
+        dead.stop()
+        with contextlib.suppress(ValueError):
+            self._free.remove(dead)
+        self._spawn(1)
+        if job is None:
+            return
+        job.attempts += 1
+        if job.attempts < _LOAD_ATTEMPTS:
+            self._retry.append(job)
+        else:
+            self._failed.append((job.key, dead._died(job.cid)))
+
