@@ -6,13 +6,19 @@ The CUDA calls go through a fake driver (CI has no GPU)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import mmap
 import os
+import select
 import shlex
 import signal
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snapstore.criu import workflow
+from snapstore.criu import lazy, workflow
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
 from snapstore.criu.lazy import Span, Task
@@ -29,6 +35,7 @@ from snapstore.export import export
 from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore
+from snapstore.uffd.client import open_userfaultfd, register
 from tests.conftest import (
     FakeDriver,
     alive,
@@ -503,6 +510,9 @@ def test_a_remote_that_stalls_during_a_lazy_restore_fails_it_and_leaves_nothing(
 
 
 MIB = 1 << 20
+_FEATURE_EVENT_REMOVE = 1 << 3
+_REGISTER_MODE_MISSING = 1
+_MADV_DONTNEED = 4
 
 
 def task_of(*ranges: tuple[int, int]) -> Task:
@@ -565,6 +575,74 @@ def test_a_remap_moves_what_is_pending_there_cut_at_its_bounds() -> None:
     assert inflight.dropped
     assert [(s.start // MIB, s.end // MIB, s.offset // MIB) for s in task.pending] == [
         (0, 2, 0), (18, 20, 10), (100, 102, 2), (106, 110, 4), (114, 116, 8)]
+
+
+def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range() -> None:
+    """The daemon's two sides on a real userfaultfd over this process's own memory: a
+    copy is in flight (stopped just before its UFFDIO_COPY, as a thread that has checked
+    its range and lost the CPU) when the task madvises the range away. The event read
+    waits for that copy, the copy meets EAGAIN, and once the REMOVE is applied no copy
+    starts there: the range reads as zeros, never as the bytes the copy carried."""
+    size = 16 * PAGE_SIZE
+    memory = mmap.mmap(-1, size)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(memory))
+    uffd = open_userfaultfd(_FEATURE_EVENT_REMOVE)
+    try:
+        register(uffd, addr, size, _REGISTER_MODE_MISSING)
+        task = Task(os.getpid(), uffd, None, [Span(addr, addr + size, 0)])  # type: ignore[arg-type]
+        span = task.take_next(size)
+        assert span is not None
+        old = lazy._Buffer(size)
+        old.view[:] = b"\xaa" * size
+        log: list[str] = []
+        in_flight, go = threading.Event(), threading.Event()
+
+        def copier() -> None:
+            while task.start_copy(span):
+                try:
+                    log.append("copy")
+                    in_flight.set()
+                    go.wait(10)
+                    res = lazy._uffd_copy(uffd, span.start, old.address, size)
+                    log.append(errno.errorcode.get(res.error, "done"))
+                finally:
+                    task.end_copy()
+                if res.error != errno.EAGAIN:
+                    return
+                time.sleep(0.001)
+            log.append("dropped")
+
+        def reader() -> None:
+            with task.reading_events():
+                log.append("read")
+                start, end = struct.unpack_from("QQ", os.read(uffd, 32), 8)
+                task.drop(start, end)
+                lazy._ioctl_range(uffd, lazy._UFFDIO_UNREGISTER, start, end - start)
+
+        threads = [threading.Thread(target=copier)]
+        threads[0].start()
+        assert in_flight.wait(10)
+        libc = ctypes.CDLL(None, use_errno=True)
+        threads.append(threading.Thread(
+            target=libc.madvise, args=(ctypes.c_void_p(addr), ctypes.c_size_t(size),
+                                       _MADV_DONTNEED)))
+        threads[1].start()
+        assert select.select([uffd], [], [], 10)[0], "no REMOVE event"
+        threads.append(threading.Thread(target=reader))
+        threads[2].start()
+        deadline = time.monotonic() + 10
+        while not task.reading and "read" not in log and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert log == ["copy"]  # the reader waits for the copy in flight
+        go.set()
+        for t in threads:
+            t.join(10)
+            assert not t.is_alive()
+        assert log == ["copy", "EAGAIN", "read", "dropped"]
+        assert memory[:] == bytes(size)
+    finally:
+        os.close(uffd)
+        memory.close()
 
 
 def test_a_checkpoint_that_cannot_be_stored_loses_no_process(

@@ -9,9 +9,9 @@ userfaultfd by SCM_RIGHTS (a zombie sends -pid and no descriptor), and finally
 handles the userfaultfd events CRIU enables: page faults, fork (a new userfaultfd for the
 child), remap, remove and unmap. docs/criu.md has the invariants; in short:
 - a page is installed only from its pages file through the snapshot mount (hash-checked);
-- a range that an UNMAP or REMOVE event dropped is never filled afterwards: each task's
-  event reads and every copy retried after EAGAIN (the kernel's answer while a mapping
-  change is pending) happen under the task's lock, after checking the range is still wanted;
+- a range that an UNMAP or REMOVE event dropped is never filled afterwards: no copy is in
+  flight while a task's event is read and applied, and every copy starts after checking,
+  under the task's lock, that its range is still wanted;
 - a page the daemon cannot serve kills the restored tree: no task waits on it forever;
 - a watchdog process (`snapstore.criu.watchdog`) holds a duplicate of every userfaultfd
   and kills the tree if this process dies before every page is in, so that an absent page
@@ -34,7 +34,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -128,10 +128,50 @@ class Task:
     inflight: list[Span] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False
+    # Copies run outside the lock, counted in `copying`; an event read waits until none is
+    # in flight and, while `reading`, holds new ones back (`reading_events`, `start_copy`;
+    # LazyPagesDaemon._copy says why).
+    copying: int = 0
+    reading: bool = False
+    settled: threading.Condition = field(init=False)
     # Where the next prefetch starts: after the last demand fault, so that the copies run
     # ahead of a task reading its memory in order (the CUDA restore reads every staged
     # buffer through) instead of elsewhere while it faults page range by page range.
     cursor: int = 0
+
+    def __post_init__(self) -> None:
+        self.settled = threading.Condition(self.lock)
+
+    @contextlib.contextmanager
+    def reading_events(self) -> Iterator[None]:
+        """Hold the lock, with no copy in flight and none starting until the block ends:
+        for reading an event from the userfaultfd and applying it."""
+        with self.lock:
+            self.reading = True
+            try:
+                while self.copying:
+                    self.settled.wait()
+                yield
+            finally:
+                self.reading = False
+                self.settled.notify_all()
+
+    def start_copy(self, span: Span) -> bool:
+        """Once no event is being read: whether `span` is still wanted; if it is, a copy
+        into it is in flight until `end_copy`."""
+        with self.lock:
+            while self.reading:
+                self.settled.wait()
+            if span.dropped or self.gone:
+                return False
+            self.copying += 1
+            return True
+
+    def end_copy(self) -> None:
+        with self.lock:
+            self.copying -= 1
+            if not self.copying:
+                self.settled.notify_all()
 
     def take(self, start: int, length: int) -> Span | None:
         """Cut [start, start+length) out of the pending span holding `start`, clipped to
@@ -410,7 +450,7 @@ class LazyPagesDaemon:
             if events.get(task.uffd, 0) & (select.POLLERR | select.POLLHUP):
                 task.gone = True
                 return
-            with task.lock:
+            with task.reading_events():
                 try:
                     msg = os.read(task.uffd, _MSG_SIZE)
                 except BlockingIOError:
@@ -518,22 +558,26 @@ class LazyPagesDaemon:
     def _copy(self, task: Task, span: Span, buf: _Buffer) -> None:
         """Install the span's bytes (read into `buf`) page range by page range. Once the
         daemon closes a userfaultfd, a page it did not install reads as zeros: every page
-        of the span is installed, found installed, or proven unmapped."""
+        of the span is installed, found installed, or proven unmapped.
+
+        No copy is in flight while an event is read, and none starts before the event is
+        applied; each starts only after checking, under the lock, that its range is still
+        wanted (`Task.reading_events`, `Task.start_copy`). The kernel answers EAGAIN while a
+        mapping change waits to be read, but once it is read, the change (a REMOVE's
+        zapping) goes ahead and a copy succeeds again: without this, a copy that checked its
+        range before the event and started after it could put old bytes into memory the task
+        had just dropped."""
         done = 0
-        locked = False
         page_by_page = False
         while done < span.end - span.start:
-            if locked:
-                task.lock.acquire()
+            if not task.start_copy(span):
+                return
             try:
-                if span.dropped or task.gone:
-                    return
                 left = span.end - span.start - done
                 res = _uffd_copy(task.uffd, span.start + done, buf.address + done,
                                  PAGE_SIZE if page_by_page else left)
             finally:
-                if locked:
-                    task.lock.release()
+                task.end_copy()
             if res.copied > 0:
                 done += res.copied
             if res.error == 0:
@@ -542,9 +586,8 @@ class LazyPagesDaemon:
                 # Installed already (a fault raced the prefetch): skip that page.
                 done = (done // PAGE_SIZE + 1) * PAGE_SIZE
             elif res.error == errno.EAGAIN:
-                # A mapping change is pending: retry under the lock, after the event
-                # thread has applied it (and maybe dropped or moved this span).
-                locked = True
+                # A mapping change is pending: retry once the event thread has read and
+                # applied it (it may drop or move this span).
                 time.sleep(0.0005)
             elif res.error == errno.ENOENT and not page_by_page:
                 # The range crosses a memory area boundary the task made since the dump
