@@ -49,6 +49,9 @@ RESTORE_FINISHED = 0x52535446
 FAULT_AROUND = 64 << 10
 # Bytes per prefetch copy: large enough that the kernel's copy dominates the call.
 PREFETCH_BYTES = 2 << 20
+# Bytes per UFFDIO_COPY: an event read waits for the copies in flight (Task.reading_events),
+# and a demand fault behind it with them, so each copy is kept short.
+COPY_BYTES = 512 << 10
 MAX_THREADS = 32
 
 _UFFD_EVENT_PAGEFAULT = 0x12
@@ -575,7 +578,7 @@ class LazyPagesDaemon:
             try:
                 left = span.end - span.start - done
                 res = _uffd_copy(task.uffd, span.start + done, buf.address + done,
-                                 PAGE_SIZE if page_by_page else left)
+                                 PAGE_SIZE if page_by_page else min(left, COPY_BYTES))
             finally:
                 task.end_copy()
             if res.copied > 0:
