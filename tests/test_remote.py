@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -25,6 +26,7 @@ from snapstore.export import export
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import MAX_CHUNK, prefetch_order
+from snapstore.remote import fetch, transfer
 from snapstore.remote.cache import FetchCache, PackIndexCopies
 from snapstore.remote.catalog import find_remote
 from snapstore.remote.gc import remote_gc
@@ -221,6 +223,31 @@ async def test_tag_conflict_and_force(moto_port: int, remote: str, loaded: Local
             await pull(loaded, "t1", s3)
         await pull(loaded, "t1", s3, force=True)
     assert loaded.get_tag("t1") == other.get_tag("t1")
+
+
+async def test_pull_never_moves_a_local_tag_set_while_it_ran(
+        moto_port: int, remote: str, loaded: LocalStore, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "img2").mkdir()
+    (tmp_path / "img2" / "f").write_bytes(b"local work" * 1000)
+    other = LocalStore.open(tmp_path / "other")
+    ingest(other, tmp_path / "img2", "mine")
+    mine = other.resolve("mine")
+
+    async def tagged_meanwhile(*args: Any) -> Any:
+        # An ingest beside the pull tags t1 after the pull's first look at the tag.
+        other.set_tag("t1", mine)
+        return await fetch.fetch_locator(*args)
+
+    monkeypatch.setattr(transfer, "fetch_locator", tagged_meanwhile)
+    async with s3_at(f"http://127.0.0.1:{moto_port}", remote) as s3:
+        await push(loaded, "t1", s3)
+        with pytest.raises(SnapstoreError, match="came to point at"):
+            await pull(other, "t1", s3)
+        assert other.get_tag("t1") == mine
+        # The snapshot came whole all the same: a forced pull only moves the tag.
+        assert (await pull(other, "t1", s3, force=True)).chunks_sent == 0
+    assert other.get_tag("t1") == loaded.resolve("t1")
 
 
 async def test_two_hosts_race_for_one_tag(moto_port: int, remote: str, loaded: LocalStore,

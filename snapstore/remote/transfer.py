@@ -297,6 +297,26 @@ async def pull(store: LocalStore, ref: str, s3: S3Store, *, force: bool = False,
                              ) from None
 
 
+def _set_local_tag(store: LocalStore, tag: str, mid: ChunkId, force: bool) -> str:
+    """Point the local `tag` at `mid`. Unless forced, a tag is created, never moved: not
+    even one that came to name another snapshot while the pull ran (an ingest beside it),
+    which the check before the pull could not see."""
+    if force:
+        status = "unchanged" if store.get_tag(tag) == mid else "set"
+        store.set_tag(tag, mid)
+        return status
+    while not store.create_tag(tag, mid):
+        local = store.get_tag(tag)
+        if local == mid:
+            return "unchanged"
+        if local is not None:
+            raise SnapstoreError(
+                f"local tag {tag!r} came to point at snapshot {local.short()} while the "
+                f"pull ran; snapshot {mid.short()} is stored, untagged: use --force to move "
+                "the local tag")
+    return "set"
+
+
 async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
                 jobs: int) -> TransferReport:
     """Fetch snapshot `ref` (a remote tag, then set locally too, or a full id) from `s3`:
@@ -377,9 +397,6 @@ async def _pull(store: LocalStore, ref: str, s3: S3Store, force: bool,
         await trio.to_thread.run_sync(writer.close)
         if not (store.snapshots_dir / mid.hex).exists():
             await trio.to_thread.run_sync(store.put_manifest_object, mid, obj)
-        status = "none"
-        if tag is not None:
-            status = "unchanged" if store.get_tag(tag) == mid else "set"
-            store.set_tag(tag, mid)
+        status = "none" if tag is None else _set_local_tag(store, tag, mid, force)
     return TransferReport(mid, tag, status, len(sizes), got[0], got[1], len(packs),
                           time.monotonic() - start, len(damaged))
