@@ -9,7 +9,12 @@ import trio
 from snapstore.errors import CorruptError, NotFoundError
 from snapstore.ids import ChunkId
 from snapstore.manifest import Manifest
-from snapstore.remote.fetch import fetch_manifest, get_remote_tag, list_remote_tags
+from snapstore.remote.fetch import (
+    fetch_manifest,
+    get_remote_tag,
+    list_remote_tags,
+    resolve_remote,
+)
 from snapstore.store.s3 import S3Store, endpoint_url, open_s3
 from snapstore.store.url import RemoteURL
 from snapstore.workflow import matching
@@ -42,10 +47,7 @@ def remote_manifest(remote: str, ref: str, endpoint: str | None = None) -> Manif
     """The manifest of `ref` (a snapshot's hex id, or a tag) in `remote`, checked."""
     async def main() -> Manifest:
         async with open_s3(RemoteURL.parse(remote), endpoint_url(endpoint)) as s3:
-            try:
-                mid = ChunkId.parse(ref)
-            except CorruptError:
-                mid = await get_remote_tag(s3, ref)
+            mid, _ = await resolve_remote(s3, ref)
             _, manifest = await fetch_manifest(s3, mid)
             return manifest
 
