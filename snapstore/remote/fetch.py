@@ -28,7 +28,7 @@ from snapstore.remote.packs import (
     locator_max_bytes,
 )
 from snapstore.store.backend import Handle
-from snapstore.store.local import MAX_MANIFEST_BYTES
+from snapstore.store.local import MAX_MANIFEST_BYTES, tag_target
 from snapstore.store.s3 import RemoteError, S3Store
 
 log = logging.getLogger(__name__)
@@ -46,12 +46,11 @@ def cpu_limiter() -> trio.CapacityLimiter:
 
 async def get_remote_tag(s3: S3Store, tag: str) -> ChunkId:
     try:
-        text = (await s3.load(Handle("tag", tag), max_bytes=4096)
-                ).decode("ascii", "replace").strip()
+        data = await s3.load(Handle("tag", tag), max_bytes=4096)
     except NotFoundError:
         raise NotFoundError(f"no tag {tag!r} in {s3.url}") from None
     try:
-        return ChunkId.parse(text)
+        return tag_target(data)
     except CorruptError:
         raise CorruptError(f"remote tag {tag!r} in {s3.url} is not a snapshot id") from None
 

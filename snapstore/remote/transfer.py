@@ -42,7 +42,7 @@ from snapstore.remote.packs import (
 from snapstore.remote.pool import run_pool
 from snapstore.remote.settings import DEFAULT_JOBS, DEFAULT_PACK_BYTES
 from snapstore.store.backend import Handle
-from snapstore.store.local import ChunkWriter, LocalStore
+from snapstore.store.local import ChunkWriter, LocalStore, tag_file
 from snapstore.store.s3 import S3Store
 
 # Rounds of a push whose objects a concurrent remote gc deleted before it gives up.
@@ -237,7 +237,7 @@ def _checked_access_list(data: bytes, sizes: dict[ChunkId, int]) -> bytes:
 
 
 async def _set_remote_tag(s3: S3Store, tag: str, mid: ChunkId, force: bool) -> str:
-    h, body = Handle("tag", tag), (mid.hex + "\n").encode()
+    h, body = Handle("tag", tag), tag_file(mid)
     if force:
         await s3.save(h, body)
         return "set"

@@ -68,9 +68,15 @@ def check_manifest_object(mid: ChunkId, obj: bytes) -> None:
     manifest.decode(codec.decode_bounded(obj, mid, MAX_MANIFEST_BYTES))
 
 
-def _tag_file(mid: ChunkId) -> bytes:
-    """A tag file's content: the snapshot id in hex and a newline."""
+def tag_file(mid: ChunkId) -> bytes:
+    """A tag's content, in a store's refs/tags/ and in a remote's: the snapshot id in hex
+    and a newline."""
     return (mid.hex + "\n").encode()
+
+
+def tag_target(data: bytes) -> ChunkId:
+    """The snapshot a tag's content names; CorruptError if it names none."""
+    return ChunkId.parse(data.decode("ascii", errors="replace").strip())
 
 
 def default_store_dir() -> Path:
@@ -298,11 +304,11 @@ class LocalStore:
     # -- tags ----------------------------------------------------------------------
 
     def set_tag(self, name: str, mid: ChunkId) -> None:
-        self.write_atomic(self.tags_dir / check_tag(name), _tag_file(mid))
+        self.write_atomic(self.tags_dir / check_tag(name), tag_file(mid))
 
     def create_tag(self, name: str, mid: ChunkId) -> bool:
         """Set a tag only if there is none of that name; False leaves the one there."""
-        return self.write_new(self.tags_dir / check_tag(name), _tag_file(mid))
+        return self.write_new(self.tags_dir / check_tag(name), tag_file(mid))
 
     def get_tag(self, name: str) -> ChunkId | None:
         """The snapshot a tag names; None if there is no such tag, CorruptError naming the
@@ -330,11 +336,11 @@ class LocalStore:
         finally:
             os.close(fd)
         # The content is not echoed: a damaged tag may hold anything.
-        text = raw.decode("ascii", errors="replace").strip()
-        if len(raw) > _TAG_FILE_MAX or not is_valid_hex_id(text):
-            what = "empty" if not raw else f"{len(raw)} bytes that are not a snapshot id"
-            return DamagedTag(name, path, what)
-        return ChunkId.parse(text)
+        if len(raw) <= _TAG_FILE_MAX:
+            with contextlib.suppress(CorruptError):
+                return tag_target(raw)
+        what = "empty" if not raw else f"{len(raw)} bytes that are not a snapshot id"
+        return DamagedTag(name, path, what)
 
     def delete_tag(self, name: str) -> bool:
         try:

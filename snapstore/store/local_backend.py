@@ -19,9 +19,15 @@ from typing import TypeVar
 import trio
 
 from snapstore.errors import CorruptError, NotFoundError, UsageError
-from snapstore.ids import ChunkId, is_valid_hex_id
+from snapstore.ids import is_valid_hex_id
 from snapstore.store.backend import Handle, Kind, ObjectInfo, check_kind
-from snapstore.store.local import LocalStore, check_manifest_object, check_tag, list_dir
+from snapstore.store.local import (
+    LocalStore,
+    check_manifest_object,
+    check_tag,
+    list_dir,
+    tag_target,
+)
 
 T = TypeVar("T")
 
@@ -51,7 +57,7 @@ class LocalBackend:
         elif h.kind == "manifest":
             await _run(self.store.put_manifest_object, h.id, data)
         else:
-            await _run(self.store.set_tag, h.name, _tag_target(data))
+            await _run(self.store.set_tag, h.name, tag_target(data))
 
     async def create(self, h: Handle, data: bytes) -> bool:
         """Checked as `save` checks; written to tmp/, then linked to its name."""
@@ -60,7 +66,7 @@ class LocalBackend:
     def _create(self, h: Handle, data: bytes) -> bool:
         path = self._path(h)
         if h.kind == "tag":
-            return self.store.create_tag(h.name, _tag_target(data))
+            return self.store.create_tag(h.name, tag_target(data))
         if h.kind == "manifest":
             check_manifest_object(h.id, data)
         # A store made before its fan-out directories were created up front.
@@ -143,11 +149,6 @@ def _is_tag_name(name: str) -> bool:
     except UsageError:
         return False
     return True
-
-
-def _tag_target(data: bytes) -> ChunkId:
-    """The snapshot a tag's bytes name; CorruptError if they name none."""
-    return ChunkId.parse(data.decode("ascii", errors="replace").strip())
 
 
 async def _run(fn: Callable[..., T], *args: object) -> T:
