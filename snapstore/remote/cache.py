@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from snapstore.errors import NotFoundError
-from snapstore.ids import ChunkId, is_valid_hex_id
-from snapstore.store.local import LocalStore, StoredChunk, list_dir
+from snapstore.ids import ChunkId
+from snapstore.store.local import LocalStore, StoredChunk, walk_fanout
 
 
 class FetchCache:
@@ -48,13 +48,8 @@ class FetchCache:
 
     def entries(self) -> Iterator[tuple[StoredChunk, float]]:
         """Every entry with its last use (mtime)."""
-        for sub in list_dir(self.store.cache_dir):
-            for f in list_dir(Path(sub.path)):
-                name = sub.name + f.name
-                if is_valid_hex_id(name):
-                    with contextlib.suppress(FileNotFoundError):
-                        st = f.stat()
-                        yield StoredChunk(ChunkId.parse(name), st.st_size), st.st_mtime
+        for cid, st in walk_fanout(self.store.cache_dir):
+            yield StoredChunk(cid, st.st_size), st.st_mtime
 
     def delete(self, cid: ChunkId) -> None:
         with contextlib.suppress(FileNotFoundError):

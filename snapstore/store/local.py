@@ -248,14 +248,8 @@ class LocalStore:
         return codec.decode(obj, cid, size)
 
     def iter_chunks(self) -> Iterator[StoredChunk]:
-        for sub in list_dir(self.chunks_dir):
-            if not sub.is_dir(follow_symlinks=False):
-                continue
-            for f in list_dir(Path(sub.path)):
-                name = sub.name + f.name
-                if is_valid_hex_id(name):
-                    with contextlib.suppress(FileNotFoundError):
-                        yield StoredChunk(ChunkId.parse(name), f.stat().st_size)
+        for cid, st in walk_fanout(self.chunks_dir):
+            yield StoredChunk(cid, st.st_size)
 
     def delete_chunk(self, cid: ChunkId) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -658,6 +652,19 @@ def _link_unnamed(fd: int, dest: Path) -> None:
         # A store made before its fan-out directories were created up front.
         dest.parent.mkdir(exist_ok=True)
     raise OSError(e, os.strerror(e), str(dest))
+
+
+def walk_fanout(d: Path) -> Iterator[tuple[ChunkId, os.stat_result]]:
+    """The objects of a directory fanned out by id (`d/ab/<62 hex>`: chunks/, cache/),
+    each with its stat; other names, and subdirectories that are links, are skipped."""
+    for sub in list_dir(d):
+        if not sub.is_dir(follow_symlinks=False):
+            continue
+        for f in list_dir(Path(sub.path)):
+            name = sub.name + f.name
+            if is_valid_hex_id(name):
+                with contextlib.suppress(FileNotFoundError):
+                    yield ChunkId.parse(name), f.stat()
 
 
 def list_dir(d: Path) -> list[os.DirEntry[str]]:
