@@ -207,13 +207,12 @@ def _feed_local(sock: socket.socket, layout: Layout, pool: LoaderPool, prefetche
                 break
             except ConnectionError:
                 return
-            if len(msg) != REQUEST.size:
+            request = _request(msg, layout)
+            if request is None:
                 return
-            (index,) = REQUEST.unpack(msg)
-            if index & ~DEMAND >= len(layout.chunks):
-                return
-            if index & DEMAND:
-                queue.appendleft((index & ~DEMAND, False))
+            index, demand = request
+            if demand:
+                queue.appendleft((index, False))
             else:
                 queue.append((index, True))
         while queue and pool.free() and not (queue[0][1] and prefetching >= prefetchers):
@@ -235,13 +234,11 @@ async def feed(sock: socket.socket, layout: Layout, source: ChunkSource, prefetc
                 msg = await tsock.recv(REQUEST.size)
             except ConnectionError:
                 break
-            if len(msg) != REQUEST.size:
+            request = _request(msg, layout)
+            if request is None:
                 break
-            (index,) = REQUEST.unpack(msg)
-            limit = None if index & DEMAND else prefetch
-            index &= ~DEMAND
-            if index >= len(layout.chunks):
-                break
+            index, demand = request
+            limit = None if demand else prefetch
             nursery.start_soon(_answer, tsock, index, layout.chunks[index], source, limit)
         nursery.cancel_scope.cancel()
 
@@ -260,6 +257,17 @@ async def _answer(sock: trio.socket.SocketType, index: int, chunk: tuple[ChunkId
     finally:
         if isinstance(result, int):
             os.close(result)
+
+
+def _request(msg: bytes, layout: Layout) -> tuple[int, bool] | None:
+    """The chunk index a request asks for and whether a fault waits for it; None for a
+    request outside the protocol, which ends the feeding."""
+    if len(msg) != REQUEST.size:
+        return None
+    (index,) = REQUEST.unpack(msg)
+    if index & ~DEMAND >= len(layout.chunks):
+        return None
+    return index & ~DEMAND, bool(index & DEMAND)
 
 
 def _reply(index: int, result: int | SnapstoreError,
