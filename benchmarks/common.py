@@ -86,3 +86,31 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """The machine's CPU time so far, from /proc/stat, in seconds: busy (user, nice,
+    system, irq, softirq, steal), of it in the kernel (system, irq, softirq), and idle
+    (idle, iowait)."""
+
+    busy: float
+    kernel: float
+    idle: float
+
+    @classmethod
+    def now(cls) -> CpuTimes:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+        user, nice, system, idle, iowait, irq, softirq, steal = fields
+        tick = os.sysconf("SC_CLK_TCK")
+        return cls((user + nice + system + irq + softirq + steal) / tick,
+                   (system + irq + softirq) / tick, (idle + iowait) / tick)
+
+    def since(self, start: CpuTimes) -> dict[str, float]:
+        """Cores kept busy on average between `start` and now, and the kernel's share of it."""
+        busy, kernel = self.busy - start.busy, self.kernel - start.kernel
+        total = busy + self.idle - start.idle
+        cores = os.cpu_count() or 1
+        return {"busy_cores": round(cores * busy / total, 2) if total else 0.0,
+                "kernel_share": round(kernel / busy, 3) if busy else 0.0}

@@ -19,7 +19,10 @@ is free again):
 
 Each is timed from the start of its command to the process running with its GPU state
 back (the command's return; for the lazy restore, also all its memory in), and to its next
-token (the answer to a one-token request). Then 15 more tokens are asked for and compared
+token (the answer to a one-token request). Beside the times: the cores the machine kept busy
+meanwhile (/proc/stat), and for a lazy restore its daemon's figures (`restore --json`):
+the fill rate from the tasks' resuming to the last page in, the demand faults, and how long
+event reads waited for copies in flight. Then 15 more tokens are asked for and compared
 with the reference: what A itself generated from a copy of its state before the checkpoint
 (the same two calls on a copy of its token ids), twice, the same both times. The restored
 process must also hold exactly the state A had: every parameter's sum and the token ids.
@@ -49,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import drop_caches, du, gb, kill_and_reap, snapstore_cmd, table
+from benchmarks.common import CpuTimes, drop_caches, du, gb, kill_and_reap, snapstore_cmd, table
 from snapstore.criu.binary import Criu
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
 from snapstore.export import export
@@ -254,7 +257,9 @@ def restore_upstream(criu: Criu, plain: Path, work: Path, api: CheckpointApi) ->
     return pid
 
 
-def restore_snapstore(store: Path, tag: str, lazy: bool) -> tuple[int, dict[str, float]]:
+def restore_snapstore(store: Path, tag: str, lazy: bool,
+                      ) -> tuple[int, dict[str, float], dict[str, Any] | None]:
+    """The restored pid, the command's stages and its lazy-pages daemon's figures."""
     cmd = snapstore_cmd(store, "restore", "--from", tag, "--json") + ([] if lazy else ["--eager"])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -263,7 +268,16 @@ def restore_snapstore(store: Path, tag: str, lazy: bool) -> tuple[int, dict[str,
     doc = json.loads(proc.stdout)
     stages: dict[str, float] = doc["stages"]
     # In the order they ran (the JSON's keys are sorted).
-    return int(doc["pid"]), {k: stages[k] for k in STAGES if k in stages}
+    return int(doc["pid"]), {k: stages[k] for k in STAGES if k in stages}, doc.get("lazy")
+
+
+def daemon_figures(d: dict[str, Any] | None) -> str:
+    """The lazy-pages daemon's fill rate (from the tasks' resuming to the last page in),
+    its demand faults and the seconds its event reads waited for copies."""
+    if not d or not d.get("fill_seconds"):
+        return ""
+    rate = (d["prefetched_bytes"] + d["fault_bytes"]) / d["fill_seconds"] / 1e9
+    return f"{rate:.2f} GB/s, {d['faults']} faults, waits {d['event_wait_seconds']:.2f} s"
 
 
 def main() -> int:
@@ -353,13 +367,16 @@ def main() -> int:
             if case == "lazy-cached":
                 read_all(store / "chunks")
             stages: dict[str, float] = {}
+            daemon: dict[str, Any] | None = None
+            cpu = CpuTimes.now()
             start = time.perf_counter()
             try:
                 if case == "upstream":
                     pid = restore_upstream(criu, plain, work / "criu-work", api)
                 else:
-                    pid, stages = restore_snapstore(store, "gpu-a", lazy=case != "eager")
+                    pid, stages, daemon = restore_snapstore(store, "gpu-a", lazy=case != "eager")
                 running = time.perf_counter() - start
+                busy = CpuTimes.now().since(cpu)
                 tokens = a.ask(pid, 1)
                 first_token = time.perf_counter() - start
                 tokens += a.ask(pid, MORE_TOKENS)
@@ -375,13 +392,15 @@ def main() -> int:
             kill_and_reap(pid)
             before = a.ready["ids"]
             run = {"running": running, "first_token": first_token, "stages": stages,
+                   "daemon": daemon, "cpu": busy,
                    "tokens": tokens, "tokens_equal": tokens == reference and pid == a.pid,
                    # Exact, unlike the tokens: every parameter's sum, and the ids it held.
                    "weights_equal": restored["weights"] == a.ready["weights"],
                    "ids_equal": restored["ids"][:len(before)] == before}
             runs[case].append(run)
             log(f"{case}: running with its GPU state in {running:.2f} s, next token at "
-                f"{first_token:.2f} s, stages {stages}, tokens equal: {run['tokens_equal']}, "
+                f"{first_token:.2f} s, stages {stages}, daemon {daemon}, CPU {busy}, "
+                f"tokens equal: {run['tokens_equal']}, "
                 f"weights equal: {run['weights_equal']}, ids equal: {run['ids_equal']}")
             save()
     shutil.rmtree(plain)
@@ -405,18 +424,22 @@ def main() -> int:
     for case, case_runs in runs.items():
         for r in case_runs:
             if "error" in r:
-                rows.append([case, "failed", "", "", "", r["error"][:300], "", ""])
+                rows.append([case, "failed", "", "", "", r["error"][:300], "", "", "", ""])
                 continue
             rows.append([
                 case, f"{r['running']:.2f}", f"{r['first_token']:.2f}",
                 f"{base / r['running']:.2f}x" if base else "",
                 f"{base_token / r['first_token']:.2f}x" if base_token else "",
                 " ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()),
+                daemon_figures(r.get("daemon")),
+                f"{r['cpu']['busy_cores']:.1f} ({r['cpu']['kernel_share']:.0%} kernel)",
                 "yes" if r["tokens_equal"] else "NO",
                 "yes" if r["weights_equal"] and r["ids_equal"] else "NO"])
     print(table(["restore", "to running, GPU state back (s)", "to next token (s)",
                  "speed vs upstream (running)", "speed vs upstream (token)",
-                 "stages (s)", "16 tokens = reference", "weights and ids intact"], rows))
+                 "stages (s)", "daemon: fill rate, faults, event waits",
+                 f"busy cores (of {os.cpu_count()})",
+                 "16 tokens = reference", "weights and ids intact"], rows))
     print(f"checkpoint A {ck_a['wall_seconds']:.1f} s ({gb(ck_a['logical_bytes'])} image, "
           f"{gb(ck_a['new_stored_bytes'])} stored); checkpoint B of the same model added "
           f"{gb(ck_b['new_stored_bytes'])} = {added:.1%} of its "

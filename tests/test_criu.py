@@ -161,6 +161,7 @@ def test_checkpoint_and_restore_a_python_process(
     assert r.returncode == 0, r.stderr
     pid = int(r.stdout.strip())
     assert ("memory_complete" in r.stderr) == (mode == "lazy")
+    assert ("lazy pages: " in r.stderr) == (mode == "lazy")
     try:
         assert pid == child.pid
         runs_on(child, pid)
@@ -203,7 +204,12 @@ def test_restore_from_the_remote_alone(criu: Criu, reaper: None, store: LocalSto
         r = snapstore(empty, "restore", "--match", "app=remote", "--remote", remote,
                       "--json", env=env)
         assert r.returncode == 0, r.stderr
-        pid = int(json.loads(r.stdout)["pid"])
+        doc = json.loads(r.stdout)
+        pid = int(doc["pid"])
+        # The daemon's figures: the process's data came in through it.
+        lazy = doc["lazy"]
+        assert lazy["tasks"] >= 1 and lazy["fill_seconds"] is not None
+        assert lazy["prefetched_bytes"] + lazy["fault_bytes"] >= SIZE
         try:
             runs_on(child, pid)
         finally:

@@ -183,10 +183,20 @@ def _restore_process(args: argparse.Namespace) -> int:
     else:
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in r.stages.items())
         print(f"restored pid {r.pid} from snapshot {(r.snapshot or '')[:12]} ({r.source}) "
-              f"in {r.seconds:.2f}s: {stages}", file=sys.stderr)
+              f"in {r.seconds:.2f}s: {stages}{_lazy_figures(r.lazy)}", file=sys.stderr)
         print(r.pid)
     _warn_mount_left(r.mount_left)
     return 0
+
+
+def _lazy_figures(lazy: dict[str, int | float | None] | None) -> str:
+    """"; lazy pages: 21.1 GB in 10.59s (1.99 GB/s), 141 faults", when the daemon served."""
+    if not lazy or not lazy["fill_seconds"]:
+        return ""
+    total = int(lazy["prefetched_bytes"] or 0) + int(lazy["fault_bytes"] or 0)
+    fill = float(lazy["fill_seconds"])
+    return (f"; lazy pages: {total / 1e9:.1f} GB in {fill:.2f}s ({total / fill / 1e9:.2f} GB/s), "
+            f"{lazy['faults']} faults")
 
 
 def _restore_replicas(args: argparse.Namespace, store: LocalStore,

@@ -141,6 +141,8 @@ class Task:
     # ahead of a task reading its memory in order (the CUDA restore reads every staged
     # buffer through) instead of elsewhere while it faults page range by page range.
     cursor: int = 0
+    # Seconds the task's event reads waited for copies in flight.
+    event_waits: float = 0.0
 
     def __post_init__(self) -> None:
         self.settled = threading.Condition(self.lock)
@@ -152,8 +154,11 @@ class Task:
         with self.lock:
             self.reading = True
             try:
-                while self.copying:
-                    self.settled.wait()
+                if self.copying:
+                    start = time.monotonic()
+                    while self.copying:
+                        self.settled.wait()
+                    self.event_waits += time.monotonic() - start
                 yield
             finally:
                 self.reading = False
@@ -276,7 +281,19 @@ class Stats:
     zero_pages: int = 0
     tasks: int = 0
     first_fault_at: float | None = None
+    resumed_at: float | None = None  # CRIU said every task is restored
     done_at: float | None = None
+    event_waits: float = 0.0
+
+    def report(self) -> dict[str, int | float | None]:
+        """The figures of a restore, for its --json: what was installed and how, seconds
+        from the tasks' resuming to the last page in, and how long event reads waited for
+        copies in flight (a demand fault behind them waited as long)."""
+        fill = (None if self.done_at is None or self.resumed_at is None
+                else round(self.done_at - self.resumed_at, 4))
+        return {"tasks": self.tasks, "faults": self.faults, "fault_bytes": self.fault_bytes,
+                "prefetched_bytes": self.prefetched_bytes, "zero_pages": self.zero_pages,
+                "fill_seconds": fill, "event_wait_seconds": round(self.event_waits, 4)}
 
 
 class LazyPagesDaemon:
@@ -338,6 +355,7 @@ class LazyPagesDaemon:
         if self.error is not None:
             raise LazyPagesError(self.error)
         self.stats.done_at = time.monotonic()
+        self.stats.event_waits = sum(t.event_waits for t in self._tasks)
         with self._watchdog_lock:
             watchdog.release(self._watchdog)
 
@@ -406,6 +424,7 @@ class LazyPagesDaemon:
                     return
                 (value,) = struct.unpack("i", word)
                 if value == RESTORE_FINISHED:
+                    self.stats.resumed_at = time.monotonic()
                     self._finished.set()
                     for i in range(self.threads):
                         self._spawn(self._prefetch, f"lazy-prefetch-{i}")

@@ -118,6 +118,7 @@ class RestoreReport:
     mount_left: str | None = None
     path: str = "restore"  # or "cold"
     reason: str | None = None  # why it started cold
+    lazy: dict[str, int | float | None] | None = None  # the lazy-pages daemon's figures
 
 
 class Stages:
@@ -244,7 +245,8 @@ def restore(store: LocalStore, criu: Criu, ref: str | None, match: dict[str, str
         daemon = LazyPagesDaemon(images, work, sources) if lazy else None
         pid = _restore_from(criu, images, work, daemon, api, stages, picked.gpus)
     return RestoreReport(pid, picked.snapshot, picked.source, stages.elapsed(), stages.times,
-                         stages.mount_left)
+                         stages.mount_left,
+                         lazy=daemon.stats.report() if daemon is not None else None)
 
 
 def check_gpus(snapshot: str, labels: Mapping[str, str], api: cuda.CheckpointApi) -> int:
