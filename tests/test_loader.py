@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from snapstore.errors import CorruptError, NotFoundError
+from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
-from snapstore.store.chunk_loader import LoaderError, ProcessChunkReader, _Mapper
+from snapstore.store.chunk_loader import LoaderError, LoaderPool, ProcessChunkReader, _Mapper
 from snapstore.store.chunk_loader_worker import sealed_memfd
 from snapstore.store.local import LocalStore
 from tests.conftest import alive, wait_until
@@ -214,3 +214,62 @@ def test_the_mapper_refuses_unsealed_or_misfit_memfds() -> None:
     finally:
         os.close(unsealed)
         os.close(sealed)
+
+
+def _pool_load(pool: LoaderPool, cid: ChunkId, size: int) -> int | SnapstoreError:
+    """One load through `pool`, waited for: the memfd (closed here: its size is returned)
+    or the error."""
+    r, w = os.pipe()
+    try:
+        deadline = time.monotonic() + 60
+        while not pool.free():
+            assert time.monotonic() < deadline, "no loader started"
+            pool.wait(r)
+        pool.submit(0, cid, size)
+        ended: list[tuple[int, int | SnapstoreError]] = []
+        while not ended:
+            _, ended = pool.wait(r)
+    finally:
+        os.close(r)
+        os.close(w)
+    result = ended[0][1]
+    if isinstance(result, int):
+        got = os.fstat(result).st_size
+        os.close(result)
+        return got
+    return result
+
+
+def _worker_pids(store: LocalStore) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"snapstore.store.chunk_loader_worker" in argv and str(store.root).encode() in argv:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_pool_loaders_killed_before_they_started_are_replaced(
+        store: LocalStore, image_dir: Path) -> None:
+    # Killed as soon as both processes exist, mostly before they say they started (the
+    # first forks the second, then each says so): the pool starts others, and loads.
+    cid, size = next(iter(chunks(store, image_dir).items()))
+    for _ in range(3):
+        with LoaderPool(store.root, 2) as pool:
+            deadline = time.monotonic() + 30
+            while len(pids := _worker_pids(store)) < 2:
+                assert time.monotonic() < deadline
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            assert _pool_load(pool, cid, size) == size
+
+
+def test_a_pool_whose_loaders_cannot_start_fails(tmp_path: Path) -> None:
+    store = LocalStore.open(tmp_path / "store")
+    (store.root / "config.json").write_text('{"format": "other"}')
+    with LoaderPool(store.root, 2) as pool, \
+            pytest.raises(LoaderError, match=r"did not start \(exit status 1\)"):
+        _pool_load(pool, ChunkId.of(b"x"), 1)

@@ -364,8 +364,9 @@ class LoaderPool:
     A load goes to a free loader (`submit`) and comes back from `wait` as a sealed memfd of
     the chunk's checked bytes, or as the error that ended it. A loader that dies fails only
     the load it had: that load is tried again on the loader started in its place, up to four
-    times in all. A loader that ends, or says nothing for a minute, before it says it started
-    is a LoaderError from `wait`. Use it as a context manager: entering starts the loaders
+    times in all. A loader that ends before it says it started is replaced too, four times
+    in the pool's life; the next is a LoaderError from `wait`, and so is a loader that says
+    nothing for a minute. Use it as a context manager: entering starts the loaders
     (one process that forks the others), leaving stops them all.
     """
 
@@ -381,6 +382,7 @@ class LoaderPool:
         self._retry: list[_Job] = []
         self._failed: list[tuple[int, int | SnapstoreError]] = []
         self._deadline = 0.0
+        self._early_deaths = 0
 
     def __enter__(self) -> LoaderPool:
         try:
@@ -462,9 +464,16 @@ class LoaderPool:
         fds = _fds(anc)
         try:
             if not loader.ready:
-                if not msg or not loader.hello(msg):
+                if msg and loader.hello(msg):
+                    self._free.append(loader)
+                elif not msg and self._early_deaths < _LOAD_ATTEMPTS:
+                    # Ended before it said it started: killed, most likely; replaced like
+                    # any loader that died, a few times (one that cannot start ends so
+                    # every time).
+                    self._early_deaths += 1
+                    self._lost(loader)
+                else:
                     raise loader.not_started()
-                self._free.append(loader)
             elif not msg:
                 self._lost(loader)
             elif loader in self._jobs:
