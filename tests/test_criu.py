@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snapstore.criu import lazy, workflow
+from snapstore.criu import lazy, staging, workflow
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
 from snapstore.criu.lazy import Span, Task
@@ -34,6 +34,7 @@ from snapstore.errors import RestoreError
 from snapstore.export import export
 from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
+from snapstore.ingest import ingest
 from snapstore.store.local import LocalStore
 from snapstore.uffd.client import open_userfaultfd, register
 from tests.conftest import (
@@ -667,3 +668,32 @@ def test_a_checkpoint_that_cannot_be_stored_loses_no_process(
         finally:
             child.proc.kill()
             child.wait_dead()
+
+
+def test_a_read_of_staged_pages_asks_for_the_chunks_ahead_once(
+        store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = np.random.default_rng(3).bytes(24 << 20)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "pages-1.img").write_bytes(data)
+    entry = next(iter(store.get_manifest(ingest(store, tmp_path / "img", "p").snapshot).files()))
+    starts, chunks = [], []
+    pos = 0
+    for x in entry.extents:
+        starts.append(pos)
+        chunks.append(x.chunk)
+        pos += x.size
+    asked: list[ChunkId] = []
+    monkeypatch.setattr(store, "will_need", asked.append)
+    monkeypatch.setattr(staging, "READ_AHEAD", 4 << 20)
+    pages = staging.StorePages(store, entry)
+    buf = bytearray(1 << 20)
+    assert pages.read_into(memoryview(buf), 0) == len(buf) and buf == data[:1 << 20]
+    # The chunks of the read and of the 4 MiB after it, in order.
+    ahead = [c for s, c in zip(starts, chunks, strict=True) if s < (1 << 20) + (4 << 20)]
+    assert asked == ahead and len(ahead) < len(chunks)
+    # Each once: the same read again asks for nothing more; one further on, for the
+    # chunks its own window adds.
+    pages.read_into(memoryview(buf), 0)
+    assert asked == ahead
+    pages.read_into(memoryview(buf), 2 << 20)
+    assert asked == [c for s, c in zip(starts, chunks, strict=True) if s < (3 << 20) + (4 << 20)]

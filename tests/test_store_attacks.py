@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from snapstore.chunking import split
 from snapstore.errors import SnapstoreError
 from snapstore.fileio import write_atomic
 from snapstore.gc import gc
+from snapstore.ids import ChunkId
 from snapstore.ingest import ingest
 from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
@@ -304,3 +306,22 @@ def test_mount_records_are_not_written_through_a_planted_link(tmp_path: Path) ->
         write_atomic(state, b"{}\n")
     assert victim.read_bytes() == b"untouched\n"
     assert not state.exists()
+
+
+def test_asking_for_a_planted_chunk_ahead_neither_hangs_nor_follows(
+        store: LocalStore, tmp_path: Path) -> None:
+    # A FIFO where a chunk object belongs would block an open for reading forever; a link
+    # would lead out of the store. `will_need` only asks the kernel to read ahead: it
+    # leaves both alone, and the read that needs the chunk meets them.
+    fifo, link = ChunkId.of(b"fifo"), ChunkId.of(b"link")
+    for cid in (fifo, link):
+        store.chunk_path(cid).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(store.chunk_path(fifo))
+    os.mkfifo(tmp_path / "outside")
+    store.chunk_path(link).symlink_to(tmp_path / "outside")
+    asked = threading.Thread(target=lambda: [store.will_need(c) for c in (fifo, link)],
+                             daemon=True)
+    asked.start()
+    asked.join(10)
+    assert not asked.is_alive(), "will_need waited on a FIFO"
+    store.will_need(ChunkId.of(b"absent"))

@@ -36,6 +36,10 @@ from snapstore.store.local import LocalStore
 # Room for four per thread keeps every chunk decoded once (32 kept made 7% more decodes
 # with 16 threads, 20% with 32); at most 4 MiB each, about 1 MiB on average.
 CACHED_CHUNKS = 4 * MAX_THREADS
+# How far past a read the chunk objects are asked for ahead (LocalStore.will_need), so that
+# a cold store's disk always has reads queued: the copy threads go through a pages file in
+# order, each reading its chunks one at a time.
+READ_AHEAD = 64 << 20
 
 
 class StorePages:
@@ -53,6 +57,7 @@ class StorePages:
             pos += x.size
         self._lock = threading.Lock()
         self._cache: OrderedDict[ChunkId, Future[bytes]] = OrderedDict()
+        self._asked: set[int] = set()  # extents whose chunk was asked for ahead
 
     def read_into(self, view: memoryview, offset: int) -> int:
         """Fill `view` from `offset`; the bytes filled (fewer only at the end of file).
@@ -69,6 +74,7 @@ class StorePages:
         busy = []
         done = 0
         i = bisect.bisect_right(self._starts, offset) - 1
+        self._read_ahead(i, offset + want)
         while done < want:
             chunk, size = self._extents[i]
             lo = offset + done - self._starts[i]
@@ -86,6 +92,18 @@ class StorePages:
             assert data is not None
             ctypes.memmove(at, _address(data) + lo, n)
         return done
+
+    def _read_ahead(self, first: int, end: int) -> None:
+        """Ask for the chunk objects of the extents from `first` to READ_AHEAD past `end`
+        ahead, each once."""
+        last = bisect.bisect_left(self._starts, end + READ_AHEAD)
+        with self._lock:
+            todo = [i for i in range(first, last) if i not in self._asked]
+            self._asked.update(todo)
+        for i in todo:
+            chunk, _ = self._extents[i]
+            if chunk is not None:
+                self._store.will_need(chunk)
 
     def _chunk(self, cid: ChunkId, size: int, wait: bool) -> bytes | None:
         """The chunk's bytes, decoded by this thread unless another has or is decoding
