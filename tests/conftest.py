@@ -142,6 +142,19 @@ def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 30.0) 
         time.sleep(0.05)
 
 
+def chunk_loader_pids(store_root: Path) -> list[int]:
+    """The chunk loader processes serving the store at `store_root`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"snapstore.store.chunk_loader_worker" in argv and str(store_root).encode() in argv:
+            pids.append(int(d.name))
+    return pids
+
+
 def alive(pid: int) -> bool:
     """The process exists and is not a zombie."""
     return process_state(pid) not in ("", "Z")

@@ -20,7 +20,7 @@ from snapstore.ingest import ingest
 from snapstore.store.chunk_loader import LoaderError, LoaderPool, ProcessChunkReader, _Mapper
 from snapstore.store.chunk_loader_worker import sealed_memfd
 from snapstore.store.local import LocalStore
-from tests.conftest import alive, wait_until
+from tests.conftest import alive, chunk_loader_pids, wait_until
 from tests.test_fuse_ops import PARAMS
 
 
@@ -240,18 +240,6 @@ def _pool_load(pool: LoaderPool, cid: ChunkId, size: int) -> int | SnapstoreErro
     return result
 
 
-def _worker_pids(store: LocalStore) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"snapstore.store.chunk_loader_worker" in argv and str(store.root).encode() in argv:
-            pids.append(int(d.name))
-    return pids
-
-
 def test_pool_loaders_killed_before_they_started_are_replaced(
         store: LocalStore, image_dir: Path) -> None:
     # Killed as soon as both processes exist, mostly before they say they started (the
@@ -260,7 +248,7 @@ def test_pool_loaders_killed_before_they_started_are_replaced(
     for _ in range(3):
         with LoaderPool(store.root, 2) as pool:
             deadline = time.monotonic() + 30
-            while len(pids := _worker_pids(store)) < 2:
+            while len(pids := chunk_loader_pids(store.root)) < 2:
                 assert time.monotonic() < deadline
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)

@@ -31,6 +31,7 @@ from snapstore.cli import uffd as uffd_cli
 from snapstore.uffd import page_loader
 from snapstore.uffd.build import compile_loader, source_path
 from snapstore.uffd.client import PAGE_SIZE, Client, region_json
+from tests.conftest import chunk_loader_pids
 
 pytestmark = pytest.mark.skipif(
     platform.machine() != "x86_64" or not os.path.exists("/proc/sys/vm"),
@@ -629,15 +630,7 @@ def serve_client(s: Served, touch: int = -1) -> subprocess.Popen[str]:
 
 def loader_pids(s: Served) -> list[int]:
     """The chunk loader processes serving this test's store."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        try:
-            argv = (d / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"snapstore.store.chunk_loader_worker" in argv and str(s.store.root).encode() in argv:
-            pids.append(int(d.name))
-    return pids
+    return chunk_loader_pids(s.store.root)
 
 
 def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
