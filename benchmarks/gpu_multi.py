@@ -245,7 +245,7 @@ def restore_once(store: Path, w: Workload, warm: bool) -> dict[str, Any]:
         read_all(store / "chunks")
     start = time.perf_counter()
     try:
-        root, stages = restore_snapstore(store, w.name, lazy=True)
+        root, stages, daemon = restore_snapstore(store, w.name, lazy=True)
         running = time.perf_counter() - start
         tokens = w.ask(root, 1)["tokens"]
         first_token = time.perf_counter() - start
@@ -257,7 +257,7 @@ def restore_once(store: Path, w: Workload, warm: bool) -> dict[str, Any]:
         return {"error": str(e)}
     end([root, *below(root)])
     return {"running": running, "first_token": first_token, "stages": stages,
-            "pids_equal": root == w.pid,
+            "daemon": daemon, "pids_equal": root == w.pid,
             "tokens_equal": tokens == w.ready["predicted"],
             "weights_equal": state["weights"] == w.ready["weights"],
             "ids_equal": state["ids"][:len(w.ready["ids"])] == w.ready["ids"]}

@@ -319,8 +319,11 @@ def test_asking_for_a_planted_chunk_ahead_neither_hangs_nor_follows(
     os.mkfifo(store.chunk_path(fifo))
     os.mkfifo(tmp_path / "outside")
     store.chunk_path(link).symlink_to(tmp_path / "outside")
-    asked = threading.Thread(target=lambda: [store.will_need(c) for c in (fifo, link)],
-                             daemon=True)
+    def ask() -> None:
+        for cid in (fifo, link):
+            store.will_need(cid)
+
+    asked = threading.Thread(target=ask, daemon=True)
     asked.start()
     asked.join(10)
     assert not asked.is_alive(), "will_need waited on a FIFO"
