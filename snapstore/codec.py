@@ -49,7 +49,13 @@ def decode(obj: bytes | memoryview, cid: ChunkId, size: int) -> bytes:
 
     Decompression is bounded by `size`, so a hostile object cannot inflate without limit.
     """
-    raw = _inflate(obj, cid, size)
+    return decode_body(tag_of(obj, cid), memoryview(obj)[1:], cid, size)
+
+
+def decode_body(tag: int, body: bytes | memoryview, cid: ChunkId, size: int) -> bytes:
+    """`decode` of an object read as its tag byte and its body: a raw body given as bytes
+    is the chunk itself, not copied (a copy that holds the GIL for the whole chunk)."""
+    raw = _inflate(tag, body, cid, size)
     if len(raw) != size:
         raise CorruptError(f"chunk {cid} holds {len(raw)} bytes, expected {size}")
     return _checked(raw, cid)
@@ -57,7 +63,7 @@ def decode(obj: bytes | memoryview, cid: ChunkId, size: int) -> bytes:
 
 def decode_bounded(obj: bytes, cid: ChunkId, limit: int) -> bytes:
     """Like decode, for objects whose size is unknown but at most `limit` (manifests)."""
-    return _checked(_inflate(obj, cid, limit), cid)
+    return _checked(_inflate(tag_of(obj, cid), memoryview(obj)[1:], cid, limit), cid)
 
 
 def _checked(raw: bytes, cid: ChunkId) -> bytes:
@@ -66,14 +72,18 @@ def _checked(raw: bytes, cid: ChunkId) -> bytes:
     return raw
 
 
-def _inflate(obj: bytes | memoryview, cid: ChunkId, limit: int) -> bytes:
+def tag_of(obj: bytes | memoryview, cid: ChunkId) -> int:
+    """The codec tag of an object (its first byte); CorruptError for an empty one."""
     if not obj:
         raise CorruptError(f"object {cid} is empty")
-    tag, body = obj[0], memoryview(obj)[1:]
+    return obj[0]
+
+
+def _inflate(tag: int, body: bytes | memoryview, cid: ChunkId, limit: int) -> bytes:
     if tag == RAW:
         if len(body) > limit:
             raise CorruptError(f"object {cid} is larger than {limit} bytes")
-        return bytes(body)
+        return body if isinstance(body, bytes) else bytes(body)
     if tag != ZSTD:
         raise CorruptError(f"object {cid} has unknown codec tag {tag}")
     try:

@@ -296,6 +296,9 @@ def test_get_chunk_refuses_a_stored_object_cut_short_or_grown(store: LocalStore,
     path.write_bytes(obj[: len(obj) // 2])
     with pytest.raises(CorruptError):
         store.get_chunk(cid, len(data))
+    path.write_bytes(b"")
+    with pytest.raises(CorruptError, match="empty"):
+        store.get_chunk(cid, len(data))
     if not compressible:  # a zstd frame ends itself: bytes after it are not read as data
         path.write_bytes(obj + b"\0")
         with pytest.raises(CorruptError):

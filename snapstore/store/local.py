@@ -230,22 +230,24 @@ class LocalStore:
     def get_chunk(self, cid: ChunkId, size: int) -> bytes:
         """The chunk's raw bytes, hash-checked; CorruptError or NotFoundError otherwise.
 
-        The object is read with one `read` of at most size + 2 bytes: a valid object is at
-        most size + 1 (a raw chunk and its tag), and the one byte more shows a raw object
-        that grew. Three system calls where `read_bytes` makes nine; that matters on the
-        mount's read path, where every call hands the GIL to another thread: a cold read
-        through the mount makes a fifth fewer thread switches (benchmarks/RESULTS.md). A
-        short read (which a local file gives only to a dying process) fails the check.
+        The object is read with two `read`s: its codec tag, then at most size + 1 bytes of
+        body (a valid body is at most size, and the one byte more shows a raw object that
+        grew), so that a raw chunk is the read's own bytes, never copied again holding the
+        GIL (in a lazy CRIU restore of incompressible memory that copy was the copy
+        threads' largest hold of the GIL). Four system calls where `read_bytes` makes nine:
+        every call hands the GIL to another thread. A short read (which a local file gives
+        only to a dying process) fails the check.
         """
         try:
             fd = os.open(self.chunk_path(cid), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFoundError(f"chunk {cid} is missing from the store") from None
         try:
-            obj = os.read(fd, size + 2)
+            tag = os.read(fd, 1)
+            body = os.read(fd, size + 1)
         finally:
             os.close(fd)
-        return codec.decode(obj, cid, size)
+        return codec.decode_body(codec.tag_of(tag, cid), body, cid, size)
 
     def will_need(self, cid: ChunkId) -> None:
         """Ask the kernel to start reading the chunk's object into the page cache, without
