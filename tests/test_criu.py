@@ -28,7 +28,7 @@ import pytest
 
 from snapstore.criu import lazy, staging, workflow
 from snapstore.criu.binary import Criu, CriuError
-from snapstore.criu.images import PAGE_SIZE, read_pagemap
+from snapstore.criu.images import PAGE_SIZE, PE_LAZY, PE_PRESENT, Extent, Pagemap, read_pagemap
 from snapstore.criu.lazy import Span, Task
 from snapstore.errors import RestoreError
 from snapstore.export import export
@@ -697,3 +697,17 @@ def test_a_read_of_staged_pages_asks_for_the_chunks_ahead_once(
     assert asked == ahead
     pages.read_into(memoryview(buf), 2 << 20)
     assert asked == [c for s, c in zip(starts, chunks, strict=True) if s < (3 << 20) + (4 << 20)]
+
+
+def test_lazy_spans_join_what_follows_in_memory_and_file_and_cut_at_areas() -> None:
+    # CRIU writes an area's pages in entries of at most 1 MiB: four of them in a row are one
+    # span (a prefetch takes from one span), cut where a memory area ends; an entry that
+    # follows in memory but not in the pages file stays apart.
+    mib, base = 1 << 20, 0x7F0000000000
+    flags = PE_LAZY | PE_PRESENT
+    extents = tuple(Extent(base + i * mib, 256, flags, i * mib) for i in range(4))
+    extents += (Extent(base + 4 * mib, 256, flags, 9 * mib),)
+    areas = [(base, base + 3 * mib), (base + 3 * mib, base + 8 * mib)]
+    spans = lazy._spans(Pagemap(1, extents), areas)
+    assert [(s.start - base, s.end - base, s.offset) for s in spans] == [
+        (0, 3 * mib, 0), (3 * mib, 4 * mib, 3 * mib), (4 * mib, 5 * mib, 9 * mib)]

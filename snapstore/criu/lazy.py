@@ -676,17 +676,32 @@ class _Buffer:
 
 
 def _spans(pagemap: Pagemap, vmas: list[tuple[int, int]]) -> list[Span]:
-    """The lazy extents, cut at memory area bounds: a UFFDIO_COPY that crosses one fails
-    with ENOENT, like one into memory that is not mapped at all."""
+    """The lazy extents, joined where one follows another in memory and in the pages file,
+    and cut at memory area bounds: a UFFDIO_COPY that crosses one fails with ENOENT, like
+    one into memory that is not mapped at all.
+
+    CRIU writes an area's pages in entries of at most 1 MiB (its page pipes are at most
+    pipe-max-size), and a prefetch takes from one span: unjoined, every prefetch was 1 MiB
+    whatever PREFETCH_BYTES said, and two neighbouring copy threads shared a chunk at
+    nearly every span's ends (chunks are 1 MiB on average), one waiting for the other's
+    decoding of it."""
     cuts = sorted({b for vma in vmas for b in vma})
+    joined: list[Span] = []
+    for e in sorted(pagemap.lazy_extents(), key=lambda e: e.vaddr):
+        last = joined[-1] if joined else None
+        if last is not None and last.end == e.vaddr \
+                and last.offset + (last.end - last.start) == e.offset:
+            last.end = e.end
+        else:
+            joined.append(Span(e.vaddr, e.end, e.offset))
     spans = []
-    for e in pagemap.lazy_extents():
-        start = e.vaddr
-        for cut in cuts[bisect.bisect_right(cuts, e.vaddr):bisect.bisect_left(cuts, e.end)]:
-            spans.append(Span(start, cut, e.offset + (start - e.vaddr)))
+    for j in joined:
+        start = j.start
+        for cut in cuts[bisect.bisect_right(cuts, j.start):bisect.bisect_left(cuts, j.end)]:
+            spans.append(Span(start, cut, j.offset + (start - j.start)))
             start = cut
-        spans.append(Span(start, e.end, e.offset + (start - e.vaddr)))
-    return sorted(spans, key=lambda s: s.start)
+        spans.append(Span(start, j.end, j.offset + (start - j.start)))
+    return spans
 
 
 def _recv_exact(conn: socket.socket, n: int, stop_fd: int) -> bytes | None:
