@@ -97,6 +97,9 @@ def run_all(commands: list[list[str]], env: dict[str, str], logs: Path) -> list[
     stop = threading.Event()
     sampler = threading.Thread(target=batch.sample, args=(stop,))
     logs.mkdir()
+    # Sampling from before the first start: a short command started early in the batch
+    # could end before a sampler started after the last one looked at it.
+    sampler.start()
     try:
         for i, argv in enumerate(commands):
             log = logs / f"{i}.err"
@@ -104,7 +107,6 @@ def run_all(commands: list[list[str]], env: dict[str, str], logs: Path) -> list[
                 proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=err)
             batch.procs[proc.pid] = (proc, log)
             batch.usage[proc.pid] = Usage(argv)
-        sampler.start()
         deadline = time.monotonic() + DEADLINE
         running = set(batch.procs)
         while running:
@@ -120,8 +122,7 @@ def run_all(commands: list[list[str]], env: dict[str, str], logs: Path) -> list[
             time.sleep(0.05)
     finally:
         stop.set()
-        if sampler.is_alive():
-            sampler.join()
+        sampler.join()
         for proc, _ in batch.procs.values():
             if proc.returncode is None:
                 proc.kill()

@@ -190,7 +190,8 @@ def _restore_process(args: argparse.Namespace) -> int:
 
 
 def _lazy_figures(lazy: dict[str, int | float | None] | None) -> str:
-    """"; lazy pages: 21.1 GB in 10.59s (1.99 GB/s), 141 faults", when the daemon served."""
+    """The end of the text line when the daemon served the pages, e.g.
+    `; lazy pages: 21.1 GB in 10.59s (1.99 GB/s), 141 faults`."""
     if not lazy or not lazy["fill_seconds"]:
         return ""
     total = int(lazy["prefetched_bytes"] or 0) + int(lazy["fault_bytes"] or 0)

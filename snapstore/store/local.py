@@ -252,18 +252,17 @@ class LocalStore:
     def will_need(self, cid: ChunkId) -> None:
         """Ask the kernel to start reading the chunk's object into the page cache, without
         waiting for it: a cold read of many small objects, one at a time, leaves the disk
-        idle between them (here a single reader took 0.60 GB/s, 1.12 GB/s with the next 16
-        objects asked for ahead). A missing object, or one that is no plain file (a link
-        is not followed, a FIFO not waited on), is left to the read that needs it."""
+        idle between them (one reader of 867 cold objects: 0.60 GB/s, and 1.12 GB/s with
+        the next 16 asked for ahead). A missing object, or one that is no plain file (a
+        link is not followed, a FIFO not waited on), is left to the read that needs it."""
         try:
             fd = os.open(self.chunk_path(cid),
                          os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             return
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         finally:
             os.close(fd)
 
