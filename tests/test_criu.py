@@ -326,7 +326,9 @@ def rss(pid: int) -> int:
 
 def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
         criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
-    size = 512 << 20
+    # Large enough that the daemon is still installing pages when CRIU has exited: 512 MiB
+    # went in before this test could stop it, once the prefetch copied 2 MiB at a time.
+    size = 1 << 30
     child = Child(tmp_path, size)
     assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
     child.wait_dead()

@@ -466,10 +466,12 @@ class LoaderPool:
             if not loader.ready:
                 if msg and loader.hello(msg):
                     self._free.append(loader)
-                elif not msg and self._early_deaths < _LOAD_ATTEMPTS:
-                    # Ended before it said it started: killed, most likely; replaced like
-                    # any loader that died, a few times (one that cannot start ends so
-                    # every time).
+                elif (not msg or msg[:REPLY.size] == REPLY.pack(0, OK)) \
+                        and self._early_deaths < _LOAD_ATTEMPTS:
+                    # Ended before it said it started, or right after (its pid was gone
+                    # when its greeting was read): killed, most likely; replaced like any
+                    # loader that died, a few times (one that cannot start ends so every
+                    # time).
                     self._early_deaths += 1
                     self._lost(loader)
                 else:
