@@ -40,11 +40,16 @@ def signal_tree(root: int, sig: int) -> None:
             os.kill(pid, sig)
 
 
+# What reading a process's /proc files raises once it is gone (ENOENT, or ESRCH while it
+# exits) or when it is not ours to read.
+UNREADABLE = (FileNotFoundError, ProcessLookupError, PermissionError)
+
+
 def fd_targets(pid: int) -> dict[int, str]:
     """What each open descriptor of `pid` points at, as /proc shows it (none if it is
     gone or not ours to read)."""
     found: dict[int, str] = {}
-    with contextlib.suppress(FileNotFoundError, PermissionError):
+    with contextlib.suppress(*UNREADABLE):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
                 found[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snapstore.criu import lazy, staging, workflow
+from snapstore.criu import lazy, preflight, staging, workflow
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.images import PAGE_SIZE, PE_LAZY, PE_PRESENT, Extent, Pagemap, read_pagemap
 from snapstore.criu.lazy import Span, Task
@@ -713,3 +713,19 @@ def test_lazy_spans_join_what_follows_in_memory_and_file_and_cut_at_areas() -> N
     spans = lazy._spans(Pagemap(1, extents), areas)
     assert [(s.start - base, s.end - base, s.offset) for s in spans] == [
         (0, 3 * mib, 0), (3 * mib, 4 * mib, 3 * mib), (4 * mib, 5 * mib, 9 * mib)]
+
+
+def test_a_process_gone_while_the_tree_is_inspected_is_no_error() -> None:
+    # A tree's short-lived child (a shell's `sleep`) may exit between the listing of the
+    # tree and the reading of its /proc files: ESRCH there, not only ENOENT.
+    child = subprocess.Popen(["sleep", "0"])
+    child.wait()
+    zombie = subprocess.Popen([sys.executable, "-c", "import os; os._exit(0)"])
+    while Path(f"/proc/{zombie.pid}/stat").read_text().split(")")[1].split()[0] != "Z":
+        time.sleep(0.001)
+    try:
+        for pid in (child.pid, zombie.pid):
+            p = preflight.inspect(pid)
+            assert p.pid == pid and not p.gpus and not p.io_uring
+    finally:
+        zombie.wait()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapstore.errors import NotCheckpointableError
-from snapstore.proctree import fd_targets, socket_inode
+from snapstore.proctree import UNREADABLE, fd_targets, socket_inode
 
 # The environment with which an NCCL job's ranks talk through the network transport alone.
 NCCL_CHECKPOINTABLE = {"NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1",
@@ -46,7 +46,7 @@ def inspect(pid: int) -> Process:
     fds = set(fd_targets(pid).values())
     try:
         maps = Path(f"/proc/{pid}/maps").read_text()
-    except (FileNotFoundError, PermissionError):
+    except UNREADABLE:
         maps = ""
     return Process(pid, gpus_mapped(maps),
                    nccl=any(name.startswith(_NCCL_SOCKET) for name in _unix_names(pid, fds)),
@@ -106,7 +106,7 @@ def _unix_names(pid: int, fds: set[str]) -> list[str]:
     """The bound names of the unix sockets among `fds` (abstract ones with their @)."""
     inodes = {socket_inode(t) for t in fds} - {None}
     names = []
-    with contextlib.suppress(FileNotFoundError, PermissionError):
+    with contextlib.suppress(*UNREADABLE):
         for line in Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]:
             fields = line.split()
             if len(fields) >= 8 and fields[6] in inodes:
@@ -117,7 +117,7 @@ def _unix_names(pid: int, fds: set[str]) -> list[str]:
 def _environ(pid: int) -> dict[str, str]:
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except (FileNotFoundError, PermissionError):
+    except UNREADABLE:
         return {}
     pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
     return {k: v for k, _, v in pairs}
