@@ -7,16 +7,21 @@ import contextlib
 import os
 from pathlib import Path
 
+# What reading a process's /proc files raises once it is gone: ENOENT, or ESRCH while it
+# exits; UNREADABLE adds a process that is not ours to read.
+GONE = (FileNotFoundError, ProcessLookupError)
+UNREADABLE = (*GONE, PermissionError)
+
 
 def children(pid: int) -> list[int]:
     """The children of every thread of `pid` (none if it is gone)."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
+    except GONE:
         return []
     found: list[int] = []
     for task in tasks:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(*GONE):
             text = Path(f"/proc/{pid}/task/{task}/children").read_text()
             found += [int(c) for c in text.split()]
     return found
@@ -38,11 +43,6 @@ def signal_tree(root: int, sig: int) -> None:
     for pid in [root, *below(root)]:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-
-
-# What reading a process's /proc files raises once it is gone (ENOENT, or ESRCH while it
-# exits) or when it is not ours to read.
-UNREADABLE = (FileNotFoundError, ProcessLookupError, PermissionError)
 
 
 def fd_targets(pid: int) -> dict[int, str]:

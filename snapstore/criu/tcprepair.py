@@ -17,7 +17,7 @@ import signal
 import socket
 from pathlib import Path
 
-from snapstore.proctree import below, fd_targets, socket_inode
+from snapstore.proctree import UNREADABLE, below, fd_targets, socket_inode
 
 TCP_REPAIR = 19
 _SYS_PIDFD_GETFD = 438
@@ -49,7 +49,7 @@ def tcp_connection_fds(pid: int) -> list[int]:
     """The descriptors of `pid` that are TCP sockets other than listening ones."""
     inodes: dict[str, str] = {}
     for table in ("tcp", "tcp6"):
-        with contextlib.suppress(FileNotFoundError, PermissionError):
+        with contextlib.suppress(*UNREADABLE):
             for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
                 fields = line.split()
                 if len(fields) > 9:
