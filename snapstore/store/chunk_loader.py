@@ -153,7 +153,7 @@ class _Loader:
 
     def hello(self, msg: bytes) -> bool:
         """Take the loader's first message; whether it says the loader is ready."""
-        if msg[:REPLY.size] == REPLY.pack(0, OK) and len(msg) == REPLY.size + PID.size:
+        if _is_greeting(msg):
             (self.pid,) = PID.unpack_from(msg, REPLY.size)
             with contextlib.suppress(ProcessLookupError):
                 self.pidfd = os.pidfd_open(self.pid)
@@ -230,6 +230,11 @@ class _Loader:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def _is_greeting(msg: bytes) -> bool:
+    """Whether `msg` is a loader's first message: sequence number 0, OK, and its pid."""
+    return msg[:REPLY.size] == REPLY.pack(0, OK) and len(msg) == REPLY.size + PID.size
 
 
 def _reply_seq(msg: bytes, flags: int, cid: ChunkId) -> int:
@@ -466,8 +471,7 @@ class LoaderPool:
             if not loader.ready:
                 if msg and loader.hello(msg):
                     self._free.append(loader)
-                elif (not msg or msg[:REPLY.size] == REPLY.pack(0, OK)) \
-                        and self._early_deaths < _LOAD_ATTEMPTS:
+                elif (not msg or _is_greeting(msg)) and self._early_deaths < _LOAD_ATTEMPTS:
                     # Ended before it said it started, or right after (its pid was gone
                     # when its greeting was read): killed, most likely; replaced like any
                     # loader that died, a few times (one that cannot start ends so every
