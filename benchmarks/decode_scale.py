@@ -4,9 +4,10 @@ threads: reading the chunk files (page cache warm, and cold from the disk), infl
 (`LocalStore.get_chunk`). The data is what a model's memory is: bf16 weights drawn from a
 normal distribution (seed 0), ingested into a fresh store.
 
-Every step runs in threads of one process, as the lazy-pages daemon's copy threads do; each
-thread takes every n-th chunk. Rates are of the raw bytes (what lands in memory), except
-the reads', which are of the stored bytes. Run as root (the cold read drops the page cache):
+Every step runs in threads of one process, as the lazy-pages daemon's copy threads did
+(its copy processes each run one); each thread takes every n-th chunk. Rates are of the
+raw bytes (what lands in memory), except the reads', which are of the stored bytes. Run
+as root (the cold read drops the page cache):
 
     python -m benchmarks.decode_scale --workdir DIR [--size-mib 2048] [--out r.json]
 """

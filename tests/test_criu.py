@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import hashlib
 import json
 import mmap
@@ -28,8 +27,11 @@ import pytest
 
 from snapstore.criu import lazy, preflight, staging, workflow
 from snapstore.criu.binary import Criu, CriuError
+from snapstore.criu.copier import Copier, CopyGate
 from snapstore.criu.images import PAGE_SIZE, PE_LAZY, PE_PRESENT, Extent, Pagemap, read_pagemap
 from snapstore.criu.lazy import Span, Task
+from snapstore.criu.sources import FilePages
+from snapstore.criu.uffdio import UFFDIO_UNREGISTER, ioctl_range
 from snapstore.errors import RestoreError
 from snapstore.export import export
 from snapstore.gpu import cuda
@@ -324,17 +326,16 @@ def rss(pid: int) -> int:
     raise AssertionError(f"no Rss for {pid}")
 
 
-def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
-        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
-    # Large enough that the daemon is still installing pages when CRIU has exited: 512 MiB
-    # went in before this test could stop it, once the prefetch copied 2 MiB at a time.
-    size = 1 << 30
-    child = Child(tmp_path, size)
-    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
-    child.wait_dead()
+@contextlib.contextmanager
+def stopped_mid_fill(store: LocalStore, child: Child, size: int
+                     ) -> Iterator[subprocess.Popen[str]]:
+    """A lazy restore of `child`'s snapshot `big`, stopped (the restore command and its
+    copy processes, not its watchdog) while the daemon is still installing pages; killed
+    with everything in its process group afterwards."""
     restore = subprocess.Popen(
         [sys.executable, "-m", "snapstore", "--store", str(store.root), "restore", "--from",
-         "big"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "big"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
     try:
         # CRIU exits once the tree runs; the daemon is still installing pages then. Polled
         # closely: the window is a fraction of a second on a quiet machine.
@@ -343,20 +344,54 @@ def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
             assert time.monotonic() < deadline, "the restore never ran the tree"
             assert restore.poll() is None, "the restore ended before it could be stopped"
             time.sleep(0.002)
-        os.kill(restore.pid, signal.SIGSTOP)
+        os.killpg(restore.pid, signal.SIGSTOP)
         assert alive(child.pid)
         assert rss(child.pid) < size, "the daemon had installed every page already"
+        yield restore
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(restore.pid, signal.SIGKILL)
+        restore.communicate(timeout=30)
+        kill(child.pid)
+
+
+def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    # Large enough that the daemon is still installing pages when CRIU has exited: 512 MiB
+    # went in before this test could stop it, once the prefetch copied 2 MiB at a time.
+    size = 1 << 30
+    child = Child(tmp_path, size)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
+    child.wait_dead()
+    with stopped_mid_fill(store, child, size) as restore:
         # The restore command dies with pages still to install: its watchdog must kill
         # the tree, which would otherwise read those pages as zeros.
         os.kill(restore.pid, signal.SIGKILL)
         restore.wait(timeout=30)
         # Killed by the watchdog: not crashed on a zeroed page, not running on with one.
         assert exit_signal(child.pid) == signal.SIGKILL
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(restore.pid, signal.SIGKILL)
-        restore.wait(timeout=30)
-        kill(child.pid)
+
+
+def test_a_copy_process_killed_mid_restore_fails_it_and_kills_the_tree(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    size = 1 << 30
+    child = Child(tmp_path, size)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
+    child.wait_dead()
+    with stopped_mid_fill(store, child, size) as restore:
+        copiers = [pid for pid in processes_named("snapstore.criu.copier")
+                   if os.getpgid(pid) == restore.pid]
+        assert copiers
+        os.kill(copiers[0], signal.SIGKILL)
+        os.killpg(restore.pid, signal.SIGCONT)
+        _, err = restore.communicate(timeout=60)
+        assert restore.returncode == 4, err
+        assert err.startswith(f"snapstore: error: restored pid {child.pid} but not its memory "
+                              f"(copy process {copiers[0]} ended"), err
+        assert len(err.strip().splitlines()) == 1, err
+        assert exit_signal(child.pid) == signal.SIGKILL
+        # The other copy processes ended with the restore command.
+        wait_until(lambda: not any(alive(pid) for pid in copiers), "the copy processes end")
 
 
 def test_cuda_state_moves_around_criu(criu: Criu, reaper: None, store: LocalStore,
@@ -586,72 +621,115 @@ def test_a_remap_moves_what_is_pending_there_cut_at_its_bounds() -> None:
         (0, 2, 0), (18, 20, 10), (100, 102, 2), (106, 110, 4), (114, 116, 8)]
 
 
-def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range() -> None:
-    """The daemon's two sides on a real userfaultfd over this process's own memory: a
-    copy is in flight (stopped just before its UFFDIO_COPY, as a thread that has checked
-    its range and lost the CPU) when the task madvises the range away. The event read
-    waits for that copy, the copy meets EAGAIN, and once the REMOVE is applied no copy
-    starts there: the range reads as zeros, never as the bytes the copy carried."""
-    size = 16 * PAGE_SIZE
+@contextlib.contextmanager
+def uffd_memory(pages: int) -> Iterator[tuple[mmap.mmap, int, int]]:
+    """`pages` pages of this process's memory registered with a new userfaultfd (REMOVE
+    events on): the mapping, its address, the userfaultfd."""
+    size = pages * PAGE_SIZE
     memory = mmap.mmap(-1, size)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(memory))
     uffd = open_userfaultfd(_FEATURE_EVENT_REMOVE)
     try:
         register(uffd, addr, size, _REGISTER_MODE_MISSING)
-        task = Task(os.getpid(), uffd, None, [Span(addr, addr + size, 0)])  # type: ignore[arg-type]
-        span = task.take_next(size)
-        assert span is not None
-        old = lazy._Buffer(size)
-        old.view[:] = b"\xaa" * size
-        log: list[str] = []
-        in_flight, go = threading.Event(), threading.Event()
-
-        def copier() -> None:
-            while task.start_copy(span):
-                try:
-                    log.append("copy")
-                    in_flight.set()
-                    go.wait(10)
-                    res = lazy._uffd_copy(uffd, span.start, old.address, size)
-                    log.append(errno.errorcode.get(res.error, "done"))
-                finally:
-                    task.end_copy()
-                if res.error != errno.EAGAIN:
-                    return
-                time.sleep(0.001)
-            log.append("dropped")
-
-        def reader() -> None:
-            with task.reading_events():
-                log.append("read")
-                start, end = struct.unpack_from("QQ", os.read(uffd, 32), 8)
-                task.drop(start, end)
-                lazy._ioctl_range(uffd, lazy._UFFDIO_UNREGISTER, start, end - start)
-
-        threads = [threading.Thread(target=copier)]
-        threads[0].start()
-        assert in_flight.wait(10)
-        libc = ctypes.CDLL(None, use_errno=True)
-        threads.append(threading.Thread(
-            target=libc.madvise, args=(ctypes.c_void_p(addr), ctypes.c_size_t(size),
-                                       _MADV_DONTNEED)))
-        threads[1].start()
-        assert select.select([uffd], [], [], 10)[0], "no REMOVE event"
-        threads.append(threading.Thread(target=reader))
-        threads[2].start()
-        deadline = time.monotonic() + 10
-        while not task.reading and "read" not in log and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert log == ["copy"]  # the reader waits for the copy in flight
-        go.set()
-        for t in threads:
-            t.join(10)
-            assert not t.is_alive()
-        assert log == ["copy", "EAGAIN", "read", "dropped"]
-        assert memory[:] == bytes(size)
+        yield memory, addr, uffd
     finally:
         os.close(uffd)
         memory.close()
+
+
+def resident(addr: int, size: int) -> int:
+    """How many pages of [addr, addr+size) are in memory (mincore): none is faulted in."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * (size // PAGE_SIZE))()
+    assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(size), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+def test_a_copy_process_installs_a_range_from_its_pages_file(tmp_path: Path) -> None:
+    data = np.random.default_rng(5).bytes(16 * PAGE_SIZE)
+    (tmp_path / "pages").write_bytes(bytes(PAGE_SIZE) + data)
+    gate = CopyGate.create()
+    copier = Copier(0, gate)
+    source = FilePages(tmp_path / "pages")
+    try:
+        with uffd_memory(16) as (memory, addr, uffd):
+            copier.add_task(0, os.getpid(), source, uffd)
+            gate.arm(0)
+            assert copier.copy(0, addr, addr + len(data), PAGE_SIZE) == ("done", "")
+            assert memory[:] == data
+    finally:
+        copier.close()
+        source.close()
+        gate.close()
+
+
+def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range(
+        tmp_path: Path) -> None:
+    """The daemon's two sides, each in its own process, on a real userfaultfd over this
+    process's memory. While the daemon reads an event (holding the gate exclusive), a copy
+    process waits before its UFFDIO_COPY; the event is a REMOVE of the very range the copy
+    was given, and once it is applied the copy process installs nothing there: the range
+    reads as zeros, never as the bytes the copy carried. And the event read waits for a
+    copy already in flight, from another process that holds the gate shared."""
+    size = 16 * PAGE_SIZE
+    (tmp_path / "pages").write_bytes(b"\xaa" * size)
+    gate = CopyGate.create()
+    copier = Copier(0, gate)
+    source = FilePages(tmp_path / "pages")
+    try:
+        with uffd_memory(16) as (memory, addr, uffd):
+            copier.add_task(0, os.getpid(), source, uffd)
+            gate.arm(0)
+            answer: list[tuple[str, str]] = []
+            with gate.exclusive(0):
+                copy = threading.Thread(
+                    target=lambda: answer.append(copier.copy(0, addr, addr + size, 0)))
+                copy.start()
+                libc = ctypes.CDLL(None, use_errno=True)
+                madvise = threading.Thread(target=libc.madvise, args=(
+                    ctypes.c_void_p(addr), ctypes.c_size_t(size), _MADV_DONTNEED))
+                madvise.start()
+                assert select.select([uffd], [], [], 10)[0], "no REMOVE event"
+                msg = os.read(uffd, 32)
+                assert msg[0] == 0x15  # REMOVE
+                start, end = struct.unpack_from("QQ", msg, 8)
+                assert (start, end) == (addr, addr + size)
+                assert resident(addr, size) == 0 and not answer
+                gate.drop(0)
+                ioctl_range(uffd, UFFDIO_UNREGISTER, start, end - start)
+            for t in (copy, madvise):
+                t.join(10)
+                assert not t.is_alive()
+            assert answer == [("dropped", "")]
+            assert memory[:] == bytes(size)
+
+        # A copy in flight in another process: the event read waits for it.
+        with subprocess.Popen(
+                [sys.executable, "-c", "import sys; from snapstore.criu.copier import CopyGate\n"
+                 "with CopyGate(int(sys.argv[1])).shared(0, 1) as wanted:\n"
+                 "    print(wanted, flush=True); sys.stdin.readline()", str(gate.fd)],
+                pass_fds=[gate.fd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                text=True) as holder:
+            assert holder.stdout is not None and holder.stdin is not None
+            assert holder.stdout.readline() == "True\n"
+            read = threading.Event()
+
+            def reader() -> None:
+                with gate.exclusive(0):
+                    read.set()
+
+            event = threading.Thread(target=reader)
+            event.start()
+            assert not read.wait(0.5)
+            holder.stdin.write("\n")
+            holder.stdin.flush()
+            assert read.wait(10)
+            event.join(10)
+            assert holder.wait(10) == 0
+    finally:
+        copier.close()
+        source.close()
+        gate.close()
 
 
 def test_a_checkpoint_that_cannot_be_stored_loses_no_process(
@@ -687,7 +765,7 @@ def test_a_read_of_staged_pages_asks_for_the_chunks_ahead_once(
     asked: list[ChunkId] = []
     monkeypatch.setattr(store, "will_need", asked.append)
     monkeypatch.setattr(staging, "READ_AHEAD", 4 << 20)
-    pages = staging.StorePages(store, entry)
+    pages = staging.StorePages(store, "0" * 64, entry)
     buf = bytearray(1 << 20)
     assert pages.read_into(memoryview(buf), 0) == len(buf) and buf == data[:1 << 20]
     # The chunks of the read and of the 4 MiB after it, in order.

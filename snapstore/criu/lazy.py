@@ -1,6 +1,7 @@
 """snapstore as CRIU's lazy-pages daemon: serves the restored tasks' lazy memory (private
-anonymous pages) from the snapshot's pages files, demand faults first, and copies every
-other page in large parallel UFFDIO_COPYs once the restore is done.
+anonymous pages) from the snapshot's pages files, demand faults first, and has its copy
+processes (`snapstore.criu.copier`) install every other page in large parallel
+UFFDIO_COPYs once the restore is done.
 
 Protocol (CRIU `criu/uffd.c`): `criu restore --lazy-pages -W WORK` connects to
 `WORK/lazy-pages.socket` and sends, per task, its pid as a native int and then its
@@ -10,8 +11,8 @@ handles the userfaultfd events CRIU enables: page faults, fork (a new userfaultf
 child), remap, remove and unmap. docs/criu.md has the invariants; in short:
 - a page is installed only from its pages file through the snapshot mount (hash-checked);
 - a range that an UNMAP or REMOVE event dropped is never filled afterwards: no copy is in
-  flight while a task's event is read and applied, and every copy starts after checking,
-  under the task's lock, that its range is still wanted;
+  flight while a task's event is read and applied, and every copy starts after checking
+  that its range is still wanted (the copy processes' gate, `copier.CopyGate`);
 - a page the daemon cannot serve kills the restored tree: no task waits on it forever;
 - a watchdog process (`snapstore.criu.watchdog`) holds a duplicate of every userfaultfd
   and kills the tree if this process dies before every page is in, so that an absent page
@@ -22,10 +23,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import ctypes
-import errno
-import fcntl
-import mmap
 import os
 import select
 import signal
@@ -37,10 +34,27 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from snapstore.criu import watchdog
+from snapstore.criu.copier import (
+    COPY_MESSAGE_BYTES,
+    KEYS,
+    MAX_COPIERS,
+    Copier,
+    CopierGone,
+    CopyGate,
+)
 from snapstore.criu.images import PAGE_SIZE, Pagemap, read_pagemap, read_vma_bounds
+from snapstore.criu.sources import FilePages, PageSource
+from snapstore.criu.uffdio import (
+    UFFDIO_UNREGISTER,
+    Buffer,
+    CopyError,
+    Installed,
+    install,
+    ioctl_range,
+    zeropage,
+)
 from snapstore.errors import SnapstoreError
 
 SOCKET_NAME = "lazy-pages.socket"
@@ -48,11 +62,11 @@ RESTORE_FINISHED = 0x52535446
 # Bytes installed per demand fault: the faulting page and its neighbours in the same range.
 FAULT_AROUND = 64 << 10
 # Bytes per prefetch copy: large enough that the kernel's copy dominates the call.
-PREFETCH_BYTES = 2 << 20
-# Bytes per UFFDIO_COPY: an event read waits for the copies in flight (Task.reading_events),
-# and a demand fault behind it with them, so each copy is kept short.
-COPY_BYTES = 512 << 10
-MAX_THREADS = 32
+PREFETCH_BYTES = COPY_MESSAGE_BYTES
+# Where a copy process starts afresh, the next one starts this far on: the first goes on
+# through the stretch between (`Task.take_next`), so that two copy processes seldom share
+# a chunk (each would decompress and check it).
+STRIDE = 32 << 20
 
 _UFFD_EVENT_PAGEFAULT = 0x12
 _UFFD_EVENT_FORK = 0x13
@@ -62,45 +76,8 @@ _UFFD_EVENT_UNMAP = 0x16
 _MSG_SIZE = 32
 
 
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (0xAA << 8) | nr
-
-
-_UFFDIO_UNREGISTER = _ioc(2, 0x01, 16)
-_UFFDIO_WAKE = _ioc(2, 0x02, 16)
-_UFFDIO_COPY = _ioc(3, 0x03, 40)
-_UFFDIO_ZEROPAGE = _ioc(3, 0x04, 32)
-
-
 class LazyPagesError(SnapstoreError):
     """The daemon could not serve a restored task; the task was killed."""
-
-
-class PageSource(Protocol):
-    """Where a pages file's bytes come from: the file on a mount, or the store's chunks."""
-
-    def read_into(self, view: memoryview, offset: int) -> int:
-        """Fill `view` from `offset`; fewer bytes only at the end of the file."""
-        ...
-
-
-class FilePages:
-    """A pages file read with pread (through the snapshot mount, which checks hashes)."""
-
-    def __init__(self, path: Path) -> None:
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-
-    def read_into(self, view: memoryview, offset: int) -> int:
-        got = 0
-        while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], offset + got)
-            if n == 0:
-                break
-            got += n
-        return got
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 @dataclass(slots=True)
@@ -112,6 +89,7 @@ class Span:
     end: int
     offset: int
     dropped: bool = False
+    slot: int = -1  # the copy process copying it, if one is
 
 
 def _start(span: Span) -> int:
@@ -128,15 +106,12 @@ class Task:
     uffd: int
     pages: PageSource
     pending: list[Span]  # sorted by start, disjoint
+    # Its copy processes' gate, and its key there (copier.CopyGate).
+    gate: CopyGate | None = None
+    key: int = 0
     inflight: list[Span] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     gone: bool = False
-    # Copies run outside the lock, counted in `copying`; an event read waits until none is
-    # in flight and, while `reading`, holds new ones back (`reading_events`, `start_copy`;
-    # LazyPagesDaemon._copy says why).
-    copying: int = 0
-    reading: bool = False
-    settled: threading.Condition = field(init=False)
     # Where the next prefetch starts: after the last demand fault, so that the copies run
     # ahead of a task reading its memory in order (the CUDA restore reads every staged
     # buffer through) instead of elsewhere while it faults page range by page range.
@@ -144,42 +119,20 @@ class Task:
     # Seconds the task's event reads waited for copies in flight.
     event_waits: float = 0.0
 
-    def __post_init__(self) -> None:
-        self.settled = threading.Condition(self.lock)
-
     @contextlib.contextmanager
     def reading_events(self) -> Iterator[None]:
         """Hold the lock, with no copy in flight and none starting until the block ends:
-        for reading an event from the userfaultfd and applying it."""
+        for reading an event from the userfaultfd and applying it. The copies run in the
+        copy processes, outside the lock; the gate makes them wait (docs/criu.md says
+        why)."""
         with self.lock:
-            self.reading = True
-            try:
-                if self.copying:
-                    start = time.monotonic()
-                    while self.copying:
-                        self.settled.wait()
-                    self.event_waits += time.monotonic() - start
+            if self.gate is None:
                 yield
-            finally:
-                self.reading = False
-                self.settled.notify_all()
-
-    def start_copy(self, span: Span) -> bool:
-        """Once no event is being read: whether `span` is still wanted; if it is, a copy
-        into it is in flight until `end_copy`."""
-        with self.lock:
-            while self.reading:
-                self.settled.wait()
-            if span.dropped or self.gone:
-                return False
-            self.copying += 1
-            return True
-
-    def end_copy(self) -> None:
-        with self.lock:
-            self.copying -= 1
-            if not self.copying:
-                self.settled.notify_all()
+                return
+            start = time.monotonic()
+            with self.gate.exclusive(self.key):
+                self.event_waits += time.monotonic() - start
+                yield
 
     def take(self, start: int, length: int) -> Span | None:
         """Cut [start, start+length) out of the pending span holding `start`, clipped to
@@ -189,17 +142,30 @@ class Task:
             return None
         return self._cut(i, start, length)
 
-    def take_next(self, length: int) -> Span | None:
-        """The next `length` pending bytes from the cursor on, wrapping to the lowest."""
+    def take_next(self, length: int, after: int | None = None,
+                  stride: int | None = None) -> Span | None:
+        """The next `length` pending bytes: from `after` on if that is pending (a copier
+        going on where its last copy ended), else from the cursor on, wrapping to the
+        lowest. A start from the cursor moves it `stride` on (default `length`): the rest
+        of that stride is left for the copier that took its start."""
         if not self.pending:
             return None
+        if after is not None:
+            i = bisect.bisect_right(self.pending, after, key=_start) - 1
+            if i >= 0 and after < self.pending[i].end:
+                return self._cut(i, after, length, keep_cursor=True)
         i = bisect.bisect_right(self.pending, self.cursor, key=_start) - 1
         if i >= 0 and self.cursor < self.pending[i].end:
-            return self._cut(i, self.cursor, length)
-        i = 0 if i + 1 == len(self.pending) else i + 1
-        return self._cut(i, self.pending[i].start, length)
+            start = self.cursor
+        else:
+            i = 0 if i + 1 == len(self.pending) else i + 1
+            start = self.pending[i].start
+        span = self._cut(i, start, length)
+        if stride is not None:
+            self.cursor = span.start + stride
+        return span
 
-    def _cut(self, i: int, start: int, length: int) -> Span:
+    def _cut(self, i: int, start: int, length: int, keep_cursor: bool = False) -> Span:
         s = self.pending[i]
         end = min(s.end, start + length)
         cut = Span(start, end, s.offset + (start - s.start))
@@ -210,7 +176,8 @@ class Task:
             pieces.append(Span(end, s.end, s.offset + (end - s.start)))
         self.pending[i:i + 1] = pieces
         self.inflight.append(cut)
-        self.cursor = end
+        if not keep_cursor:
+            self.cursor = end
         return cut
 
     def in_flight(self, addr: int) -> bool:
@@ -255,6 +222,8 @@ class Task:
         for s in self.inflight:
             if s.start < end and start < s.end and not s.dropped:
                 s.dropped = True
+                if s.slot >= 0 and self.gate is not None:
+                    self.gate.drop(s.slot)
                 stopped.append(Span(s.start, s.end, s.offset))
         return stopped
 
@@ -303,16 +272,14 @@ class LazyPagesDaemon:
 
     def __init__(self, images: Path, work: Path,
                  sources: Mapping[str, PageSource] | None = None,
-                 threads: int | None = None) -> None:
+                 copiers: int | None = None) -> None:
         """`sources` gives the bytes of pages files by name; any other is read from
-        `images` (the snapshot mount)."""
+        `images` (the snapshot mount). `copiers`: how many copy processes (default one
+        per core); they start here, so that they are ready when the tasks resume."""
         self.images = images
         self.work = work
         self._sources: dict[str, PageSource] = dict(sources or {})
         self._opened: list[FilePages] = []
-        # A copy thread per core: reading, decompressing, hashing, moving the bytes and
-        # the UFFDIO_COPY all run without the GIL.
-        self.threads = threads or min(MAX_THREADS, os.cpu_count() or 2)
         self.stats = Stats()
         self.error: str | None = None
         self._tasks: list[Task] = []
@@ -333,6 +300,10 @@ class LazyPagesDaemon:
         self._watchdog, self._watchdog_proc = watchdog.start()
         self._kill_root: int | None = None
         self._watchdog_lock = threading.Lock()
+        self._gate = CopyGate.create()
+        self._keys = 0  # tasks given a key in the gate
+        count = min(MAX_COPIERS, copiers or os.cpu_count() or 2)
+        self._copiers = [Copier(slot, self._gate) for slot in range(count)]
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -370,6 +341,8 @@ class LazyPagesDaemon:
         except subprocess.TimeoutExpired:
             self._watchdog_proc.kill()
             self._watchdog_proc.wait()
+        for copier in self._copiers:
+            copier.close()
         for t in self._threads:
             t.join(timeout=10)
         for task in self._tasks:
@@ -377,6 +350,7 @@ class LazyPagesDaemon:
                 os.close(task.uffd)
         for f in self._opened:
             f.close()
+        self._gate.close()
         os.close(self._stop_r)
         os.close(self._stop_w)
 
@@ -426,8 +400,8 @@ class LazyPagesDaemon:
                 if value == RESTORE_FINISHED:
                     self.stats.resumed_at = time.monotonic()
                     self._finished.set()
-                    for i in range(self.threads):
-                        self._spawn(self._prefetch, f"lazy-prefetch-{i}")
+                    for copier in self._copiers:
+                        self._spawn(self._feed, f"lazy-copier-{copier.slot}", copier)
                     return
                 if value < 0:  # a zombie: no memory, no descriptor
                     continue
@@ -439,12 +413,23 @@ class LazyPagesDaemon:
     def _add_task(self, pid: int, uffd: int) -> None:
         pagemap = read_pagemap(self.images / f"pagemap-{pid}.img")
         vmas = read_vma_bounds(self.images / f"mm-{pid}.img")
-        task = Task(pid, uffd, self._source(pagemap), _spans(pagemap, vmas))
-        self._guard_uffd(pid, uffd)
+        self._serve(Task(pid, uffd, self._source(pagemap), _spans(pagemap, vmas)),
+                    f"lazy-events-{pid}")
+
+    def _serve(self, task: Task, name: str) -> None:
+        """Guard the task's userfaultfd, hand it to the copy processes, serve its events."""
+        self._guard_uffd(task.pid, task.uffd)
+        with self._tasks_lock:
+            if self._keys == KEYS:
+                raise LazyPagesError(f"more than {KEYS} tasks")
+            task.gate, task.key = self._gate, self._keys
+            self._keys += 1
+        for copier in self._copiers:
+            copier.add_task(task.key, task.pid, task.pages, task.uffd)
         with self._tasks_lock:
             self._tasks.append(task)
             self.stats.tasks += 1
-        self._spawn(self._serve_events, f"lazy-events-{pid}", task)
+        self._spawn(self._serve_events, name, task)
 
     def _guard_uffd(self, pid: int, uffd: int) -> None:
         with self._watchdog_lock:
@@ -461,7 +446,7 @@ class LazyPagesDaemon:
     # -- faults and events ------------------------------------------------------------
 
     def _serve_events(self, task: Task) -> None:
-        buf = _Buffer(FAULT_AROUND)
+        buf = Buffer(FAULT_AROUND)
         poller = select.poll()
         poller.register(task.uffd, select.POLLIN)
         poller.register(self._stop_r, select.POLLIN)
@@ -496,13 +481,13 @@ class LazyPagesDaemon:
                     task.drop(start, end)
                     if event == _UFFD_EVENT_REMOVE:
                         # Later faults there are the kernel's (zero pages), not ours.
-                        _ioctl_range(task.uffd, _UFFDIO_UNREGISTER, start, end - start)
+                        ioctl_range(task.uffd, UFFDIO_UNREGISTER, start, end - start)
                     continue
                 else:
                     raise LazyPagesError(f"unexpected userfaultfd event {event:#x} "
                                          f"from pid {task.pid}")
             if span is not None:
-                self._install(task, span, buf, demand=True)
+                self._install(task, span, buf)
 
     def _fault_span(self, task: Task, addr: int) -> Span | None:
         """Under the task's lock: what to install for a fault at `addr`."""
@@ -513,7 +498,8 @@ class LazyPagesDaemon:
             # Not lazy memory, or installed since the fault was queued: a zero page
             # where nothing is there, a wake-up where something is (EEXIST).
             self.stats.zero_pages += 1
-            _zeropage(task, addr)
+            if not zeropage(task.uffd, addr):
+                task.gone = True
         return span
 
     def _fork(self, parent: Task, child_uffd: int) -> None:
@@ -523,37 +509,67 @@ class LazyPagesDaemon:
                                                                *parent.inflight]
                       if not s.dropped])
         child.pending.sort(key=lambda s: s.start)
-        self._guard_uffd(parent.pid, child_uffd)
-        with self._tasks_lock:
-            self._tasks.append(child)
-            self.stats.tasks += 1
-        self._spawn(self._serve_events, f"lazy-events-{parent.pid}-child", child)
+        self._serve(child, f"lazy-events-{parent.pid}-child")
 
     # -- copying ------------------------------------------------------------------------
 
-    def _prefetch(self) -> None:
-        buf = _Buffer(PREFETCH_BYTES)
+    def _feed(self, copier: Copier) -> None:
+        """Give one copy process its prefetch copies, one after another, until none is
+        left: from where its last one ended while that is pending, so that it reads a
+        stretch of the pages file in order and decodes each chunk there once."""
+        last: tuple[Task, int] | None = None
         while self.error is None:
-            work = self._next_prefetch()
+            work = self._next_prefetch(copier.slot, last)
             if work is None:
                 return
-            self._install(*work, buf, demand=False)
+            task, span = work
+            try:
+                status, why = copier.copy(task.key, span.start, span.end, span.offset)
+            except CopierGone as e:
+                self._fail(str(e))
+                return
+            finally:
+                with task.lock:
+                    task.inflight.remove(span)
+            last = None
+            if status == "done":
+                with self._tasks_lock:
+                    self.stats.prefetched_bytes += span.end - span.start
+                last = task, span.end
+            elif status == "gone":
+                task.gone = True
+            elif status != "dropped":
+                self._fail(why)
+                return
 
-    def _next_prefetch(self) -> tuple[Task, Span] | None:
-        """The next span to prefetch, from each task in turn: the processes of a job (one
-        per GPU) get their memory side by side, and their CUDA restores run together."""
+    def _next_prefetch(self, slot: int, last: tuple[Task, int] | None
+                       ) -> tuple[Task, Span] | None:
+        """The next span for copy process `slot` to prefetch: on from `last` (a task and
+        where its last copy ended) while that is pending, else from each task in turn: the
+        processes of a job (one per GPU) get their memory side by side, and their CUDA
+        restores run together."""
         with self._tasks_lock:
             tasks = [t for t in self._tasks if not t.gone and t.pending]
             self._turn += 1
             turn = self._turn % len(tasks) if tasks else 0
-        for task in tasks[turn:] + tasks[:turn]:
+        ordered = tasks[turn:] + tasks[:turn]
+        if last is not None and last[0] in tasks:
+            ordered.remove(last[0])
+            ordered.insert(0, last[0])
+        for task in ordered:
             with task.lock:
-                span = task.take_next(PREFETCH_BYTES)
-            if span is not None:
-                return task, span
+                after = last[1] if last is not None and last[0] is task else None
+                span = task.take_next(PREFETCH_BYTES, after=after, stride=STRIDE)
+                if span is not None:
+                    # Under the lock, as events are applied: a drop from here on is seen.
+                    span.slot = slot
+                    self._gate.arm(slot)
+                    return task, span
         return None
 
-    def _install(self, task: Task, span: Span, buf: _Buffer, demand: bool) -> None:
+    def _install(self, task: Task, span: Span, buf: Buffer) -> None:
+        """A demand fault's span, installed by the task's event thread (which reads no
+        event meanwhile, so nothing drops the span before the copy ends)."""
         length = span.end - span.start
         try:
             data = task.pages.read_into(buf.view[:length], span.offset)
@@ -567,112 +583,18 @@ class LazyPagesDaemon:
                        f"{span.offset + length}")
             return
         try:
-            self._copy(task, span, buf)
+            outcome = install(task.uffd, span.start, buf.address, length,
+                              lambda: contextlib.nullcontext(not task.gone))
+        except CopyError as e:
+            self._fail(f"UFFDIO_COPY into pid {task.pid} failed: {os.strerror(e.errno or 0)}")
+            return
         finally:
             with task.lock:
                 task.inflight.remove(span)
-        if demand:
-            self.stats.faults += 1
-            self.stats.fault_bytes += length
-        else:
-            self.stats.prefetched_bytes += length
-
-    def _copy(self, task: Task, span: Span, buf: _Buffer) -> None:
-        """Install the span's bytes (read into `buf`) page range by page range. Once the
-        daemon closes a userfaultfd, a page it did not install reads as zeros: every page
-        of the span is installed, found installed, or proven unmapped.
-
-        No copy is in flight while an event is read, and none starts before the event is
-        applied; each starts only after checking, under the lock, that its range is still
-        wanted (`Task.reading_events`, `Task.start_copy`). The kernel answers EAGAIN while a
-        mapping change waits to be read, but once it is read, the change (a REMOVE's
-        zapping) goes ahead and a copy succeeds again: without this, a copy that checked its
-        range before the event and started after it could put old bytes into memory the task
-        had just dropped."""
-        done = 0
-        page_by_page = False
-        while done < span.end - span.start:
-            if not task.start_copy(span):
-                return
-            try:
-                left = span.end - span.start - done
-                res = _uffd_copy(task.uffd, span.start + done, buf.address + done,
-                                 PAGE_SIZE if page_by_page else min(left, COPY_BYTES))
-            finally:
-                task.end_copy()
-            if res.copied > 0:
-                done += res.copied
-            if res.error == 0:
-                continue
-            if res.error == errno.EEXIST:
-                # Installed already (a fault raced the prefetch): skip that page.
-                done = (done // PAGE_SIZE + 1) * PAGE_SIZE
-            elif res.error == errno.EAGAIN:
-                # A mapping change is pending: retry once the event thread has read and
-                # applied it (it may drop or move this span).
-                time.sleep(0.0005)
-            elif res.error == errno.ENOENT and not page_by_page:
-                # The range crosses a memory area boundary the task made since the dump
-                # (mprotect splits an area, without an event): one page at a time.
-                page_by_page = True
-            elif res.error == errno.ENOENT:
-                done += PAGE_SIZE  # that page is not mapped
-            elif res.error == errno.ESRCH:
-                task.gone = True
-                return
-            else:
-                self._fail(f"UFFDIO_COPY into pid {task.pid} failed: "
-                           f"{os.strerror(res.error)}")
-                return
-
-
-@dataclass(frozen=True, slots=True)
-class _CopyResult:
-    copied: int
-    error: int
-
-
-def _uffd_copy(uffd: int, dst: int, src: int, length: int) -> _CopyResult:
-    arg = bytearray(struct.pack("QQQQq", dst, src, length, 0, 0))
-    try:
-        fcntl.ioctl(uffd, _UFFDIO_COPY, arg, True)
-        error = 0
-    except OSError as e:
-        error = e.errno or errno.EIO
-    copied = struct.unpack_from("q", arg, 32)[0]
-    return _CopyResult(max(copied, 0), error)
-
-
-def _zeropage(task: Task, addr: int) -> None:
-    arg = bytearray(struct.pack("QQQq", addr, PAGE_SIZE, 0, 0))
-    try:
-        fcntl.ioctl(task.uffd, _UFFDIO_ZEROPAGE, arg, True)
-    except OSError as e:
-        if e.errno == errno.EEXIST:
-            _ioctl_range(task.uffd, _UFFDIO_WAKE, addr, PAGE_SIZE)
-        elif e.errno in (errno.ESRCH, errno.ENOENT):
-            task.gone = e.errno == errno.ESRCH
-        else:
-            raise
-
-
-def _ioctl_range(uffd: int, request: int, start: int, length: int) -> None:
-    try:
-        fcntl.ioctl(uffd, request, bytearray(struct.pack("QQ", start, length)), True)
-    except OSError as e:
-        # ENOMEM: the task's memory is gone already; nothing to unregister or wake.
-        if e.errno not in (errno.ENOMEM, errno.ENOENT, errno.ESRCH):
-            raise
-
-
-class _Buffer:
-    """A page-aligned buffer of one thread, filled by a PageSource and copied from by
-    address (UFFDIO_COPY takes a source address)."""
-
-    def __init__(self, size: int) -> None:
-        self._map = mmap.mmap(-1, size)
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self._map))
-        self.view = memoryview(self._map)
+        if outcome is Installed.GONE:
+            task.gone = True
+        self.stats.faults += 1
+        self.stats.fault_bytes += length
 
 
 def _spans(pagemap: Pagemap, vmas: list[tuple[int, int]]) -> list[Span]:
@@ -682,9 +604,8 @@ def _spans(pagemap: Pagemap, vmas: list[tuple[int, int]]) -> list[Span]:
 
     CRIU writes an area's pages in entries of at most 1 MiB (its page pipes are at most
     pipe-max-size), and a prefetch takes from one span: unjoined, every prefetch was 1 MiB
-    whatever PREFETCH_BYTES said, and two neighbouring copy threads shared a chunk at
-    nearly every span's ends (chunks are 1 MiB on average), one waiting for the other's
-    decoding of it."""
+    whatever PREFETCH_BYTES said, and two copiers of neighbouring prefetches shared a chunk
+    at nearly every span's ends (chunks are 1 MiB on average)."""
     cuts = sorted({b for vma in vmas for b in vma})
     joined: list[Span] = []
     for e in sorted(pagemap.lazy_extents(), key=lambda e: e.vaddr):

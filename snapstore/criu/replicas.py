@@ -65,7 +65,9 @@ def restore_replicas(store: LocalStore, criu: Criu, ref: str | None, match: dict
     with images_of(store, picked, lazy, stages) as (images, sources), \
             contextlib.ExitStack() as stack:
         works = [stack.enter_context(store.work_dir("criu-replica")) for _ in range(count)]
-        daemons = [LazyPagesDaemon(images, w, sources) for w in works] if lazy else []
+        # The host's cores shared out: each daemon's copy processes serve one replica.
+        copiers = max(1, (os.cpu_count() or 2) // count)
+        daemons = [LazyPagesDaemon(images, w, sources, copiers) for w in works] if lazy else []
         for d in daemons:
             stack.callback(d.close)
         keepers: list[subprocess.Popen[bytes]] = []

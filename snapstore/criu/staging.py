@@ -22,7 +22,6 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from snapstore.criu.images import PAGE_SIZE, read_pagemap
-from snapstore.criu.lazy import MAX_THREADS
 from snapstore.errors import CorruptError
 from snapstore.export import export_file
 from snapstore.fileio import pwrite_all
@@ -30,23 +29,23 @@ from snapstore.ids import ChunkId
 from snapstore.manifest import Entry, Manifest
 from snapstore.store.local import LocalStore
 
-# Decompressed chunks kept per pages file. A copy thread's 2 MiB read spans two or three
-# average chunks, and a thread per core reads neighbouring ranges: two neighbours share the
-# chunk on their boundary, and one evicted before the second reads it is decoded twice.
-# Room for four per thread keeps every chunk decoded once (32 kept made 7% more decodes
-# with 16 threads, 20% with 32); at most 4 MiB each, about 1 MiB on average.
-CACHED_CHUNKS = 4 * MAX_THREADS
+# Decompressed chunks kept per pages file. A 2 MiB read spans two or three average chunks
+# (1.2 MiB), and the next read of the same reader (a copy process going on through its
+# stretch of the file, the staging of the eager part) starts in the last of them.
+CACHED_CHUNKS = 8
 # How far past a read the chunk objects are asked for ahead (LocalStore.will_need), so that
-# a cold store's disk always has reads queued: the copy threads go through a pages file in
-# order, each reading its chunks one at a time.
+# a cold store's disk always has reads queued: the copy processes go through a pages file
+# in order, each reading its chunks one at a time.
 READ_AHEAD = 64 << 20
 
 
 class StorePages:
     """Bytes of one file of a snapshot, read from the local store's chunks."""
 
-    def __init__(self, store: LocalStore, entry: Entry) -> None:
+    def __init__(self, store: LocalStore, snapshot: str, entry: Entry) -> None:
         self._store = store
+        self._snapshot = snapshot
+        self._path = entry.path
         self.size = entry.size
         self._starts: list[int] = []
         self._extents: list[tuple[ChunkId | None, int]] = []
@@ -59,14 +58,17 @@ class StorePages:
         self._cache: OrderedDict[ChunkId, Future[bytes]] = OrderedDict()
         self._asked: set[int] = set()  # extents whose chunk was asked for ahead
 
+    def spec(self) -> dict[str, str]:
+        return {"store": str(self._store.root), "snapshot": self._snapshot, "file": self._path}
+
     def read_into(self, view: memoryview, offset: int) -> int:
         """Fill `view` from `offset`; the bytes filled (fewer only at the end of file).
 
-        The bytes move with ctypes' memmove and memset, which run without the GIL, so the
-        daemon's threads copy in parallel (a slice assignment holds it for the copy). A
-        chunk another thread is decoding is copied last: neighbouring reads share the
-        chunk on their boundary, and this thread decodes its other chunks meanwhile
-        instead of waiting for it."""
+        The bytes move with ctypes' memmove and memset, which run without the GIL, so
+        threads reading one source (the daemon's event threads, one per task) copy in
+        parallel (a slice assignment holds it for the copy). A chunk another thread is
+        decoding is copied last: neighbouring reads share the chunk on their boundary, and
+        this thread decodes its other chunks meanwhile instead of waiting for it."""
         want = min(len(view), max(0, self.size - offset))
         if want == 0:
             return 0
@@ -108,8 +110,8 @@ class StorePages:
     def _chunk(self, cid: ChunkId, size: int, wait: bool) -> bytes | None:
         """The chunk's bytes, decoded by this thread unless another has or is decoding
         them; None when another is and `wait` is false."""
-        # The daemon's copy threads call this, not trio tasks: a Future per chunk is the
-        # threads' single flight (the mounts' is snapstore.singleflight, on trio).
+        # Threads call this (the daemon's event threads), not trio tasks: a Future per
+        # chunk is the threads' single flight (the mounts' is snapstore.singleflight).
         with self._lock:
             fut = self._cache.get(cid)
             mine = fut is None
@@ -141,7 +143,8 @@ def _address(data: bytes) -> int:
     return address
 
 
-def stage(store: LocalStore, manifest: Manifest, dest: Path) -> dict[str, StorePages]:
+def stage(store: LocalStore, snapshot: str, manifest: Manifest,
+          dest: Path) -> dict[str, StorePages]:
     """Write what CRIU reads for a lazy restore into the new directory `dest`; the
     daemon's source for each pages file, by name."""
     files = {e.path: e for e in manifest.files()}
@@ -162,7 +165,7 @@ def stage(store: LocalStore, manifest: Manifest, dest: Path) -> dict[str, StoreP
                                         for e in pm.lazy_extents()]
     sources = {}
     for name, entry in pages.items():
-        source = StorePages(store, entry)
+        source = StorePages(store, snapshot, entry)
         _write_eager_part(source, entry, sorted(lazy[name]), dest / name)
         sources[name] = source
     return sources

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from snapstore.criu import cudastate, preflight, staging
 from snapstore.criu.binary import Criu, CriuError
-from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError, PageSource
+from snapstore.criu.lazy import LazyPagesDaemon, LazyPagesError
+from snapstore.criu.sources import PageSource
 from snapstore.criu.tcprepair import kill_quietly, resume
 from snapstore.errors import NoMatchError, NotFoundError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
@@ -186,7 +187,7 @@ def images_of(store: LocalStore, picked: Picked, lazy: bool,
     if lazy and picked.source == "local":
         with store.work_dir("criu-images") as work:
             try:
-                sources = staging.stage(store, picked.manifest, work / "images")
+                sources = staging.stage(store, snapshot, picked.manifest, work / "images")
             except SnapstoreError as e:
                 raise RestoreError(f"cannot stage snapshot {snapshot[:12]}: {e}") from None
             stages.done("stage")

@@ -1,0 +1,257 @@
+"""The lazy-pages daemon's copy processes: each reads ranges of the pages files (chunks
+decompressed and hash-checked) and installs them into the restored tasks with UFFDIO_COPY,
+from a process of its own, so that the prefetch runs on every core. In threads of the
+daemon's one process, the Python between the native calls held them back: on a 16-core
+host the copy threads spent more than half their time waiting for the interpreter lock,
+and more threads filled no faster (benchmarks/RESULTS.md, run 14).
+
+Protocol, over a SOCK_SEQPACKET socket per copy process, one JSON object per message:
+- daemon to copier: `{"task": KEY, "pid": PID, "source": SPEC}` with the task's
+  userfaultfd (SCM_RIGHTS), once per task, before any copy into it (SPEC: PageSource.spec);
+  `{"copy": KEY, "start": A, "end": B, "offset": O}`: install [A, B) of the task from
+  offset O of its pages file;
+- copier to daemon, once per copy: `{"status": S}` with S one of `done`, `dropped` (the
+  task dropped the range meanwhile), `gone` (the task is gone), or `failed` with
+  `"error"`. The end of the socket ends the copier.
+
+The gate (`CopyGate`) keeps the daemon's event invariant across processes (docs/criu.md):
+no copy into a task is in flight while one of its events is read and applied, and none
+starts into a range the event dropped. It is one memfd that the daemon and its copiers
+share. Byte KEY says that an event of task KEY is being read; byte SLOTS_AT + N says that
+the range copier N copies was dropped. Each copy holds a shared POSIX record lock on byte
+KEY; the daemon takes it exclusive to read and apply an event. The lock is what excludes;
+the byte only keeps copiers from starving the daemon of it. A copier that dies loses its
+lock with it, so the daemon never waits on a dead one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from snapstore.criu.sources import PageSource, open_source
+from snapstore.criu.uffdio import Buffer, CopyError, Installed, install
+from snapstore.errors import SnapstoreError
+
+KEYS = 1 << 16  # tasks a daemon can serve
+SLOTS_AT = KEYS
+MAX_COPIERS = 32
+# The most bytes one copy message asks for; the copier reads them into one buffer.
+COPY_MESSAGE_BYTES = 2 << 20
+_MAX_MESSAGE = 1 << 16
+
+
+class CopyGate:
+    """The shared flags and locks of a daemon and its copiers (module docstring)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map = mmap.mmap(fd, SLOTS_AT + MAX_COPIERS)
+        self._parent = os.getppid()
+
+    @classmethod
+    def create(cls) -> CopyGate:
+        fd = os.memfd_create("snapstore-copy-gate", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, SLOTS_AT + MAX_COPIERS)
+            return cls(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @contextlib.contextmanager
+    def exclusive(self, key: int) -> Iterator[None]:
+        """The daemon's side: no copy into task `key` runs until the block ends."""
+        self._map[key] = 1
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX, 1, key)
+            try:
+                yield
+            finally:
+                fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, key)
+        finally:
+            self._map[key] = 0
+
+    def arm(self, slot: int) -> None:
+        """Copier `slot` gets a new range: not dropped."""
+        self._map[SLOTS_AT + slot] = 0
+
+    def drop(self, slot: int) -> None:
+        """The range copier `slot` copies was dropped (called inside `exclusive`)."""
+        self._map[SLOTS_AT + slot] = 1
+
+    @contextlib.contextmanager
+    def shared(self, key: int, slot: int) -> Iterator[bool]:
+        """A copier's side, around one UFFDIO_COPY into task `key`: whether its range is
+        still wanted; no event of the task is read until the block ends."""
+        while self._map[key]:
+            if os.getppid() != self._parent:
+                # The daemon died inside `exclusive`: its flag stays up.
+                os._exit(1)
+            time.sleep(0.0002)
+        fcntl.lockf(self.fd, fcntl.LOCK_SH, 1, key)
+        try:
+            yield not self._map[SLOTS_AT + slot]
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, 1, key)
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
+class CopierGone(SnapstoreError):
+    """A copy process ended before it answered."""
+
+
+class Copier:
+    """The daemon's end of one copy process."""
+
+    def __init__(self, slot: int, gate: CopyGate) -> None:
+        self.slot = slot
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "snapstore.criu.copier", str(theirs.fileno()),
+                 str(gate.fd), str(slot)],
+                pass_fds=[theirs.fileno(), gate.fd], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL)
+        self._send_lock = threading.Lock()
+
+    def add_task(self, key: int, pid: int, source: PageSource, uffd: int) -> None:
+        msg = json.dumps({"task": key, "pid": pid, "source": source.spec()}).encode()
+        try:
+            with self._send_lock:
+                socket.send_fds(self._sock, [msg], [uffd])
+        except OSError:
+            raise CopierGone(f"copy process {self.proc.pid} ended{self._how()}") from None
+
+    def copy(self, key: int, start: int, end: int, offset: int) -> tuple[str, str]:
+        """Have the copier install [start, end) of task `key`; its status, and why if it
+        failed. One copy at a time per copier."""
+        msg = json.dumps({"copy": key, "start": start, "end": end, "offset": offset})
+        try:
+            with self._send_lock:
+                self._sock.send(msg.encode())
+            reply = self._sock.recv(_MAX_MESSAGE)
+        except OSError:
+            reply = b""
+        if not reply:
+            raise CopierGone(f"copy process {self.proc.pid} ended{self._how()}")
+        doc = json.loads(reply)
+        return doc["status"], doc.get("error", "")
+
+    def _how(self) -> str:
+        """How the process ended, once it has (its socket's end comes first)."""
+        try:
+            status = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return ""
+        return f" (killed by signal {-status})" if status < 0 else f" (exit status {status})"
+
+    def close(self) -> None:
+        """End the copy process: it stops once its socket ends (and a thread waiting for
+        its answer gets the end at once)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class _Task:
+    def __init__(self, pid: int, uffd: int, source: PageSource | SnapstoreError | OSError):
+        self.pid = pid
+        self.uffd = uffd
+        self.source = source
+
+
+def _open(spec: dict[str, Any], opened: dict[str, PageSource | SnapstoreError | OSError]
+          ) -> PageSource | SnapstoreError | OSError:
+    key = json.dumps(spec, sort_keys=True)
+    if key not in opened:
+        try:
+            opened[key] = open_source(spec)
+        except (SnapstoreError, OSError) as e:
+            opened[key] = e
+    return opened[key]
+
+
+def _copy(task: _Task, gate: CopyGate, slot: int, key: int, doc: dict[str, Any],
+          buf: Buffer) -> dict[str, str]:
+    start, end, offset = doc["start"], doc["end"], doc["offset"]
+    if isinstance(task.source, (SnapstoreError, OSError)):
+        why: str = (task.source.strerror or str(task.source)
+                    if isinstance(task.source, OSError) else str(task.source))
+        return {"status": "failed", "error": f"cannot open the pages of pid {task.pid}: {why}"}
+    length = end - start
+    try:
+        got = task.source.read_into(buf.view[:length], offset)
+    except (OSError, SnapstoreError) as e:
+        why = e.strerror or str(e) if isinstance(e, OSError) else str(e)
+        return {"status": "failed",
+                "error": f"cannot read the pages of pid {task.pid} at offset {offset}: "
+                         f"{why} (snapshot damaged or remote unreachable)"}
+    if got < length:
+        return {"status": "failed", "error": f"the pages file of pid {task.pid} ends "
+                                             f"before offset {offset + length}"}
+    try:
+        outcome = install(task.uffd, start, buf.address, length,
+                          lambda: gate.shared(key, slot))
+    except CopyError as e:
+        return {"status": "failed", "error": f"UFFDIO_COPY into pid {task.pid} failed: "
+                                             f"{os.strerror(e.errno or 0)}"}
+    return {"status": "done" if outcome is Installed.DONE else outcome.value}
+
+
+def serve(sock: socket.socket, gate: CopyGate, slot: int) -> None:
+    """A copier's loop: take tasks and copies until the socket ends."""
+    tasks: dict[int, _Task] = {}
+    opened: dict[str, PageSource | SnapstoreError | OSError] = {}
+    buf = Buffer(COPY_MESSAGE_BYTES)
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1)
+        except ConnectionResetError:
+            return
+        if not msg:
+            return
+        doc = json.loads(msg)
+        if "task" in doc:
+            tasks[doc["task"]] = _Task(doc["pid"], fds[0], _open(doc["source"], opened))
+            continue
+        for fd in fds:
+            os.close(fd)
+        key = doc["copy"]
+        reply = json.dumps(_copy(tasks[key], gate, slot, key, doc, buf)).encode()
+        try:
+            sock.send(reply)
+        except (BrokenPipeError, ConnectionResetError):
+            return  # the daemon stopped meanwhile
+
+
+def main(argv: list[str]) -> None:
+    """`copier SOCKET_FD GATE_FD SLOT`."""
+    # The restore command handles SIGINT (a terminal's ^C reaches the whole group) and
+    # ends its copiers by closing their sockets.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(fileno=int(argv[0]))
+    serve(sock, CopyGate(int(argv[1])), int(argv[2]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
