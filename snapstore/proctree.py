@@ -1,10 +1,11 @@
 """Process trees as /proc shows them: a process's children, everything below it, and
-signalling a whole tree."""
+signalling a whole tree; and how a helper process of ours ended, or stopping one."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 from pathlib import Path
 
 # What reading a process's /proc files raises once it is gone: ENOENT, or ESRCH while it
@@ -59,3 +60,23 @@ def fd_targets(pid: int) -> dict[int, str]:
 def socket_inode(target: str) -> str | None:
     """The inode of a descriptor target that is a socket (`socket:[N]`), else None."""
     return target[len("socket:["):-1] if target.startswith("socket:[") else None
+
+
+def how_it_ended(proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """" (exit status N)" or " (killed by signal N)" once `proc` has ended, waiting up to
+    `timeout` for it (its sockets may close a moment before its exit status is there);
+    None while it runs."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    return f" (killed by signal {-code})" if code < 0 else f" (exit status {code})"
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """Wait up to `timeout` for `proc` to end, then kill it; reaped either way."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -326,9 +326,21 @@ def rss(pid: int) -> int:
     raise AssertionError(f"no Rss for {pid}")
 
 
+# Large enough that the daemon is still installing pages when CRIU has exited: 512 MiB
+# went in before a test could stop it, once the prefetch copied 2 MiB at a time.
+BIG = 1 << 30
+
+
+def big_checkpoint(store: LocalStore, tmp_path: Path) -> Child:
+    """A process of BIG bytes checkpointed as `big`, and gone."""
+    child = Child(tmp_path, BIG)
+    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
+    child.wait_dead()
+    return child
+
+
 @contextlib.contextmanager
-def stopped_mid_fill(store: LocalStore, child: Child, size: int
-                     ) -> Iterator[subprocess.Popen[str]]:
+def stopped_mid_fill(store: LocalStore, child: Child) -> Iterator[subprocess.Popen[str]]:
     """A lazy restore of `child`'s snapshot `big`, stopped (the restore command and its
     copy processes, not its watchdog) while the daemon is still installing pages; killed
     with everything in its process group afterwards."""
@@ -346,7 +358,7 @@ def stopped_mid_fill(store: LocalStore, child: Child, size: int
             time.sleep(0.002)
         os.killpg(restore.pid, signal.SIGSTOP)
         assert alive(child.pid)
-        assert rss(child.pid) < size, "the daemon had installed every page already"
+        assert rss(child.pid) < BIG, "the daemon had installed every page already"
         yield restore
     finally:
         with contextlib.suppress(ProcessLookupError):
@@ -357,13 +369,8 @@ def stopped_mid_fill(store: LocalStore, child: Child, size: int
 
 def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
         criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
-    # Large enough that the daemon is still installing pages when CRIU has exited: 512 MiB
-    # went in before this test could stop it, once the prefetch copied 2 MiB at a time.
-    size = 1 << 30
-    child = Child(tmp_path, size)
-    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
-    child.wait_dead()
-    with stopped_mid_fill(store, child, size) as restore:
+    child = big_checkpoint(store, tmp_path)
+    with stopped_mid_fill(store, child) as restore:
         # The restore command dies with pages still to install: its watchdog must kill
         # the tree, which would otherwise read those pages as zeros.
         os.kill(restore.pid, signal.SIGKILL)
@@ -374,11 +381,8 @@ def test_a_killed_lazy_restore_kills_the_tree_it_left_half_loaded(
 
 def test_a_copy_process_killed_mid_restore_fails_it_and_kills_the_tree(
         criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
-    size = 1 << 30
-    child = Child(tmp_path, size)
-    assert snapstore(store, "checkpoint", "--pid", str(child.pid), "--tag", "big").returncode == 0
-    child.wait_dead()
-    with stopped_mid_fill(store, child, size) as restore:
+    child = big_checkpoint(store, tmp_path)
+    with stopped_mid_fill(store, child) as restore:
         copiers = [pid for pid in processes_named("snapstore.criu.copier")
                    if os.getpgid(pid) == restore.pid]
         assert copiers
@@ -645,22 +649,30 @@ def resident(addr: int, size: int) -> int:
     return sum(v & 1 for v in vec)
 
 
-def test_a_copy_process_installs_a_range_from_its_pages_file(tmp_path: Path) -> None:
-    data = np.random.default_rng(5).bytes(16 * PAGE_SIZE)
-    (tmp_path / "pages").write_bytes(bytes(PAGE_SIZE) + data)
+@contextlib.contextmanager
+def copy_process(pages: Path, uffd: int) -> Iterator[tuple[CopyGate, Copier]]:
+    """A gate and copy process 0, given this process as task 0 (`uffd`, pages from
+    `pages`) and armed for its first copy."""
     gate = CopyGate.create()
     copier = Copier(0, gate)
-    source = FilePages(tmp_path / "pages")
+    source = FilePages(pages)
     try:
-        with uffd_memory(16) as (memory, addr, uffd):
-            copier.add_task(0, os.getpid(), source, uffd)
-            gate.arm(0)
-            assert copier.copy(0, addr, addr + len(data), PAGE_SIZE) == ("done", "")
-            assert memory[:] == data
+        copier.add_task(0, os.getpid(), source, uffd)
+        gate.arm(0)
+        yield gate, copier
     finally:
         copier.close()
         source.close()
         gate.close()
+
+
+def test_a_copy_process_installs_a_range_from_its_pages_file(tmp_path: Path) -> None:
+    data = np.random.default_rng(5).bytes(16 * PAGE_SIZE)
+    (tmp_path / "pages").write_bytes(bytes(PAGE_SIZE) + data)
+    with uffd_memory(16) as (memory, addr, uffd), \
+            copy_process(tmp_path / "pages", uffd) as (_, copier):
+        assert copier.copy(0, addr, addr + len(data), PAGE_SIZE) == ("done", "")
+        assert memory[:] == data
 
 
 def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range(
@@ -673,35 +685,30 @@ def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range(
     copy already in flight, from another process that holds the gate shared."""
     size = 16 * PAGE_SIZE
     (tmp_path / "pages").write_bytes(b"\xaa" * size)
-    gate = CopyGate.create()
-    copier = Copier(0, gate)
-    source = FilePages(tmp_path / "pages")
-    try:
-        with uffd_memory(16) as (memory, addr, uffd):
-            copier.add_task(0, os.getpid(), source, uffd)
-            gate.arm(0)
-            answer: list[tuple[str, str]] = []
-            with gate.exclusive(0):
-                copy = threading.Thread(
-                    target=lambda: answer.append(copier.copy(0, addr, addr + size, 0)))
-                copy.start()
-                libc = ctypes.CDLL(None, use_errno=True)
-                madvise = threading.Thread(target=libc.madvise, args=(
-                    ctypes.c_void_p(addr), ctypes.c_size_t(size), _MADV_DONTNEED))
-                madvise.start()
-                assert select.select([uffd], [], [], 10)[0], "no REMOVE event"
-                msg = os.read(uffd, 32)
-                assert msg[0] == 0x15  # REMOVE
-                start, end = struct.unpack_from("QQ", msg, 8)
-                assert (start, end) == (addr, addr + size)
-                assert resident(addr, size) == 0 and not answer
-                gate.drop(0)
-                ioctl_range(uffd, UFFDIO_UNREGISTER, start, end - start)
-            for t in (copy, madvise):
-                t.join(10)
-                assert not t.is_alive()
-            assert answer == [("dropped", "")]
-            assert memory[:] == bytes(size)
+    with uffd_memory(16) as (memory, addr, uffd), \
+            copy_process(tmp_path / "pages", uffd) as (gate, copier):
+        answer: list[tuple[str, str]] = []
+        with gate.exclusive(0):
+            copy = threading.Thread(
+                target=lambda: answer.append(copier.copy(0, addr, addr + size, 0)))
+            copy.start()
+            libc = ctypes.CDLL(None, use_errno=True)
+            madvise = threading.Thread(target=libc.madvise, args=(
+                ctypes.c_void_p(addr), ctypes.c_size_t(size), _MADV_DONTNEED))
+            madvise.start()
+            assert select.select([uffd], [], [], 10)[0], "no REMOVE event"
+            msg = os.read(uffd, 32)
+            assert msg[0] == 0x15  # REMOVE
+            start, end = struct.unpack_from("QQ", msg, 8)
+            assert (start, end) == (addr, addr + size)
+            assert resident(addr, size) == 0 and not answer
+            gate.drop(0)
+            ioctl_range(uffd, UFFDIO_UNREGISTER, start, end - start)
+        for t in (copy, madvise):
+            t.join(10)
+            assert not t.is_alive()
+        assert answer == [("dropped", "")]
+        assert memory[:] == bytes(size)
 
         # A copy in flight in another process: the event read waits for it.
         with subprocess.Popen(
@@ -726,10 +733,6 @@ def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range(
             assert read.wait(10)
             event.join(10)
             assert holder.wait(10) == 0
-    finally:
-        copier.close()
-        source.close()
-        gate.close()
 
 
 def test_a_checkpoint_that_cannot_be_stored_loses_no_process(

@@ -43,6 +43,7 @@ from typing import Any
 from snapstore.criu.sources import PageSource, open_source
 from snapstore.criu.uffdio import Buffer, CopyError, Installed, install
 from snapstore.errors import SnapstoreError
+from snapstore.proctree import how_it_ended, stop
 
 KEYS = 1 << 16  # tasks a daemon can serve
 SLOTS_AT = KEYS
@@ -153,12 +154,7 @@ class Copier:
         return doc["status"], doc.get("error", "")
 
     def _how(self) -> str:
-        """How the process ended, once it has (its socket's end comes first)."""
-        try:
-            status = self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return ""
-        return f" (killed by signal {-status})" if status < 0 else f" (exit status {status})"
+        return how_it_ended(self.proc, 5) or ""
 
     def close(self) -> None:
         """End the copy process: it stops once its socket ends (and a thread waiting for
@@ -166,11 +162,7 @@ class Copier:
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop(self.proc, 10)
 
 
 class _Task:

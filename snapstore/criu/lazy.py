@@ -28,7 +28,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -56,6 +55,7 @@ from snapstore.criu.uffdio import (
     zeropage,
 )
 from snapstore.errors import SnapstoreError
+from snapstore.proctree import stop
 
 SOCKET_NAME = "lazy-pages.socket"
 RESTORE_FINISHED = 0x52535446
@@ -336,11 +336,7 @@ class LazyPagesDaemon:
             os.write(self._stop_w, b"x")
         self._listener.close()
         self._watchdog.close()
-        try:
-            self._watchdog_proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._watchdog_proc.kill()
-            self._watchdog_proc.wait()
+        stop(self._watchdog_proc, 30)
         for copier in self._copiers:
             copier.close()
         for t in self._threads:

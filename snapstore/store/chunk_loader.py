@@ -44,6 +44,7 @@ import trio
 
 from snapstore.errors import CorruptError, NotFoundError, SnapstoreError
 from snapstore.ids import ChunkId
+from snapstore.proctree import how_it_ended, stop
 from snapstore.store.base import Chunk
 from snapstore.store.chunk_loader_worker import CORRUPT, NOT_FOUND, OK, PID, REPLY, REQUEST, SEALS
 from snapstore.store.local import LocalStore
@@ -204,11 +205,7 @@ class _Loader:
         close a moment before its exit status is there, so this waits a little for it."""
         if self.proc is None:
             return f" (pid {self.pid})" if self.pid else ""
-        try:
-            code = self.proc.wait(timeout=1)
-        except subprocess.TimeoutExpired:
-            return " (running)"
-        return f" (killed by signal {-code})" if code < 0 else f" (exit status {code})"
+        return how_it_ended(self.proc, 1) or " (running)"
 
     def close(self) -> None:
         """Close the socket, which ends the loader, and stop it."""
@@ -225,11 +222,7 @@ class _Loader:
             os.close(self.pidfd)
             self.pidfd = None
         if self.proc is not None:
-            try:
-                self.proc.wait(timeout=_STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            stop(self.proc, _STOP_SECONDS)
 
 
 def _is_greeting(msg: bytes) -> bool:
