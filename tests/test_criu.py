@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from snapstore.criu import lazy, preflight, staging, workflow
+from snapstore.criu import lazy, preflight, storepages, workflow
 from snapstore.criu.binary import Criu, CriuError
 from snapstore.criu.copier import Copier, CopyGate
 from snapstore.criu.images import PAGE_SIZE, PE_LAZY, PE_PRESENT, Extent, Pagemap, read_pagemap
@@ -767,8 +767,8 @@ def test_a_read_of_staged_pages_asks_for_the_chunks_ahead_once(
         pos += x.size
     asked: list[ChunkId] = []
     monkeypatch.setattr(store, "will_need", asked.append)
-    monkeypatch.setattr(staging, "READ_AHEAD", 4 << 20)
-    pages = staging.StorePages(store, "0" * 64, entry)
+    monkeypatch.setattr(storepages, "READ_AHEAD", 4 << 20)
+    pages = storepages.StorePages(store, "0" * 64, entry)
     buf = bytearray(1 << 20)
     assert pages.read_into(memoryview(buf), 0) == len(buf) and buf == data[:1 << 20]
     # The chunks of the read and of the 4 MiB after it, in order.

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from snapstore.criu.staging import StorePages
+from snapstore.criu.storepages import StorePages
 from snapstore.errors import CorruptError
 from snapstore.ids import ChunkId
 from snapstore.store.local import LocalStore

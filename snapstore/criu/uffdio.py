@@ -15,8 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
-from snapstore.criu.images import PAGE_SIZE
-
+PAGE_SIZE = mmap.PAGESIZE
 # Bytes per UFFDIO_COPY: an event read waits for the copies in flight (CopyGate), and a
 # demand fault behind it with them, so each copy is kept short.
 COPY_BYTES = 512 << 10
