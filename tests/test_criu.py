@@ -594,6 +594,26 @@ def test_prefetch_runs_on_from_the_last_fault_then_wraps() -> None:
     assert not task.pending
 
 
+def test_a_copier_goes_on_through_the_stride_it_started() -> None:
+    """A copy process that starts afresh moves the prefetch's start a stride on, and is
+    given what follows its last copy while that is pending: two copy processes seldom
+    meet in one chunk of the pages file."""
+    task = task_of((0, 64))
+    a = task.take_next(2 * MIB, stride=16 * MIB)
+    b = task.take_next(2 * MIB, stride=16 * MIB)
+    assert a is not None and b is not None
+    assert (a.start, b.start) == (0, 16 * MIB)
+    a2 = task.take_next(2 * MIB, after=a.end, stride=16 * MIB)
+    assert a2 is not None and (a2.start, a2.end, a2.offset) == (2 * MIB, 4 * MIB, 2 * MIB)
+    c = task.take_next(2 * MIB, stride=16 * MIB)
+    assert c is not None and c.start == 32 * MIB
+    # Where its last copy ended is taken (a fault took it): it starts afresh, from the
+    # cursor, which the fault left right after itself.
+    assert task.take(18 * MIB, 64 << 10) is not None
+    b2 = task.take_next(2 * MIB, after=b.end, stride=16 * MIB)
+    assert b2 is not None and b2.start == 18 * MIB + (64 << 10)
+
+
 def test_dropped_ranges_leave_the_rest_pending() -> None:
     task = task_of((0, 4), (8, 12), (16, 20), (24, 28))
     task.drop(2 * MIB, 10 * MIB)  # the end of one span, the start of the next
