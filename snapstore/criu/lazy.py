@@ -80,10 +80,12 @@ class LazyPagesError(SnapstoreError):
     """The daemon could not serve a restored task; the task was killed."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Span:
     """Pages still to install: [start, end) in the task now, from `offset` of the pages
-    file. `dropped` is set when the task unmapped or removed it while it was in flight."""
+    file. `dropped` is set when the task unmapped or removed it while it was in flight.
+    Compared by identity: an in-flight span is taken out of `Task.inflight` as itself,
+    never as another with the same bounds."""
 
     start: int
     end: int
@@ -96,7 +98,7 @@ def _start(span: Span) -> int:
     return span.start
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Task:
     """What is left to install in one task. A GPU process has tens of thousands of lazy
     spans (every run of present pages in its areas), and every fault and every prefetch
