@@ -2,8 +2,8 @@
 decompressed and hash-checked) and installs them into the restored tasks with UFFDIO_COPY,
 from a process of its own, so that the prefetch runs on every core. In threads of the
 daemon's one process, the Python between the native calls held them back: on a 16-core
-host the copy threads spent more than half their time waiting for the interpreter lock,
-and past 12 threads they filled no faster (benchmarks/RESULTS.md, runs 14 and 15).
+host more than half of the daemon's thread samples were waits for the interpreter lock,
+and past 12 copy threads the fill went no faster (benchmarks/RESULTS.md, runs 14 and 15).
 
 Protocol, over a SOCK_SEQPACKET socket per copy process, one JSON object per message:
 - daemon to copier: `{"task": KEY, "pid": PID, "source": SPEC}` with the task's
