@@ -40,8 +40,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from snapstore.criu.sources import PageSource, open_source
-from snapstore.criu.uffdio import Buffer, CopyError, Installed, install
+from snapstore.criu.sources import PagesError, PageSource, install_from, open_source
+from snapstore.criu.uffdio import Buffer
 from snapstore.errors import SnapstoreError
 from snapstore.proctree import how_it_ended, stop
 
@@ -185,29 +185,16 @@ def _open(spec: dict[str, Any], opened: dict[str, PageSource | SnapstoreError | 
 
 def _copy(task: _Task, gate: CopyGate, slot: int, key: int, doc: dict[str, Any],
           buf: Buffer) -> dict[str, str]:
-    start, end, offset = doc["start"], doc["end"], doc["offset"]
     if isinstance(task.source, (SnapstoreError, OSError)):
         why: str = (task.source.strerror or str(task.source)
                     if isinstance(task.source, OSError) else str(task.source))
         return {"status": "failed", "error": f"cannot open the pages of pid {task.pid}: {why}"}
-    length = end - start
     try:
-        got = task.source.read_into(buf.view[:length], offset)
-    except (OSError, SnapstoreError) as e:
-        why = e.strerror or str(e) if isinstance(e, OSError) else str(e)
-        return {"status": "failed",
-                "error": f"cannot read the pages of pid {task.pid} at offset {offset}: "
-                         f"{why} (snapshot damaged or remote unreachable)"}
-    if got < length:
-        return {"status": "failed", "error": f"the pages file of pid {task.pid} ends "
-                                             f"before offset {offset + length}"}
-    try:
-        outcome = install(task.uffd, start, buf.address, length,
-                          lambda: gate.shared(key, slot))
-    except CopyError as e:
-        return {"status": "failed", "error": f"UFFDIO_COPY into pid {task.pid} failed: "
-                                             f"{os.strerror(e.errno or 0)}"}
-    return {"status": "done" if outcome is Installed.DONE else outcome.value}
+        outcome = install_from(task.source, task.pid, task.uffd, doc["start"], doc["offset"],
+                               doc["end"] - doc["start"], buf, lambda: gate.shared(key, slot))
+    except PagesError as e:
+        return {"status": "failed", "error": str(e)}
+    return {"status": outcome.value}
 
 
 def serve(sock: socket.socket, gate: CopyGate, slot: int) -> None:

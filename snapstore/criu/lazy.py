@@ -44,13 +44,11 @@ from snapstore.criu.copier import (
     CopyGate,
 )
 from snapstore.criu.images import PAGE_SIZE, Pagemap, read_pagemap, read_vma_bounds
-from snapstore.criu.sources import FilePages, PageSource
+from snapstore.criu.sources import FilePages, PagesError, PageSource, install_from
 from snapstore.criu.uffdio import (
     UFFDIO_UNREGISTER,
     Buffer,
-    CopyError,
     Installed,
-    install,
     ioctl_range,
     zeropage,
 )
@@ -570,21 +568,10 @@ class LazyPagesDaemon:
         event meanwhile, so nothing drops the span before the copy ends)."""
         length = span.end - span.start
         try:
-            data = task.pages.read_into(buf.view[:length], span.offset)
-        except (OSError, SnapstoreError) as e:
-            why = e.strerror if isinstance(e, OSError) else str(e)
-            self._fail(f"cannot read the pages of pid {task.pid} at offset {span.offset}: "
-                       f"{why} (snapshot damaged or remote unreachable)")
-            return
-        if data < length:
-            self._fail(f"the pages file of pid {task.pid} ends before offset "
-                       f"{span.offset + length}")
-            return
-        try:
-            outcome = install(task.uffd, span.start, buf.address, length,
-                              lambda: contextlib.nullcontext(not task.gone))
-        except CopyError as e:
-            self._fail(f"UFFDIO_COPY into pid {task.pid} failed: {os.strerror(e.errno or 0)}")
+            outcome = install_from(task.pages, task.pid, task.uffd, span.start, span.offset,
+                                   length, buf, lambda: contextlib.nullcontext(not task.gone))
+        except PagesError as e:
+            self._fail(str(e))
             return
         finally:
             with task.lock:
