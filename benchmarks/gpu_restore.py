@@ -17,19 +17,22 @@ is free again):
 - `snapstore restore --from T` (lazy, the default: snapstore is CRIU's lazy-pages daemon,
   reading the pages from the store; CRIU reads the rest from a staged directory).
 
-Each is timed from the start of its command to the process running with its GPU state
-back (the command's return; for the lazy restore, also all its memory in), and to its next
-token (the answer to a one-token request). Beside the times: the cores the machine kept busy
-meanwhile (/proc/stat), and for a lazy restore its daemon's figures (`restore --json`):
-the fill rate from the tasks' resuming to the last page in, the demand faults, and how long
-event reads waited for copies in flight. Then 15 more tokens are asked for and compared
-with the reference: what A itself generated from a copy of its state before the checkpoint
-(the same two calls on a copy of its token ids), twice, the same both times. The restored
-process must also hold exactly the state A had: every parameter's sum and the token ids.
-The tokens alone do not prove it either way: on the H200 two processes of the 8 B model,
-run side by side with the same weights and prompt, generated different tokens (process B,
-started fresh beside A, answers the same two requests; reported, not required). Last, B
-is checkpointed into the same store: how much does it add?
+Each is timed from the start of its command to the process running with its GPU state back
+(the command's return; for the lazy restore, also all its memory in), and to its next token
+(the answer to a one-token request). Beside the times: the cores the machine kept busy
+meanwhile (/proc/stat), and for a lazy restore its daemon's figures (`restore --json`): the
+fill rate from the tasks' resuming to the last page in, the demand faults, how long event
+reads waited for copies in flight, and the copy processes' shares of their time during the
+fill: reading chunks, installing pages, waiting for their next range. The stages end with
+the command's own time ("command"); the rest of the time to running is the command's
+start-up (the interpreter and its imports) and exit. Then 15 more tokens are asked for and
+compared with the reference: what A itself generated from a copy of its state before the
+checkpoint (the same two calls on a copy of its token ids), twice, the same both times. The
+restored process must also hold exactly the state A had: every parameter's sum and the
+token ids. The tokens alone do not prove it either way: on the H200 two processes of the
+8 B model, run side by side with the same weights and prompt, generated different tokens
+(process B, started fresh beside A, answers the same two requests; reported, not required).
+Last, B is checkpointed into the same store: how much does it add?
 
 Needs a CUDA GPU with the driver's checkpoint API, torch and transformers, CRIU >= 4 and a
 FUSE mount; run as root (benchmarks/gpu_kit.sh carries what a GPU host lacks):
@@ -259,7 +262,8 @@ def restore_upstream(criu: Criu, plain: Path, work: Path, api: CheckpointApi) ->
 
 def restore_snapstore(store: Path, tag: str, lazy: bool,
                       ) -> tuple[int, dict[str, float], dict[str, Any] | None]:
-    """The restored pid, the command's stages and its lazy-pages daemon's figures."""
+    """The restored pid, the command's stages (and its own time, from its start-up's end
+    to its return, as "command") and its lazy-pages daemon's figures."""
     cmd = snapstore_cmd(store, "restore", "--from", tag, "--json") + ([] if lazy else ["--eager"])
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -268,7 +272,8 @@ def restore_snapstore(store: Path, tag: str, lazy: bool,
     doc = json.loads(proc.stdout)
     stages: dict[str, float] = doc["stages"]
     # In the order they ran (the JSON's keys are sorted).
-    return int(doc["pid"]), {k: stages[k] for k in STAGES if k in stages}, doc.get("lazy")
+    return (int(doc["pid"]), {**{k: stages[k] for k in STAGES if k in stages},
+                              "command": doc["seconds"]}, doc.get("lazy"))
 
 
 def daemon_figures(d: dict[str, Any] | None) -> str:
@@ -277,7 +282,15 @@ def daemon_figures(d: dict[str, Any] | None) -> str:
     if not d or not d.get("fill_seconds"):
         return ""
     rate = (d["prefetched_bytes"] + d["fault_bytes"]) / d["fill_seconds"] / 1e9
-    return f"{rate:.2f} GB/s, {d['faults']} faults, waits {d['event_wait_seconds']:.2f} s"
+    text = f"{rate:.2f} GB/s, {d['faults']} faults, waits {d['event_wait_seconds']:.2f} s"
+    if d.get("copiers"):
+        # Where the copy processes' time went, as a share of their time during the fill.
+        whole = d["copiers"] * d["fill_seconds"]
+        text += "; copiers: " + ", ".join(
+            f"{name} {d[key] / whole:.0%}" for name, key in (
+                ("read", "copy_read_seconds"), ("install", "copy_install_seconds"),
+                ("wait", "copy_wait_seconds")))
+    return text
 
 
 def main() -> int:
@@ -437,7 +450,7 @@ def main() -> int:
                 "yes" if r["weights_equal"] and r["ids_equal"] else "NO"])
     print(table(["restore", "to running, GPU state back (s)", "to next token (s)",
                  "speed vs upstream (running)", "speed vs upstream (token)",
-                 "stages (s)", "daemon: fill rate, faults, event waits",
+                 "stages (s)", "daemon: fill rate, faults, event waits, copiers' time",
                  f"busy cores (of {os.cpu_count()})",
                  "16 tokens = reference", "weights and ids intact"], rows))
     print(f"checkpoint A {ck_a['wall_seconds']:.1f} s ({gb(ck_a['logical_bytes'])} image, "

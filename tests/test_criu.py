@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -213,6 +214,11 @@ def test_restore_from_the_remote_alone(criu: Criu, reaper: None, store: LocalSto
         lazy = doc["lazy"]
         assert lazy["tasks"] >= 1 and lazy["fill_seconds"] is not None
         assert lazy["prefetched_bytes"] + lazy["fault_bytes"] >= SIZE
+        # The copy processes' own figures, from their prefetch copies.
+        assert lazy["copiers"] >= 1
+        copied = lazy["prefetched_bytes"] > 0
+        assert (lazy["copy_read_seconds"] > 0) == copied
+        assert (lazy["copy_install_seconds"] > 0) == copied
         try:
             runs_on(child, pid)
         finally:
@@ -432,6 +438,32 @@ def test_cuda_state_moves_around_criu(criu: Criu, reaper: None, store: LocalStor
     with pytest.raises(RestoreError, match="killed it"):
         workflow.restore(store, criu, "gpu", {}, api=failing)
     wait_until(lambda: not alive(child.pid), "the half-restored process to be killed")
+
+
+def test_the_fill_ends_when_the_last_page_is_in_not_when_the_restore_asks(
+        criu: Criu, reaper: None, store: LocalStore, tmp_path: Path) -> None:
+    """A lazy restore's fill time is the tasks' resuming to the last page in, even when the
+    command asks only after a long CUDA restore: the daemon notes the end itself."""
+    child = Child(tmp_path)
+    api = FakeDriver({child.pid})
+    workflow.checkpoint(store, criu, child.pid, "gpu", {}, api=api)
+    child.wait_dead()
+
+    class Slow(FakeDriver):
+        def restore(self, pid: int) -> None:
+            time.sleep(3)
+            super().restore(pid)
+
+    slow = Slow({child.pid})
+    slow.state[child.pid] = cuda.ProcessState.CHECKPOINTED
+    r = workflow.restore(store, criu, "gpu", {}, lazy=True, api=slow)
+    try:
+        assert r.lazy is not None and r.lazy["prefetched_bytes"]
+        fill = r.lazy["fill_seconds"]
+        assert fill is not None and fill < r.stages["cuda_restore"], (r.lazy, r.stages)
+        runs_on(child, r.pid)
+    finally:
+        kill(r.pid)
 
 
 def test_a_failed_dump_gives_the_gpu_back(criu: Criu, store: LocalStore) -> None:
@@ -681,7 +713,8 @@ def copy_process(pages: Path, uffd: int) -> Iterator[tuple[CopyGate, Copier]]:
         gate.arm(0)
         yield gate, copier
     finally:
-        copier.close()
+        copier.end()
+        copier.wait()
         source.close()
         gate.close()
 
@@ -691,8 +724,13 @@ def test_a_copy_process_installs_a_range_from_its_pages_file(tmp_path: Path) -> 
     (tmp_path / "pages").write_bytes(bytes(PAGE_SIZE) + data)
     with uffd_memory(16) as (memory, addr, uffd), \
             copy_process(tmp_path / "pages", uffd) as (_, copier):
-        assert copier.copy(0, addr, addr + len(data), PAGE_SIZE) == ("done", "")
+        answer = copier.copy(0, addr, addr + len(data), PAGE_SIZE)
+        assert answer["status"] == "done" and "error" not in answer
+        assert answer["read"] > 0 and answer["install"] > 0 and answer["waited"] == 0
         assert memory[:] == data
+        # The next copy says how long the copier waited for it.
+        time.sleep(0.05)
+        assert copier.copy(0, addr, addr + PAGE_SIZE, PAGE_SIZE)["waited"] >= 0.05
 
 
 def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range(
@@ -707,7 +745,7 @@ def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range(
     (tmp_path / "pages").write_bytes(b"\xaa" * size)
     with uffd_memory(16) as (memory, addr, uffd), \
             copy_process(tmp_path / "pages", uffd) as (gate, copier):
-        answer: list[tuple[str, str]] = []
+        answer: list[dict[str, Any]] = []
         with gate.exclusive(0):
             copy = threading.Thread(
                 target=lambda: answer.append(copier.copy(0, addr, addr + size, 0)))
@@ -727,7 +765,7 @@ def test_no_copy_runs_while_an_event_is_read_and_none_fills_a_dropped_range(
         for t in (copy, madvise):
             t.join(10)
             assert not t.is_alive()
-        assert answer == [("dropped", "")]
+        assert [a["status"] for a in answer] == ["dropped"] and "error" not in answer[0]
         assert memory[:] == bytes(size)
 
         # A copy in flight in another process: the event read waits for it.

@@ -10,9 +10,11 @@ Protocol, over a SOCK_SEQPACKET socket per copy process, one JSON object per mes
   userfaultfd (SCM_RIGHTS), once per task, before any copy into it (SPEC: PageSource.spec);
   `{"copy": KEY, "start": A, "end": B, "offset": O}`: install [A, B) of the task from
   offset O of its pages file;
-- copier to daemon, once per copy: `{"status": S}` with S one of `done`, `dropped` (the
-  task dropped the range meanwhile), `gone` (the task is gone), or `failed` with
-  `"error"`. The end of the socket ends the copier.
+- copier to daemon, once per copy: `{"status": S, "read": R, "install": I, "waited": W}`
+  with S one of `done`, `dropped` (the task dropped the range meanwhile), `gone` (the task
+  is gone), or `failed` with `"error"`; R and I the seconds the copy spent reading its
+  bytes and installing them (the gate's waits included), W the seconds the copier waited
+  for this copy since its previous answer. The end of the socket ends the copier.
 
 The gate (`CopyGate`) keeps the daemon's event invariant across processes (docs/criu.md):
 no copy into a task is in flight while one of its events is read and applied, and none
@@ -48,8 +50,11 @@ from snapstore.proctree import how_it_ended, stop
 KEYS = 1 << 16  # tasks a daemon can serve
 SLOTS_AT = KEYS
 MAX_COPIERS = 32
-# The most bytes one copy message asks for; the copier reads them into one buffer.
-COPY_MESSAGE_BYTES = 2 << 20
+# The most bytes one copy message asks for; the copier reads them into one buffer. Each
+# range is a round trip to the daemon, whose threads share one interpreter lock: 8 MiB
+# ranges left the copy processes waiting 5-6% of their time, 2 MiB ones 8-11%
+# (benchmarks/RESULTS.md, run 17).
+COPY_MESSAGE_BYTES = 8 << 20
 _MAX_MESSAGE = 1 << 16
 
 
@@ -138,9 +143,9 @@ class Copier:
         except OSError:
             raise CopierGone(f"copy process {self.proc.pid} ended{self._how()}") from None
 
-    def copy(self, key: int, start: int, end: int, offset: int) -> tuple[str, str]:
-        """Have the copier install [start, end) of task `key`; its status, and why if it
-        failed. One copy at a time per copier."""
+    def copy(self, key: int, start: int, end: int, offset: int) -> dict[str, Any]:
+        """Have the copier install [start, end) of task `key`; its answer (the module
+        docstring). One copy at a time per copier."""
         msg = json.dumps({"copy": key, "start": start, "end": end, "offset": offset})
         try:
             with self._send_lock:
@@ -150,18 +155,20 @@ class Copier:
             reply = b""
         if not reply:
             raise CopierGone(f"copy process {self.proc.pid} ended{self._how()}")
-        doc = json.loads(reply)
-        return doc["status"], doc.get("error", "")
+        answer: dict[str, Any] = json.loads(reply)
+        return answer
 
     def _how(self) -> str:
         return how_it_ended(self.proc, 5) or ""
 
-    def close(self) -> None:
-        """End the copy process: it stops once its socket ends (and a thread waiting for
-        its answer gets the end at once)."""
+    def end(self) -> None:
+        """Have the copy process end: it stops once its socket ends (and a thread waiting
+        for its answer gets the end at once). `wait` for it after."""
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
+
+    def wait(self) -> None:
         stop(self.proc, 10)
 
 
@@ -183,18 +190,39 @@ def _open(spec: dict[str, Any], opened: dict[str, PageSource | SnapstoreError | 
     return opened[key]
 
 
+class _Timed:
+    """A page source that adds up the seconds spent reading it."""
+
+    def __init__(self, source: PageSource) -> None:
+        self.source = source
+        self.seconds = 0.0
+
+    def read_into(self, view: memoryview, offset: int) -> int:
+        start = time.monotonic()
+        try:
+            return self.source.read_into(view, offset)
+        finally:
+            self.seconds += time.monotonic() - start
+
+    def spec(self) -> dict[str, str]:
+        return self.source.spec()
+
+
 def _copy(task: _Task, gate: CopyGate, slot: int, key: int, doc: dict[str, Any],
-          buf: Buffer) -> dict[str, str]:
+          buf: Buffer) -> dict[str, Any]:
     if isinstance(task.source, (SnapstoreError, OSError)):
         why: str = (task.source.strerror or str(task.source)
                     if isinstance(task.source, OSError) else str(task.source))
         return {"status": "failed", "error": f"cannot open the pages of pid {task.pid}: {why}"}
+    source = _Timed(task.source)
+    start = time.monotonic()
     try:
-        outcome = install_from(task.source, task.pid, task.uffd, doc["start"], doc["offset"],
+        outcome = install_from(source, task.pid, task.uffd, doc["start"], doc["offset"],
                                doc["end"] - doc["start"], buf, lambda: gate.shared(key, slot))
     except PagesError as e:
         return {"status": "failed", "error": str(e)}
-    return {"status": outcome.value}
+    return {"status": outcome.value, "read": source.seconds,
+            "install": time.monotonic() - start - source.seconds}
 
 
 def serve(sock: socket.socket, gate: CopyGate, slot: int) -> None:
@@ -202,6 +230,7 @@ def serve(sock: socket.socket, gate: CopyGate, slot: int) -> None:
     tasks: dict[int, _Task] = {}
     opened: dict[str, PageSource | SnapstoreError | OSError] = {}
     buf = Buffer(COPY_MESSAGE_BYTES)
+    answered: float | None = None
     while True:
         try:
             msg, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 1)
@@ -216,9 +245,11 @@ def serve(sock: socket.socket, gate: CopyGate, slot: int) -> None:
         for fd in fds:
             os.close(fd)
         key = doc["copy"]
-        reply = json.dumps(_copy(tasks[key], gate, slot, key, doc, buf)).encode()
+        waited = 0.0 if answered is None else time.monotonic() - answered
+        reply = {**_copy(tasks[key], gate, slot, key, doc, buf), "waited": waited}
         try:
-            sock.send(reply)
+            sock.send(json.dumps(reply).encode())
+            answered = time.monotonic()
         except (BrokenPipeError, ConnectionResetError):
             return  # the daemon stopped meanwhile
 

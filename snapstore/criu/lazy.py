@@ -253,16 +253,25 @@ class Stats:
     resumed_at: float | None = None  # CRIU said every task is restored
     done_at: float | None = None
     event_waits: float = 0.0
+    copiers: int = 0
+    copy_read: float = 0.0
+    copy_install: float = 0.0
+    copy_waited: float = 0.0
 
     def report(self) -> dict[str, int | float | None]:
         """The figures of a restore, for its --json: what was installed and how, seconds
-        from the tasks' resuming to the last page in, and how long event reads waited for
-        copies in flight (a demand fault behind them waited as long)."""
+        from the tasks' resuming to the last page in, how long event reads waited for
+        copies in flight (a demand fault behind them waited as long), and the copy
+        processes' seconds, added up over all of them: reading (decoding and checking
+        chunks), installing (the gate's waits included), and waiting for their next range."""
         fill = (None if self.done_at is None or self.resumed_at is None
                 else round(self.done_at - self.resumed_at, 4))
         return {"tasks": self.tasks, "faults": self.faults, "fault_bytes": self.fault_bytes,
                 "prefetched_bytes": self.prefetched_bytes, "zero_pages": self.zero_pages,
-                "fill_seconds": fill, "event_wait_seconds": round(self.event_waits, 4)}
+                "fill_seconds": fill, "event_wait_seconds": round(self.event_waits, 4),
+                "copiers": self.copiers, "copy_read_seconds": round(self.copy_read, 4),
+                "copy_install_seconds": round(self.copy_install, 4),
+                "copy_wait_seconds": round(self.copy_waited, 4)}
 
 
 class LazyPagesDaemon:
@@ -303,6 +312,7 @@ class LazyPagesDaemon:
         self._gate = CopyGate.create()
         self._keys = 0  # tasks given a key in the gate
         count = min(MAX_COPIERS, copiers or os.cpu_count() or 2)
+        self.stats.copiers = count
         self._copiers = [Copier(slot, self._gate) for slot in range(count)]
 
     # -- lifecycle ----------------------------------------------------------------
@@ -325,7 +335,8 @@ class LazyPagesDaemon:
             time.sleep(0.005)
         if self.error is not None:
             raise LazyPagesError(self.error)
-        self.stats.done_at = time.monotonic()
+        if self.stats.done_at is None:
+            self.stats.done_at = time.monotonic()
         self.stats.event_waits = sum(t.event_waits for t in self._tasks)
         with self._watchdog_lock:
             watchdog.release(self._watchdog)
@@ -338,7 +349,9 @@ class LazyPagesDaemon:
         self._watchdog.close()
         stop(self._watchdog_proc, 30)
         for copier in self._copiers:
-            copier.close()
+            copier.end()
+        for copier in self._copiers:
+            copier.wait()
         for t in self._threads:
             t.join(timeout=10)
         for task in self._tasks:
@@ -374,6 +387,15 @@ class LazyPagesDaemon:
         with contextlib.suppress(OSError):
             os.write(self._stop_w, b"x")
 
+    def _note_done(self) -> None:
+        """Note when the last page went in: `wait` may come much later (the CUDA restore
+        runs between), and the fill ends here, not there."""
+        while not self._all_done():
+            if self.error is not None or select.select([self._stop_r], [], [], 0.005)[0]:
+                return
+        if self.stats.done_at is None:
+            self.stats.done_at = time.monotonic()
+
     def _all_done(self) -> bool:
         if not self._finished.is_set():
             return False
@@ -398,6 +420,7 @@ class LazyPagesDaemon:
                     self._finished.set()
                     for copier in self._copiers:
                         self._spawn(self._feed, f"lazy-copier-{copier.slot}", copier)
+                    self._spawn(self._note_done, "lazy-done")
                     return
                 if value < 0:  # a zombie: no memory, no descriptor
                     continue
@@ -520,7 +543,7 @@ class LazyPagesDaemon:
                 return
             task, span = work
             try:
-                status, why = copier.copy(task.key, span.start, span.end, span.offset)
+                answer = copier.copy(task.key, span.start, span.end, span.offset)
             except CopierGone as e:
                 self._fail(str(e))
                 return
@@ -528,6 +551,11 @@ class LazyPagesDaemon:
                 with task.lock:
                     task.inflight.remove(span)
             last = None
+            status, why = answer["status"], answer.get("error", "")
+            with self._tasks_lock:
+                self.stats.copy_read += answer.get("read", 0.0)
+                self.stats.copy_install += answer.get("install", 0.0)
+                self.stats.copy_waited += answer["waited"]
             if status == "done":
                 with self._tasks_lock:
                     self.stats.prefetched_bytes += span.end - span.start

@@ -18,7 +18,7 @@ from snapstore.ids import ChunkId
 from snapstore.manifest import Entry
 from snapstore.store.local import LocalStore
 
-# Decompressed chunks kept per pages file. A 2 MiB read spans two or three average chunks
+# Decompressed chunks kept per pages file. An 8 MiB read spans seven or eight average chunks
 # (1.2 MiB), and the next read of the same reader (a copy process going on through its
 # stretch of the file, the staging of the eager part) starts in the last of them.
 CACHED_CHUNKS = 8

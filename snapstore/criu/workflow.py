@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from snapstore.criu import cudastate, preflight, staging
 from snapstore.criu.binary import Criu, CriuError
@@ -20,11 +21,13 @@ from snapstore.criu.sources import PageSource
 from snapstore.criu.tcprepair import kill_quietly, resume
 from snapstore.errors import NoMatchError, NotFoundError, RestoreError, SnapstoreError
 from snapstore.gpu import cuda
-from snapstore.ingest import IngestResult, check_labels, ingest
 from snapstore.manifest import Manifest
 from snapstore.proctree import below, signal_tree
 from snapstore.store.local import LocalStore
 from snapstore.workflow import gpu_labels, mounted, pick, release
+
+if TYPE_CHECKING:
+    from snapstore.ingest import IngestResult
 
 RUNTIME_LABEL = "runtime"
 CUDA_LABEL = "cuda"
@@ -58,6 +61,9 @@ def checkpoint(store: LocalStore, criu: Criu, pid: int, tag: str, labels: dict[s
     CRIU leaves it stopped, and if the ingest fails (a full disk, say) it is resumed as it
     was, so a failed checkpoint loses no process.
     """
+    # Here, not at the top: a restore needs none of the chunker (numpy) at start-up.
+    from snapstore.ingest import check_labels, ingest
+
     api = api or cuda.open_api()
     procs = [preflight.inspect(p) for p in [pid, *below(pid)]]
     gpu_pids = cudastate.with_cuda(api, [p.pid for p in procs])
