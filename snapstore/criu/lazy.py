@@ -516,7 +516,8 @@ class LazyPagesDaemon:
         if span is None and not task.in_flight(addr):
             # Not lazy memory, or installed since the fault was queued: a zero page
             # where nothing is there, a wake-up where something is (EEXIST).
-            self.stats.zero_pages += 1
+            with self._tasks_lock:
+                self.stats.zero_pages += 1
             if not zeropage(task.uffd, addr):
                 task.gone = True
         return span
@@ -606,8 +607,10 @@ class LazyPagesDaemon:
                 task.inflight.remove(span)
         if outcome is Installed.GONE:
             task.gone = True
-        self.stats.faults += 1
-        self.stats.fault_bytes += length
+        # Each task's event thread counts here: one lock for all of them.
+        with self._tasks_lock:
+            self.stats.faults += 1
+            self.stats.fault_bytes += length
 
 
 def _spans(pagemap: Pagemap, vmas: list[tuple[int, int]]) -> list[Span]:
