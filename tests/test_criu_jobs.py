@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from snapstore import ingest as ingest_module
 from snapstore.criu import cudastate, preflight, workflow
 from snapstore.criu.binary import Criu
 from snapstore.criu.preflight import NCCL_CHECKPOINTABLE
@@ -260,7 +261,8 @@ def test_a_job_whose_checkpoint_cannot_be_stored_talks_on(
     def full(*args: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(workflow, "ingest", full)
+    # The checkpoint imports the ingest when it runs (a restore's start-up needs none of it).
+    monkeypatch.setattr(ingest_module, "ingest", full)
     try:
         with pytest.raises(OSError, match="No space"):
             workflow.checkpoint(store, criu, job.server, "job", {}, api=FakeDriver(set()))
