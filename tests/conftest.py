@@ -164,7 +164,8 @@ def process_state(pid: int) -> str:
     """The state letter /proc gives `pid` ("" once it is gone)."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # ESRCH: it ended between the file's open and its read.
         return ""
 
 
