@@ -557,9 +557,9 @@ class LazyPagesDaemon:
                 self.stats.copy_read += answer.get("read", 0.0)
                 self.stats.copy_install += answer.get("install", 0.0)
                 self.stats.copy_waited += answer["waited"]
-            if status == "done":
-                with self._tasks_lock:
+                if status == "done":
                     self.stats.prefetched_bytes += span.end - span.start
+            if status == "done":
                 last = task, span.end
             elif status == "gone":
                 task.gone = True
