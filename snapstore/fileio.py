@@ -19,6 +19,15 @@ def write_all(fd: int, data: bytes | memoryview) -> int:
     return len(data)
 
 
+def read_fully(fd: int, out: memoryview) -> int:
+    """Read into all of `out` unless the file ends first (os.readv may read less); the
+    bytes read."""
+    done = 0
+    while done < len(out) and (n := os.readv(fd, [out[done:]])):
+        done += n
+    return done
+
+
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> int:
     """Write all of `data` to `fd` at `offset` (os.pwrite may write less); its length."""
     view = memoryview(data)

@@ -33,7 +33,7 @@ from snapstore.criu.images import PAGE_SIZE, PE_LAZY, PE_PRESENT, Extent, Pagema
 from snapstore.criu.lazy import Span, Task
 from snapstore.criu.sources import FilePages
 from snapstore.criu.uffdio import UFFDIO_UNREGISTER, ioctl_range
-from snapstore.errors import RestoreError
+from snapstore.errors import CorruptError, RestoreError
 from snapstore.export import export
 from snapstore.gpu import cuda
 from snapstore.ids import ChunkId
@@ -44,6 +44,7 @@ from tests.conftest import (
     FakeDriver,
     alive,
     kill,
+    memory_like,
     processes_named,
     reap,
     tmpfs,
@@ -838,6 +839,48 @@ def test_a_read_of_staged_pages_asks_for_the_chunks_ahead_once(
     assert asked == ahead
     pages.read_into(memoryview(buf), 2 << 20)
     assert asked == [c for s, c in zip(starts, chunks, strict=True) if s < (3 << 20) + (4 << 20)]
+
+
+def test_staged_pages_read_any_range_right_and_whole_chunks_straight_in(
+        store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = memory_like(12 << 20, seed=7)
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "pages-1.img").write_bytes(data)
+    entry = next(iter(store.get_manifest(ingest(store, tmp_path / "img", "p").snapshot).files()))
+    straight: list[ChunkId] = []
+    read_chunk_into = store.read_chunk_into
+
+    def spy(cid: ChunkId, out: memoryview) -> None:
+        straight.append(cid)
+        read_chunk_into(cid, out)
+
+    monkeypatch.setattr(store, "read_chunk_into", spy)
+    pages = storepages.StorePages(store, "0" * 64, entry)
+    rng = np.random.default_rng(8)
+    for _ in range(40):
+        offset, n = int(rng.integers(0, len(data))), int(rng.integers(1, 9 << 20))
+        buf = bytearray(n)
+        got = pages.read_into(memoryview(buf), offset)
+        assert got == min(n, len(data) - offset) and buf[:got] == data[offset:offset + got]
+    # Large reads took their inner chunks straight into the buffer, the others cached.
+    assert straight and len(set(straight)) < sum(1 for x in entry.extents if x.chunk)
+    # A damaged chunk inside a read fails the read.
+    pos, victim = 0, None
+    for x in entry.extents:
+        if x.chunk is not None and x.size > 4096:
+            victim = (pos, x)
+            break
+        pos += x.size
+    assert victim is not None
+    start, x = victim
+    assert x.chunk is not None
+    path = store.chunk_path(x.chunk)
+    obj = bytearray(path.read_bytes())
+    obj[len(obj) // 2] ^= 0x01
+    path.write_bytes(bytes(obj))
+    fresh = storepages.StorePages(store, "0" * 64, entry)
+    with pytest.raises(CorruptError):
+        fresh.read_into(memoryview(bytearray(x.size + 2 * 4096)), max(0, start - 4096))
 
 
 def test_lazy_spans_join_what_follows_in_memory_and_file_and_cut_at_areas() -> None:

@@ -306,3 +306,33 @@ def test_get_chunk_refuses_a_stored_object_cut_short_or_grown(store: LocalStore,
     path.unlink()
     with pytest.raises(NotFoundError):
         store.get_chunk(cid, len(data))
+
+
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
+def test_read_chunk_into_fills_the_buffer_or_refuses(store: LocalStore,
+                                                      compressible: bool) -> None:
+    data = bytes(200_000) + b"x" if compressible else random.Random(6).randbytes(200_000)
+    cid = ChunkId.of(data)
+    obj = codec.encode(data)
+    assert obj[0] == (codec.ZSTD if compressible else codec.RAW)
+    store.put_chunk(cid, obj)
+    out = memoryview(bytearray(len(data)))
+    store.read_chunk_into(cid, out)
+    assert out == data
+    path = store.chunk_path(cid)
+    damaged = bytearray(obj)
+    damaged[len(obj) // 2] ^= 0x10
+    for bad in (obj[: len(obj) // 2], bytes(damaged), obj + b"\0", b""):
+        if compressible and bad == obj + b"\0":
+            continue  # a zstd frame ends itself: bytes after it are not read as data
+        path.write_bytes(bad)
+        with pytest.raises(CorruptError):
+            store.read_chunk_into(cid, memoryview(bytearray(len(data))))
+    path.write_bytes(obj)
+    with pytest.raises(CorruptError, match=r"declares|expected|not stored as"):
+        store.read_chunk_into(cid, memoryview(bytearray(len(data) - 1)))
+    with pytest.raises(CorruptError, match=r"expected|not stored as"):
+        store.read_chunk_into(cid, memoryview(bytearray(len(data) + 1)))
+    path.unlink()
+    with pytest.raises(NotFoundError):
+        store.read_chunk_into(cid, out)

@@ -53,11 +53,15 @@ class StorePages:
     def read_into(self, view: memoryview, offset: int) -> int:
         """Fill `view` from `offset`; the bytes filled (fewer only at the end of file).
 
-        The bytes move with ctypes' memmove and memset, which run without the GIL, so
-        threads reading one source (the daemon's event threads, one per task) copy in
-        parallel (a slice assignment holds it for the copy). A chunk another thread is
-        decoding is copied last: neighbouring reads share the chunk on their boundary, and
-        this thread decodes its other chunks meanwhile instead of waiting for it."""
+        A chunk that lies wholly inside the read, and that no thread has decoded or is
+        decoding, is decoded straight into `view` (LocalStore.read_chunk_into) and not
+        kept: the reads that share a chunk are those on its ends. Other chunks are decoded
+        once into the cache and copied from there with ctypes' memmove and memset, which
+        run without the GIL, so threads reading one source (the daemon's event threads,
+        one per task) copy in parallel (a slice assignment holds it for the copy). A
+        chunk another thread is decoding is copied last: neighbouring reads share the
+        chunk on their boundary, and this thread decodes its other chunks meanwhile
+        instead of waiting for it."""
         want = min(len(view), max(0, self.size - offset))
         if want == 0:
             return 0
@@ -72,6 +76,8 @@ class StorePages:
             n = min(size - lo, want - done)
             if chunk is None:
                 ctypes.memset(dst + done, 0, n)
+            elif n == size and not self._known(chunk):
+                self._store.read_chunk_into(chunk, view[done : done + n])
             elif (data := self._chunk(chunk, size, wait=False)) is not None:
                 ctypes.memmove(dst + done, _address(data) + lo, n)
             else:
@@ -95,6 +101,11 @@ class StorePages:
             chunk, _ = self._extents[i]
             if chunk is not None:
                 self._store.will_need(chunk)
+
+    def _known(self, cid: ChunkId) -> bool:
+        """Whether the chunk is in the cache, decoded or being decoded."""
+        with self._lock:
+            return cid in self._cache
 
     def _chunk(self, cid: ChunkId, size: int, wait: bool) -> bytes | None:
         """The chunk's bytes, decoded by this thread unless another has or is decoding

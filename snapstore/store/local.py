@@ -36,7 +36,7 @@ from snapstore.errors import (
     SnapstoreError,
     UsageError,
 )
-from snapstore.fileio import fsync_dir, write_all, write_atomic, write_new
+from snapstore.fileio import fsync_dir, read_fully, write_all, write_atomic, write_new
 from snapstore.ids import ChunkId, is_valid_hex_id
 
 STORE_FORMAT = "snapstore-store"
@@ -248,6 +248,34 @@ class LocalStore:
         finally:
             os.close(fd)
         return codec.decode_body(codec.tag_of(tag, cid), body, cid, size)
+
+    def read_chunk_into(self, cid: ChunkId, out: memoryview) -> None:
+        """`get_chunk` into `out`, which is as long as the chunk, for a reader that copies
+        the bytes on anyway: a raw object is read straight into it, a compressed one
+        inflated into it (codec.decode_into), and the bytes are hash-checked there. On an
+        error `out` holds unchecked bytes, which the caller must not use.
+
+        A lazy restore's copy processes fill their ranges this way: with a chunk-sized
+        allocation and a copy fewer per chunk, they move less memory, which the restore's
+        other work (the CUDA restore reads the same memory) shares."""
+        try:
+            fd = os.open(self.chunk_path(cid), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFoundError(f"chunk {cid} is missing from the store") from None
+        try:
+            tag = codec.tag_of(os.read(fd, 1), cid)
+            if tag == codec.RAW:
+                done = read_fully(fd, out)
+                if done != len(out) or os.read(fd, 1):
+                    raise CorruptError(f"chunk {cid} is not stored as {len(out)} bytes")
+            else:
+                body = os.read(fd, len(out) + 1)
+        finally:
+            os.close(fd)
+        if tag == codec.RAW:
+            codec.check(out, cid)
+        else:
+            codec.decode_into(tag, body, cid, out)
 
     def will_need(self, cid: ChunkId) -> None:
         """Ask the kernel to start reading the chunk's object into the page cache, without
