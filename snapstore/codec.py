@@ -61,31 +61,27 @@ def decode_body(tag: int, body: bytes | memoryview, cid: ChunkId, size: int) -> 
     return _checked(raw, cid)
 
 
-def decode_into(tag: int, body: bytes | memoryview, cid: ChunkId, out: memoryview) -> None:
-    """`decode_body` into `out`, which is as long as the chunk: the bytes are inflated in
-    place and hash-checked there, with no chunk-sized allocation and no copy after. On
-    CorruptError `out` holds bytes that failed the check (or only some bytes): the caller
-    must not use them."""
-    size = len(out)
-    if tag == RAW:
-        if len(body) != size:
-            raise CorruptError(f"chunk {cid} holds {len(body)} bytes, expected {size}")
-        out[:] = body
-    elif tag == ZSTD:
-        try:
-            declared = zstandard.frame_content_size(body)
-            if declared > size:
-                raise CorruptError(f"object {cid} declares {declared} bytes, more than {size}")
-            done = 0
-            with _decompressor().stream_reader(body) as reader:
-                while done < size and (n := reader.readinto(out[done:])):
-                    done += n
-        except zstandard.ZstdError as e:
-            raise CorruptError(f"object {cid} does not decompress: {e}") from None
-        if done != size:
-            raise CorruptError(f"chunk {cid} holds {done} bytes, expected {size}")
-    else:
+def inflate_into(tag: int, body: bytes | memoryview, cid: ChunkId, out: memoryview) -> None:
+    """`decode_body` of a compressed object into `out`, which is as long as the chunk: the
+    bytes are inflated in place and hash-checked there, with no chunk-sized allocation and
+    no copy after. (A raw object's body is the chunk: read it into place and `check` it.)
+    On CorruptError `out` holds bytes that failed the check, or only some bytes: the
+    caller must not use them."""
+    if tag != ZSTD:
         raise CorruptError(f"object {cid} has unknown codec tag {tag}")
+    size = len(out)
+    done = 0
+    try:
+        declared = zstandard.frame_content_size(body)
+        if declared > size:
+            raise CorruptError(f"object {cid} declares {declared} bytes, more than {size}")
+        with _decompressor().stream_reader(body) as reader:
+            while done < size and (n := reader.readinto(out[done:])):
+                done += n
+    except zstandard.ZstdError as e:
+        raise CorruptError(f"object {cid} does not decompress: {e}") from None
+    if done != size:
+        raise CorruptError(f"chunk {cid} holds {done} bytes, expected {size}")
     check(out, cid)
 
 

@@ -328,6 +328,9 @@ def test_read_chunk_into_fills_the_buffer_or_refuses(store: LocalStore,
         path.write_bytes(bad)
         with pytest.raises(CorruptError):
             store.read_chunk_into(cid, memoryview(bytearray(len(data))))
+    path.write_bytes(b"\x07" + data)
+    with pytest.raises(CorruptError, match="unknown codec tag 7"):
+        store.read_chunk_into(cid, memoryview(bytearray(len(data))))
     path.write_bytes(obj)
     with pytest.raises(CorruptError, match=r"declares|expected|not stored as"):
         store.read_chunk_into(cid, memoryview(bytearray(len(data) - 1)))

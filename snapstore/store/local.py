@@ -252,7 +252,7 @@ class LocalStore:
     def read_chunk_into(self, cid: ChunkId, out: memoryview) -> None:
         """`get_chunk` into `out`, which is as long as the chunk, for a reader that copies
         the bytes on anyway: a raw object is read straight into it, a compressed one
-        inflated into it (codec.decode_into), and the bytes are hash-checked there. On an
+        inflated into it (codec.inflate_into), and the bytes are hash-checked there. On an
         error `out` holds unchecked bytes, which the caller must not use.
 
         A lazy restore's copy processes fill their ranges this way: with a chunk-sized
@@ -275,7 +275,7 @@ class LocalStore:
         if tag == codec.RAW:
             codec.check(out, cid)
         else:
-            codec.decode_into(tag, body, cid, out)
+            codec.inflate_into(tag, body, cid, out)
 
     def will_need(self, cid: ChunkId) -> None:
         """Ask the kernel to start reading the chunk's object into the page cache, without
