@@ -283,14 +283,20 @@ def test_ingest_under_a_low_descriptor_limit(tmp_path: Path) -> None:
     assert verify(store, store.tags()).problems == []
 
 
-@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
-def test_get_chunk_refuses_a_stored_object_cut_short_or_grown(store: LocalStore,
-                                                              compressible: bool) -> None:
+def stored_chunk(store: LocalStore, compressible: bool) -> tuple[bytes, ChunkId, bytes]:
+    """A chunk put in the store, zstd-compressed or raw: its bytes, id and object."""
     data = bytes(200_000) + b"x" if compressible else random.Random(5).randbytes(200_000)
     cid = ChunkId.of(data)
     obj = codec.encode(data)
     assert obj[0] == (codec.ZSTD if compressible else codec.RAW)
     store.put_chunk(cid, obj)
+    return data, cid, obj
+
+
+@pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
+def test_get_chunk_refuses_a_stored_object_cut_short_or_grown(store: LocalStore,
+                                                              compressible: bool) -> None:
+    data, cid, obj = stored_chunk(store, compressible)
     assert store.get_chunk(cid, len(data)) == data
     path = store.chunk_path(cid)
     path.write_bytes(obj[: len(obj) // 2])
@@ -311,11 +317,7 @@ def test_get_chunk_refuses_a_stored_object_cut_short_or_grown(store: LocalStore,
 @pytest.mark.parametrize("compressible", [False, True], ids=["raw", "zstd"])
 def test_read_chunk_into_fills_the_buffer_or_refuses(store: LocalStore,
                                                       compressible: bool) -> None:
-    data = bytes(200_000) + b"x" if compressible else random.Random(6).randbytes(200_000)
-    cid = ChunkId.of(data)
-    obj = codec.encode(data)
-    assert obj[0] == (codec.ZSTD if compressible else codec.RAW)
-    store.put_chunk(cid, obj)
+    data, cid, obj = stored_chunk(store, compressible)
     out = memoryview(bytearray(len(data)))
     store.read_chunk_into(cid, out)
     assert out == data
