@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 
 from fusefs.mount import MountPaths, is_mounted
+from snapstore import codec
 from snapstore.chunker_params import ChunkerParams
 from snapstore.chunking import split
-from snapstore.errors import SnapstoreError
+from snapstore.errors import CorruptError, SnapstoreError
 from snapstore.fileio import write_atomic
 from snapstore.gc import gc
 from snapstore.ids import ChunkId
@@ -312,7 +313,7 @@ def test_asking_for_a_planted_chunk_ahead_neither_hangs_nor_follows(
         store: LocalStore, tmp_path: Path) -> None:
     # A FIFO where a chunk object belongs would block an open for reading forever; a link
     # would lead out of the store. `will_need` only asks the kernel to read ahead: it
-    # leaves both alone, and the read that needs the chunk meets them.
+    # leaves both alone, and the read that needs the chunk refuses them (below).
     fifo, link = ChunkId.of(b"fifo"), ChunkId.of(b"link")
     for cid in (fifo, link):
         store.chunk_path(cid).parent.mkdir(parents=True, exist_ok=True)
@@ -328,3 +329,37 @@ def test_asking_for_a_planted_chunk_ahead_neither_hangs_nor_follows(
     asked.join(10)
     assert not asked.is_alive(), "will_need waited on a FIFO"
     store.will_need(ChunkId.of(b"absent"))
+
+
+def test_reading_a_planted_chunk_neither_hangs_nor_follows(store: LocalStore,
+                                                           tmp_path: Path) -> None:
+    # A link to a valid object outside the store is refused all the same: the store
+    # follows no link, whatever it leads to.
+    data = b"outside" * 1000
+    fifo, link = ChunkId.of(b"fifo"), ChunkId.of(data)
+    for cid in (fifo, link):
+        store.chunk_path(cid).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(store.chunk_path(fifo))
+    (tmp_path / "outside").write_bytes(codec.encode(data))
+    store.chunk_path(link).symlink_to(tmp_path / "outside")
+    errors: list[str] = []
+
+    def read() -> None:
+        for cid, size in ((fifo, 4), (link, len(data))):
+            for how in ("get_chunk", "get_chunk_object", "read_chunk_into"):
+                try:
+                    if how == "get_chunk":
+                        store.get_chunk(cid, size)
+                    elif how == "get_chunk_object":
+                        store.get_chunk_object(cid)
+                    else:
+                        store.read_chunk_into(cid, memoryview(bytearray(size)))
+                except CorruptError as e:
+                    errors.append(str(e))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), "a read waited on a FIFO"
+    assert len(errors) == 5
+    assert sum("symbolic link" in e for e in errors) == 3
