@@ -290,6 +290,9 @@ def daemon_figures(d: dict[str, Any] | None) -> str:
             f"{name} {d[key] / whole:.0%}" for name, key in (
                 ("read", "copy_read_seconds"), ("install", "copy_install_seconds"),
                 ("wait", "copy_wait_seconds")))
+        # Their reading time in core-seconds: what a change to the chunk path moves, and
+        # less noisy than the time to running (RESULTS.md, runs 20 to 24).
+        text += f"; read {d['copy_read_seconds']:.1f} core-s"
     return text
 
 
