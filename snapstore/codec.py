@@ -6,7 +6,9 @@ whose hash was not checked.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import zstandard
 
@@ -71,15 +73,9 @@ def inflate_into(tag: int, body: bytes | memoryview, cid: ChunkId, out: memoryvi
         raise CorruptError(f"object {cid} has unknown codec tag {tag}")
     size = len(out)
     done = 0
-    try:
-        declared = zstandard.frame_content_size(body)
-        if declared > size:
-            raise CorruptError(f"object {cid} declares {declared} bytes, more than {size}")
-        with _decompressor().stream_reader(body) as reader:
-            while done < size and (n := reader.readinto(out[done:])):
-                done += n
-    except zstandard.ZstdError as e:
-        raise CorruptError(f"object {cid} does not decompress: {e}") from None
+    with _zstd_errors(body, cid, size), _decompressor().stream_reader(body) as reader:
+        while done < size and (n := reader.readinto(out[done:])):
+            done += n
     if done != size:
         raise CorruptError(f"chunk {cid} holds {done} bytes, expected {size}")
     check(out, cid)
@@ -115,11 +111,19 @@ def _inflate(tag: int, body: bytes | memoryview, cid: ChunkId, limit: int) -> by
         return body if isinstance(body, bytes) else bytes(body)
     if tag != ZSTD:
         raise CorruptError(f"object {cid} has unknown codec tag {tag}")
+    with _zstd_errors(body, cid, limit):
+        return _decompressor().decompress(body, max_output_size=limit)
+
+
+@contextlib.contextmanager
+def _zstd_errors(body: bytes | memoryview, cid: ChunkId, limit: int) -> Iterator[None]:
+    """Around the inflating of a zstd body: first refuse a frame whose header declares more
+    than `limit` bytes (the header's size is trusted over any output bound), and turn
+    zstd's errors into CorruptError."""
     try:
-        # The frame header's size is trusted over max_output_size: check it first.
         declared = zstandard.frame_content_size(body)
         if declared > limit:
             raise CorruptError(f"object {cid} declares {declared} bytes, more than {limit}")
-        return _decompressor().decompress(body, max_output_size=limit)
+        yield
     except zstandard.ZstdError as e:
         raise CorruptError(f"object {cid} does not decompress: {e}") from None
