@@ -811,9 +811,9 @@ static int install_run(struct loader *l, const struct region *r, uint64_t first,
  * - Page states are atomics. Only a worker turns MISSING into INFLIGHT (under l->mu) and an
  *   INFLIGHT page back into PRESENT or MISSING; the main thread may install any page itself
  *   (the loser of a race gets EEXIST, which is benign) and marks REMOVED.
- * - A worker installs under the read side of l->events and the main thread marks removed
- *   ranges under the write side, so no worker copies stale image bytes over a page the client
- *   discarded after the worker checked its state.
+ * - A worker installs under the read side of l->events; the main thread holds the write side
+ *   from before it reads the uffd until it has marked the removed ranges it read (serve_faults),
+ *   so no worker copies stale image bytes over a page the client discarded.
  * - A worker that stops leaves no INFLIGHT page behind (it drains its reads first).
  */
 static int worker_setup(struct worker *w)
@@ -1612,9 +1612,9 @@ static int serve_fault(struct loader *l, uint64_t addr, double start)
 	return ret == -EAGAIN ? wake(l, page_addr(l, r, page), l->ps) : ret;
 }
 
+/* Called under the write side of l->events (serve_faults). */
 static void mark_removed(struct loader *l, uint64_t start, uint64_t end)
 {
-	pthread_rwlock_wrlock(&l->events);
 	for (uint64_t a = start & ~(l->ps - 1); a < end; a += l->ps) {
 		const struct region *r = region_of_addr(l, a);
 
@@ -1623,24 +1623,40 @@ static void mark_removed(struct loader *l, uint64_t start, uint64_t end)
 			l->st.removed_pages++;
 		}
 	}
-	pthread_rwlock_unlock(&l->events);
 }
 
-/* Reads and serves every queued message; returns 0 when the queue is empty. */
+/*
+ * Reads the queued messages and marks the removed ranges under the write side of l->events,
+ * then serves the faults; returns 0 when the queue is empty. The client's madvise or munmap
+ * zaps its range once its event is read, and a prefetch thread's UFFDIO_COPY after that would
+ * put image bytes back where the client discarded them: so no thread installs from just before
+ * the read until the range is marked (while the event is unread the kernel refuses copies with
+ * EAGAIN). A batch's events go before its faults: a fault and a discard of one page in one
+ * batch were concurrent in the client, and a zero page is one of their outcomes.
+ */
 static int serve_faults(struct loader *l)
 {
 	struct uffd_msg msgs[UFFD_MSGS];
 
 	for (;;) {
-		ssize_t n = read(l->uffd, msgs, sizeof(msgs));
-		double start = now();
+		ssize_t n;
+		double start;
+		int err;
 
-		if (n < 0 && errno == EINTR)
+		pthread_rwlock_wrlock(&l->events);
+		n = read(l->uffd, msgs, sizeof(msgs));
+		err = errno;
+		start = now();
+		for (ssize_t i = 0; n > 0 && i < n / (ssize_t)sizeof(msgs[0]); i++)
+			if (msgs[i].event == UFFD_EVENT_REMOVE || msgs[i].event == UFFD_EVENT_UNMAP)
+				mark_removed(l, msgs[i].arg.remove.start, msgs[i].arg.remove.end);
+		pthread_rwlock_unlock(&l->events);
+		if (n < 0 && err == EINTR)
 			continue;
-		if (n < 0 && errno == EAGAIN)
+		if (n < 0 && err == EAGAIN)
 			return 0;
 		if (n < 0)
-			return fail(l, errno, "reading the uffd: %s", strerror(errno));
+			return fail(l, err, "reading the uffd: %s", strerror(err));
 		if (n == 0)
 			return -ESRCH;
 		if (n % sizeof(msgs[0]))
@@ -1649,19 +1665,10 @@ static int serve_faults(struct loader *l)
 			const struct uffd_msg *m = &msgs[i];
 			int ret = 0;
 
-			switch (m->event) {
-			case UFFD_EVENT_PAGEFAULT:
+			if (m->event == UFFD_EVENT_PAGEFAULT)
 				ret = serve_fault(l, m->arg.pagefault.address, start);
-				break;
-			case UFFD_EVENT_REMOVE:
-				mark_removed(l, m->arg.remove.start, m->arg.remove.end);
-				break;
-			case UFFD_EVENT_UNMAP:
-				mark_removed(l, m->arg.remove.start, m->arg.remove.end);
-				break;
-			default:
+			else if (m->event != UFFD_EVENT_REMOVE && m->event != UFFD_EVENT_UNMAP)
 				ret = fail(l, EPROTO, "unexpected uffd event %u", m->event);
-			}
 			if (ret)
 				return ret;
 		}
@@ -1923,7 +1930,10 @@ int main(int argc, char **argv)
 		.fault_around = DEFAULT_FAULT_AROUND_KIB << 10, .queue_depth = DEFAULT_QUEUE_DEPTH,
 		.listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1, .feed_fd = -1, .layout_fd = -1,
 		.mu = PTHREAD_MUTEX_INITIALIZER, .progress = PTHREAD_COND_INITIALIZER,
-		.events = PTHREAD_RWLOCK_INITIALIZER,
+		/* Threads hold the read side around each install, often several at once: a waiting
+		 * writer (the main thread reading events) goes first, or it could wait for the whole
+		 * prefetch. */
+		.events = PTHREAD_RWLOCK_WRITER_NONRECURSIVE_INITIALIZER_NP,
 	};
 	int ret;
 

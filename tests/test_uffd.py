@@ -272,6 +272,32 @@ def test_removed_pages_read_as_zero(tmp_path: Path, image: Image, memfd: bool) -
     assert stats[0]["removed_pages"] > 0
 
 
+def test_discards_during_prefetch_read_as_zero(tmp_path: Path, image: Image) -> None:
+    """Pages the client discards while the prefetch threads install the hot list read as zeros
+    (as anonymous memory does after MADV_DONTNEED), whether the discard came before or after
+    their prefetch; every other page is the image's."""
+    rng = np.random.default_rng(9)
+    hot = write_list(tmp_path / "hot", [int(p) for p in rng.permutation(NPAGES)])
+    gone: set[int] = set()
+    with (
+        serving(tmp_path, image.path, hot=hot) as (sock, stats),
+        Client(sock, [(0, IMAGE_SIZE)]) as client,
+    ):
+        mm = client.regions[0].mm
+        for first in rng.integers(0, NPAGES - 8, 400).tolist():
+            mm.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, 4 * PAGE_SIZE)
+            gone.update(range(first, first + 4))
+        expected = bytearray(image.data)
+        for p in gone:
+            expected[p * PAGE_SIZE : (p + 1) * PAGE_SIZE] = bytes(PAGE_SIZE)
+        got = client.read(0, IMAGE_SIZE)
+        bad = [p for p in range(NPAGES)
+               if got[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]
+               != expected[p * PAGE_SIZE : (p + 1) * PAGE_SIZE]]
+        assert bad == [], f"{len(bad)} wrong pages, first {bad[:5]}"
+    assert stats[0]["removed_pages"] > 0 and stats[0]["prefetch_pages"] > 0
+
+
 @pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
 def test_prefetch_picks_the_page_cache_or_o_direct(tmp_path: Path, image: Image,
                                                    cached: bool) -> None:
@@ -662,6 +688,45 @@ def test_uffd_serve_every_page_from_the_store(tmp_path: Path, served: Served, ho
     # Nothing on disk: no export, no working directory.
     assert list(served.store.tmp_dir.iterdir()) == []
     assert loader_pids(served) == []
+
+
+# Discards pages while the loader prefetches the store's chunks: a discarded page reads as
+# zeros (as anonymous memory does after MADV_DONTNEED), whether its chunk came before or after.
+DISCARD_CLIENT = """
+import mmap, random, sys
+from pathlib import Path
+from snapstore.uffd.client import PAGE_SIZE, Client
+sock, image = Path(sys.argv[1]), Path(sys.argv[2]).read_bytes()
+size = -(-len(image) // PAGE_SIZE) * PAGE_SIZE
+image += bytes(size - len(image))
+rng = random.Random(5)
+gone = set()
+with Client(sock, [(0, size)]) as client:
+    mm = client.regions[0].mm
+    for _ in range(400):
+        first = rng.randrange(size // PAGE_SIZE - 8)
+        n = rng.randrange(1, 8)
+        mm.madvise(mmap.MADV_DONTNEED, first * PAGE_SIZE, n * PAGE_SIZE)
+        gone.update(range(first, first + n))
+    bad = [p for p in range(size // PAGE_SIZE)
+           if client.read(p * PAGE_SIZE, PAGE_SIZE)
+           != (bytes(PAGE_SIZE) if p in gone else image[p * PAGE_SIZE:(p + 1) * PAGE_SIZE])]
+    print("bad", bad[:5], len(bad), "discarded", len(gone), flush=True)
+"""
+
+
+def test_uffd_serve_discards_during_prefetch_read_as_zero(tmp_path: Path, served: Served) -> None:
+    serve = start_serve(served, "--stats-json", str(tmp_path / "stats.json"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with subprocess.Popen([sys.executable, "-c", DISCARD_CLIENT, str(served.sock),
+                           str(served.image)], stdout=subprocess.PIPE, text=True,
+                          env=env) as client:
+        out, _ = client.communicate(timeout=60)
+    status, err = finish(serve)
+    assert out.startswith("bad [] 0 discarded"), out
+    assert client.returncode == 0 and status == 0, err
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["removed_pages"] > 0 and stats["prefetch_pages"] > 0
 
 
 def test_uffd_serve_refuses_what_it_cannot_serve(served: Served) -> None:
