@@ -85,7 +85,7 @@ struct region {
 	uint64_t base, size, offset;
 };
 
-enum chunk_state { CHUNK_IDLE, CHUNK_REQUESTED, CHUNK_DONE };
+enum chunk_state { CHUNK_IDLE, CHUNK_REQUESTED, CHUNK_INSTALLING, CHUNK_DONE };
 
 /* A data extent of the image in chunk mode: where its bytes go, and what we know of it. */
 struct chunk {
@@ -125,6 +125,18 @@ struct stats {
 	double prefetch_start, prefetch_end, handshake, first_served, last_install;
 	uint64_t *lat_ns;
 	size_t nlat, cap_lat;
+};
+
+/* A chunk an install thread is to install, with the memfd of its bytes; and its answer. */
+struct job {
+	size_t index;
+	int fd;
+};
+
+struct report {
+	uint64_t index, count;
+	double at;
+	int64_t ret;
 };
 
 struct worker {
@@ -175,6 +187,15 @@ struct loader {
 	unsigned window, inflight_prefetch;
 	struct split *splits;
 	size_t nsplits, cap_splits;
+	uint8_t *part_buf;
+	pthread_t *installers;
+	unsigned ninstallers;
+	pthread_cond_t jobs;
+	struct job *queue;
+	size_t qhead, qlen;
+	struct report *reports;
+	size_t rhead, rlen;
+	int reports_fd;
 	/* demand */
 	uint8_t *fault_buf;
 	FILE *record;
@@ -1219,7 +1240,23 @@ static int demand_read(struct loader *l, const struct region *r, uint64_t page, 
  * owns the store; we send it a chunk's index and it answers with a sealed memfd of the chunk's
  * verified bytes, which we map read-only and install from: the bytes never pass through a
  * buffer of ours except for pages that straddle a chunk cut. docs/uffd.md has the protocol.
- * Everything here runs on the main thread, which owns the chunk and split-page tables.
+ *
+ * The main thread owns the chunk and split-page tables and installs what a fault waits for.
+ * Install threads (--prefetch-threads) install the whole pages of the other chunks, so that
+ * the copies into the client (one thread tops out at about 2 GB/s) run in parallel. They share:
+ * - the queue of jobs (l->mu, l->jobs): a chunk's index and memfd; the main thread gives the
+ *   chunk's parts of split pages first and marks it CHUNK_INSTALLING, so no one else touches
+ *   its pages until the thread's report is read;
+ * - the reports (l->mu, and l->reports_fd, an eventfd, to wake the main thread's poll): the
+ *   pages installed, or the error, per job; the main thread settles the chunk when it takes
+ *   the report (state, figures, prefetch window). A chunk counts in the prefetch window from
+ *   its request to its report, so the queue and the reports never hold more than the window;
+ * - page states (atomics) and l->events, as the file-mode prefetch threads do (above
+ *   start_workers): a thread installs under the read side, so it never copies over a page
+ *   the client discarded after the thread looked at its state.
+ * A fault on a page of a chunk being installed waits for the thread's wake; if that install
+ * met an event and left the page missing, reading the report wakes the chunk again and the
+ * fault comes back to a settled chunk.
  */
 
 /* Layout memfd, little-endian u64s: file size, chunk count, (offset, size) per chunk in file
@@ -1440,17 +1477,17 @@ static int install_split(struct loader *l, struct split *s, uint64_t *count)
 	return ret;
 }
 
-/* Adds chunk c's bytes of split page p; installs the page once every chunk of it gave its part.
- * The buffer stays until the page is in, so asking for a chunk again never counts it twice. */
-static int give_split(struct loader *l, struct chunk *c, const uint8_t *map, uint64_t p, uint64_t *count)
+/* Adds chunk c's bytes of split page p, [lo, hi) of the image at `part`; installs the page once
+ * every chunk of it gave its part. The buffer stays until the page is in, so asking for a chunk
+ * again never counts it twice. */
+static int give_split(struct loader *l, struct chunk *c, const uint8_t *part, uint64_t p, uint64_t lo, uint64_t hi,
+		      uint64_t *count)
 {
 	struct split *s = split_of(l, p);
-	uint64_t lo = p * l->ps > c->off ? p * l->ps : c->off;
-	uint64_t hi = (p + 1) * l->ps < c->off + c->size ? (p + 1) * l->ps : c->off + c->size;
 
 	if (!s->buf && !(s->buf = calloc(1, l->ps)))
 		return fail(l, ENOMEM, "out of memory");
-	memcpy(s->buf + (lo - p * l->ps), map + (lo - c->off), hi - lo);
+	memcpy(s->buf + (lo - p * l->ps), part, hi - lo);
 	if (!(lo == c->off ? c->gave_head : c->gave_tail)) {
 		*(lo == c->off ? &c->gave_head : &c->gave_tail) = true;
 		s->have++;
@@ -1458,29 +1495,196 @@ static int give_split(struct loader *l, struct chunk *c, const uint8_t *map, uin
 	return s->have == s->need ? install_split(l, s, count) : 0;
 }
 
-/* Installs every MISSING page of chunk i from its mapping, then wakes the chunk's pages. */
-static int install_chunk(struct loader *l, size_t i, const uint8_t *map)
+/* Gives chunk c's parts of the split pages at its ends, from its mapping or, without one, read
+ * from its memfd. A part whose install met an event (-EAGAIN) is given all the same. */
+static int give_splits(struct loader *l, struct chunk *c, const uint8_t *map, int fd, uint64_t *count)
 {
-	struct chunk *c = &l->chunks[i];
-	uint64_t head = c->off / l->ps, tail = (c->off + c->size - 1) / l->ps, count = 0;
-	uint64_t first = whole_in(l, c, head) ? head : head + 1, last = whole_in(l, c, tail) ? tail : tail - 1;
+	uint64_t ends[2] = { c->off / l->ps, (c->off + c->size - 1) / l->ps };
 	int ret = 0;
 
-	if (first != head)
-		ret = give_split(l, c, map, head, &count);
-	if (!ret && tail != head && last != tail)
-		ret = give_split(l, c, map, tail, &count);
-	if ((!ret || ret == -EAGAIN) && first <= last && last != UINT64_MAX)
-		ret = install_pages(l, first, last - first + 1, map + (first * l->ps - c->off), &count);
+	for (int k = 0; k < (ends[1] > ends[0] ? 2 : 1); k++) {
+		uint64_t p = ends[k];
+		uint64_t lo = p * l->ps > c->off ? p * l->ps : c->off;
+		uint64_t hi = (p + 1) * l->ps < c->off + c->size ? (p + 1) * l->ps : c->off + c->size;
+		const uint8_t *part = map ? map + (lo - c->off) : l->part_buf;
+		int r;
+
+		if (whole_in(l, c, p))
+			continue;
+		if (!map && pread(fd, l->part_buf, hi - lo, lo - c->off) != (ssize_t)(hi - lo))
+			return fail(l, EIO, "reading the memfd of a chunk at image byte %" PRIu64, c->off);
+		if ((r = give_split(l, c, part, p, lo, hi, count)) && r != -EAGAIN)
+			return r;
+		ret = ret ? ret : r;
+	}
+	return ret;
+}
+
+/* Installs the MISSING pages that lie wholly in chunk c from its mapping, without a wake. */
+static int install_whole_pages(struct loader *l, const struct chunk *c, const uint8_t *map, uint64_t *count)
+{
+	uint64_t head = c->off / l->ps, tail = (c->off + c->size - 1) / l->ps;
+	uint64_t first = whole_in(l, c, head) ? head : head + 1, last = whole_in(l, c, tail) ? tail : tail - 1;
+
+	if (first <= last && last != UINT64_MAX)
+		return install_pages(l, first, last - first + 1, map + (first * l->ps - c->off), count);
+	return 0;
+}
+
+/* Wakes whoever faulted on chunk c's pages (the split ones too) once `ret`, how its install
+ * went, allows: -EAGAIN left pages missing, and the wake makes their faults come again. */
+static int wake_chunk(struct loader *l, const struct chunk *c, int ret)
+{
+	uint64_t head = c->off / l->ps, tail = (c->off + c->size - 1) / l->ps;
+
+	return ret && ret != -EAGAIN ? ret : wake_pages(l, head, tail - head + 1);
+}
+
+static void count_installed(struct loader *l, const struct chunk *c, uint64_t count, double at)
+{
 	if (c->prefetch)
 		l->st.prefetch_pages += count;
 	else
 		l->st.demand_pages += count;
-	if (count)
-		l->st.last_install = now();
-	if (ret && ret != -EAGAIN)
-		return ret;
-	return wake_pages(l, head, tail - head + 1);
+	if (count && at > l->st.last_install)
+		l->st.last_install = at;
+}
+
+/* Installs chunk c on the main thread, from its mapping. */
+static int install_chunk(struct loader *l, struct chunk *c, const uint8_t *map)
+{
+	uint64_t count = 0;
+	int ret = give_splits(l, c, map, -1, &count);
+
+	if (!ret || ret == -EAGAIN)
+		ret = install_whole_pages(l, c, map, &count);
+	count_installed(l, c, count, now());
+	c->state = CHUNK_DONE;
+	return wake_chunk(l, c, ret);
+}
+
+/* An install thread's job: chunk c's whole pages from its memfd. */
+static int install_job(struct loader *l, const struct chunk *c, int fd, uint64_t *count)
+{
+	uint8_t *map = mmap(NULL, c->size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
+	int ret;
+
+	if (map == MAP_FAILED)
+		return fail(l, errno, "mmap of the chunk at image byte %" PRIu64 ": %s", c->off, strerror(errno));
+	pthread_rwlock_rdlock(&l->events);
+	ret = install_whole_pages(l, c, map, count);
+	pthread_rwlock_unlock(&l->events);
+	munmap(map, c->size);
+	return wake_chunk(l, c, ret);
+}
+
+static void *installer_main(void *arg)
+{
+	struct loader *l = arg;
+
+	for (;;) {
+		struct job j;
+		struct report rp = { 0 };
+
+		pthread_mutex_lock(&l->mu);
+		while (!l->qlen && !atomic_load(&l->stop))
+			pthread_cond_wait(&l->jobs, &l->mu);
+		if (atomic_load(&l->stop)) {
+			pthread_mutex_unlock(&l->mu);
+			return NULL;
+		}
+		j = l->queue[l->qhead];
+		l->qhead = (l->qhead + 1) % l->window;
+		l->qlen--;
+		pthread_mutex_unlock(&l->mu);
+		rp.index = j.index;
+		rp.ret = install_job(l, &l->chunks[j.index], j.fd, &rp.count);
+		rp.at = now();
+		close(j.fd);
+		pthread_mutex_lock(&l->mu);
+		l->reports[(l->rhead + l->rlen++) % l->window] = rp;
+		pthread_mutex_unlock(&l->mu);
+		eventfd_write(l->reports_fd, 1);
+	}
+}
+
+static int start_installers(struct loader *l)
+{
+	int err;
+
+	if (l->nworkers < 2)
+		return 0;
+	l->reports_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (l->reports_fd < 0)
+		return fail(l, errno, "eventfd: %s", strerror(errno));
+	l->queue = calloc(l->window, sizeof(*l->queue));
+	l->reports = calloc(l->window, sizeof(*l->reports));
+	l->part_buf = malloc(l->ps);
+	l->installers = calloc(l->nworkers, sizeof(*l->installers));
+	if (!l->queue || !l->reports || !l->part_buf || !l->installers)
+		return fail(l, ENOMEM, "out of memory");
+	for (; l->ninstallers < l->nworkers; l->ninstallers++)
+		if ((err = pthread_create(&l->installers[l->ninstallers], NULL, installer_main, l)))
+			return fail(l, err, "starting an install thread: %s", strerror(err));
+	return 0;
+}
+
+static void stop_installers(struct loader *l)
+{
+	atomic_store(&l->stop, true);
+	pthread_mutex_lock(&l->mu);
+	pthread_cond_broadcast(&l->jobs);
+	pthread_mutex_unlock(&l->mu);
+	for (unsigned i = 0; i < l->ninstallers; i++)
+		pthread_join(l->installers[i], NULL);
+	for (; l->qlen; l->qlen--, l->qhead = (l->qhead + 1) % l->window)
+		close(l->queue[l->qhead].fd);
+}
+
+/* Hands chunk c, whose split parts are given, to the install threads; the job owns fd. */
+static void queue_job(struct loader *l, struct chunk *c, int fd)
+{
+	pthread_mutex_lock(&l->mu);
+	l->queue[(l->qhead + l->qlen++) % l->window] = (struct job){ (size_t)(c - l->chunks), fd };
+	pthread_cond_signal(&l->jobs);
+	pthread_mutex_unlock(&l->mu);
+	c->state = CHUNK_INSTALLING;
+}
+
+/* Takes the install threads' reports: each settles its chunk. */
+static int take_reports(struct loader *l)
+{
+	eventfd_t ignored;
+
+	eventfd_read(l->reports_fd, &ignored);
+	for (;;) {
+		struct report rp;
+		struct chunk *c;
+		int ret;
+
+		pthread_mutex_lock(&l->mu);
+		if (!l->rlen) {
+			pthread_mutex_unlock(&l->mu);
+			return 0;
+		}
+		rp = l->reports[l->rhead];
+		l->rhead = (l->rhead + 1) % l->window;
+		l->rlen--;
+		pthread_mutex_unlock(&l->mu);
+		c = &l->chunks[rp.index];
+		c->state = CHUNK_DONE;
+		l->inflight_prefetch -= c->prefetch;
+		count_installed(l, c, rp.count, rp.at);
+		if (rp.ret)
+			return rp.ret;
+		if (c->demanded_at) {
+			if ((ret = wake_chunk(l, c, 0)) || (ret = record_latency(l, c->demanded_at)))
+				return ret;
+			c->demanded_at = 0;
+		}
+		if ((ret = top_up_prefetch(l)))
+			return ret;
+	}
 }
 
 /* Takes one answer of the feeder: a sealed memfd of chunk i's bytes, or why it has none. */
@@ -1527,6 +1731,20 @@ static int receive_chunk(struct loader *l)
 		ret = fail(l, EPROTO, "the chunk feeder sent chunk %" PRIu64 " without a sealed memfd of its size", msg.index);
 		goto out;
 	}
+	l->st.prefetch_bytes += c->size;
+	l->st.chunks++;
+	/* A prefetched chunk goes to the install threads, and counts in the prefetch window until
+	 * their report; one a fault waits for is installed here, at once. */
+	if (l->ninstallers && !c->demanded_at) {
+		uint64_t count = 0;
+
+		ret = give_splits(l, c, NULL, fd, &count);
+		count_installed(l, c, count, now());
+		if (ret && ret != -EAGAIN)
+			goto out;
+		queue_job(l, c, fd);
+		return 0;
+	}
 	/* Populated: one call maps the chunk's pages instead of a fault per few pages in the copy. */
 	map = mmap(NULL, c->size, PROT_READ, MAP_SHARED | MAP_POPULATE, fd, 0);
 	if (map == MAP_FAILED) {
@@ -1534,10 +1752,7 @@ static int receive_chunk(struct loader *l)
 		goto out;
 	}
 	l->inflight_prefetch -= c->prefetch;
-	c->state = CHUNK_DONE;
-	l->st.prefetch_bytes += c->size;
-	l->st.chunks++;
-	ret = install_chunk(l, msg.index, map);
+	ret = install_chunk(l, c, map);
 	munmap(map, c->size);
 	if (!ret && c->demanded_at) {
 		ret = record_latency(l, c->demanded_at);
@@ -1576,7 +1791,7 @@ static int serve_chunk_fault(struct loader *l, const struct region *r, uint64_t 
 		struct chunk *c = &l->chunks[i];
 		bool gave = s && (c->off >= lo ? c->gave_head : c->gave_tail);
 
-		if (c->state != CHUNK_REQUESTED && !gave && (ret = request_chunk(l, i, false)))
+		if ((c->state == CHUNK_IDLE || c->state == CHUNK_DONE) && !gave && (ret = request_chunk(l, i, false)))
 			return ret;
 		if (!c->demanded_at)
 			c->demanded_at = start;
@@ -1628,10 +1843,10 @@ static void mark_removed(struct loader *l, uint64_t start, uint64_t end)
 /*
  * Reads the queued messages and marks the removed ranges under the write side of l->events,
  * then serves the faults; returns 0 when the queue is empty. The client's madvise or munmap
- * zaps its range once its event is read, and a prefetch thread's UFFDIO_COPY after that would
- * put image bytes back where the client discarded them: so no thread installs from just before
- * the read until the range is marked (while the event is unread the kernel refuses copies with
- * EAGAIN). A batch's events go before its faults: a fault and a discard of one page in one
+ * zaps its range once its event is read, and a prefetch or install thread's UFFDIO_COPY after
+ * that would put image bytes back where the client discarded them: so no thread installs from
+ * just before the read until the range is marked (while the event is unread the kernel refuses
+ * copies with EAGAIN). A batch's events go before its faults: a fault and a discard of one page in one
  * batch were concurrent in the client, and a zero page is one of their outcomes.
  */
 static int serve_faults(struct loader *l)
@@ -1700,15 +1915,16 @@ static int serve(struct loader *l)
 		return ret;
 	if (l->feed_fd >= 0) {
 		l->st.prefetch_start = now();
-		if ((ret = top_up_prefetch(l)))
+		if ((ret = start_installers(l)) || (ret = top_up_prefetch(l)))
 			return ret;
 	}
 	for (;;) {
-		struct pollfd pfd[4] = {
+		struct pollfd pfd[5] = {
 			{ l->uffd, POLLIN, 0 }, { l->conn_fd, POLLIN, 0 }, { l->errfd, POLLIN, 0 }, { l->feed_fd, POLLIN, 0 },
+			{ l->reports_fd, POLLIN, 0 },
 		};
 
-		if (poll(pfd, 4, -1) < 0 && errno != EINTR)
+		if (poll(pfd, 5, -1) < 0 && errno != EINTR)
 			return fail(l, errno, "poll: %s", strerror(errno));
 		if (pfd[2].revents & POLLIN) {
 			pthread_mutex_lock(&l->mu);
@@ -1721,6 +1937,8 @@ static int serve(struct loader *l)
 		if (pfd[0].revents & (POLLERR | POLLHUP))
 			return fail(l, EPROTO, "the uffd reports an error (UFFDIO_API not done?)");
 		if ((pfd[0].revents & POLLIN) && (ret = serve_faults(l)))
+			return ret;
+		if ((pfd[4].revents & POLLIN) && (ret = take_reports(l)))
 			return ret;
 		/* A few chunks at a time, so that faults waiting in the uffd are read in between. */
 		for (int k = 0; k < 4 && (pfd[3].revents & (POLLIN | POLLHUP | POLLERR)); k++) {
@@ -1795,7 +2013,7 @@ static int setup(struct loader *l)
 
 static void cleanup(struct loader *l)
 {
-	int fds[] = { l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd, l->feed_fd, l->layout_fd };
+	int fds[] = { l->listen_fd, l->conn_fd, l->uffd, l->memfd, l->errfd, l->feed_fd, l->layout_fd, l->reports_fd };
 
 	for (unsigned i = 0; l->workers && i < l->nworkers; i++) {
 		struct worker *w = &l->workers[i];
@@ -1831,6 +2049,10 @@ static void cleanup(struct loader *l)
 	for (size_t i = 0; i < l->nsplits; i++)
 		free(l->splits[i].buf);
 	free(l->splits);
+	free(l->part_buf);
+	free(l->queue);
+	free(l->reports);
+	free(l->installers);
 	free(l->chunks);
 	free(l->order);
 	free(l->state);
@@ -1929,7 +2151,8 @@ int main(int argc, char **argv)
 	struct loader l = {
 		.fault_around = DEFAULT_FAULT_AROUND_KIB << 10, .queue_depth = DEFAULT_QUEUE_DEPTH,
 		.listen_fd = -1, .conn_fd = -1, .uffd = -1, .memfd = -1, .errfd = -1, .feed_fd = -1, .layout_fd = -1,
-		.mu = PTHREAD_MUTEX_INITIALIZER, .progress = PTHREAD_COND_INITIALIZER,
+		.reports_fd = -1, .mu = PTHREAD_MUTEX_INITIALIZER, .progress = PTHREAD_COND_INITIALIZER,
+		.jobs = PTHREAD_COND_INITIALIZER,
 		/* Threads hold the read side around each install, often several at once: a waiting
 		 * writer (the main thread reading events) goes first, or it could wait for the whole
 		 * prefetch. */
@@ -1960,6 +2183,7 @@ int main(int argc, char **argv)
 		kill_client(&l);
 	}
 	stop_workers(&l);
+	stop_installers(&l);
 	if (l.stats_path)
 		write_stats(&l);
 	cleanup(&l);

@@ -729,6 +729,26 @@ def test_uffd_serve_discards_during_prefetch_read_as_zero(tmp_path: Path, served
     assert stats["removed_pages"] > 0 and stats["prefetch_pages"] > 0
 
 
+@pytest.mark.parametrize("threads", ["1", "4"])
+def test_uffd_serve_installs_on_the_main_thread_or_install_threads(
+        tmp_path: Path, served: Served, threads: str) -> None:
+    """One prefetch thread: the main thread installs every chunk; more: install threads take
+    the prefetched chunks. Every page is right either way."""
+    from snapstore.uffd import serve as serve_module
+    from snapstore.uffd.layout import Layout
+
+    m = served.store.get_manifest(served.store.resolve("mem"))
+    layout = Layout.of(serve_module.find_file(m, "mem.img"))
+    stats = tmp_path / "stats.json"
+    with serve_client(served) as client:
+        status = serve_module.serve_local(
+            served.store, layout, range(len(layout.chunks)), served.sock, 2,
+            ["--prefetch-threads", threads, "--stats-json", str(stats)])
+        out, _ = client.communicate(timeout=60)
+    assert status == 0 and out == "connected\ndone\n", out
+    assert json.loads(stats.read_text())["prefetch_pages"] > 0
+
+
 def test_uffd_serve_refuses_what_it_cannot_serve(served: Served) -> None:
     from snapstore.cli import main
 
