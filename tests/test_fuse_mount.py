@@ -31,7 +31,7 @@ from snapstore.ingest import ingest
 from snapstore.manifest import Manifest
 from snapstore.proctree import below
 from snapstore.store.local import LocalStore
-from tests.conftest import alive, memory_like, tmpfs, wait_until
+from tests.conftest import alive, memory_like, process_state, tmpfs, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 PARAMS = ChunkerParams(min_size=16 << 10, avg_size=64 << 10, max_size=256 << 10)
@@ -654,13 +654,6 @@ def test_sigkill_of_a_reader_mid_read_leaves_the_mount_healthy(
 
 
 # -- hostile and unlucky: other mounts, a stopped daemon, a full disk, a busy port ----
-
-
-def process_state(pid: int) -> str | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):  # gone, or ending as it is read
-        return None
 
 
 def test_umount_refuses_a_mount_that_is_not_snapstores(
